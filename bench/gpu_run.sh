@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One call on a GPU machine without network: install carried wheels, build the extension with all
+# cores, run every test (GPU tests included) and the benchmarks; logs, JSON and tables go to OUT_DIR.
+#
+#   bash bench/gpu_run.sh [OUT_DIR]        (default: $OUT, else ./gpu_out)
+#
+# Expects python3 with torch (CUDA) and nvcc; wheels for whatever else is missing in .whl/
+# (../shared/tools/device_wheels.sh puts nvidia-cutlass there). Extra pytest args: KEYE_PYTEST_ARGS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
+exec > >(tee "$OUT_DIR/run.log") 2>&1
+export PYTHONUNBUFFERED=1 KEYE_REQUIRE_KERNELS=1 KEYE_BUILD_JOBS="${KEYE_BUILD_JOBS:-$(nproc)}"
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/keye-site .whl/*.whl
+  export PYTHONPATH="/tmp/keye-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total --format=csv || true
+
+t0=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . > "$OUT_DIR/build.log" 2>&1; then
+  tail -n 60 "$OUT_DIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+echo "build: $(( $(date +%s) - t0 )) s with $KEYE_BUILD_JOBS jobs"
+python3 -m keye info
+
+status=0
+python3 -m pytest -q -rs tests -p no:cacheprovider --junitxml "$OUT_DIR/tests.xml" ${KEYE_PYTEST_ARGS:-} || status=1
+python3 -m keye bench --json "$OUT_DIR/bench.json" | tee "$OUT_DIR/bench.txt" || status=1
+echo "gpu_run: $([ $status = 0 ] && echo OK || echo FAILED)"
+exit $status

@@ -1,0 +1,233 @@
+// Scatter tokens into expert order and gather-sum them back.
+//
+// permute:   one block per token reads its row once (16-byte vectors) and writes it to each of its
+//            top-k rows, optionally scaled; extra blocks zero the rows no token targets (alignment
+//            padding and unrouted slots). Reading x once is what a gather (index_select) cannot do:
+//            it moves T*H + T*K*H elements instead of 2*T*K*H.
+// unpermute: one block per token sums its k rows in fp32, in slot order (deterministic, no atomics).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cutlass/array.h>
+#include <cutlass/numeric_conversion.h>
+#include <cutlass/numeric_types.h>
+
+#include "common/check.h"
+#include "moe_permute/moe_permute.h"
+
+namespace keye {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kPadRowsPerBlock = 8;
+constexpr int kMaxTopK = 256;
+
+// torch element type -> CUTLASS element type with the same bits.
+template <typename T> struct CutlassType { using type = T; };
+template <> struct CutlassType<at::Half> { using type = cutlass::half_t; };
+template <> struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
+
+template <typename T, int VEC>
+using Vec = cutlass::AlignedArray<T, VEC, sizeof(T) * VEC>;
+
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> scale_vec(const Vec<T, VEC>& v, float s) {
+  cutlass::NumericConverter<float, T> to_f;
+  cutlass::NumericConverter<T, float> from_f;
+  Vec<T, VEC> r;
+#pragma unroll
+  for (int i = 0; i < VEC; ++i) r[i] = from_f(to_f(v[i]) * s);
+  return r;
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) permute_kernel(
+    const T* __restrict__ x, int64_t x_row_stride, const int* __restrict__ dest, const float* __restrict__ scale,
+    const int* __restrict__ src, T* __restrict__ out, int num_tokens, int top_k, int hidden, int num_rows) {
+  const int vecs = hidden / VEC;
+  if (blockIdx.x < num_tokens) {
+    __shared__ int rows[kMaxTopK];
+    __shared__ float scales[kMaxTopK];
+    const int64_t t = blockIdx.x;
+    for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
+      const int d = dest[t * top_k + k];
+      rows[k] = (d >= 0 && d < num_rows) ? d : -1;  // out-of-range rows are never written
+      scales[k] = scale ? scale[t * top_k + k] : 1.f;
+    }
+    __syncthreads();
+    const auto* xrow = reinterpret_cast<const Vec<T, VEC>*>(x + t * x_row_stride);
+    for (int j = threadIdx.x; j < vecs; j += blockDim.x) {
+      const Vec<T, VEC> v = xrow[j];
+      for (int k = 0; k < top_k; ++k) {
+        const int d = rows[k];
+        if (d < 0) continue;
+        auto* orow = reinterpret_cast<Vec<T, VEC>*>(out + static_cast<int64_t>(d) * hidden);
+        orow[j] = scale ? scale_vec<T, VEC>(v, scales[k]) : v;
+      }
+    }
+  } else {
+    const int64_t first = static_cast<int64_t>(blockIdx.x - num_tokens) * kPadRowsPerBlock;
+    Vec<T, VEC> zero;
+    zero.clear();
+    for (int r = 0; r < kPadRowsPerBlock; ++r) {
+      const int64_t row = first + r;
+      if (row >= num_rows || src[row] >= 0) continue;
+      auto* orow = reinterpret_cast<Vec<T, VEC>*>(out + row * hidden);
+      for (int j = threadIdx.x; j < vecs; j += blockDim.x) orow[j] = zero;
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) unpermute_kernel(
+    const T* __restrict__ y, int64_t y_row_stride, const int* __restrict__ dest, const float* __restrict__ weights,
+    T* __restrict__ out, int top_k, int hidden, int num_rows) {
+  __shared__ int rows[kMaxTopK];
+  __shared__ float wts[kMaxTopK];
+  const int64_t t = blockIdx.x;
+  for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
+    const int d = dest[t * top_k + k];
+    rows[k] = (d >= 0 && d < num_rows) ? d : -1;
+    wts[k] = weights ? weights[t * top_k + k] : 1.f;
+  }
+  __syncthreads();
+  cutlass::NumericConverter<float, T> to_f;
+  cutlass::NumericConverter<T, float> from_f;
+  auto* orow = reinterpret_cast<Vec<T, VEC>*>(out + t * hidden);
+  for (int j = threadIdx.x; j < hidden / VEC; j += blockDim.x) {
+    float acc[VEC];
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[i] = 0.f;
+#pragma unroll 4
+    for (int k = 0; k < top_k; ++k) {
+      const int d = rows[k];
+      if (d < 0) continue;
+      const Vec<T, VEC> v = reinterpret_cast<const Vec<T, VEC>*>(y + static_cast<int64_t>(d) * y_row_stride)[j];
+      const float w = wts[k];
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[i] += w * to_f(v[i]);
+    }
+    Vec<T, VEC> r;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) r[i] = from_f(acc[i]);
+    orow[j] = r;
+  }
+}
+
+// 16-byte vectors when every row start is 16-byte aligned, else one element at a time.
+template <typename T>
+bool can_vectorize(const at::Tensor& t, int64_t row_stride) {
+  constexpr int vec = 16 / sizeof(T);
+  return t.size(-1) % vec == 0 && row_stride % vec == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+void check_routing(const at::Tensor& dest, const at::Tensor& data, const char* data_name, const char* op) {
+  check_cuda(dest, op, "dest");
+  check_same_device(dest, data, op, "dest", data_name);
+  check_dtype(dest, {at::kInt}, op, "dest");
+  check_dim(dest, 2, op, "dest", "[num_tokens, top_k]");
+  check_contiguous(dest, op, "dest");
+  TORCH_CHECK_VALUE(dest.size(1) >= 1 && dest.size(1) <= kMaxTopK, "keye.", op, ": top_k (dest.size(1)) must be in [1, ",
+              kMaxTopK, "], got ", dest.size(1));
+}
+
+// Optional per-slot factors [T, K] of any float dtype, returned as contiguous fp32 (or undefined).
+at::Tensor slot_factors(const std::optional<at::Tensor>& f, const at::Tensor& dest, const char* op,
+                        const char* name) {
+  if (!f.has_value() || !f->defined()) return at::Tensor();
+  check_cuda(*f, op, name);
+  check_same_device(*f, dest, op, name, "dest");
+  check_dtype(*f, {at::kFloat, at::kBFloat16, at::kHalf}, op, name);
+  TORCH_CHECK_VALUE(f->sizes() == dest.sizes(), "keye.", op, ": argument '", name, "' must have the shape of 'dest' ",
+              dest.sizes(), ", got ", f->sizes());
+  return f->to(at::kFloat).contiguous();
+}
+
+}  // namespace
+
+at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& src,
+                            const std::optional<at::Tensor>& scale) {
+  const char* op = "moe_permute";
+  check_cuda(x, op, "x");
+  check_dtype(x, {at::kBFloat16, at::kHalf, at::kFloat}, op, "x");
+  check_dim(x, 2, op, "x", "[num_tokens, hidden]");
+  check_row_major_rows(x, op, "x");
+  check_routing(dest, x, "x", op);
+  check_size(dest, 0, x.size(0), op, "dest", "num_tokens (x.size(0))");
+  check_cuda(src, op, "src");
+  check_same_device(src, x, op, "src", "x");
+  check_dtype(src, {at::kInt}, op, "src");
+  check_dim(src, 1, op, "src", "[num_rows]");
+  check_contiguous(src, op, "src");
+  TORCH_CHECK_VALUE(src.size(0) >= dest.numel(), "keye.moe_permute: 'src' has ", src.size(0),
+              " rows but must have at least num_tokens * top_k = ", dest.numel());
+  const at::Tensor sc = slot_factors(scale, dest, op, "scale");
+  const int64_t num_rows = src.size(0);
+  check_index_range(dest, -1, num_rows - 1, op, "dest");
+  check_index_range(src, -1, dest.numel() - 1, op, "src");
+
+  c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor out = at::empty({num_rows, x.size(1)}, x.options());
+  const int64_t T = x.size(0), K = dest.size(1), H = x.size(1);
+  const int64_t pad_blocks = (num_rows + kPadRowsPerBlock - 1) / kPadRowsPerBlock;
+  if (T + pad_blocks == 0 || H == 0) return out;
+  TORCH_CHECK_VALUE(T + pad_blocks < (int64_t(1) << 31), "keye.moe_permute: too many tokens (", T, ")");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t row_stride = T > 1 ? x.stride(0) : H;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute", [&] {
+    using T_ = typename CutlassType<scalar_t>::type;
+    const auto* xp = reinterpret_cast<const T_*>(x.data_ptr());
+    auto* op_ = reinterpret_cast<T_*>(out.data_ptr());
+    const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
+    const dim3 grid(static_cast<unsigned>(T + pad_blocks));
+    if (can_vectorize<scalar_t>(x, row_stride) && reinterpret_cast<uintptr_t>(op_) % 16 == 0) {
+      constexpr int V = 16 / sizeof(scalar_t);
+      permute_kernel<T_, V><<<grid, kThreads, 0, stream>>>(xp, row_stride, dest.data_ptr<int>(), sp,
+                                                           src.data_ptr<int>(), op_, T, K, H, num_rows);
+    } else {
+      permute_kernel<T_, 1><<<grid, kThreads, 0, stream>>>(xp, row_stride, dest.data_ptr<int>(), sp,
+                                                           src.data_ptr<int>(), op_, T, K, H, num_rows);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const std::optional<at::Tensor>& weights) {
+  const char* op = "moe_unpermute";
+  check_cuda(y, op, "y");
+  check_dtype(y, {at::kBFloat16, at::kHalf, at::kFloat}, op, "y");
+  check_dim(y, 2, op, "y", "[num_rows, hidden]");
+  check_row_major_rows(y, op, "y");
+  check_routing(dest, y, "y", op);
+  const at::Tensor w = slot_factors(weights, dest, op, "weights");
+  const int64_t num_rows = y.size(0);
+  check_index_range(dest, -1, num_rows - 1, op, "dest");
+
+  c10::cuda::CUDAGuard guard(y.device());
+  const int64_t T = dest.size(0), K = dest.size(1), H = y.size(1);
+  at::Tensor out = at::empty({T, H}, y.options());
+  if (T == 0 || H == 0) return out;
+  TORCH_CHECK_VALUE(T < (int64_t(1) << 31), "keye.moe_unpermute: too many tokens (", T, ")");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t row_stride = num_rows > 1 ? y.stride(0) : H;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute", [&] {
+    using T_ = typename CutlassType<scalar_t>::type;
+    const auto* yp = reinterpret_cast<const T_*>(y.data_ptr());
+    auto* op_ = reinterpret_cast<T_*>(out.data_ptr());
+    const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+    if (can_vectorize<scalar_t>(y, row_stride) && reinterpret_cast<uintptr_t>(op_) % 16 == 0) {
+      constexpr int V = 16 / sizeof(scalar_t);
+      unpermute_kernel<T_, V><<<T, kThreads, 0, stream>>>(yp, row_stride, dest.data_ptr<int>(), wp, op_, K, H,
+                                                          num_rows);
+    } else {
+      unpermute_kernel<T_, 1><<<T, kThreads, 0, stream>>>(yp, row_stride, dest.data_ptr<int>(), wp, op_, K, H,
+                                                          num_rows);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace keye

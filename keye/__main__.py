@@ -1,0 +1,5 @@
+import sys
+
+from keye.cli import main
+
+sys.exit(main())

@@ -1,0 +1,80 @@
+"""`keye bench`: kernel microbenchmarks with a correctness self-check against the references."""
+
+from __future__ import annotations
+
+import json
+import platform
+
+import torch
+
+import keye
+from keye.bench import moe_permute
+from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops
+
+
+def environment(device: torch.device) -> dict:
+    env = {"keye": keye.__version__, "torch": torch.__version__, "python": platform.python_version(),
+           "kernels": keye.kernels_available(), "kernels_reason": keye.kernels_unavailable_reason(),
+           "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        env.update(gpu=p.name, sms=p.multi_processor_count, cuda=torch.version.cuda)
+    return env
+
+
+def run(tokens: list[int], reps: int, device: torch.device) -> dict:
+    report = {"environment": environment(device), "ceilings": {}, "results": []}
+    if device.type == "cuda":
+        report["ceilings"] = {"copy_GBps": copy_bandwidth_gbs(device), "bf16_gemm_TFLOPs": gemm_tflops(device)}
+    for T in tokens:
+        report["results"] += moe_permute.run_case(T, device, reps)
+    _derive(report)
+    return report
+
+
+def _derive(report: dict) -> None:
+    copy = report["ceilings"].get("copy_GBps")
+    for r in report["results"]:
+        best = r.get("kernel_ms", r["reference_ms"])
+        r["GBps"] = r["bytes"] / best / 1e6
+        if copy:
+            r["copy_fraction"] = r["GBps"] / copy
+        if "kernel_ms" in r:
+            r["speedup_vs_reference"] = r["reference_ms"] / r["kernel_ms"]
+            if "baseline_ms" in r:
+                r["speedup_vs_baseline"] = r["baseline_ms"] / r["kernel_ms"]
+
+
+def table(report: dict) -> str:
+    env, ceil = report["environment"], report["ceilings"]
+    lines = [f"keye {env['keye']}  torch {env['torch']}  {env.get('gpu', env['device'])}  "
+             f"kernels: {'yes' if env['kernels'] else 'no (' + str(env['kernels_reason']) + ')'}"]
+    if ceil:
+        lines.append(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 GEMM {ceil['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
+    head = f"{'op':<14}{'tokens':>7} {'check':>5} {'kernel ms':>10} {'ref ms':>9} {'base ms':>9} " \
+           f"{'x ref':>7} {'x base':>7} {'GB/s':>7} {'% copy':>7}"
+    lines += [head, "-" * len(head)]
+    for r in report["results"]:
+        f = lambda k, fmt: format(r[k], fmt) if k in r else "-"
+        pct = f"{100 * r['copy_fraction']:.0f}%" if "copy_fraction" in r else "-"
+        lines.append(f"{r['op']:<14}{r['tokens']:>7} {r['check']:>5} {f('kernel_ms', '.4f'):>10} "
+                     f"{f('reference_ms', '.4f'):>9} {f('baseline_ms', '.4f'):>9} "
+                     f"{f('speedup_vs_reference', '.2f'):>7} {f('speedup_vs_baseline', '.2f'):>7} "
+                     f"{r['GBps']:>7.0f} {pct:>7}")
+    return "\n".join(lines)
+
+
+def main(args) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = args.tokens or ([4096, 16384, 65536] if device.type == "cuda" else [1024, 4096])
+    reps = args.reps or (50 if device.type == "cuda" else 5)
+    report = run(tokens, reps, device)
+    text = table(report)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=1)
+    failed = [r for r in report["results"] if r["check"] != "ok"]
+    if failed:
+        print(f"SELF-CHECK FAILED: {[(r['op'], r['tokens']) for r in failed]}")
+    return 1 if failed else 0

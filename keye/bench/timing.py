@@ -1,0 +1,56 @@
+"""Timing and ceilings for the microbenchmarks.
+
+GPU: CUDA events around each call, L2 flushed before each timed call (so the kernels are measured
+reading from HBM, as they would inside a model), median of many runs. CPU: perf_counter median.
+Ceilings measured in the same process: device copy bandwidth and the bf16 GEMM rate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+_FLUSH_BYTES = 256 << 20  # > 4x the H200's 60 MB L2
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 50, warmup: int = 5) -> float:
+    """Median wall time of fn() in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy rate, counting bytes read plus bytes written."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device, reps=20)
+    return 2 * nbytes / ms / 1e6
+
+
+def gemm_tflops(device: torch.device, n: int = 8192) -> float:
+    """bf16 n x n x n matrix product rate on random data."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = median_ms(lambda: a @ b, device, reps=20)
+    return 2 * n**3 / ms / 1e9

@@ -1,0 +1,14 @@
+"""keye ops: each runs its CUDA kernel on CUDA tensors when the extension is built, else its reference.
+
+See keye/ops/_dispatch.py for the switch (force_reference) and keye/ops/_checks.py for index_checks.
+"""
+
+from keye.ops import reference
+from keye.ops._checks import index_checks
+from keye.ops._dispatch import force_reference, use_kernel
+from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_unpermute, src_from_dest
+
+__all__ = [
+    "reference", "index_checks", "force_reference", "use_kernel",
+    "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "src_from_dest",
+]
