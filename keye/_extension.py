@@ -21,11 +21,10 @@ def _load() -> None:
     if _loaded is not None:
         return
     _loaded = False
+    libs = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")))
     if os.environ.get("KEYE_DISABLE_KERNELS", "0") not in ("", "0"):
         _reason = "disabled by KEYE_DISABLE_KERNELS"
-        return
-    libs = sorted(glob.glob(os.path.join(_PACKAGE_DIR, "_C*.so")))
-    if not libs:
+    elif not libs:
         _reason = (
             "the CUDA extension was not built (pure-Python install; rebuild with "
             "`pip install --no-build-isolation .` where nvcc and a CUDA build of torch are present)"
@@ -36,11 +35,11 @@ def _load() -> None:
         try:
             torch.ops.load_library(libs[0])
             _loaded = True
-        except OSError as e:  # wrong torch ABI, missing CUDA runtime, ...
+        except (OSError, RuntimeError) as e:  # wrong torch ABI, missing CUDA runtime, ...
             _reason = f"loading {os.path.basename(libs[0])} failed: {e}"
     if not _loaded:
         warnings.warn(f"keye: CUDA kernels are unavailable ({_reason}); using PyTorch reference implementations.",
-                      RuntimeWarning, stacklevel=3)
+                      RuntimeWarning, stacklevel=2)
 
 
 def kernels_available() -> bool:

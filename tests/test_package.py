@@ -87,3 +87,20 @@ def test_cli_bench_runs_and_self_checks(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert {r["op"] for r in report["results"]} == {"moe_route", "moe_permute", "moe_unpermute"}
     assert all(r["check"] == "ok" for r in report["results"])
+
+
+def test_missing_kernels_are_announced_once():
+    """Without the extension keye warns once, clearly, and the ops still run (on the references)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings, torch, keye; warnings.simplefilter('always');"
+            "from keye import ops;"
+            "r = ops.moe_route(torch.zeros(3, 2, dtype=torch.int32), 4);"
+            "keye.kernels_available(); keye.kernels_available();"
+            "print(r.offsets.tolist())")
+    env = dict(os.environ, KEYE_DISABLE_KERNELS="1")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[0, 6, 6, 6, 6]"
+    assert p.stderr.count("keye: CUDA kernels are unavailable (disabled by KEYE_DISABLE_KERNELS)") == 1, p.stderr

@@ -33,7 +33,7 @@ void check_index_range(const at::Tensor& t, int64_t lo, int64_t hi, const char* 
   auto [mn, mx] = at::aminmax(t);
   const int64_t vmin = mn.item<int64_t>();
   const int64_t vmax = mx.item<int64_t>();
-  TORCH_CHECK_VALUE(vmin >= lo && vmax <= hi, "keye.", op, ": argument '", name, "' must hold values in [", lo, ", ",
+  KEYE_CHECK(vmin >= lo && vmax <= hi, "keye.", op, ": argument '", name, "' must hold values in [", lo, ", ",
               hi, "], found values in [", vmin, ", ", vmax,
               "] (index checks can be disabled with keye.ops.index_checks(False) once inputs are trusted)");
 }

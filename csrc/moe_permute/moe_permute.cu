@@ -128,7 +128,7 @@ void check_routing(const at::Tensor& dest, const at::Tensor& data, const char* d
   check_dtype(dest, {at::kInt}, op, "dest");
   check_dim(dest, 2, op, "dest", "[num_tokens, top_k]");
   check_contiguous(dest, op, "dest");
-  TORCH_CHECK_VALUE(dest.size(1) >= 1 && dest.size(1) <= kMaxTopK, "keye.", op, ": top_k (dest.size(1)) must be in [1, ",
+  KEYE_CHECK(dest.size(1) >= 1 && dest.size(1) <= kMaxTopK, "keye.", op, ": top_k (dest.size(1)) must be in [1, ",
               kMaxTopK, "], got ", dest.size(1));
 }
 
@@ -139,8 +139,8 @@ at::Tensor slot_factors(const std::optional<at::Tensor>& f, const at::Tensor& de
   check_cuda(*f, op, name);
   check_same_device(*f, dest, op, name, "dest");
   check_dtype(*f, {at::kFloat, at::kBFloat16, at::kHalf}, op, name);
-  TORCH_CHECK_VALUE(f->sizes() == dest.sizes(), "keye.", op, ": argument '", name, "' must have the shape of 'dest' ",
-              dest.sizes(), ", got ", f->sizes());
+  KEYE_CHECK(f->sizes() == dest.sizes(), "keye.", op, ": argument '", name, "' must have the shape of 'dest' ",
+              dims_str(dest.sizes()), ", got ", dims_str(f->sizes()));
   return f->to(at::kFloat).contiguous();
 }
 
@@ -160,7 +160,7 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const a
   check_dtype(src, {at::kInt}, op, "src");
   check_dim(src, 1, op, "src", "[num_rows]");
   check_contiguous(src, op, "src");
-  TORCH_CHECK_VALUE(src.size(0) >= dest.numel(), "keye.moe_permute: 'src' has ", src.size(0),
+  KEYE_CHECK(src.size(0) >= dest.numel(), "keye.moe_permute: 'src' has ", src.size(0),
               " rows but must have at least num_tokens * top_k = ", dest.numel());
   const at::Tensor sc = slot_factors(scale, dest, op, "scale");
   const int64_t num_rows = src.size(0);
@@ -172,7 +172,7 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const a
   const int64_t T = x.size(0), K = dest.size(1), H = x.size(1);
   const int64_t pad_blocks = (num_rows + kPadRowsPerBlock - 1) / kPadRowsPerBlock;
   if (T + pad_blocks == 0 || H == 0) return out;
-  TORCH_CHECK_VALUE(T + pad_blocks < (int64_t(1) << 31), "keye.moe_permute: too many tokens (", T, ")");
+  KEYE_CHECK(T + pad_blocks < (int64_t(1) << 31), "keye.moe_permute: too many tokens (", T, ")");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t row_stride = T > 1 ? x.stride(0) : H;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "moe_permute", [&] {
@@ -209,7 +209,7 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const
   const int64_t T = dest.size(0), K = dest.size(1), H = y.size(1);
   at::Tensor out = at::empty({T, H}, y.options());
   if (T == 0 || H == 0) return out;
-  TORCH_CHECK_VALUE(T < (int64_t(1) << 31), "keye.moe_unpermute: too many tokens (", T, ")");
+  KEYE_CHECK(T < (int64_t(1) << 31), "keye.moe_unpermute: too many tokens (", T, ")");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t row_stride = num_rows > 1 ? y.stride(0) : H;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "moe_unpermute", [&] {

@@ -1,8 +1,8 @@
-// Routing metadata for the MoE permutation, in three small launches and no host sync:
-//   1. count:  one warp per chunk of CHUNK flat (token, slot) entries builds a per-expert histogram;
-//   2. scan:   one block turns the [chunks, E] histograms into each chunk's first row per expert,
-//              with every expert's segment padded to a multiple of `align` (grouped-GEMM tiles);
-//   3. assign: one warp per chunk walks its entries in order and gives each its row.
+// Routing metadata for the MoE permutation, in four small launches and no host sync:
+//   1. count:       one warp per chunk of kChunk flat (token, slot) entries builds a per-expert histogram;
+//   2. chunk scan:  one block per expert scans its column of chunk counts (each chunk's first rank);
+//   3. expert scan: one block pads each expert's total to `align` and scans them into offsets;
+//   4. assign:      one warp per chunk walks its entries in order and gives each its row.
 // Rows within an expert are ordered by flat index t*K + k, so the result is deterministic and equal
 // to a stable sort by expert id.
 #include <c10/cuda/CUDAException.h>
@@ -16,10 +16,10 @@
 namespace keye {
 namespace {
 
-constexpr int kChunk = 1024;          // flat entries per warp
+constexpr int kChunk = 256;           // flat entries per warp (8 steps of 32)
 constexpr int kWarpsPerBlock = 4;
-constexpr int kMaxExperts = 1024;     // one scan thread per expert
-constexpr int kScanThreads = 1024;
+constexpr int kMaxExperts = 1024;     // one thread per expert in the expert scan
+constexpr int kScanThreads = 256;
 
 template <typename IdT>
 __device__ __forceinline__ int load_expert(const IdT* ids, int64_t flat, int64_t n, int num_experts) {
@@ -47,42 +47,52 @@ __global__ void count_kernel(const IdT* __restrict__ ids, int64_t n, int num_exp
   for (int e = lane; e < num_experts; e += 32) counts[chunk * num_experts + e] = hist[e];
 }
 
-__global__ void __launch_bounds__(kScanThreads) scan_kernel(int* __restrict__ counts, int num_chunks,
-                                                            int num_experts, int align,
-                                                            int* __restrict__ offsets) {
+// One block per expert: exclusive prefix of its column of chunk counts (in place) and its total.
+__global__ void __launch_bounds__(kScanThreads) chunk_scan_kernel(int* __restrict__ counts, int num_chunks,
+                                                                  int num_experts, int* __restrict__ totals) {
   using BlockScan = cub::BlockScan<int, kScanThreads>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
+  __shared__ typename BlockScan::TempStorage storage;
+  __shared__ int carry;
+  const int e = blockIdx.x;
+  if (threadIdx.x == 0) carry = 0;
+  __syncthreads();
+  for (int base = 0; base < num_chunks; base += kScanThreads) {
+    const int c = base + threadIdx.x;
+    int* p = counts + static_cast<int64_t>(c) * num_experts + e;
+    const int v = c < num_chunks ? *p : 0;
+    int prefix, tile_sum;
+    BlockScan(storage).ExclusiveSum(v, prefix, tile_sum);
+    if (c < num_chunks) *p = carry + prefix;
+    __syncthreads();  // everyone has read `carry` and the scan storage before they change
+    if (threadIdx.x == 0) carry += tile_sum;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) totals[e] = carry;
+}
+
+// One block: pad each expert's total to `align` and scan over experts -> offsets[0..E].
+__global__ void __launch_bounds__(kMaxExperts) expert_scan_kernel(const int* __restrict__ totals, int num_experts,
+                                                                  int align, int* __restrict__ offsets) {
+  using BlockScan = cub::BlockScan<int, kMaxExperts>;
+  __shared__ typename BlockScan::TempStorage storage;
   const int e = threadIdx.x;
-  int total = 0;
-  if (e < num_experts) {
-#pragma unroll 8
-    for (int c = 0; c < num_chunks; ++c) {  // exclusive prefix over chunks, in place
-      int* p = counts + static_cast<int64_t>(c) * num_experts + e;
-      const int v = *p;
-      *p = total;
-      total += v;
-    }
-  }
-  const int padded = (total + align - 1) / align * align;
+  const int padded = e < num_experts ? (totals[e] + align - 1) / align * align : 0;
   int start;
-  BlockScan(scan_storage).ExclusiveSum(padded, start);
-  if (e < num_experts) {
-    offsets[e] = start;
-    if (e == num_experts - 1) offsets[num_experts] = start + padded;
-#pragma unroll 8
-    for (int c = 0; c < num_chunks; ++c) counts[static_cast<int64_t>(c) * num_experts + e] += start;
-  }
+  BlockScan(storage).ExclusiveSum(padded, start);
+  if (e < num_experts) offsets[e] = start;
+  if (e == num_experts - 1) offsets[num_experts] = start + padded;
 }
 
 template <typename IdT>
 __global__ void assign_kernel(const IdT* __restrict__ ids, int64_t n, int num_experts, int num_chunks,
-                              const int* __restrict__ chunk_base, int* __restrict__ dest, int* __restrict__ src) {
+                              const int* __restrict__ chunk_prefix, const int* __restrict__ offsets,
+                              int* __restrict__ dest, int* __restrict__ src) {
   extern __shared__ int smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
   if (chunk >= num_chunks) return;
   int* next_row = smem + warp * num_experts;
-  for (int e = lane; e < num_experts; e += 32) next_row[e] = chunk_base[chunk * num_experts + e];
+  for (int e = lane; e < num_experts; e += 32) next_row[e] = offsets[e] + chunk_prefix[chunk * num_experts + e];
   __syncwarp();
   const unsigned lanes_below = (1u << lane) - 1u;
   for (int i = 0; i < kChunk; i += 32) {
@@ -111,12 +121,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   check_dtype(topk_ids, {at::kInt, at::kLong}, op, "topk_ids");
   check_dim(topk_ids, 2, op, "topk_ids", "[num_tokens, top_k]");
   check_contiguous(topk_ids, op, "topk_ids");
-  TORCH_CHECK_VALUE(num_experts >= 1 && num_experts <= kMaxExperts, "keye.moe_route: argument 'num_experts' must be an int in [1, ",
+  KEYE_CHECK(num_experts >= 1 && num_experts <= kMaxExperts, "keye.moe_route: argument 'num_experts' must be an int in [1, ",
               kMaxExperts, "], got ", num_experts);
-  TORCH_CHECK_VALUE(align >= 1 && align <= 1024, "keye.moe_route: argument 'align' must be an int in [1, 1024], got ", align);
+  KEYE_CHECK(align >= 1 && align <= 1024, "keye.moe_route: argument 'align' must be an int in [1, 1024], got ", align);
   const int64_t n = topk_ids.numel();
   const int64_t num_rows = n + (align > 1 ? num_experts * (align - 1) : 0);
-  TORCH_CHECK_VALUE(num_rows < (int64_t(1) << 31), "keye.moe_route: ", n,
+  KEYE_CHECK(num_rows < (int64_t(1) << 31), "keye.moe_route: ", n,
               " routed slots (plus padding) exceed the int32 row index range");
   check_index_range(topk_ids, -1, num_experts - 1, op, "topk_ids");
 
@@ -127,6 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   at::Tensor offsets = at::empty({num_experts + 1}, opts);
   const int num_chunks = static_cast<int>((n + kChunk - 1) / kChunk);
   at::Tensor counts = at::empty({std::max(num_chunks, 1), num_experts}, opts);
+  at::Tensor totals = at::empty({num_experts}, opts);
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int E = static_cast<int>(num_experts);
   const int blocks = (num_chunks + kWarpsPerBlock - 1) / kWarpsPerBlock;
@@ -139,12 +150,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
                                                                            counts.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    scan_kernel<<<1, kScanThreads, 0, stream>>>(counts.data_ptr<int>(), num_chunks, E, static_cast<int>(align),
-                                                offsets.data_ptr<int>());
+    chunk_scan_kernel<<<E, kScanThreads, 0, stream>>>(counts.data_ptr<int>(), num_chunks, E,
+                                                      totals.data_ptr<int>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    expert_scan_kernel<<<1, kMaxExperts, 0, stream>>>(totals.data_ptr<int>(), E, static_cast<int>(align),
+                                                      offsets.data_ptr<int>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (num_chunks > 0) {
       assign_kernel<index_t><<<blocks, 32 * kWarpsPerBlock, smem, stream>>>(
-          ids, n, E, num_chunks, counts.data_ptr<int>(), dest.data_ptr<int>(), src.data_ptr<int>());
+          ids, n, E, num_chunks, counts.data_ptr<int>(), offsets.data_ptr<int>(), dest.data_ptr<int>(),
+          src.data_ptr<int>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });

@@ -9,7 +9,7 @@ import torch
 
 import keye
 from keye.bench import moe_permute
-from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops
+from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops, write_bandwidth_gbs
 
 
 def environment(device: torch.device) -> dict:
@@ -25,7 +25,8 @@ def environment(device: torch.device) -> dict:
 def run(tokens: list[int], reps: int, device: torch.device) -> dict:
     report = {"environment": environment(device), "ceilings": {}, "results": []}
     if device.type == "cuda":
-        report["ceilings"] = {"copy_GBps": copy_bandwidth_gbs(device), "bf16_gemm_TFLOPs": gemm_tflops(device)}
+        report["ceilings"] = {"copy_GBps": copy_bandwidth_gbs(device), "write_GBps": write_bandwidth_gbs(device),
+                              "bf16_gemm_TFLOPs": gemm_tflops(device)}
     for T in tokens:
         report["results"] += moe_permute.run_case(T, device, reps)
     _derive(report)
@@ -45,12 +46,19 @@ def _derive(report: dict) -> None:
                 r["speedup_vs_baseline"] = r["baseline_ms"] / r["kernel_ms"]
 
 
+def _kernel_state(env: dict) -> str:
+    if not env["kernels"]:
+        return f"no ({env['kernels_reason']}); timing the references"
+    return "yes" if env["device"].startswith("cuda") else "built, but no CUDA device; timing the references"
+
+
 def table(report: dict) -> str:
     env, ceil = report["environment"], report["ceilings"]
     lines = [f"keye {env['keye']}  torch {env['torch']}  {env.get('gpu', env['device'])}  "
-             f"kernels: {'yes' if env['kernels'] else 'no (' + str(env['kernels_reason']) + ')'}"]
+             f"kernels: {_kernel_state(env)}"]
     if ceil:
-        lines.append(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s, bf16 GEMM {ceil['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
+        lines.append(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read+write), write-only {ceil['write_GBps']:.0f} GB/s, "
+                     f"bf16 GEMM {ceil['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
     head = f"{'op':<14}{'tokens':>7} {'check':>5} {'kernel ms':>10} {'ref ms':>9} {'base ms':>9} " \
            f"{'x ref':>7} {'x base':>7} {'GB/s':>7} {'% copy':>7}"
     lines += [head, "-" * len(head)]

@@ -2,7 +2,7 @@
 
 GPU: CUDA events around each call, L2 flushed before each timed call (so the kernels are measured
 reading from HBM, as they would inside a model), median of many runs. CPU: perf_counter median.
-Ceilings measured in the same process: device copy bandwidth and the bf16 GEMM rate.
+Ceilings measured in the same process: device copy and write bandwidth, and the bf16 GEMM rate.
 """
 
 from __future__ import annotations
@@ -46,6 +46,13 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = median_ms(lambda: dst.copy_(src), device, reps=20)
     return 2 * nbytes / ms / 1e6
+
+
+def write_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
+    """Device write-only rate (fill): the ceiling for write-heavy ops such as the permutation scatter."""
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    ms = median_ms(lambda: dst.fill_(7), device, reps=20)
+    return nbytes / ms / 1e6
 
 
 def gemm_tflops(device: torch.device, n: int = 8192) -> float:

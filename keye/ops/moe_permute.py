@@ -84,6 +84,7 @@ def _permute_setup(ctx, inputs, output):
 
 def _permute_backward(ctx, grad):
     x, dest, scale = ctx.saved_tensors
+    grad = grad.contiguous()  # autograd hands over expanded (stride-0) gradients, e.g. from .sum()
     grad_x = torch.ops.keye.moe_unpermute(grad, dest, scale) if ctx.needs_input_grad[0] else None
     grad_scale = _slot_dot(grad, dest, x).to(scale.dtype) if x is not None else None
     return grad_x, None, None, grad_scale
@@ -97,6 +98,7 @@ def _unpermute_setup(ctx, inputs, output):
 
 def _unpermute_backward(ctx, grad):
     y, dest, weights = ctx.saved_tensors
+    grad = grad.contiguous()
     grad_y = None
     if ctx.needs_input_grad[0]:
         grad_y = torch.ops.keye.moe_permute(grad, dest, src_from_dest(dest, ctx.num_rows), weights)
