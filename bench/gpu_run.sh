@@ -24,6 +24,8 @@ if ! python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . > 
 fi
 echo "build: $(( $(date +%s) - t0 )) s with $KEYE_BUILD_JOBS jobs"
 python3 -m keye info
+# registers / shared memory / stack of every kernel (spills show as STACK or LOCAL > 0)
+cuobjdump --dump-resource-usage keye/_C*.so > "$OUT_DIR/resources.txt" 2>&1 || true
 
 status=0
 python3 -m pytest -q -rs tests -p no:cacheprovider --junitxml "$OUT_DIR/tests.xml" ${KEYE_PYTEST_ARGS:-} || status=1

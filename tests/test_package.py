@@ -85,7 +85,7 @@ def test_cli_bench_runs_and_self_checks(tmp_path, capsys):
     import json
 
     report = json.loads(out.read_text())
-    assert {r["op"] for r in report["results"]} == {"moe_route", "moe_permute", "moe_unpermute"}
+    assert {r["op"] for r in report["results"]} == {"moe_router", "moe_route", "moe_permute", "moe_unpermute"}
     assert all(r["check"] == "ok" for r in report["results"])
 
 

@@ -115,11 +115,21 @@ __global__ void __launch_bounds__(kThreads) unpermute_kernel(
   }
 }
 
-// 16-byte vectors when every row start is 16-byte aligned, else one element at a time.
+// 16-byte vectors when every row start of input and output is 16-byte aligned, else one element at a time.
 template <typename T>
-bool can_vectorize(const at::Tensor& t, int64_t row_stride) {
+bool can_vectorize(const at::Tensor& in, int64_t in_row_stride, const at::Tensor& out) {
   constexpr int vec = 16 / sizeof(T);
-  return t.size(-1) % vec == 0 && row_stride % vec == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  return in.size(-1) % vec == 0 && in_row_stride % vec == 0 &&
+         reinterpret_cast<uintptr_t>(in.data_ptr()) % 16 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0;
+}
+
+// Calls launch(std::integral_constant<int, V>) with V the element count of a 16-byte vector, or 1.
+template <typename T, typename Launch>
+void with_vector_width(bool vectorize, Launch&& launch) {
+  if (vectorize)
+    launch(std::integral_constant<int, 16 / sizeof(T)>{});
+  else
+    launch(std::integral_constant<int, 1>{});
 }
 
 void check_routing(const at::Tensor& dest, const at::Tensor& data, const char* data_name, const char* op) {
@@ -181,15 +191,11 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const a
     auto* op_ = reinterpret_cast<T_*>(out.data_ptr());
     const float* sp = sc.defined() ? sc.data_ptr<float>() : nullptr;
     const dim3 grid(static_cast<unsigned>(T + pad_blocks));
-    if (can_vectorize<scalar_t>(x, row_stride) && reinterpret_cast<uintptr_t>(op_) % 16 == 0) {
-      constexpr int V = 16 / sizeof(scalar_t);
-      permute_kernel<T_, V><<<grid, kThreads, 0, stream>>>(xp, row_stride, dest.data_ptr<int>(), sp,
-                                                           src.data_ptr<int>(), op_, T, K, H, num_rows);
-    } else {
-      permute_kernel<T_, 1><<<grid, kThreads, 0, stream>>>(xp, row_stride, dest.data_ptr<int>(), sp,
-                                                           src.data_ptr<int>(), op_, T, K, H, num_rows);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_vector_width<scalar_t>(can_vectorize<scalar_t>(x, row_stride, out), [&](auto vec) {
+      permute_kernel<T_, decltype(vec)::value><<<grid, kThreads, 0, stream>>>(
+          xp, row_stride, dest.data_ptr<int>(), sp, src.data_ptr<int>(), op_, T, K, H, num_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }
@@ -217,15 +223,11 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const
     const auto* yp = reinterpret_cast<const T_*>(y.data_ptr());
     auto* op_ = reinterpret_cast<T_*>(out.data_ptr());
     const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
-    if (can_vectorize<scalar_t>(y, row_stride) && reinterpret_cast<uintptr_t>(op_) % 16 == 0) {
-      constexpr int V = 16 / sizeof(scalar_t);
-      unpermute_kernel<T_, V><<<T, kThreads, 0, stream>>>(yp, row_stride, dest.data_ptr<int>(), wp, op_, K, H,
-                                                          num_rows);
-    } else {
-      unpermute_kernel<T_, 1><<<T, kThreads, 0, stream>>>(yp, row_stride, dest.data_ptr<int>(), wp, op_, K, H,
-                                                          num_rows);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_vector_width<scalar_t>(can_vectorize<scalar_t>(y, row_stride, out), [&](auto vec) {
+      unpermute_kernel<T_, decltype(vec)::value><<<T, kThreads, 0, stream>>>(
+          yp, row_stride, dest.data_ptr<int>(), wp, op_, K, H, num_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return out;
 }

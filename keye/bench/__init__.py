@@ -8,7 +8,8 @@ import platform
 import torch
 
 import keye
-from keye.bench import moe_permute
+from keye import ops
+from keye.bench import moe_permute, moe_router
 from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops, write_bandwidth_gbs
 
 
@@ -27,8 +28,10 @@ def run(tokens: list[int], reps: int, device: torch.device) -> dict:
     if device.type == "cuda":
         report["ceilings"] = {"copy_GBps": copy_bandwidth_gbs(device), "write_GBps": write_bandwidth_gbs(device),
                               "bf16_gemm_TFLOPs": gemm_tflops(device)}
+    on_gpu = device.type == "cuda" and ops.use_kernel(torch.empty(0, device=device))
     for T in tokens:
-        report["results"] += moe_permute.run_case(T, device, reps)
+        report["results"] += moe_router.run_case(T, device, reps, on_gpu)
+        report["results"] += moe_permute.run_case(T, device, reps, on_gpu)
     _derive(report)
     return report
 

@@ -7,8 +7,10 @@ from keye.ops import reference
 from keye.ops._checks import index_checks
 from keye.ops._dispatch import force_reference, use_kernel
 from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_unpermute, src_from_dest
+from keye.ops.moe_router import MoeRouterOutput, load_balancing_loss, moe_router
 
 __all__ = [
     "reference", "index_checks", "force_reference", "use_kernel",
     "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "src_from_dest",
+    "MoeRouterOutput", "moe_router", "load_balancing_loss",
 ]

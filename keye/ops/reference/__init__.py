@@ -1,5 +1,6 @@
 """Pure-PyTorch references: the specification of every keye op, runnable on CPU and GPU."""
 
 from keye.ops.reference.moe_permute import moe_permute, moe_route, moe_unpermute
+from keye.ops.reference.moe_router import load_balancing_loss, moe_router
 
-__all__ = ["moe_route", "moe_permute", "moe_unpermute"]
+__all__ = ["moe_route", "moe_permute", "moe_unpermute", "moe_router", "load_balancing_loss"]
