@@ -14,6 +14,7 @@
 #include <cutlass/numeric_types.h>
 
 #include "common/check.h"
+#include "common/cutlass_types.h"
 #include "moe_permute/moe_permute.h"
 
 namespace keye {
@@ -22,11 +23,6 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kPadRowsPerBlock = 8;
 constexpr int kMaxTopK = 256;
-
-// torch element type -> CUTLASS element type with the same bits.
-template <typename T> struct CutlassType { using type = T; };
-template <> struct CutlassType<at::Half> { using type = cutlass::half_t; };
-template <> struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
 
 template <typename T, int VEC>
 using Vec = cutlass::AlignedArray<T, VEC, sizeof(T) * VEC>;

@@ -2,14 +2,13 @@
 //   each lane holds experts lane, lane+32, ... (NV = ceil(E/32) registers); softmax in fp32 with warp
 //   reductions; top-k by K rounds of a warp-wide argmax on the logits (ties -> lower expert index, NaN as
 //   -inf), so selection never depends on rounding of the exponentials; weights renormalised over the K.
-// Load-balancing statistics without float atomics (deterministic):
-//   counts:   integer atomics (order-independent);
-//   prob_sum: each warp sums its tokens' probabilities in registers in token order, the block adds its
-//             warps in warp order into a [blocks, E] partial, and a second kernel adds blocks in order.
+// Load-balancing statistics without atomics to global memory (deterministic, no contention):
+//   each warp sums its tokens' probabilities in registers in token order, the block adds its warps in warp
+//   order into a [blocks, E] partial (counts likewise, from a shared-memory histogram), and a second
+//   kernel adds the blocks in order.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cub/block/block_reduce.cuh>
 #include <cutlass/numeric_conversion.h>
 #include <cutlass/numeric_types.h>
 
@@ -17,21 +16,18 @@
 #include <climits>
 
 #include "common/check.h"
+#include "common/cutlass_types.h"
 #include "moe_router/moe_router.h"
 
 namespace keye {
 namespace {
 
 constexpr int kWarps = 8;
-constexpr int kTokensPerWarp = 8;
+constexpr int kTokensPerWarp = 4;  // 32 tokens a block: 128 blocks (about one per SM) at 4K tokens
 constexpr int kTokensPerBlock = kWarps * kTokensPerWarp;
 constexpr int kMaxExperts = 512;
 constexpr int kMaxTopK = 32;
-constexpr int kReduceThreads = 256;
-
-template <typename T> struct CutlassType { using type = T; };
-template <> struct CutlassType<at::Half> { using type = cutlass::half_t; };
-template <> struct CutlassType<at::BFloat16> { using type = cutlass::bfloat16_t; };
+constexpr int kReduceThreads = 1024;
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
@@ -61,7 +57,8 @@ __device__ __forceinline__ void warp_argmax(float& v, int& i) {
 template <typename T, int NV>
 __global__ void __launch_bounds__(kWarps * 32) router_kernel(
     const T* __restrict__ logits, int64_t row_stride, int num_tokens, int num_experts, int top_k, bool renormalize,
-    float* __restrict__ weights, int* __restrict__ ids, int* __restrict__ counts, float* __restrict__ partial) {
+    float* __restrict__ weights, int* __restrict__ ids, float* __restrict__ partial_probs,
+    int* __restrict__ partial_counts) {
   __shared__ int hist[kMaxExperts];
   __shared__ float warp_prob[kWarps][NV * 32];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -117,22 +114,20 @@ __global__ void __launch_bounds__(kWarps * 32) router_kernel(
         }
       }
       warp_argmax(bv, bi);
+      float win_p = 0.f;  // the winner's probability, valid on the winner's lane
       if ((bi & 31) == lane) {
         const int j = bi >> 5;
         taken |= 1u << j;
 #pragma unroll
         for (int jj = 0; jj < NV; ++jj)
-          if (jj == j) my_p = p[jj];  // register arrays only take constant indices
+          if (jj == j) win_p = p[jj];  // register arrays only take constant indices
       }
-      // lane r keeps the r-th choice
-      const float pr = __shfl_sync(0xffffffffu, my_p, bi & 31);
-      if (lane == r) {
+      win_p = __shfl_sync(0xffffffffu, win_p, bi & 31);
+      if (lane == r) {  // lane r keeps the r-th choice
         my_id = bi;
-        my_p = pr;
+        my_p = win_p;
       }
-      __syncwarp();
     }
-    // (my_p on lanes >= top_k may hold a winner's p from the loop; mask it out of the sum.)
     const float sel = lane < top_k ? my_p : 0.f;
     const float denom = renormalize ? warp_sum(sel) : 1.f;
     if (lane < top_k) {
@@ -150,31 +145,49 @@ __global__ void __launch_bounds__(kWarps * 32) router_kernel(
     float s = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += warp_prob[w][e];
-    partial[static_cast<int64_t>(blockIdx.x) * num_experts + e] = s;
-    if (hist[e]) atomicAdd(&counts[e], hist[e]);
+    partial_probs[static_cast<int64_t>(blockIdx.x) * num_experts + e] = s;
+    partial_counts[static_cast<int64_t>(blockIdx.x) * num_experts + e] = hist[e];
   }
 }
 
-// prob_sum[e] = sum over blocks of partial[b][e]; cub's block reduction has a fixed order.
-__global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(const float* __restrict__ partial,
-                                                                         int num_blocks, int num_experts,
-                                                                         float* __restrict__ prob_sum) {
-  using Reduce = cub::BlockReduce<float, kReduceThreads>;
-  __shared__ typename Reduce::TempStorage storage;
-  const int e = blockIdx.x;
-  float s = 0.f;
-  for (int b = threadIdx.x; b < num_blocks; b += kReduceThreads) s += partial[static_cast<int64_t>(b) * num_experts + e];
-  const float total = Reduce(storage).Sum(s);
-  if (threadIdx.x == 0) prob_sum[e] = total;
+// prob_sum[e], counts[e] = sums over blocks of the partials. A block covers 32 experts (coalesced rows);
+// its 32 warps take every 32nd block row and are added in warp order: a fixed summation order.
+__global__ void __launch_bounds__(kReduceThreads) reduce_partials_kernel(
+    const float* __restrict__ partial_probs, const int* __restrict__ partial_counts, int num_blocks,
+    int num_experts, float* __restrict__ prob_sum, int* __restrict__ counts) {
+  constexpr int kRows = kReduceThreads / 32;
+  __shared__ float ps[kRows][32];
+  __shared__ int cs[kRows][32];
+  const int c = threadIdx.x % 32, r = threadIdx.x / 32;
+  const int e = blockIdx.x * 32 + c;
+  float p = 0.f;
+  int n = 0;
+  if (e < num_experts) {
+    for (int b = r; b < num_blocks; b += kRows) {
+      p += partial_probs[static_cast<int64_t>(b) * num_experts + e];
+      n += partial_counts[static_cast<int64_t>(b) * num_experts + e];
+    }
+  }
+  ps[r][c] = p;
+  cs[r][c] = n;
+  __syncthreads();
+  if (r == 0 && e < num_experts) {
+    for (int rr = 1; rr < kRows; ++rr) {
+      p += ps[rr][c];
+      n += cs[rr][c];
+    }
+    prob_sum[e] = p;
+    counts[e] = n;
+  }
 }
 
 template <typename T, int NV>
 void launch(const at::Tensor& logits, int64_t row_stride, int T_, int E, int K, bool renorm, at::Tensor& weights,
-            at::Tensor& ids, at::Tensor& counts, at::Tensor& partial, cudaStream_t stream) {
+            at::Tensor& ids, at::Tensor& partial_probs, at::Tensor& partial_counts, cudaStream_t stream) {
   const int blocks = (T_ + kTokensPerBlock - 1) / kTokensPerBlock;
   router_kernel<T, NV><<<blocks, kWarps * 32, 0, stream>>>(
       reinterpret_cast<const T*>(logits.data_ptr()), row_stride, T_, E, K, renorm, weights.data_ptr<float>(),
-      ids.data_ptr<int>(), counts.data_ptr<int>(), partial.data_ptr<float>());
+      ids.data_ptr<int>(), partial_probs.data_ptr<float>(), partial_counts.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -198,25 +211,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_router_cuda(const
   auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor weights = at::empty({T, top_k}, f32);
   at::Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kInt));
-  at::Tensor counts = at::zeros({E}, logits.options().dtype(at::kInt));
+  at::Tensor counts = at::empty({E}, logits.options().dtype(at::kInt));
   at::Tensor prob_sum = at::empty({E}, f32);
   const int blocks = static_cast<int>((T + kTokensPerBlock - 1) / kTokensPerBlock);
-  at::Tensor partial = at::empty({std::max(blocks, 1), E}, f32);
+  at::Tensor partial_probs = at::empty({std::max(blocks, 1), E}, f32);
+  at::Tensor partial_counts = at::empty({std::max(blocks, 1), E}, logits.options().dtype(at::kInt));
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t row_stride = T > 1 ? logits.stride(0) : E;
   if (T > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "moe_router", [&] {
       using T_ = typename CutlassType<scalar_t>::type;
-      const int t = static_cast<int>(T), e = static_cast<int>(E), k = static_cast<int>(top_k);
-      if (E <= 32) launch<T_, 1>(logits, row_stride, t, e, k, renormalize, weights, ids, counts, partial, stream);
-      else if (E <= 64) launch<T_, 2>(logits, row_stride, t, e, k, renormalize, weights, ids, counts, partial, stream);
-      else if (E <= 128) launch<T_, 4>(logits, row_stride, t, e, k, renormalize, weights, ids, counts, partial, stream);
-      else if (E <= 256) launch<T_, 8>(logits, row_stride, t, e, k, renormalize, weights, ids, counts, partial, stream);
-      else launch<T_, 16>(logits, row_stride, t, e, k, renormalize, weights, ids, counts, partial, stream);
+      auto go = [&](auto nv) {  // nv: experts per lane, a compile-time constant
+        launch<T_, decltype(nv)::value>(logits, row_stride, static_cast<int>(T), static_cast<int>(E),
+                                        static_cast<int>(top_k), renormalize, weights, ids, partial_probs,
+                                        partial_counts, stream);
+      };
+      if (E <= 32) go(std::integral_constant<int, 1>{});
+      else if (E <= 64) go(std::integral_constant<int, 2>{});
+      else if (E <= 128) go(std::integral_constant<int, 4>{});
+      else if (E <= 256) go(std::integral_constant<int, 8>{});
+      else go(std::integral_constant<int, 16>{});
     });
   }
-  reduce_partials_kernel<<<E, kReduceThreads, 0, stream>>>(partial.data_ptr<float>(), T > 0 ? blocks : 0,
-                                                            static_cast<int>(E), prob_sum.data_ptr<float>());
+  reduce_partials_kernel<<<(E + 31) / 32, kReduceThreads, 0, stream>>>(
+      partial_probs.data_ptr<float>(), partial_counts.data_ptr<int>(), T > 0 ? blocks : 0, static_cast<int>(E),
+      prob_sum.data_ptr<float>(), counts.data_ptr<int>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, ids, counts, prob_sum};
 }
