@@ -41,8 +41,7 @@ def permute(x, dest, n_rows, scale=None):
         for k in range(K):
             d = int(dest[t, k])
             if d >= 0:
-                s = 1.0 if scale is None else float(scale[t, k])
-                out[d] = (x[t].float() * s).to(x.dtype) if scale is not None else x[t]
+                out[d] = x[t] if scale is None else (x[t].float() * float(scale[t, k])).to(x.dtype)
     return out
 
 

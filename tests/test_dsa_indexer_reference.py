@@ -1,0 +1,219 @@
+"""DSA lightning indexer references (keye.ops.reference.dsa_indexer*) against brute-force restatements, CPU."""
+
+import itertools
+import math
+import random
+
+import pytest
+import torch
+
+from keye.ops.reference import dsa_indexer as dsa
+from keye.ops.reference.dsa_indexer_loss import indexer_loss
+from conftest import rel_err
+
+
+def sylvester(n):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(n)
+
+
+def make_inputs(T, H, D, dtype=torch.float32):
+    q, k, w = torch.randn(T, H, D, dtype=dtype), torch.randn(T, D, dtype=dtype), torch.randn(T, H)
+    q8, qs = dsa.indexer_rotate_quantize(q)
+    k8, ks = dsa.indexer_rotate_quantize(k)
+    return q8, qs, w, k8, ks
+
+
+def brute_scores(q8, qs, w, k8, ks):
+    """I[t, s] by the formula, element by element over heads, in float64."""
+    T, H, D = q8.shape
+    out = torch.zeros(T, k8.shape[0], dtype=torch.float64)
+    for h in range(H):
+        dots = (q8[:, h].double() @ k8.double().T).clamp_min(0)
+        out += (w[:, h].double() * D ** -0.5 * qs[:, h].double()).unsqueeze(1) * dots
+    return out * ks.double().unsqueeze(0)
+
+
+def brute_select(scores_row, n_visible, topk):
+    order = sorted(range(n_visible), key=lambda s: (-scores_row[s], s))[:topk]
+    return order + [-1] * (topk - len(order))
+
+
+@pytest.mark.parametrize("n", [32, 64, 128])
+def test_hadamard_is_orthonormal_sylvester(n):
+    x = torch.randn(5, 3, n)
+    assert rel_err(dsa.hadamard_transform(x), x.double() @ sylvester(n)) < 1e-6
+    y = torch.randn(n)
+    assert abs(float(dsa.hadamard_transform(x[0, 0]) @ dsa.hadamard_transform(y)) - float(x[0, 0] @ y)) < 1e-3
+
+
+def test_quantize_ue8m0_scales_and_error():
+    x = torch.randn(200, 16, 64) * torch.rand(200, 16, 1) * 100
+    x[3, 2] = 0.0
+    x8, s = dsa.quantize_fp8_ue8m0(x)
+    assert x8.dtype == torch.float8_e4m3fn and s.shape == (200, 16)
+    assert torch.equal(torch.exp2(torch.log2(s).round()), s)  # powers of two
+    amax = x.abs().amax(-1).clamp_min(1e-4)
+    assert torch.all(amax / s <= 448) and torch.all(amax / s > 224)  # rounded up, by less than 2x
+    deq = x8.float() * s.unsqueeze(-1)
+    assert rel_err(deq, x) < 0.04  # e4m3 keeps 3 mantissa bits
+    assert float(s[3, 2]) == 2.0 ** math.ceil(math.log2(1e-4 / 448))
+
+
+@pytest.mark.parametrize("H,D", list(itertools.product(dsa.HEADS, dsa.HEAD_DIMS)))
+def test_scores_match_formula(H, D):
+    q8, qs, w, k8, ks = make_inputs(9, H, D)
+    assert rel_err(dsa.indexer_scores(q8, qs, w, k8, ks), brute_scores(q8, qs, w, k8, ks)) < 1e-5
+
+
+@pytest.mark.parametrize("H,D", list(itertools.product(dsa.HEADS, dsa.HEAD_DIMS)))
+def test_prefill_selection_matches_brute_force(H, D):
+    topk = 16
+    lens = random.choice([[15], [16], [17], [5, 33, 1, 16], [40, 3]])  # T < k, T = k, T = k + 1, odd packs
+    cu = torch.tensor([0] + list(itertools.accumulate(lens)))
+    q8, qs, w, k8, ks = make_inputs(int(cu[-1]), H, D)
+    idx, sc = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, topk, return_scores=True,
+                                       max_chunk_bytes=random.choice([1, 1 << 30]))
+    packed = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, topk, packed=True)
+    for s0, s1 in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        full = dsa.indexer_scores(q8[s0:s1], qs[s0:s1], w[s0:s1], k8[s0:s1], ks[s0:s1])
+        for t in range(s0, s1):
+            want = brute_select(full[t - s0].tolist(), t - s0 + 1, topk)
+            assert idx[t].tolist() == want
+            assert packed[t].tolist() == [v + s0 if v >= 0 else -1 for v in want]
+            got_sc = [v for v in sc[t].tolist()]
+            assert got_sc == [full[t - s0, v].item() if v >= 0 else float("-inf") for v in want]
+
+
+def test_ties_go_to_lower_positions():
+    q8, qs, w, k8, ks = make_inputs(40, 4, 32)
+    w.zero_()  # every score is exactly 0
+    idx = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, torch.tensor([0, 40]), 8)
+    assert idx[39].tolist() == list(range(8)) and idx[2].tolist() == [0, 1, 2] + [-1] * 5
+
+
+def test_decode_matches_prefill_and_physical_slots():
+    H, D, topk, n = 16, 64, 32, 3
+    lens = [70, 5, 130]
+    pages_per_seq = [math.ceil(L / 64) for L in lens]
+    num_pages = sum(pages_per_seq) + 2
+    perm = torch.randperm(num_pages).int()  # pages scattered through the cache
+    block_table = torch.zeros(len(lens), max(pages_per_seq), dtype=torch.int32)
+    k_cache = torch.zeros(num_pages, 64, D, dtype=torch.float8_e4m3fn)
+    k_scale_cache = torch.zeros(num_pages, 64)
+    used = 0
+    seqs = []
+    for b, L in enumerate(lens):
+        block_table[b, : pages_per_seq[b]] = perm[used: used + pages_per_seq[b]]
+        used += pages_per_seq[b]
+        q8, qs, w, k8, ks = make_inputs(L, H, D)
+        slots = block_table[b].long()[torch.arange(L) // 64] * 64 + torch.arange(L) % 64
+        dsa.indexer_cache_append(k8, ks, k_cache, k_scale_cache, slots)
+        seqs.append((q8, qs, w, k8, ks))
+    q8d = torch.stack([s[0][L - n: L] for s, L in zip(seqs, lens)])
+    qsd = torch.stack([s[1][L - n: L] for s, L in zip(seqs, lens)])
+    wd = torch.stack([s[2][L - n: L] for s, L in zip(seqs, lens)])
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    got = dsa.indexer_topk_decode(q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens, topk)
+    phys = dsa.indexer_topk_decode(q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens, topk, physical=True)
+    for b, ((q8, qs, w, k8, ks), L) in enumerate(zip(seqs, lens)):
+        want = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, torch.tensor([0, L]), topk)[L - n:]
+        assert torch.equal(got[b], want)
+        pos = got[b].long()
+        slot = torch.where(pos >= 0, block_table[b].long()[pos.clamp(min=0) // 64] * 64 + pos.clamp(min=0) % 64, -1)
+        assert torch.equal(phys[b].long(), slot)
+
+
+def test_cache_append_skips_padding_slots():
+    k_cache = torch.zeros(2, 64, 32, dtype=torch.float8_e4m3fn)
+    k_scale_cache = torch.full((2, 64), -7.0)
+    k8, ks = dsa.indexer_rotate_quantize(torch.randn(3, 32))
+    dsa.indexer_cache_append(k8, ks, k_cache, k_scale_cache, torch.tensor([70, -1, 5]))
+    assert torch.equal(k_cache[1, 6].view(torch.uint8), k8[0].view(torch.uint8)) and float(k_scale_cache[0, 5]) == float(ks[2])
+    assert int((k_scale_cache == -7.0).sum()) == 126
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+def brute_loss(q, w, k, qm, km, cu, indices=None):
+    """Whole-matrix restatement, one sequence and one group at a time, float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    G, Hq, D = km.shape[1], qm.shape[1], q.shape[-1]
+    for s0, s1 in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        L = s1 - s0
+        I = torch.einsum("th,ths->ts", w[s0:s1].double() * D ** -0.5,
+                         torch.einsum("thd,sd->ths", q[s0:s1].double(), k[s0:s1].double()).relu())
+        allowed = torch.ones(L, L, dtype=torch.bool).tril()
+        if indices is not None:
+            sel = torch.zeros(L, L, dtype=torch.bool)
+            for t in range(L):
+                for v in indices[s0 + t].tolist():
+                    if v >= 0:
+                        sel[t, v] = True
+            allowed = sel
+        logq = torch.log_softmax(I.masked_fill(~allowed, float("-inf")), -1)
+        for g in range(G):
+            p = 0
+            for h in range(g * Hq // G, (g + 1) * Hq // G):
+                s = qm[s0:s1, h].double() @ km[s0:s1, g].double().T * qm.shape[-1] ** -0.5
+                p = p + torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+            p = p / (Hq // G)
+            total += torch.where(p > 0, p * (p.clamp_min(1e-300).log() - logq), 0.0).sum()
+    return total
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_loss_and_gradients_match_brute_force(sparse):
+    cu = torch.tensor([0, 19, 20, 57])
+    T, H, D = 57, 8, 32
+    q, w, k = torch.randn(T, H, D), torch.randn(T, H), torch.randn(T, D)
+    qm, km = torch.randn(T, 8, 16), torch.randn(T, 2, 16)
+    indices = None
+    if sparse:
+        q8, qs = dsa.indexer_rotate_quantize(q)
+        k8, ks = dsa.indexer_rotate_quantize(k)
+        indices = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, 8)
+    grads = []
+    for f in (lambda *a: indexer_loss(*a, indices=indices, max_chunk_bytes=random.choice([1, 1 << 30])),
+              lambda *a: brute_loss(*a, indices=indices)):
+        qq, ww, kk = (t.clone().requires_grad_() for t in (q, w, k))
+        loss = f(qq, ww, kk, qm, km, cu)
+        loss.backward()
+        grads.append((loss.detach(), qq.grad, ww.grad, kk.grad))
+    for got, want in zip(*grads):
+        assert rel_err(got, want) < 1e-4
+
+
+def test_sparse_loss_with_every_key_selected_equals_dense():
+    cu = torch.tensor([0, 30])
+    q, w, k = torch.randn(30, 4, 32), torch.randn(30, 4), torch.randn(30, 32)
+    qm, km = torch.randn(30, 4, 8), torch.randn(30, 1, 8)
+    allk = torch.arange(32).expand(30, 32).clone()
+    allk[allk > torch.arange(30).unsqueeze(1)] = -1
+    dense = indexer_loss(q, w, k, qm, km, cu)
+    assert rel_err(indexer_loss(q, w, k, qm, km, cu, indices=allk.int()), dense) < 1e-5
+
+
+def test_loss_is_zero_when_indexer_matches_uniform_target():
+    q, k = torch.randn(25, 4, 32), torch.randn(25, 32)
+    loss = indexer_loss(q, torch.zeros(25, 4), k, torch.zeros(25, 4, 8), torch.randn(25, 2, 8), torch.tensor([0, 25]))
+    assert abs(float(loss)) < 1e-5
+
+
+@pytest.mark.parametrize("call,pattern", [
+    (lambda: dsa.indexer_topk_prefill(*make_inputs(4, 16, 64)[:3], torch.randn(4, 64), make_inputs(4, 16, 64)[4],
+                                      torch.tensor([0, 4]), 8), r"'k8' must have dtype float8_e4m3fn"),
+    (lambda: dsa.indexer_topk_prefill(*make_inputs(4, 16, 64), torch.tensor([0, 3]), 8), r"'cu_seqlens' must start at 0"),
+    (lambda: dsa.indexer_topk_prefill(*make_inputs(4, 16, 64), torch.tensor([0, 4]), 0), r"'topk' must be an int"),
+    (lambda: dsa.indexer_rotate_quantize(torch.randn(4, 48)), r"D_I \(x.size\(-1\)\) must be one of"),
+    (lambda: dsa.indexer_cache_append(*dsa.indexer_rotate_quantize(torch.randn(2, 32)),
+                                      torch.zeros(1, 64, 32, dtype=torch.float8_e4m3fn), torch.zeros(1, 64),
+                                      torch.tensor([3, 64])), r"'slot_mapping' must hold values in \[-1, 63\]"),
+    (lambda: indexer_loss(torch.randn(5, 4, 32), torch.randn(5, 4), torch.randn(5, 32), torch.randn(5, 6, 8),
+                          torch.randn(5, 4, 8), torch.tensor([0, 5])), r"must be a multiple of the KV heads"),
+])
+def test_bad_arguments(call, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        call()
