@@ -217,3 +217,24 @@ def test_loss_is_zero_when_indexer_matches_uniform_target():
 def test_bad_arguments(call, pattern):
     with pytest.raises(ValueError, match=pattern):
         call()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reference_runs_on_cuda_like_on_cpu():
+    """The references are also the GPU fallback (and what kernels are checked against there)."""
+    cu = torch.tensor([0, 300, 1000])
+    q, k, w = torch.randn(1000, 16, 64), torch.randn(1000, 64), torch.randn(1000, 16)
+    q8, qs = dsa.indexer_rotate_quantize(q)
+    k8, ks = dsa.indexer_rotate_quantize(k)
+    cpu = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, 256)
+    q8c, qsc = dsa.indexer_rotate_quantize(q.cuda())
+    k8c, ksc = dsa.indexer_rotate_quantize(k.cuda())
+    assert torch.equal(q8c.view(torch.uint8).cpu(), q8.view(torch.uint8)) and torch.equal(qsc.cpu(), qs)
+    gpu = dsa.indexer_topk_prefill(q8c, qsc, w.cuda(), k8c, ksc, cu.cuda(), 256)
+    assert torch.equal(gpu.cpu(), cpu)
+    qm, km = torch.randn(1000, 32, 128), torch.randn(1000, 4, 128)
+    for indices in (None, cpu):
+        a = indexer_loss(q, w, k, qm, km, cu, indices=indices)
+        b = indexer_loss(q.cuda(), w.cuda(), k.cuda(), qm.cuda(), km.cuda(), cu.cuda(),
+                         indices=None if indices is None else indices.cuda())
+        assert rel_err(b.cpu(), a) < 1e-4

@@ -8,6 +8,7 @@ from keye.ops._checks import index_checks
 from keye.ops._dispatch import force_reference, use_kernel
 from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_unpermute, src_from_dest
 from keye.ops.moe_router import MoeRouterOutput, load_balancing_loss, moe_router
+from keye.ops.moe_experts import moe_experts
 
 # DSA lightning indexer: PyTorch references only so far (the FP8 kernels are issue 3's remaining work).
 from keye.ops.reference.dsa_indexer import (
@@ -18,6 +19,6 @@ from keye.ops.reference.dsa_indexer_loss import indexer_loss
 __all__ = [
     "reference", "index_checks", "force_reference", "use_kernel",
     "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "src_from_dest",
-    "MoeRouterOutput", "moe_router", "load_balancing_loss",
+    "MoeRouterOutput", "moe_router", "load_balancing_loss", "moe_experts",
     "indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append", "indexer_loss",
 ]
