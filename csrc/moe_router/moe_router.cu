@@ -1,7 +1,9 @@
 // MoE router, one warp per token:
 //   each lane holds experts lane, lane+32, ... (NV = ceil(E/32) registers); softmax in fp32 with warp
-//   reductions; top-k by K rounds of a warp-wide argmax on the logits (ties -> lower expert index, NaN as
-//   -inf), so selection never depends on rounding of the exponentials; weights renormalised over the K.
+//   reductions; top-k on the logits (ties -> lower expert index, NaN as -inf), so selection never depends on
+//   rounding of the exponentials: every lane sorts its NV (logit, expert) keys once, then K rounds of a
+//   warp-wide max over the lanes' best keys, the winning lane popping its key; weights renormalised over the K.
+//   (v1 did a full candidate scan and a (value, index) argmax every round: instruction-bound, see NOTES.md.)
 // Load-balancing statistics without atomics to global memory (deterministic, no contention):
 //   each warp sums its tokens' probabilities in registers in token order, the block adds its warps in warp
 //   order into a [blocks, E] partial (counts likewise, from a shared-memory histogram), and a second
@@ -14,6 +16,7 @@
 
 #include <cfloat>
 #include <climits>
+#include <cstdint>
 
 #include "common/check.h"
 #include "common/cutlass_types.h"
@@ -41,17 +44,31 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// Larger value wins; on equal values the lower index wins. Every lane ends with the warp's winner.
-__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+// Sort key of (logit, expert): float bits made unsigned-order-preserving in the high word, ~expert in the low
+// word, so unsigned comparison orders by logit and then by lower expert index. 0 is below every real key.
+__device__ __forceinline__ uint64_t make_key(float v, int expert) {
+  const uint32_t u = __float_as_uint(v == 0.f ? 0.f : v);  // -0.0 ties with +0.0, as in the reference
+  const uint32_t hi = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+  return (static_cast<uint64_t>(hi) << 32) | static_cast<uint32_t>(~expert);
+}
+__device__ __forceinline__ int key_expert(uint64_t k) { return static_cast<int>(~static_cast<uint32_t>(k)); }
+__device__ __forceinline__ float key_logit(uint64_t k) {
+  const uint32_t hi = static_cast<uint32_t>(k >> 32);
+  return __uint_as_float((hi & 0x80000000u) ? (hi & 0x7fffffffu) : ~hi);
+}
+
+// Descending bubble sort with compile-time indices (registers only).
+template <int NV>
+__device__ __forceinline__ void sort_desc(uint64_t (&k)[NV]) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
-    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
-    const int oi = __shfl_xor_sync(0xffffffffu, i, o);
-    if (ov > v || (ov == v && oi < i)) {
-      v = ov;
-      i = oi;
-    }
-  }
+  for (int i = 0; i < NV; ++i)
+#pragma unroll
+    for (int j = 0; j + 1 < NV - i; ++j)
+      if (k[j] < k[j + 1]) {
+        const uint64_t t = k[j];
+        k[j] = k[j + 1];
+        k[j + 1] = t;
+      }
 }
 
 template <typename T, int NV>
@@ -85,47 +102,37 @@ __global__ void __launch_bounds__(kWarps * 32) router_kernel(
     for (int j = 0; j < NV; ++j) m = fmaxf(m, x[j]);
     m = warp_max(m);
     float p[NV], s = 0.f;
+    uint64_t key[NV];  // (order-preserving logit bits, ~expert): larger key = larger logit, then lower index
 #pragma unroll
     for (int j = 0; j < NV; ++j) {
-      p[j] = lane + 32 * j < num_experts ? expf(x[j] - m) : 0.f;
+      const int e = lane + 32 * j;
+      p[j] = e < num_experts ? __expf(x[j] - m) : 0.f;
       s += p[j];
+      key[j] = e < num_experts ? make_key(isnan(x[j]) ? -INFINITY : x[j], e) : 0;  // NaN ranks as -inf
     }
     const float inv = 1.f / warp_sum(s);
 #pragma unroll
-    for (int j = 0; j < NV; ++j) {
-      p[j] *= inv;
-      acc[j] += p[j];
-      if (isnan(x[j])) x[j] = -INFINITY;  // NaN ranks as -inf in the selection
-    }
+    for (int j = 0; j < NV; ++j) acc[j] += p[j] * inv;
+    sort_desc<NV>(key);
 
-    // Top-k: K rounds of warp argmax over the not-yet-taken experts.
-    unsigned taken = 0;  // bit j: expert lane + 32*j taken
+    // Top-k: K rounds of a warp-wide max over each lane's best remaining key; the winning lane pops it.
     int my_id = 0;
     float my_p = 0.f;
     for (int r = 0; r < top_k; ++r) {
-      float bv = -INFINITY;
-      int bi = INT_MAX;
+      uint64_t best = key[0];
 #pragma unroll
-      for (int j = 0; j < NV; ++j) {
-        const int e = lane + 32 * j;
-        if (e < num_experts && !(taken >> j & 1u) && (x[j] > bv || (x[j] == bv && e < bi))) {
-          bv = x[j];
-          bi = e;
-        }
+      for (int o = 16; o > 0; o >>= 1) {
+        const uint64_t other = __shfl_xor_sync(0xffffffffu, best, o);
+        best = other > best ? other : best;
       }
-      warp_argmax(bv, bi);
-      float win_p = 0.f;  // the winner's probability, valid on the winner's lane
-      if ((bi & 31) == lane) {
-        const int j = bi >> 5;
-        taken |= 1u << j;
+      if (key[0] == best) {
 #pragma unroll
-        for (int jj = 0; jj < NV; ++jj)
-          if (jj == j) win_p = p[jj];  // register arrays only take constant indices
+        for (int j = 0; j + 1 < NV; ++j) key[j] = key[j + 1];
+        key[NV - 1] = 0;
       }
-      win_p = __shfl_sync(0xffffffffu, win_p, bi & 31);
       if (lane == r) {  // lane r keeps the r-th choice
-        my_id = bi;
-        my_p = win_p;
+        my_id = key_expert(best);
+        my_p = __expf(key_logit(best) - m) * inv;
       }
     }
     const float sel = lane < top_k ? my_p : 0.f;
