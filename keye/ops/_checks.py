@@ -45,10 +45,6 @@ def check_int_arg(value, lo: int, hi: int, op: str, name: str) -> None:
         _fail(op, f"argument '{name}' must be an int in [{lo}, {hi}], got {value!r}")
 
 
-def index_checks_enabled() -> bool:
-    return _index_checks
-
-
 def _capturing(t: torch.Tensor) -> bool:
     return t.is_cuda and torch.cuda.is_current_stream_capturing()
 
