@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from keye import ops
-from keye.bench.timing import median_ms
+from keye.bench.timing import median_ms, rel_err
 from keye.ops import reference as ref
 
 HIDDEN, EXPERTS, TOP_K = 2048, 128, 8
@@ -26,10 +26,6 @@ def _inputs(T: int, device: torch.device):
     weights = torch.softmax(logits.gather(1, ids.long()), dim=1)
     x = torch.randn(T, HIDDEN, device=device, dtype=torch.bfloat16)
     return ids, weights, x
-
-
-def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
 def run_case(T: int, device: torch.device, reps: int, on_gpu: bool) -> list[dict]:
@@ -60,7 +56,7 @@ def run_case(T: int, device: torch.device, reps: int, on_gpu: bool) -> list[dict
             reference=lambda: ref.moe_unpermute(y, routing.dest, weights),
             baseline=lambda: torch.bmm(weights.to(y.dtype).unsqueeze(1),
                                        y.index_select(0, d_long).view(T, TOP_K, HIDDEN)).squeeze(1),
-            check=lambda out: _rel_err(out, ref.moe_unpermute(y.float(), routing.dest, weights)) < 1e-2,
+            check=lambda out: rel_err(out, ref.moe_unpermute(y.float(), routing.dest, weights)) < 1e-2,
             bytes=(n_rows + T) * HIDDEN * esz),
     }
     records = []

@@ -1,4 +1,4 @@
-"""Timing and ceilings for the microbenchmarks.
+"""Timing, ceilings and the self-check's error measure for the microbenchmarks.
 
 GPU: CUDA events around each call, L2 flushed before each timed call (so the kernels are measured
 reading from HBM, as they would inside a model), median of many runs. CPU: perf_counter median.
@@ -61,3 +61,9 @@ def gemm_tflops(device: torch.device, n: int = 8192) -> float:
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     ms = median_ms(lambda: a @ b, device, reps=20)
     return 2 * n**3 / ms / 1e9
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64 (the self-check before each timing)."""
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
