@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "common/check.h"
+#include "dsa_indexer/dsa_indexer.h"
 #include "moe_permute/moe_permute.h"
 #include "moe_router/moe_router.h"
 
@@ -14,6 +15,18 @@ TORCH_LIBRARY(keye, m) {
   m.def(
       "moe_router(Tensor logits, int top_k, bool renormalize=True) -> "
       "(Tensor weights, Tensor ids, Tensor counts, Tensor prob_sum)");
+  // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
+  m.def("indexer_rotate_quantize(Tensor x) -> (Tensor x8, Tensor scale)");
+  m.def("indexer_logits(Tensor q8, Tensor coef, Tensor k8, Tensor k_scale, int q_pos0, Tensor(a!) out) -> ()");
+  m.def(
+      "indexer_logits_paged(Tensor q8, Tensor coef, Tensor k_cache, Tensor k_scale_cache, Tensor block_table, "
+      "Tensor seq_lens, Tensor(a!) out) -> ()");
+  m.def(
+      "topk_rows(Tensor scores, Tensor lengths, int topk, int index_offset, Tensor(a!) indices, "
+      "Tensor(b!)? out_scores=None) -> ()");
+  m.def(
+      "indexer_cache_append(Tensor k8, Tensor k_scale, Tensor(a!) k_cache, Tensor(b!) k_scale_cache, "
+      "Tensor slot_mapping) -> ()");
   // Process-wide switch for the value-range checks that need a device->host sync; returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", [](bool enabled) {
     const bool old = keye::index_checks_enabled();
@@ -27,4 +40,9 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("moe_permute", &keye::moe_permute_cuda);
   m.impl("moe_unpermute", &keye::moe_unpermute_cuda);
   m.impl("moe_router", &keye::moe_router_cuda);
+  m.impl("indexer_rotate_quantize", &keye::indexer_rotate_quantize_cuda);
+  m.impl("indexer_logits", &keye::indexer_logits_cuda);
+  m.impl("indexer_logits_paged", &keye::indexer_logits_paged_cuda);
+  m.impl("topk_rows", &keye::topk_rows_cuda);
+  m.impl("indexer_cache_append", &keye::indexer_cache_append_cuda);
 }

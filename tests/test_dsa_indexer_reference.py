@@ -37,7 +37,7 @@ def brute_scores(q8, qs, w, k8, ks):
 
 
 def brute_select(scores_row, n_visible, topk):
-    order = sorted(range(n_visible), key=lambda s: (-scores_row[s], s))[:topk]
+    order = sorted(sorted(range(n_visible), key=lambda s: (-scores_row[s], s))[:topk])
     return order + [-1] * (topk - len(order))
 
 
@@ -60,6 +60,21 @@ def test_quantize_ue8m0_scales_and_error():
     deq = x8.float() * s.unsqueeze(-1)
     assert rel_err(deq, x) < 0.04  # e4m3 keeps 3 mantissa bits
     assert float(s[3, 2]) == 2.0 ** math.ceil(math.log2(1e-4 / 448))
+
+
+def test_ue8m0_scale_rounds_up_exactly():
+    # amax / 448 = 2^-3 * (1 + 2^-23): fp32 log2 rounds this to -3 exactly; the scale must still be 2^-2.
+    amax = torch.tensor(448 * 2.0 ** -3, dtype=torch.float32).nextafter(torch.tensor(1e9)).item()
+    x = torch.zeros(1, 32)
+    x[0, 0] = amax
+    _, s = dsa.quantize_fp8_ue8m0(x)
+    assert float(s[0]) == 2.0 ** -2
+
+
+def test_nan_scores_count_as_minus_infinity():
+    s = torch.tensor([[1.0, float("nan"), float("-inf"), 0.5]])
+    idx, sc = dsa.select_topk(s, torch.tensor([4]), 3)
+    assert idx.tolist() == [[0, 1, 3]] and sc[0, 1] == float("-inf")  # NaN ties -inf, lower column first
 
 
 @pytest.mark.parametrize("H,D", list(itertools.product(dsa.HEADS, dsa.HEAD_DIMS)))

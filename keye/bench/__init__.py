@@ -9,7 +9,7 @@ import torch
 
 import keye
 from keye import ops
-from keye.bench import moe_permute, moe_router
+from keye.bench import dsa_indexer, moe_permute, moe_router
 from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops, write_bandwidth_gbs
 
 
@@ -23,15 +23,18 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run(tokens: list[int], reps: int, device: torch.device) -> dict:
+def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",)) -> dict:
     report = {"environment": environment(device), "ceilings": {}, "results": []}
     if device.type == "cuda":
         report["ceilings"] = {"copy_GBps": copy_bandwidth_gbs(device), "write_GBps": write_bandwidth_gbs(device),
                               "bf16_gemm_TFLOPs": gemm_tflops(device)}
     on_gpu = device.type == "cuda" and ops.use_kernel(torch.empty(0, device=device))
-    for T in tokens:
-        report["results"] += moe_router.run_case(T, device, reps, on_gpu)
-        report["results"] += moe_permute.run_case(T, device, reps, on_gpu)
+    if "moe" in suites:
+        for T in tokens:
+            report["results"] += moe_router.run_case(T, device, reps, on_gpu)
+            report["results"] += moe_permute.run_case(T, device, reps, on_gpu)
+    if "dsa" in suites and on_gpu:  # FP8 kernels only; the references run in the tests instead
+        report["dsa_indexer"] = dsa_indexer.run(device, reps)
     _derive(report)
     return report
 
@@ -64,7 +67,8 @@ def table(report: dict) -> str:
                      f"bf16 GEMM {ceil['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
     head = f"{'op':<14}{'tokens':>7} {'check':>5} {'kernel ms':>10} {'ref ms':>9} {'base ms':>9} " \
            f"{'x ref':>7} {'x base':>7} {'GB/s':>7} {'% copy':>7}"
-    lines += [head, "-" * len(head)]
+    if report["results"]:
+        lines += [head, "-" * len(head)]
     for r in report["results"]:
         f = lambda k, fmt: format(r[k], fmt) if k in r else "-"
         pct = f"{100 * r['copy_fraction']:.0f}%" if "copy_fraction" in r else "-"
@@ -72,6 +76,8 @@ def table(report: dict) -> str:
                      f"{f('reference_ms', '.4f'):>9} {f('baseline_ms', '.4f'):>9} "
                      f"{f('speedup_vs_reference', '.2f'):>7} {f('speedup_vs_baseline', '.2f'):>7} "
                      f"{r['GBps']:>7.0f} {pct:>7}")
+    if "dsa_indexer" in report:
+        lines.append(dsa_indexer.table(report["dsa_indexer"], ceil["copy_GBps"]))
     return "\n".join(lines)
 
 
@@ -79,13 +85,15 @@ def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.tokens or ([4096, 16384, 65536] if device.type == "cuda" else [1024, 4096])
     reps = args.reps or (50 if device.type == "cuda" else 5)
-    report = run(tokens, reps, device)
+    suites = ("moe", "dsa") if args.suite == "all" else (args.suite,)
+    report = run(tokens, reps, device, suites)
     text = table(report)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
-    failed = [r for r in report["results"] if r["check"] != "ok"]
+    records = report["results"] + report.get("dsa_indexer", {}).get("results", [])
+    failed = [r for r in records if r["check"] != "ok"]
     if failed:
-        print(f"SELF-CHECK FAILED: {[(r['op'], r['tokens']) for r in failed]}")
+        print(f"SELF-CHECK FAILED: {[(r['op'], r.get('tokens', r.get('batch'))) for r in failed]}")
     return 1 if failed else 0

@@ -10,10 +10,10 @@ from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_unpermu
 from keye.ops.moe_router import MoeRouterOutput, load_balancing_loss, moe_router
 from keye.ops.moe_experts import moe_experts
 
-# DSA lightning indexer: PyTorch references only so far (the FP8 kernels are issue 3's remaining work).
-from keye.ops.reference.dsa_indexer import (
+from keye.ops.dsa_indexer import (
     indexer_cache_append, indexer_rotate_quantize, indexer_topk_decode, indexer_topk_prefill,
 )
+# The indexer's training losses: PyTorch (chunked) only so far.
 from keye.ops.reference.dsa_indexer_loss import indexer_loss
 
 __all__ = [

@@ -11,9 +11,10 @@ Score of query t against key s (same sequence, s <= t):
 
     I[t, s] = k_scale[s] * sum_h (w[t, h] * D_I^-0.5 * q_scale[t, h]) * ReLU(q8[t, h] . k8[s])
 
-Selection keeps the min(topk, number of visible keys) highest scores of each query, ordered by score
-(highest first) with ties going to the lower key position; remaining slots are -1. ReLU makes exact ties
-common (rows of 0.0), so the tie rule is part of the result, not a detail.
+Selection keeps the min(topk, number of visible keys) highest scores of each query, ties going to the lower
+key position (NaN counts as -inf, -0.0 as +0.0); the kept indices are written in ascending position order
+(the order sparse attention reads them in), remaining slots are -1. ReLU makes exact ties common (rows of
+0.0), so the tie rule is part of the result, not a detail.
 
 Index conventions: ``positions`` are positions within the query's own sequence (0 = its first token);
 ``packed`` indices are rows of the packed batch (position + cu_seqlens[b]); decode can also return
@@ -59,7 +60,10 @@ def quantize_fp8_ue8m0(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (last dim) e4m3 quantisation with power-of-two scales rounded up: (x8, scale fp32)."""
     xf = x.float()
     amax = xf.abs().amax(-1).clamp_min(1e-4)
-    scale = torch.exp2(torch.ceil(torch.log2(amax / FP8_MAX)))
+    # 2^ceil(log2(amax / 448)) exactly (log2 in fp32 can round x = 2^e * (1 + 2^-23) down to e): frexp gives
+    # x = m * 2^e with m in [0.5, 1), so the answer is 2^(e-1) when m == 0.5 and 2^e otherwise.
+    mant, expo = torch.frexp(amax / FP8_MAX)
+    scale = torch.ldexp(torch.ones_like(amax), expo - (mant == 0.5).int())
     x8 = (xf / scale.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return x8, scale
 
@@ -121,18 +125,20 @@ def indexer_scores(q8, q_scale, w, k8, k_scale) -> torch.Tensor:
 def select_topk(scores: torch.Tensor, visible: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k of each row over its first visible[i] columns: (indices int32 [R, topk], scores fp32).
 
-    Highest score first, ties to the lower column; slots past the visible count are -1 (score -inf)."""
+    The min(topk, visible) highest scores, ties to the lower column, NaN as -inf; returned in ascending column
+    order, then -1 (score -inf) in the slots past the visible count."""
     R, L = scores.shape
     col = torch.arange(L, device=scores.device)
-    masked = scores.masked_fill(col.unsqueeze(0) >= visible.unsqueeze(1), float("-inf"))
+    masked = torch.where(scores.isnan(), float("-inf"), scores)
+    masked = masked.masked_fill(col.unsqueeze(0) >= visible.unsqueeze(1), float("-inf"))
     order = torch.sort(masked, dim=1, descending=True, stable=True).indices[:, :topk]
-    top = masked.gather(1, order)
     if order.shape[1] < topk:
-        pad = topk - order.shape[1]
-        order = torch.cat([order, order.new_zeros(R, pad)], 1)
-        top = torch.cat([top, top.new_full((R, pad), float("-inf"))], 1)
+        order = torch.cat([order, order.new_zeros(R, topk - order.shape[1])], 1)
     rank = torch.arange(topk, device=scores.device).unsqueeze(0)
     empty = rank >= visible.clamp(max=topk).unsqueeze(1)
+    order = order.masked_fill(empty, L).sort(dim=1).values  # column order, empty slots last
+    empty = order == L
+    top = masked.gather(1, order.clamp(max=max(L - 1, 0))) if L else masked.new_zeros(R, topk)
     return order.masked_fill(empty, -1).int(), top.masked_fill(empty, float("-inf"))
 
 
@@ -149,6 +155,15 @@ def check_cu_seqlens(cu_seqlens, total, op=OP) -> list[int]:
     return bounds
 
 
+def check_prefill_args(q8, q_scale, w, k8, k_scale, cu_seqlens, topk, op="indexer_topk_prefill") -> list[int]:
+    """Validates indexer_topk_prefill's arguments; returns the sequence bounds (cu_seqlens as a list)."""
+    check_queries(q8, q_scale, w, op, ("T", "H_I", "D_I"))
+    check_keys(k8, k_scale, q8, op)
+    check_size(k8, 0, q8.shape[0], op, "k8", "the token count (q8.size(0))")
+    check_int_arg(topk, 1, MAX_TOPK, op, "topk")
+    return check_cu_seqlens(cu_seqlens, q8.shape[0], op)
+
+
 def indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk: int, *, packed: bool = False,
                          return_scores: bool = False, max_chunk_bytes: int = _CHUNK_BYTES):
     """Causal top-k selection for a packed batch. q8 [T, H_I, D_I] fp8, q_scale [T, H_I] fp32, w [T, H_I],
@@ -157,13 +172,8 @@ def indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk: int, *, 
     Returns indices int32 [T, topk] (positions within each sequence, or packed rows when packed=True; -1 =
     empty) and, with return_scores, their scores fp32 [T, topk] (-inf for empty slots).
     """
-    op = "indexer_topk_prefill"
-    check_queries(q8, q_scale, w, op, ("T", "H_I", "D_I"))
-    check_keys(k8, k_scale, q8, op)
+    bounds = check_prefill_args(q8, q_scale, w, k8, k_scale, cu_seqlens, topk)
     T, H, _ = q8.shape
-    check_size(k8, 0, T, op, "k8", "the token count (q8.size(0))")
-    check_int_arg(topk, 1, MAX_TOPK, op, "topk")
-    bounds = check_cu_seqlens(cu_seqlens, T, op)
     indices = torch.full((T, topk), -1, dtype=torch.int32, device=q8.device)
     scores = torch.full((T, topk), float("-inf"), device=q8.device) if return_scores else None
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
@@ -211,6 +221,21 @@ def indexer_cache_append(k8, k_scale, k_cache, k_scale_cache, slot_mapping) -> N
     k_scale_cache.view(-1)[slots] = k_scale[keep]
 
 
+def check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk,
+                      op="indexer_topk_decode") -> None:
+    check_queries(q8, q_scale, w, op, ("B", "n", "H_I", "D_I"))
+    B, n = q8.shape[:2]
+    check_cache(k_cache, k_scale_cache, q8, "q8", op)
+    check_tensor(block_table, op, "block_table", (torch.int32,), 2, "[B, max_pages]")
+    check_tensor(seq_lens, op, "seq_lens", (torch.int32, torch.int64), 1, "[B]")
+    for name, t in (("block_table", block_table), ("seq_lens", seq_lens)):
+        check_same_device(t, q8, op, name, "q8")
+        check_size(t, 0, B, op, name, "the batch (q8.size(0))")
+    check_int_arg(topk, 1, MAX_TOPK, op, "topk")
+    check_index_range(seq_lens, n, block_table.shape[1] * PAGE_SIZE, op, "seq_lens")
+    check_index_range(block_table, 0, k_cache.shape[0] - 1, op, "block_table")
+
+
 def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk: int, *,
                         physical: bool = False, return_scores: bool = False):
     """Selection for a few new queries per sequence against the paged cache (decode, chunked or speculative).
@@ -221,18 +246,8 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     Returns indices int32 [B, n, topk]: positions within the sequence, or cache slots (page * 64 + offset)
     with physical=True; -1 = empty. With return_scores also the scores fp32 [B, n, topk].
     """
-    op = "indexer_topk_decode"
-    check_queries(q8, q_scale, w, op, ("B", "n", "H_I", "D_I"))
+    check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk)
     B, n, H, D = q8.shape
-    check_cache(k_cache, k_scale_cache, q8, "q8", op)
-    check_tensor(block_table, op, "block_table", (torch.int32,), 2, "[B, max_pages]")
-    check_tensor(seq_lens, op, "seq_lens", (torch.int32, torch.int64), 1, "[B]")
-    for name, t in (("block_table", block_table), ("seq_lens", seq_lens)):
-        check_same_device(t, q8, op, name, "q8")
-        check_size(t, 0, B, op, name, "the batch (q8.size(0))")
-    check_int_arg(topk, 1, MAX_TOPK, op, "topk")
-    check_index_range(seq_lens, n, block_table.shape[1] * PAGE_SIZE, op, "seq_lens")
-    check_index_range(block_table, 0, k_cache.shape[0] - 1, op, "block_table")
     out = torch.full((B, n, topk), -1, dtype=torch.int32, device=q8.device)
     scores = torch.full((B, n, topk), float("-inf"), device=q8.device) if return_scores else None
     for b, L in enumerate(seq_lens.tolist()):

@@ -1,0 +1,62 @@
+// Argument checks shared by the DSA indexer ops (messages match keye/ops/reference/dsa_indexer.py's).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/check.h"
+
+namespace keye {
+
+inline bool indexer_heads_ok(int64_t h) { return h == 4 || h == 8 || h == 16 || h == 32 || h == 64; }
+inline bool indexer_dim_ok(int64_t d) { return d == 32 || d == 64 || d == 128; }
+
+// q8 [..., H_I, D_I] fp8 contiguous (dim = 3 for prefill rows, 4 for [B, n, ...]) and coef [..., H_I] fp32.
+inline void check_indexer_queries(const at::Tensor& q8, const at::Tensor& coef, int64_t dim, const char* op) {
+  check_cuda(q8, op, "q8");
+  check_dtype(q8, {at::kFloat8_e4m3fn}, op, "q8");
+  check_dim(q8, dim, op, "q8", dim == 3 ? "[T, H_I, D_I]" : "[B, n, H_I, D_I]");
+  const int64_t H = q8.size(-2), D = q8.size(-1);
+  KEYE_CHECK(indexer_heads_ok(H), "keye.", op, ": H_I (q8.size(", dim - 2, ")) must be one of (4, 8, 16, 32, 64), got ",
+             H);
+  KEYE_CHECK(indexer_dim_ok(D), "keye.", op, ": D_I (q8.size(", dim - 1, ")) must be one of (32, 64, 128), got ", D);
+  check_contiguous(q8, op, "q8");
+  check_cuda(coef, op, "coef");
+  check_same_device(coef, q8, op, "coef", "q8");
+  check_dtype(coef, {at::kFloat}, op, "coef");
+  KEYE_CHECK(coef.sizes() == q8.sizes().slice(0, dim - 1), "keye.", op, ": argument 'coef' must have shape ",
+             dims_str(q8.sizes().slice(0, dim - 1)), ", got ", dims_str(coef.sizes()));
+  check_contiguous(coef, op, "coef");
+}
+
+// k_cache [pages, 64, D_I] fp8 and k_scale_cache [pages, 64] fp32, contiguous, on ref's device, D_I matching.
+inline void check_indexer_cache(const at::Tensor& k_cache, const at::Tensor& k_scale_cache, const at::Tensor& ref,
+                                const char* ref_name, const char* op) {
+  const int64_t D = ref.size(-1);
+  check_cuda(k_cache, op, "k_cache");
+  check_same_device(k_cache, ref, op, "k_cache", ref_name);
+  check_dtype(k_cache, {at::kFloat8_e4m3fn}, op, "k_cache");
+  check_dim(k_cache, 3, op, "k_cache", "[num_pages, 64, D_I]");
+  KEYE_CHECK(k_cache.size(1) == 64 && k_cache.size(2) == D, "keye.", op, ": 'k_cache' must have shape [num_pages, 64, ",
+             D, "], got ", dims_str(k_cache.sizes()));
+  check_contiguous(k_cache, op, "k_cache");
+  check_cuda(k_scale_cache, op, "k_scale_cache");
+  check_same_device(k_scale_cache, ref, op, "k_scale_cache", ref_name);
+  check_dtype(k_scale_cache, {at::kFloat}, op, "k_scale_cache");
+  KEYE_CHECK(k_scale_cache.dim() == 2 && k_scale_cache.size(0) == k_cache.size(0) && k_scale_cache.size(1) == 64,
+             "keye.", op, ": 'k_scale_cache' must have shape [", k_cache.size(0), ", 64], got ",
+             dims_str(k_scale_cache.sizes()));
+  check_contiguous(k_scale_cache, op, "k_scale_cache");
+}
+
+// An int32 tensor of `dim` dims on ref's device whose dim 0 is the batch.
+inline void check_int32_batch(const at::Tensor& t, int64_t dim, int64_t batch, const at::Tensor& ref, const char* op,
+                              const char* name, const char* layout) {
+  check_cuda(t, op, name);
+  check_same_device(t, ref, op, name, "q8");
+  check_dtype(t, {at::kInt}, op, name);
+  check_dim(t, dim, op, name, layout);
+  check_size(t, 0, batch, op, name, "the batch (q8.size(0))");
+  check_row_major_rows(t, op, name);
+}
+
+}  // namespace keye

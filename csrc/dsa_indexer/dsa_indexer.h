@@ -1,0 +1,38 @@
+// DSA lightning indexer: FP8 scores, per-row top-k selection, the paged index-key cache and the fused
+// Hadamard rotation + FP8 quantisation. Semantics: keye/ops/reference/dsa_indexer.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace keye {
+
+// out[r, s] = k_scale[s] * sum_h coef[r, h] * ReLU(q8[r, h] . k8[s]) for every key s <= q_pos0 + r (query row r
+// sits at position q_pos0 + r of the keys' sequence); entries right of that are left unspecified.
+// q8 [R, H, D] fp8, coef [R, H] fp32 (= w * D^-0.5 * q_scale), k8 [N, D] fp8, k_scale [N] fp32, out [R, >= q_pos0+R].
+void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k8, const at::Tensor& k_scale,
+                         int64_t q_pos0, const at::Tensor& out);
+
+// The same against the paged cache: query (b, j) of q8 [B, n, H, D] sits at position seq_lens[b] - n + j and row
+// b * n + j of out [B * n, >= max_pages * 64]. k_cache [P, 64, D] fp8, k_scale_cache [P, 64] fp32, block_table
+// [B, max_pages] int32, seq_lens [B] int32.
+void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k_cache,
+                               const at::Tensor& k_scale_cache, const at::Tensor& block_table,
+                               const at::Tensor& seq_lens, const at::Tensor& out);
+
+// Per row r of scores [R, ld] fp32: the min(topk, lengths[r]) highest of its first lengths[r] entries (ties to the
+// lower column, NaN counts as -inf, -0.0 as +0.0), written in ascending column order (+ index_offset) to
+// indices [R, topk] int32, then -1; optionally their scores to out_scores [R, topk] (-inf in empty slots).
+void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t topk, int64_t index_offset,
+                    const at::Tensor& indices, const std::optional<at::Tensor>& out_scores);
+
+// Token i of k8 [N, D] / k_scale [N] goes to cache slot slot_mapping[i] (page * 64 + offset); -1 skips it.
+void indexer_cache_append_cuda(const at::Tensor& k8, const at::Tensor& k_scale, const at::Tensor& k_cache,
+                               const at::Tensor& k_scale_cache, const at::Tensor& slot_mapping);
+
+// Orthonormal Hadamard over the last dim (D in {32, 64, 128}) then e4m3 with one ue8m0 scale per row.
+std::tuple<at::Tensor, at::Tensor> indexer_rotate_quantize_cuda(const at::Tensor& x);
+
+}  // namespace keye

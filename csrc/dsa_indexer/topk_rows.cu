@@ -1,0 +1,353 @@
+// Exact per-row top-k by radix select (one 512-thread CTA per row), deterministic, output in column order.
+//
+// Scores become order-preserving 32-bit keys (NaN -> -inf, -0.0 -> +0.0, as the reference sorts them). Three
+// histogram steps of 13, 10 and 9 bits narrow down the key of the k-th largest element ("threshold") and how
+// many elements equal to it must still be taken ("need"); a step stops early once its threshold bin is taken
+// whole. The emit pass then walks the row in column order with block-wide prefix sums, taking every element
+// above the threshold and the first `need` equal to it, so ties go to lower columns and the output is sorted by
+// column, identically on every run.
+// Where the row lives:
+//   rows up to `cap_keys` long are read from global memory once, into shared memory, and selected there;
+//   longer rows get the first histogram from global memory, then the elements at or above its threshold bin
+//   (usually a few thousand) are collected, in column order, into shared memory as (key, column) pairs, and the
+//   remaining steps run on that list (two reads of the row in all); if even that list does not fit, every step
+//   reads the row from global memory (correct, slower: many exact ties near the threshold).
+// The first step's 13 bits (sign, exponent, 4 mantissa bits) matter: with v1's 11 bits the scores of a row crowd
+// into a handful of quarter-octave bins (same-address atomics; at 128K the threshold bin overflowed the list).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/check.h"
+#include "dsa_indexer/dsa_indexer.h"
+
+namespace keye {
+namespace {
+
+constexpr int kThreads = 512;  // with <= 64 registers and ~113 KB of shared memory: two rows per SM at once
+constexpr int kWarps = kThreads / 32;
+constexpr int kFirstBits = 13;  // 1/16-octave bins: the threshold bin of a 128K row holds a few thousand keys
+constexpr int kBins = 1 << kFirstBits;
+constexpr int kItems = 8;                 // consecutive elements per thread and pass
+constexpr int kMaxSmemData = 80 * 1024;  // row cache / candidate list (with the 32 KB histogram: ~113 KB)
+
+__device__ __forceinline__ uint32_t order_key(float x) {
+  if (x != x) x = -INFINITY;
+  if (x == 0.f) x = 0.f;
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+struct Shared {
+  uint32_t hist[kBins];
+  int warp_sums[kWarps];
+  int sel_bin, sel_above, sel_count, list_len;
+};
+
+// Exclusive prefix sum of v over the block (thread order); *total gets the block's sum.
+__device__ int block_exclusive_scan(int v, Shared& sh, int* total) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int x = v;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
+  }
+  if (lane == 31) sh.warp_sums[w] = x;
+  __syncthreads();
+  if (w == 0) {
+    int s = lane < kWarps ? sh.warp_sums[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, s, o);
+      if (lane >= o) s += y;
+    }
+    if (lane < kWarps) sh.warp_sums[lane] = s;
+  }
+  __syncthreads();
+  const int excl = x - v + (w > 0 ? sh.warp_sums[w - 1] : 0);
+  *total = sh.warp_sums[kWarps - 1];
+  __syncthreads();
+  return excl;
+}
+
+// Element sources: a global fp32 row, the row's keys in shared memory, or a (key, column) list in shared memory.
+// load4(i0, n, k) reads elements i0 .. i0+3 (i0 a multiple of 4) with one vector load when all are in range;
+// elements at or past n read as key 0 (callers mask them by index).
+struct GlobalRow {
+  const float* row;
+  __device__ uint32_t key(int i) const { return order_key(__ldg(row + i)); }
+  __device__ void load4(int i0, int n, uint32_t (&k)[4]) const {
+    if (i0 + 3 < n) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(row + i0));
+      k[0] = order_key(v.x), k[1] = order_key(v.y), k[2] = order_key(v.z), k[3] = order_key(v.w);
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) k[e] = i0 + e < n ? key(i0 + e) : 0u;
+    }
+  }
+  __device__ int col(int i) const { return i; }
+};
+struct SmemKeys {
+  const uint32_t* keys;
+  __device__ void load4(int i0, int n, uint32_t (&k)[4]) const {
+    if (i0 + 3 < n) {
+      const uint4 v = *reinterpret_cast<const uint4*>(keys + i0);
+      k[0] = v.x, k[1] = v.y, k[2] = v.z, k[3] = v.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) k[e] = i0 + e < n ? keys[i0 + e] : 0u;
+    }
+  }
+  __device__ int col(int i) const { return i; }
+};
+struct SmemList : SmemKeys {
+  const int* cols;
+  __device__ int col(int i) const { return cols[i]; }
+};
+
+// kItems consecutive elements per thread and pass: two 16-byte loads in flight per thread before any use.
+template <typename Src>
+__device__ __forceinline__ void load_items(const Src& src, int i0, int n, uint32_t (&k)[kItems]) {
+  uint32_t a[4], b[4];
+  src.load4(i0, n, a);
+  src.load4(i0 + 4, n, b);
+#pragma unroll
+  for (int e = 0; e < 4; ++e) k[e] = a[e], k[e + 4] = b[e];
+}
+
+struct Threshold {
+  uint32_t prefix = 0, mask = 0;
+  int need;
+  bool done = false;
+};
+
+// One histogram step over bits [shift, shift + bits) of the elements whose key matches the threshold so far.
+template <typename Src>
+__device__ void radix_step(const Src& src, int n, int shift, int bits, Threshold& th, Shared& sh) {
+  const int bins = 1 << bits;
+  for (int b = threadIdx.x; b < bins; b += kThreads) sh.hist[b] = 0;
+  __syncthreads();
+  for (int base = 0; base < n; base += kThreads * kItems) {
+    const int i0 = base + threadIdx.x * kItems;
+    uint32_t k[kItems];
+    load_items(src, i0, n, k);
+#pragma unroll
+    for (int e = 0; e < kItems; ++e)
+      if (i0 + e < n && (k[e] & th.mask) == th.prefix) atomicAdd(&sh.hist[(k[e] >> shift) & (bins - 1)], 1u);
+  }
+  __syncthreads();
+  // Bins from the top: thread t owns bins bins-1-t*per ... ; find the bin where the count from above reaches need.
+  const int per = (bins + kThreads - 1) / kThreads;
+  int local = 0;
+  for (int j = 0; j < per; ++j) {
+    const int b = bins - 1 - (threadIdx.x * per + j);
+    if (b >= 0) local += sh.hist[b];
+  }
+  int total;
+  int running = block_exclusive_scan(local, sh, &total);
+  for (int j = 0; j < per; ++j) {
+    const int b = bins - 1 - (threadIdx.x * per + j);
+    if (b < 0) break;
+    const int c = sh.hist[b];
+    if (running < th.need && running + c >= th.need) {
+      sh.sel_bin = b;
+      sh.sel_above = running;
+      sh.sel_count = c;
+    }
+    running += c;
+  }
+  __syncthreads();
+  th.need -= sh.sel_above;
+  th.prefix |= static_cast<uint32_t>(sh.sel_bin) << shift;
+  th.mask |= static_cast<uint32_t>(bins - 1) << shift;
+  th.done = sh.sel_count == th.need;  // the whole bin is taken: no finer digit needed
+  __syncthreads();
+}
+
+template <typename Src>
+__device__ void finish_threshold(const Src& src, int n, Threshold& th, Shared& sh) {
+  if (!th.done) radix_step(src, n, 9, 10, th, sh);
+  if (!th.done) radix_step(src, n, 0, 9, th, sh);
+}
+
+// Writes the selected elements in element order: all above the threshold, the first `need` equal to it.
+template <typename Src>
+__device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int topk, int* out_idx,
+                     float* out_scores, int offset) {
+  int taken = 0, eq_seen = 0;
+  for (int base = 0; base < n && taken < topk; base += kThreads * kItems) {
+    const int i0 = base + threadIdx.x * kItems;
+    uint32_t k[kItems];
+    load_items(src, i0, n, k);
+    int n_eq = 0;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) n_eq += (i0 + e < n) && (k[e] & th.mask) == th.prefix;
+    int eq_total;
+    int eq_rank = eq_seen + block_exclusive_scan(n_eq, sh, &eq_total);
+    bool sel[kItems];
+    int n_sel = 0;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) {
+      const bool live = i0 + e < n;
+      const uint32_t m = k[e] & th.mask;
+      sel[e] = live && (m > th.prefix || (m == th.prefix && eq_rank < th.need));
+      eq_rank += live && m == th.prefix;
+      n_sel += sel[e];
+    }
+    int sel_total;
+    int pos = taken + block_exclusive_scan(n_sel, sh, &sel_total);
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) {
+      if (!sel[e]) continue;
+      out_idx[pos] = src.col(i0 + e) + offset;
+      if (out_scores) out_scores[pos] = key_value(k[e]);
+      ++pos;
+    }
+    taken += sel_total;
+    eq_seen += eq_total;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols,
+                                                             const int* __restrict__ lengths, int topk,
+                                                             int offset, int* __restrict__ indices,
+                                                             float* __restrict__ out_scores, int cap_keys) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
+  uint8_t* data = smem_raw + ((sizeof(Shared) + 15) / 16) * 16;
+
+  const int64_t r = blockIdx.x;
+  const float* row = scores + r * ld;
+  int* out_idx = indices + r * topk;
+  float* out_sc = out_scores ? out_scores + r * topk : nullptr;
+  const int n = min(max(lengths[r], 0), cols);
+
+  if (n <= topk) {  // everything visible is selected
+    for (int i = threadIdx.x; i < topk; i += kThreads) {
+      out_idx[i] = i < n ? i + offset : -1;
+      if (out_sc) out_sc[i] = i < n ? key_value(order_key(row[i])) : -INFINITY;
+    }
+    return;
+  }
+  Threshold th;
+  th.need = topk;
+  if (n <= cap_keys) {  // the row fits in shared memory: one global read
+    uint32_t* keys = reinterpret_cast<uint32_t*>(data);
+    const GlobalRow grow{row};
+    for (int i0 = threadIdx.x * kItems; i0 < n; i0 += kThreads * kItems) {
+      uint32_t k[kItems];
+      load_items(grow, i0, n, k);
+      if (i0 + kItems <= n) {
+        *reinterpret_cast<uint4*>(keys + i0) = make_uint4(k[0], k[1], k[2], k[3]);
+        *reinterpret_cast<uint4*>(keys + i0 + 4) = make_uint4(k[4], k[5], k[6], k[7]);
+      } else {
+        for (int e = 0; e < kItems && i0 + e < n; ++e) keys[i0 + e] = k[e];
+      }
+    }
+    __syncthreads();
+    const SmemKeys src{keys};
+    radix_step(src, n, 32 - kFirstBits, kFirstBits, th, sh);
+    finish_threshold(src, n, th, sh);
+    emit(src, n, th, sh, topk, out_idx, out_sc, offset);
+    return;
+  }
+  const GlobalRow grow{row};
+  radix_step(grow, n, 32 - kFirstBits, kFirstBits, th, sh);
+  const int cap_pairs = cap_keys / 2;
+  if (th.done || topk - th.need + sh.hist[sh.sel_bin] > cap_pairs) {  // list would not fit: stay in global
+    finish_threshold(grow, n, th, sh);
+    emit(grow, n, th, sh, topk, out_idx, out_sc, offset);
+    return;
+  }
+  // Collect the elements at or above the threshold bin, in column order, as (key, column) pairs.
+  uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
+  int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
+  int len = 0;
+  for (int base = 0; base < n; base += kThreads * kItems) {
+    const int i0 = base + threadIdx.x * kItems;
+    uint32_t k[kItems];
+    load_items(grow, i0, n, k);
+    int c = 0;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) c += (i0 + e < n) && (k[e] & th.mask) >= th.prefix;
+    int total;
+    int pos = len + block_exclusive_scan(c, sh, &total);
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) {
+      if (i0 + e < n && (k[e] & th.mask) >= th.prefix) {
+        lkeys[pos] = k[e];
+        lcols[pos] = i0 + e;
+        ++pos;
+      }
+    }
+    len += total;
+  }
+  __syncthreads();
+  SmemList list;
+  list.keys = lkeys;
+  list.cols = lcols;
+  finish_threshold(list, len, th, sh);
+  emit(list, len, th, sh, topk, out_idx, out_sc, offset);
+}
+
+}  // namespace
+
+void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t topk, int64_t index_offset,
+                    const at::Tensor& indices, const std::optional<at::Tensor>& out_scores) {
+  const char* op = "topk_rows";
+  check_cuda(scores, op, "scores");
+  check_dtype(scores, {at::kFloat}, op, "scores");
+  check_dim(scores, 2, op, "scores", "[rows, cols]");
+  check_row_major_rows(scores, op, "scores");
+  KEYE_CHECK(scores.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 == 0, "keye.", op,
+             ": argument 'scores' must be 16-byte aligned with a row stride that is a multiple of 4, got strides ",
+             dims_str(scores.strides()));
+  const int64_t R = scores.size(0), cols = scores.size(1);
+  KEYE_CHECK(topk >= 1 && topk <= 4096, "keye.", op, ": argument 'topk' must be an int in [1, 4096], got ", topk);
+  KEYE_CHECK(cols < (int64_t{1} << 30) && index_offset >= 0 && index_offset + cols < (int64_t{1} << 31), "keye.", op,
+             ": rows of ", cols, " columns with index_offset ", index_offset, " do not fit int32 indices");
+  check_cuda(lengths, op, "lengths");
+  check_same_device(lengths, scores, op, "lengths", "scores");
+  check_dtype(lengths, {at::kInt}, op, "lengths");
+  check_dim(lengths, 1, op, "lengths", "[rows]");
+  check_size(lengths, 0, R, op, "lengths", "the row count (scores.size(0))");
+  check_contiguous(lengths, op, "lengths");
+  check_cuda(indices, op, "indices");
+  check_same_device(indices, scores, op, "indices", "scores");
+  check_dtype(indices, {at::kInt}, op, "indices");
+  check_dim(indices, 2, op, "indices", "[rows, topk]");
+  KEYE_CHECK(indices.size(0) == R && indices.size(1) == topk, "keye.", op, ": argument 'indices' must have shape [",
+             R, ", ", topk, "], got ", dims_str(indices.sizes()));
+  check_contiguous(indices, op, "indices");
+  float* sc_ptr = nullptr;
+  if (out_scores.has_value()) {
+    const at::Tensor& s = *out_scores;
+    check_cuda(s, op, "out_scores");
+    check_same_device(s, scores, op, "out_scores", "scores");
+    check_dtype(s, {at::kFloat}, op, "out_scores");
+    KEYE_CHECK(s.sizes() == indices.sizes(), "keye.", op, ": argument 'out_scores' must have shape ",
+               dims_str(indices.sizes()), ", got ", dims_str(s.sizes()));
+    check_contiguous(s, op, "out_scores");
+    sc_ptr = s.data_ptr<float>();
+  }
+  check_index_range(lengths, 0, cols, op, "lengths");
+  if (R == 0) return;
+  const at::cuda::CUDAGuard guard(scores.device());
+  const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
+  const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + static_cast<size_t>(cap_keys) * 4;
+  C10_CUDA_CHECK(
+      cudaFuncSetAttribute(topk_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  topk_rows_kernel<<<static_cast<unsigned>(R), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      scores.data_ptr<float>(), scores.stride(0), static_cast<int>(cols), lengths.data_ptr<int>(),
+      static_cast<int>(topk), static_cast<int>(index_offset), indices.data_ptr<int>(), sc_ptr, cap_keys);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace keye

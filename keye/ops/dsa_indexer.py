@@ -1,0 +1,137 @@
+"""DSA lightning indexer ops: FP8 scores + exact top-k for prefill and paged decode, the cache append, and the
+fused Hadamard rotation + FP8 quantisation.
+
+    q8, q_scale = keye.ops.indexer_rotate_quantize(q)          # q [T, H_I, D_I] after norm + RoPE
+    k8, k_scale = keye.ops.indexer_rotate_quantize(k)          # k [T, D_I]
+    idx = keye.ops.indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk=2048)
+
+Semantics (scores, tie rule, output order, index conventions): keye/ops/reference/dsa_indexer.py. On CUDA the
+scores come from FP8 tensor cores with the head sum as a bf16 tensor-core GEMM: each head's term is rounded to
+bf16, so a score is within ~6e-3 of the sum of its |terms| of the reference's (exact float64 sums rounded once);
+near-tied keys may therefore swap at the selection boundary. The selection itself is exact on the kernel's
+scores (ties to lower positions) and identical run to run.
+
+Prefill works through the sequences in query chunks: the chunk's scores [rows, keys] (fp32, at most
+max_chunk_bytes) are written by the score kernel and read by the top-k kernel; no T x T matrix exists.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keye._extension import kernels_available
+from keye.ops._dispatch import use_kernel
+from keye.ops.reference import dsa_indexer as ref
+
+_CHUNK_BYTES = 1 << 30
+_ROW_BLOCK = 128  # (query, head) columns of one score-kernel CTA: chunks hold whole CTAs of queries
+
+
+def indexer_rotate_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hadamard rotation (orthonormal, over D_I) then FP8 e4m3 with one power-of-two scale per row.
+
+    x: q [T, H_I, D_I] or k [T, D_I] (bf16/fp16/fp32, D_I in {32, 64, 128}) -> (x8 fp8 like x, scale fp32 [...])."""
+    if isinstance(x, torch.Tensor) and use_kernel(x):
+        ref.check_tensor(x, "indexer_rotate_quantize", "x", (torch.bfloat16, torch.float16, torch.float32), x.dim(),
+                         "[..., D_I]")
+        return tuple(torch.ops.keye.indexer_rotate_quantize(x.contiguous()))
+    return ref.indexer_rotate_quantize(x)
+
+
+def indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk: int, *, packed: bool = False,
+                         return_scores: bool = False, max_chunk_bytes: int = _CHUNK_BYTES):
+    """Causal top-k selection for a packed batch of sequences.
+
+    q8 [T, H_I, D_I] fp8, q_scale [T, H_I] fp32, w [T, H_I] float, k8 [T, D_I] fp8, k_scale [T] fp32,
+    cu_seqlens [B + 1] int (on any device; read on the host). Returns indices int32 [T, topk]: the selected
+    positions within each query's sequence in ascending order (rows of the packed batch with packed=True), -1
+    in the slots past min(topk, position + 1); with return_scores also their scores fp32 [T, topk] (-inf empty).
+    max_chunk_bytes bounds the fp32 score buffer of one query chunk (at least one row is always processed).
+    """
+    if not use_kernel(q8, q_scale, w, k8, k_scale):
+        return ref.indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk, packed=packed,
+                                        return_scores=return_scores, max_chunk_bytes=max_chunk_bytes)
+    bounds = ref.check_prefill_args(q8, q_scale, w, k8, k_scale, cu_seqlens, topk)
+    T, H, D = q8.shape
+    dev = q8.device
+    coef = (w.float() * q_scale * D ** -0.5).contiguous()
+    q8, k8, k_scale = q8.contiguous(), k8.contiguous(), k_scale.contiguous()
+    indices = torch.empty(T, topk, dtype=torch.int32, device=dev)
+    scores = torch.empty(T, topk, dtype=torch.float32, device=dev) if return_scores else None
+    lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+    if T == 0:
+        return (indices, scores) if return_scores else indices
+    ld = (max(lens) + 3) // 4 * 4
+    rows = max(1, int(max_chunk_bytes) // (4 * ld))
+    q_block = _ROW_BLOCK // H
+    if rows >= q_block:
+        rows -= rows % q_block
+    buf = torch.empty(min(rows, max(lens)) * ld, dtype=torch.float32, device=dev)
+    for s0, s1 in zip(bounds[:-1], bounds[1:]):
+        for a in range(s0, s1, rows):
+            b = min(a + rows, s1)
+            out = buf[: (b - a) * ld].view(b - a, ld)
+            torch.ops.keye.indexer_logits(q8[a:b], coef[a:b], k8[s0:s1], k_scale[s0:s1], a - s0, out)
+            lengths = torch.arange(a - s0 + 1, b - s0 + 1, dtype=torch.int32, device=dev)
+            torch.ops.keye.topk_rows(out, lengths, topk, s0 if packed else 0, indices[a:b],
+                                     scores[a:b] if scores is not None else None)
+    return (indices, scores) if return_scores else indices
+
+
+def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk: int, *,
+                        physical: bool = False, return_scores: bool = False):
+    """Selection for n new queries per sequence (decode, chunked or speculative) against the paged cache.
+
+    q8 [B, n, H_I, D_I] fp8, q_scale and w [B, n, H_I]; k_cache [pages, 64, D_I] fp8, k_scale_cache [pages, 64]
+    fp32; block_table [B, max_pages] int32; seq_lens [B] (the n new tokens are the last of each sequence and are
+    already in the cache). Returns indices int32 [B, n, topk] in ascending order: positions within the sequence,
+    or cache slots (page * 64 + offset) with physical=True; -1 = empty. No host sync (with index checks off),
+    so it can be captured in a CUDA graph.
+    """
+    if not use_kernel(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens):
+        return ref.indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk,
+                                       physical=physical, return_scores=return_scores)
+    ref.check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk)
+    B, n, H, D = q8.shape
+    dev = q8.device
+    coef = (w.float() * q_scale * D ** -0.5).contiguous()
+    seq_lens32 = seq_lens.to(torch.int32).contiguous()
+    buf = torch.empty(B * n, block_table.shape[1] * ref.PAGE_SIZE, dtype=torch.float32, device=dev)
+    torch.ops.keye.indexer_logits_paged(q8.contiguous(), coef, k_cache, k_scale_cache, block_table, seq_lens32, buf)
+    lengths = (seq_lens32.view(B, 1) - n + 1 + torch.arange(n, dtype=torch.int32, device=dev)).view(-1)
+    indices = torch.empty(B * n, topk, dtype=torch.int32, device=dev)
+    scores = torch.empty(B * n, topk, dtype=torch.float32, device=dev) if return_scores else None
+    torch.ops.keye.topk_rows(buf, lengths.int(), topk, 0, indices, scores)
+    indices = indices.view(B, n, topk)
+    if physical:
+        pos = indices.clamp(min=0).long().view(B, n * topk)
+        slot = block_table.long().gather(1, pos // ref.PAGE_SIZE) * ref.PAGE_SIZE + pos % ref.PAGE_SIZE
+        indices = torch.where(indices >= 0, slot.view(B, n, topk).int(), indices)
+    return (indices, scores.view(B, n, topk)) if return_scores else indices
+
+
+def indexer_cache_append(k8, k_scale, k_cache, k_scale_cache, slot_mapping) -> None:
+    """Write new keys into the paged index-key cache in place: token i goes to slot slot_mapping[i]
+    (= page * 64 + offset); slot -1 skips the token (padding)."""
+    if use_kernel(k8, k_scale, k_cache, k_scale_cache, slot_mapping):
+        torch.ops.keye.indexer_cache_append(k8, k_scale, k_cache, k_scale_cache, slot_mapping)
+    else:
+        ref.indexer_cache_append(k8, k_scale, k_cache, k_scale_cache, slot_mapping)
+
+
+def _register() -> None:
+    @torch.library.register_fake("keye::indexer_rotate_quantize")
+    def _(x):
+        return x.new_empty(x.shape, dtype=ref.FP8), x.new_empty(x.shape[:-1], dtype=torch.float32)
+
+    for name in ("indexer_logits", "indexer_logits_paged", "topk_rows", "indexer_cache_append"):
+        torch.library.register_fake(f"keye::{name}")(lambda *args, **kwargs: None)
+
+    torch.library.impl("keye::indexer_rotate_quantize", "CPU")(lambda x: ref.indexer_rotate_quantize(x))
+    torch.library.impl("keye::indexer_cache_append", "CPU")(ref.indexer_cache_append)
+
+
+if kernels_available():
+    _register()
+
+__all__ = ["indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append"]
