@@ -261,3 +261,26 @@ def test_errors_name_the_argument():
     args[5][0, 0] = 10_000
     with pytest.raises(ValueError, match="'block_table' must hold values in"):
         ops.indexer_topk_decode(*args, 16)
+
+
+def test_opcheck():
+    """Schemas (declared mutations), fake implementations and dispatch of every DSA op."""
+    H, D, N = 16, 64, 200
+    q8, qs, w, k8, ks = make_inputs(N, H, D)
+    coef = (w * qs * D ** -0.5).contiguous()
+    out = torch.empty(N, 256, device=DEV)
+    torch.library.opcheck(torch.ops.keye.indexer_logits.default, (q8, coef, k8, ks, 0, out))
+    lengths = torch.arange(1, N + 1, dtype=torch.int32, device=DEV)
+    idx = torch.empty(N, 32, dtype=torch.int32, device=DEV)
+    sc = torch.empty(N, 32, device=DEV)
+    torch.library.opcheck(torch.ops.keye.topk_rows.default, (out, lengths, 32, 0, idx, sc))
+    args = _paged_case([130, 70], 2, H, D)
+    q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens = args
+    coefd = (wd * qsd * D ** -0.5).contiguous()
+    outd = torch.empty(4, block_table.shape[1] * 64, device=DEV)
+    torch.library.opcheck(torch.ops.keye.indexer_logits_paged.default,
+                          (q8d, coefd, k_cache, k_scale_cache, block_table, seq_lens, outd))
+    slots = torch.arange(5, dtype=torch.int32, device=DEV)
+    torch.library.opcheck(torch.ops.keye.indexer_cache_append.default,
+                          (k8[:5], ks[:5], k_cache.clone(), k_scale_cache.clone(), slots))
+    torch.library.opcheck(torch.ops.keye.indexer_rotate_quantize.default, (torch.randn(7, 4, D, device=DEV),))
