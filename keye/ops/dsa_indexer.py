@@ -101,7 +101,7 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     lengths = (seq_lens32.view(B, 1) - n + 1 + torch.arange(n, dtype=torch.int32, device=dev)).view(-1)
     indices = torch.empty(B * n, topk, dtype=torch.int32, device=dev)
     scores = torch.empty(B * n, topk, dtype=torch.float32, device=dev) if return_scores else None
-    torch.ops.keye.topk_rows(buf, lengths.int(), topk, 0, indices, scores)
+    torch.ops.keye.topk_rows(buf, lengths, topk, 0, indices, scores)
     indices = indices.view(B, n, topk)
     if physical:
         pos = indices.clamp(min=0).long().view(B, n * topk)
