@@ -33,26 +33,15 @@ __global__ void cache_append_kernel(const uint4* __restrict__ k8, const float* _
 void indexer_cache_append_cuda(const at::Tensor& k8, const at::Tensor& k_scale, const at::Tensor& k_cache,
                                const at::Tensor& k_scale_cache, const at::Tensor& slot_mapping) {
   const char* op = "indexer_cache_append";
-  check_cuda(k8, op, "k8");
-  check_dtype(k8, {at::kFloat8_e4m3fn}, op, "k8");
-  check_dim(k8, 2, op, "k8", "[N, D_I]");
+  check_dense(k8, k8, "k8", {at::kFloat8_e4m3fn}, 2, op, "k8", "[N, D_I]");
   KEYE_CHECK(indexer_dim_ok(k8.size(1)), "keye.", op, ": D_I (k8.size(1)) must be one of (32, 64, 128), got ",
              k8.size(1));
-  check_contiguous(k8, op, "k8");
   check_indexer_cache(k_cache, k_scale_cache, k8, "k8", op);
   const int64_t N = k8.size(0);
-  check_cuda(k_scale, op, "k_scale");
-  check_same_device(k_scale, k8, op, "k_scale", "k8");
-  check_dtype(k_scale, {at::kFloat}, op, "k_scale");
-  check_dim(k_scale, 1, op, "k_scale", "[N]");
+  check_dense(k_scale, k8, "k8", {at::kFloat}, 1, op, "k_scale", "[N]");
   check_size(k_scale, 0, N, op, "k_scale", "the token count (k8.size(0))");
-  check_contiguous(k_scale, op, "k_scale");
-  check_cuda(slot_mapping, op, "slot_mapping");
-  check_same_device(slot_mapping, k8, op, "slot_mapping", "k8");
-  check_dtype(slot_mapping, {at::kInt, at::kLong}, op, "slot_mapping");
-  check_dim(slot_mapping, 1, op, "slot_mapping", "[N]");
+  check_dense(slot_mapping, k8, "k8", {at::kInt, at::kLong}, 1, op, "slot_mapping", "[N]");
   check_size(slot_mapping, 0, N, op, "slot_mapping", "the token count (k8.size(0))");
-  check_contiguous(slot_mapping, op, "slot_mapping");
   const int64_t num_slots = k_cache.size(0) * 64;
   check_index_range(slot_mapping, -1, num_slots - 1, op, "slot_mapping");
   if (N == 0) return;

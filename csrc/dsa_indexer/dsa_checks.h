@@ -5,7 +5,30 @@
 
 #include "common/check.h"
 
+#include <cstdint>
+#include <initializer_list>
+
 namespace keye {
+
+// A contiguous CUDA tensor of one of `dtypes` with `dim` dims, on ref's device.
+inline void check_dense(const at::Tensor& t, const at::Tensor& ref, const char* ref_name,
+                        std::initializer_list<at::ScalarType> dtypes, int64_t dim, const char* op, const char* name,
+                        const char* layout) {
+  check_cuda(t, op, name);
+  check_same_device(t, ref, op, name, ref_name);
+  check_dtype(t, dtypes, op, name);
+  check_dim(t, dim, op, name, layout);
+  check_contiguous(t, op, name);
+}
+
+// fp32 rows the kernels read or write with 16-byte vectors: unit inner stride, row stride a multiple of 4,
+// 16-byte aligned start.
+inline void check_float4_rows(const at::Tensor& t, const char* op, const char* name) {
+  check_row_major_rows(t, op, name);
+  KEYE_CHECK(t.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "keye.", op,
+             ": argument '", name, "' must be 16-byte aligned with a row stride that is a multiple of 4, got strides ",
+             dims_str(t.strides()));
+}
 
 inline bool indexer_heads_ok(int64_t h) { return h == 4 || h == 8 || h == 16 || h == 32 || h == 64; }
 inline bool indexer_dim_ok(int64_t d) { return d == 32 || d == 64 || d == 128; }
@@ -32,20 +55,12 @@ inline void check_indexer_queries(const at::Tensor& q8, const at::Tensor& coef, 
 inline void check_indexer_cache(const at::Tensor& k_cache, const at::Tensor& k_scale_cache, const at::Tensor& ref,
                                 const char* ref_name, const char* op) {
   const int64_t D = ref.size(-1);
-  check_cuda(k_cache, op, "k_cache");
-  check_same_device(k_cache, ref, op, "k_cache", ref_name);
-  check_dtype(k_cache, {at::kFloat8_e4m3fn}, op, "k_cache");
-  check_dim(k_cache, 3, op, "k_cache", "[num_pages, 64, D_I]");
+  check_dense(k_cache, ref, ref_name, {at::kFloat8_e4m3fn}, 3, op, "k_cache", "[num_pages, 64, D_I]");
   KEYE_CHECK(k_cache.size(1) == 64 && k_cache.size(2) == D, "keye.", op, ": 'k_cache' must have shape [num_pages, 64, ",
              D, "], got ", dims_str(k_cache.sizes()));
-  check_contiguous(k_cache, op, "k_cache");
-  check_cuda(k_scale_cache, op, "k_scale_cache");
-  check_same_device(k_scale_cache, ref, op, "k_scale_cache", ref_name);
-  check_dtype(k_scale_cache, {at::kFloat}, op, "k_scale_cache");
-  KEYE_CHECK(k_scale_cache.dim() == 2 && k_scale_cache.size(0) == k_cache.size(0) && k_scale_cache.size(1) == 64,
-             "keye.", op, ": 'k_scale_cache' must have shape [", k_cache.size(0), ", 64], got ",
-             dims_str(k_scale_cache.sizes()));
-  check_contiguous(k_scale_cache, op, "k_scale_cache");
+  check_dense(k_scale_cache, ref, ref_name, {at::kFloat}, 2, op, "k_scale_cache", "[num_pages, 64]");
+  KEYE_CHECK(k_scale_cache.size(0) == k_cache.size(0) && k_scale_cache.size(1) == 64, "keye.", op,
+             ": 'k_scale_cache' must have shape [", k_cache.size(0), ", 64], got ", dims_str(k_scale_cache.sizes()));
 }
 
 // An int32 tensor of `dim` dims on ref's device whose dim 0 is the batch.

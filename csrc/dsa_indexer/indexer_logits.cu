@@ -107,35 +107,25 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   }
   for (int i = tid; i < N; i += kThreads) coef_s[i] = i < nq * H ? p.coef[row0 * H + i] : 0.f;
 
+  // Row of key s of this sequence in p.k / p.k_scale (a cache slot when paged), or -1 past the sequence or for a
+  // page id out of range (zero-filled, never read).
+  auto key_row = [&](int64_t s) -> int64_t {
+    if (s >= seq_keys) return -1;
+    if (!p.block_table) return s;
+    const int page = p.block_table[seq * p.bt_stride + (s >> 6)];
+    return page >= 0 && page < p.num_pages ? static_cast<int64_t>(page) * 64 + (s & 63) : -1;
+  };
   auto load_tile = [&](int64_t tile, int stage_idx) {
     uint8_t* dst = k_s + stage_idx * kTileKeys * D;
     const int64_t key0 = tile * kTileKeys;
     for (int i = tid; i < kTileKeys * C; i += kThreads) {
       const int r = i / C, chunk = i % C;
-      const int64_t s = key0 + r;
-      const uint8_t* src = p.k;
-      bool ok = s < seq_keys;
-      if (p.block_table) {
-        const int page = ok ? p.block_table[seq * p.bt_stride + (s >> 6)] : 0;
-        ok = ok && page >= 0 && page < p.num_pages;
-        if (ok) src += (static_cast<int64_t>(page) * 64 + (s & 63)) * D + chunk * 16;
-      } else if (ok) {
-        src += s * D + chunk * 16;
-      }
-      cp_async16(dst + swz<D>(r, chunk), src, ok);
+      const int64_t row = key_row(key0 + r);
+      cp_async16(dst + swz<D>(r, chunk), p.k + (row < 0 ? 0 : row * D + chunk * 16), row >= 0);
     }
     for (int r = tid; r < kTileKeys; r += kThreads) {
-      const int64_t s = key0 + r;
-      const float* src = p.k_scale;
-      bool ok = s < seq_keys;
-      if (p.block_table) {
-        const int page = ok ? p.block_table[seq * p.bt_stride + (s >> 6)] : 0;
-        ok = ok && page >= 0 && page < p.num_pages;
-        if (ok) src += static_cast<int64_t>(page) * 64 + (s & 63);
-      } else if (ok) {
-        src += s;
-      }
-      cp_async4(ks_s + stage_idx * kTileKeys + r, src, ok);
+      const int64_t row = key_row(key0 + r);
+      cp_async4(ks_s + stage_idx * kTileKeys + r, p.k_scale + (row < 0 ? 0 : row), row >= 0);
     }
   };
 
@@ -173,7 +163,7 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
 
   // Waits for tile `tile`, refills the stage of tile - 2 (tile - 1's is free too; kept simple), issues the wgmma.
-  auto issue = [&](int64_t tile, float (&acc)[N / 2]) {
+  auto issue = [&](int64_t tile) {
     cp_async_wait_group<kAhead - 1>();
     fence_async_shared();
     __syncthreads();  // tile `tile` landed; tile - 2's wgmma and epilogue are done in every warp
@@ -188,7 +178,7 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
     fence_operands(acc);
   };
 
-  auto epilogue = [&](int64_t tile, float (&acc)[N / 2]) {
+  auto epilogue = [&](int64_t tile) {
     const int st = static_cast<int>((tile - tile_begin) % kStages);
     // Epilogue: the head sum sum_h coef[q, h] * ReLU(dot[key, (q, h)]) as a bf16 tensor-core GEMM over this warp's
     // 16 keys: the wgmma accumulator of two adjacent 8-column groups is exactly an m16n8k16 A fragment, so one
@@ -238,10 +228,10 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   };
 
   for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    issue(tile, acc);
+    issue(tile);
     wgmma_wait<0>();
     fence_operands(acc);
-    epilogue(tile, acc);
+    epilogue(tile);
   }
   cp_async_wait_all();
 }
@@ -304,10 +294,7 @@ void check_out(const at::Tensor& out, int64_t rows, int64_t min_cols, const at::
   check_size(out, 0, rows, op, "out", "the query row count");
   KEYE_CHECK(out.size(1) >= min_cols, "keye.", op, ": argument 'out' must have at least ", min_cols,
              " columns (one per visible key), got shape ", dims_str(out.sizes()));
-  check_row_major_rows(out, op, "out");
-  KEYE_CHECK(out.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(out.data_ptr()) % 16 == 0, "keye.", op,
-             ": argument 'out' must be 16-byte aligned with a row stride that is a multiple of 4, got strides ",
-             dims_str(out.strides()));
+  check_float4_rows(out, op, "out");
 }
 
 }  // namespace
@@ -317,18 +304,10 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at:
   const char* op = "indexer_logits";
   check_indexer_queries(q8, coef, 3, op);
   const int64_t R = q8.size(0), H = q8.size(1), D = q8.size(2);
-  check_cuda(k8, op, "k8");
-  check_same_device(k8, q8, op, "k8", "q8");
-  check_dtype(k8, {at::kFloat8_e4m3fn}, op, "k8");
-  check_dim(k8, 2, op, "k8", "[N, D_I]");
+  check_dense(k8, q8, "q8", {at::kFloat8_e4m3fn}, 2, op, "k8", "[N, D_I]");
   check_size(k8, 1, D, op, "k8", "D_I (q8.size(2))");
-  check_contiguous(k8, op, "k8");
-  check_cuda(k_scale, op, "k_scale");
-  check_same_device(k_scale, q8, op, "k_scale", "q8");
-  check_dtype(k_scale, {at::kFloat}, op, "k_scale");
-  check_dim(k_scale, 1, op, "k_scale", "[N]");
+  check_dense(k_scale, q8, "q8", {at::kFloat}, 1, op, "k_scale", "[N]");
   check_size(k_scale, 0, k8.size(0), op, "k_scale", "the key count (k8.size(0))");
-  check_contiguous(k_scale, op, "k_scale");
   KEYE_CHECK(q_pos0 >= 0 && q_pos0 + R <= k8.size(0), "keye.", op, ": the queries sit at positions [", q_pos0, ", ",
              q_pos0 + R, ") but there are only ", k8.size(0), " keys ('q_pos0' must be >= 0 and q_pos0 + q8.size(0) "
              "<= k8.size(0))");

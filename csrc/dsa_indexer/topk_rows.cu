@@ -23,6 +23,7 @@
 #include <cstdint>
 
 #include "common/check.h"
+#include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_indexer.h"
 
 namespace keye {
@@ -306,36 +307,22 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   check_cuda(scores, op, "scores");
   check_dtype(scores, {at::kFloat}, op, "scores");
   check_dim(scores, 2, op, "scores", "[rows, cols]");
-  check_row_major_rows(scores, op, "scores");
-  KEYE_CHECK(scores.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(scores.data_ptr()) % 16 == 0, "keye.", op,
-             ": argument 'scores' must be 16-byte aligned with a row stride that is a multiple of 4, got strides ",
-             dims_str(scores.strides()));
+  check_float4_rows(scores, op, "scores");
   const int64_t R = scores.size(0), cols = scores.size(1);
   KEYE_CHECK(topk >= 1 && topk <= 4096, "keye.", op, ": argument 'topk' must be an int in [1, 4096], got ", topk);
   KEYE_CHECK(cols < (int64_t{1} << 30) && index_offset >= 0 && index_offset + cols < (int64_t{1} << 31), "keye.", op,
              ": rows of ", cols, " columns with index_offset ", index_offset, " do not fit int32 indices");
-  check_cuda(lengths, op, "lengths");
-  check_same_device(lengths, scores, op, "lengths", "scores");
-  check_dtype(lengths, {at::kInt}, op, "lengths");
-  check_dim(lengths, 1, op, "lengths", "[rows]");
+  check_dense(lengths, scores, "scores", {at::kInt}, 1, op, "lengths", "[rows]");
   check_size(lengths, 0, R, op, "lengths", "the row count (scores.size(0))");
-  check_contiguous(lengths, op, "lengths");
-  check_cuda(indices, op, "indices");
-  check_same_device(indices, scores, op, "indices", "scores");
-  check_dtype(indices, {at::kInt}, op, "indices");
-  check_dim(indices, 2, op, "indices", "[rows, topk]");
+  check_dense(indices, scores, "scores", {at::kInt}, 2, op, "indices", "[rows, topk]");
   KEYE_CHECK(indices.size(0) == R && indices.size(1) == topk, "keye.", op, ": argument 'indices' must have shape [",
              R, ", ", topk, "], got ", dims_str(indices.sizes()));
-  check_contiguous(indices, op, "indices");
   float* sc_ptr = nullptr;
   if (out_scores.has_value()) {
     const at::Tensor& s = *out_scores;
-    check_cuda(s, op, "out_scores");
-    check_same_device(s, scores, op, "out_scores", "scores");
-    check_dtype(s, {at::kFloat}, op, "out_scores");
+    check_dense(s, scores, "scores", {at::kFloat}, 2, op, "out_scores", "[rows, topk]");
     KEYE_CHECK(s.sizes() == indices.sizes(), "keye.", op, ": argument 'out_scores' must have shape ",
                dims_str(indices.sizes()), ", got ", dims_str(s.sizes()));
-    check_contiguous(s, op, "out_scores");
     sc_ptr = s.data_ptr<float>();
   }
   check_index_range(lengths, 0, cols, op, "lengths");

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from keye import ops
 from keye.bench.timing import median_ms
+from keye.ops.dsa_indexer import _CHUNK_BYTES, score_chunk_rows, score_coefficients
 from keye.ops.reference import dsa_indexer as ref
 
 H_I, D_I, TOPK = 16, 64, 2048
@@ -81,13 +82,11 @@ def _check_rows(idx, q8, qs, w, k8, ks, rows, visible) -> bool:
     return selection_mismatch(idx, full, visible, TOPK, 2e-2) is None
 
 
-def _score_chunks(q8, qs, w, k8, ks, max_chunk_bytes=1 << 30):
+def _score_chunks(q8, qs, w, k8, ks, max_chunk_bytes=_CHUNK_BYTES):
     """The score kernel alone over the causal triangle, in the same query chunks as the prefill op."""
     T, H, D = q8.shape
-    coef = (w.float() * qs * D ** -0.5).contiguous()
-    ld = (T + 3) // 4 * 4
-    rows = max(1, max_chunk_bytes // (4 * ld))
-    rows -= rows % (128 // H) if rows >= 128 // H else 0
+    coef = score_coefficients(w, qs, D)
+    ld, rows = score_chunk_rows(T, H, max_chunk_bytes)
     buf = torch.empty(min(rows, T) * ld, device=q8.device)
 
     def run():
@@ -155,7 +154,7 @@ def decode_cases(batches: list[int], contexts: list[int], device: torch.device, 
                 with torch.cuda.graph(graph):
                     ops.indexer_topk_decode(*args)
                 graph_ms = median_ms(graph.replay, device, reps)
-                coef = (w * qs * D_I ** -0.5).contiguous()
+                coef = score_coefficients(w, qs, D_I)
                 buf = torch.empty(B, ctx, device=device)
                 scores_ms = median_ms(lambda: torch.ops.keye.indexer_logits_paged(
                     q8, coef, k_cache, k_scale_cache, block_table, seq_lens, buf), device, reps)

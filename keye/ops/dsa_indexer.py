@@ -27,6 +27,22 @@ _CHUNK_BYTES = 1 << 30
 _ROW_BLOCK = 128  # (query, head) columns of one score-kernel CTA: chunks hold whole CTAs of queries
 
 
+def score_coefficients(w: torch.Tensor, q_scale: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Per (query, head) factor w * D_I^-0.5 * q_scale (fp32, contiguous), the form the score kernels take."""
+    return (w.float() * q_scale * head_dim ** -0.5).contiguous()
+
+
+def score_chunk_rows(max_len: int, heads: int, max_chunk_bytes: int) -> tuple[int, int]:
+    """(row stride, query rows per chunk) of the fp32 score buffer for sequences of up to max_len tokens: rows of
+    whole score-kernel query blocks when possible, at least one row, at most max_chunk_bytes in all."""
+    ld = (max_len + 3) // 4 * 4
+    rows = max(1, int(max_chunk_bytes) // (4 * ld))
+    q_block = _ROW_BLOCK // heads
+    if rows >= q_block:
+        rows -= rows % q_block
+    return ld, rows
+
+
 def indexer_rotate_quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Hadamard rotation (orthonormal, over D_I) then FP8 e4m3 with one power-of-two scale per row.
 
@@ -54,18 +70,14 @@ def indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk: int, *, 
     bounds = ref.check_prefill_args(q8, q_scale, w, k8, k_scale, cu_seqlens, topk)
     T, H, D = q8.shape
     dev = q8.device
-    coef = (w.float() * q_scale * D ** -0.5).contiguous()
+    coef = score_coefficients(w, q_scale, D)
     q8, k8, k_scale = q8.contiguous(), k8.contiguous(), k_scale.contiguous()
     indices = torch.empty(T, topk, dtype=torch.int32, device=dev)
     scores = torch.empty(T, topk, dtype=torch.float32, device=dev) if return_scores else None
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     if T == 0:
         return (indices, scores) if return_scores else indices
-    ld = (max(lens) + 3) // 4 * 4
-    rows = max(1, int(max_chunk_bytes) // (4 * ld))
-    q_block = _ROW_BLOCK // H
-    if rows >= q_block:
-        rows -= rows % q_block
+    ld, rows = score_chunk_rows(max(lens), H, max_chunk_bytes)
     buf = torch.empty(min(rows, max(lens)) * ld, dtype=torch.float32, device=dev)
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
         for a in range(s0, s1, rows):
@@ -91,10 +103,11 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     if not use_kernel(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens):
         return ref.indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk,
                                        physical=physical, return_scores=return_scores)
-    ref.check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk)
+    # Shapes and dtypes here (same messages as the reference); the value ranges are checked once, by the kernel op.
+    ref.check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk, ranges=False)
     B, n, H, D = q8.shape
     dev = q8.device
-    coef = (w.float() * q_scale * D ** -0.5).contiguous()
+    coef = score_coefficients(w, q_scale, D)
     seq_lens32 = seq_lens.to(torch.int32).contiguous()
     buf = torch.empty(B * n, block_table.shape[1] * ref.PAGE_SIZE, dtype=torch.float32, device=dev)
     torch.ops.keye.indexer_logits_paged(q8.contiguous(), coef, k_cache, k_scale_cache, block_table, seq_lens32, buf)
@@ -134,4 +147,5 @@ def _register() -> None:
 if kernels_available():
     _register()
 
-__all__ = ["indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append"]
+__all__ = ["indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append",
+           "score_coefficients", "score_chunk_rows"]

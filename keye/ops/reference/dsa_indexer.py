@@ -222,7 +222,9 @@ def indexer_cache_append(k8, k_scale, k_cache, k_scale_cache, slot_mapping) -> N
 
 
 def check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk,
-                      op="indexer_topk_decode") -> None:
+                      op="indexer_topk_decode", ranges: bool = True) -> None:
+    """Validates indexer_topk_decode's arguments; ranges=False leaves the value-range checks (host syncs) to
+    the caller (the CUDA path, whose kernel op checks them)."""
     check_queries(q8, q_scale, w, op, ("B", "n", "H_I", "D_I"))
     B, n = q8.shape[:2]
     check_cache(k_cache, k_scale_cache, q8, "q8", op)
@@ -232,6 +234,8 @@ def check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_l
         check_same_device(t, q8, op, name, "q8")
         check_size(t, 0, B, op, name, "the batch (q8.size(0))")
     check_int_arg(topk, 1, MAX_TOPK, op, "topk")
+    if not ranges:
+        return
     check_index_range(seq_lens, n, block_table.shape[1] * PAGE_SIZE, op, "seq_lens")
     check_index_range(block_table, 0, k_cache.shape[0] - 1, op, "block_table")
 
