@@ -7,6 +7,7 @@
 #include "dsa_indexer/dsa_indexer.h"
 #include "moe_permute/moe_permute.h"
 #include "moe_router/moe_router.h"
+#include "sparse_attention/sparse_attention.h"
 
 TORCH_LIBRARY(keye, m) {
   m.def("moe_route(Tensor topk_ids, int num_experts, int align=1) -> (Tensor dest, Tensor src, Tensor offsets)");
@@ -27,6 +28,13 @@ TORCH_LIBRARY(keye, m) {
   m.def(
       "indexer_cache_append(Tensor k8, Tensor k_scale, Tensor(a!) k_cache, Tensor(b!) k_scale_cache, "
       "Tensor slot_mapping) -> ()");
+  // Top-k sparse GQA attention forward and fast-mode backward (keye/ops/sparse_attention.py adds autograd).
+  m.def(
+      "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? row_base, float scale, "
+      "int splits=1, bool pair_queries=True) -> (Tensor o, Tensor lse)");
+  m.def(
+      "sparse_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor indices, Tensor? row_base, Tensor lse, "
+      "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
   // Process-wide switch for the value-range checks that need a device->host sync; returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", [](bool enabled) {
     const bool old = keye::index_checks_enabled();
@@ -45,4 +53,6 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("indexer_logits_paged", &keye::indexer_logits_paged_cuda);
   m.impl("topk_rows", &keye::topk_rows_cuda);
   m.impl("indexer_cache_append", &keye::indexer_cache_append_cuda);
+  m.impl("sparse_attention_fwd", &keye::sparse_attention_fwd_cuda);
+  m.impl("sparse_attention_bwd", &keye::sparse_attention_bwd_cuda);
 }

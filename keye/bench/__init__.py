@@ -9,7 +9,7 @@ import torch
 
 import keye
 from keye import ops
-from keye.bench import dsa_indexer, moe_permute, moe_router
+from keye.bench import dsa_indexer, moe_permute, moe_router, sparse_attention
 from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops, write_bandwidth_gbs
 
 
@@ -23,7 +23,7 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",)) -> dict:
+def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",), attn_tokens=None) -> dict:
     report = {"environment": environment(device), "ceilings": {}, "results": []}
     if device.type == "cuda":
         report["ceilings"] = {"copy_GBps": copy_bandwidth_gbs(device), "write_GBps": write_bandwidth_gbs(device),
@@ -35,6 +35,8 @@ def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",)) -> 
             report["results"] += moe_permute.run_case(T, device, reps, on_gpu)
     if "dsa" in suites and on_gpu:  # FP8 kernels only; the references run in the tests instead
         report["dsa_indexer"] = dsa_indexer.run(device, reps)
+    if "attn" in suites and on_gpu:
+        report["sparse_attention"] = sparse_attention.run(device, reps, attn_tokens)
     _derive(report)
     return report
 
@@ -78,6 +80,8 @@ def table(report: dict) -> str:
                      f"{r['GBps']:>7.0f} {pct:>7}")
     if "dsa_indexer" in report:
         lines.append(dsa_indexer.table(report["dsa_indexer"], ceil["copy_GBps"]))
+    if "sparse_attention" in report:
+        lines.append(sparse_attention.table(report["sparse_attention"], ceil["copy_GBps"]))
     return "\n".join(lines)
 
 
@@ -85,14 +89,15 @@ def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.tokens or ([4096, 16384, 65536] if device.type == "cuda" else [1024, 4096])
     reps = args.reps or (50 if device.type == "cuda" else 5)
-    suites = ("moe", "dsa") if args.suite == "all" else (args.suite,)
-    report = run(tokens, reps, device, suites)
+    suites = ("moe", "dsa", "attn") if args.suite == "all" else (args.suite,)
+    report = run(tokens, reps, device, suites, attn_tokens=args.tokens)
     text = table(report)
     print(text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)
     records = report["results"] + report.get("dsa_indexer", {}).get("results", [])
+    records += report.get("sparse_attention", {}).get("results", [])
     failed = [r for r in records if r["check"] != "ok"]
     if failed:
         print(f"SELF-CHECK FAILED: {[(r['op'], r.get('tokens', r.get('batch'))) for r in failed]}")

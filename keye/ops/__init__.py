@@ -13,6 +13,7 @@ from keye.ops.moe_experts import moe_experts
 from keye.ops.dsa_indexer import (
     indexer_cache_append, indexer_rotate_quantize, indexer_topk_decode, indexer_topk_prefill,
 )
+from keye.ops.sparse_attention import sparse_attention, sparse_attention_decode
 # The indexer's training losses: PyTorch (chunked) only so far.
 from keye.ops.reference.dsa_indexer_loss import indexer_loss
 
@@ -21,4 +22,5 @@ __all__ = [
     "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "src_from_dest",
     "MoeRouterOutput", "moe_router", "load_balancing_loss", "moe_experts",
     "indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append", "indexer_loss",
+    "sparse_attention", "sparse_attention_decode",
 ]

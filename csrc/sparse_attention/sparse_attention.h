@@ -1,0 +1,29 @@
+// Top-k sparse GQA attention (DSA): every query row attends over its own list of K/V rows, shared by all of
+// its query heads; keye/ops/sparse_attention.py is the Python entry point.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace keye {
+
+// q [N, Hq, D] bf16, k/v [S, Hkv, D] bf16, indices [N, K] int32 (rows of k/v, or positions added to
+// row_base[n] when row_base is given; negative or out-of-range entries are empty slots), splits >= 1 CTAs per
+// (query pair, KV head) merged by log-sum-exp; pair_queries: adjacent queries share a CTA (and their common rows)
+// when Hq/Hkv <= 8 (off for decode rows that belong to different sequences). Returns o [N, Hq, D] bf16 and lse [N, Hq] fp32 (natural log of the
+// softmax denominator of scale * q.k; -inf and o = 0 for a query without a valid key).
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& indices,
+                                                             const std::optional<at::Tensor>& row_base, double scale,
+                                                             int64_t splits, bool pair_queries);
+
+// Fast-mode backward (fp32 atomics into dk/dv): accumulates into the zero-initialised fp32 buffers dq [N, Hq, D],
+// dk and dv [S, Hkv, D] from dout [N, Hq, D] bf16, the forward's lse and delta = rowsum(dout * o) - dlse [N, Hq].
+void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
+                               const at::Tensor& indices, const std::optional<at::Tensor>& row_base,
+                               const at::Tensor& lse, const at::Tensor& delta, double scale, int64_t splits,
+                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+
+}  // namespace keye

@@ -1,0 +1,310 @@
+// Top-k sparse GQA attention forward (prefill and paged decode share this kernel).
+//
+// One CTA per (pair of adjacent query rows, KV head, split), over the pair's work list (work_list.cuh: the
+// union of the two index lists when they are sorted). The four warps are independent pipelines over that list:
+// warp w takes the 16-key tiles w, w+4, ..., gathers their K and V rows (256 B each at D = 128) with 16-byte
+// cp.async into its own 3-stage ring (zero-filled for empty slots), computes S = Q K^T and O += P V on bf16
+// tensor cores with an online softmax in registers, and at the end the warps merge their (max, sum, O) through
+// shared memory. With splits > 1 each split writes a normalised partial O and its log-sum-exp, and
+// merge_splits_kernel combines them (decode: few queries, long lists).
+//
+// Why this shape: with GQA a gathered K/V row serves only G heads of one query (~8 FLOP/byte), so the kernel is
+// bound by the gather (about 5.3 TB/s from L2 on the H200), not the tensor cores. Pairing two queries fills the
+// 16 MMA rows with real work and, where neighbours share keys, gathers shared rows once.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+#include "common/check.h"
+#include "common/ptx.cuh"
+#include "sparse_attention/sparse_attention.h"
+#include "sparse_attention/host_checks.h"
+#include "sparse_attention/work_list.cuh"
+
+namespace keye {
+namespace {
+
+using namespace sparse_attention;
+
+constexpr int kStages = 3;  // cp.async ring depth per warp
+
+template <int D>
+struct Layout {
+  static constexpr int kRowBytes = D * 2;
+  static constexpr int kChunks = D / 8;  // 16-byte chunks per K or V row
+  static constexpr int kTileBytes = kTile * kRowBytes;
+  static constexpr int kStageBytes = 2 * kTileBytes;  // K then V
+  static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
+  // The cross-warp merge reuses the ring: O [warps][16][D] fp32, then max and sum [warps][16].
+  static constexpr int kMergeBytes = kWarps * 16 * D * 4 + 2 * kWarps * 16 * 4;
+  static constexpr int kIdxOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
+};
+
+struct Params {
+  IndexParams ix;
+  const __nv_bfloat16* q;
+  int64_t q_stride;  // elements between query rows; heads and dims contiguous
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+  int64_t k_stride, v_stride;  // elements between K (V) rows; heads and dims contiguous
+  int heads_kv, group;         // group = Hq / Hkv <= 16
+  float scale_log2;            // softmax scale * log2(e)
+  __nv_bfloat16* o;            // [N, Hq, D] (splits == 1)
+  float* lse;                  // [N, Hq]
+  float* o_part;               // [splits, N, Hq, D] (splits > 1)
+  float* lse_part;             // [splits, N, Hq]
+};
+
+template <int D>
+__global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const Params p) {
+  using L = Layout<D>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  int* work = reinterpret_cast<int*>(smem + L::kIdxOffset);  // [2 * chunk] entries
+  const int qa = blockIdx.x * p.ix.pair, g = blockIdx.y, split = blockIdx.z;
+  const bool has_b = p.ix.pair == 2 && qa + 1 < p.ix.num_queries;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int count_work = stage_work_list(p.ix, work, qa, has_b, split);
+  const int r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
+  uint32_t qa_frag[D / 16][4];
+  load_row_fragments<D>(qa_frag, p.q, p.q_stride, qa, has_b, p.ix.pair, p.group, g);
+
+  uint8_t* ring = smem + warp * kStages * L::kStageBytes;
+  const int num_tiles = (count_work + kTile - 1) / kTile;
+  const int my_tiles = warp < num_tiles ? (num_tiles - warp + kWarps - 1) / kWarps : 0;
+
+  auto issue = [&](int t, int stage) {
+    gather_tile<D>(ring + stage * L::kStageBytes, work, count_work, t, p.k, p.k_stride, p.v, p.v_stride, g);
+  };
+
+  float acc[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units) and partial sums
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < my_tiles) issue(warp + s * kWarps, s);
+    cp_async_commit();
+  }
+  for (int i = 0; i < my_tiles; ++i) {
+    if (i + kStages - 1 < my_tiles) issue(warp + (i + kStages - 1) * kWarps, (i + kStages - 1) % kStages);
+    cp_async_commit();
+    cp_async_wait_group<kStages - 1>();
+    __syncwarp();
+
+    const int t = warp + i * kWarps;
+    const uint8_t* ks = ring + (i % kStages) * L::kStageBytes;
+    const uint8_t* vs = ks + L::kTileBytes;
+
+    // S = Q K^T for keys 0-7 (s[0]) and 8-15 (s[1]) of the tile.
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+    {
+      const int mi = lane / 8, r = (mi / 2) * 8 + lane % 8;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t b[4];
+        ldmatrix_x4(b, ks + r * L::kRowBytes + swizzle(r, kk * 2 + mi % 2) * 16);
+        mma_bf16_m16n8k16(s[0], qa_frag[kk], {b[0], b[1]});
+        mma_bf16_m16n8k16(s[1], qa_frag[kk], {b[2], b[3]});
+      }
+    }
+
+    // Online softmax (log2 domain); a key a row does not see (or an empty slot) scores -inf.
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        bool lo, hi;
+        slot_visibility(work, count_work, t * kTile + nt * 8 + cq + j, lo, hi);
+        s[nt][j] = lo ? s[nt][j] * p.scale_log2 : -INFINITY;
+        s[nt][2 + j] = hi ? s[nt][2 + j] * p.scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[nt][j]);
+        mx1 = fmaxf(mx1, s[nt][2 + j]);
+      }
+    }
+    const float mn0 = fmaxf(m0, quad_max(mx0)), mn1 = fmaxf(m1, quad_max(mx1));
+    const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
+    m0 = mn0;
+    m1 = mn1;
+    float ps[2][4];
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      ps[nt][0] = exp2f(s[nt][0] - b0);
+      ps[nt][1] = exp2f(s[nt][1] - b0);
+      ps[nt][2] = exp2f(s[nt][2] - b1);
+      ps[nt][3] = exp2f(s[nt][3] - b1);
+    }
+    l0 = l0 * a0 + (ps[0][0] + ps[0][1] + ps[1][0] + ps[1][1]);
+    l1 = l1 * a1 + (ps[0][2] + ps[0][3] + ps[1][2] + ps[1][3]);
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      acc[dn][0] *= a0;
+      acc[dn][1] *= a0;
+      acc[dn][2] *= a1;
+      acc[dn][3] *= a1;
+    }
+
+    // O += P V: the two S accumulators are exactly the A fragment of a 16x16 P tile.
+    const uint32_t pa[4] = {pack_bf16x2(ps[0][0], ps[0][1]), pack_bf16x2(ps[0][2], ps[0][3]),
+                            pack_bf16x2(ps[1][0], ps[1][1]), pack_bf16x2(ps[1][2], ps[1][3])};
+    {
+      const int mi = lane / 8, r = (mi % 2) * 8 + lane % 8;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; dn += 2) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, vs + r * L::kRowBytes + swizzle(r, dn + mi / 2) * 16);
+        mma_bf16_m16n8k16(acc[dn], pa, {b[0], b[1]});
+        mma_bf16_m16n8k16(acc[dn + 1], pa, {b[2], b[3]});
+      }
+    }
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait_all();
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
+  __syncthreads();  // the ring becomes the merge buffer
+
+  float* om = reinterpret_cast<float*>(smem);  // [warps][16][D]
+  float* mm = om + kWarps * 16 * D;            // [warps][16]
+  float* lm = mm + kWarps * 16;                // [warps][16]
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    float* o0 = om + (warp * 16 + r0) * D + dn * 8 + cq;
+    float* o1 = om + (warp * 16 + r1) * D + dn * 8 + cq;
+    o0[0] = acc[dn][0];
+    o0[1] = acc[dn][1];
+    o1[0] = acc[dn][2];
+    o1[1] = acc[dn][3];
+  }
+  if (lane % 4 == 0) {
+    mm[warp * 16 + r0] = m0;
+    mm[warp * 16 + r1] = m1;
+    lm[warp * 16 + r0] = l0;
+    lm[warp * 16 + r1] = l1;
+  }
+  __syncthreads();
+
+  const int hq = p.heads_kv * p.group;
+  for (int e = threadIdx.x; e < 16 * D; e += kThreads) {
+    const int r = e / D, d = e % D;
+    const RowMap m = fragment_row(r, qa, has_b, p.ix.pair, p.group);
+    if (m.head < 0) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, mm[w * 16 + r]);
+    float sum = 0.f, out = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < kWarps; ++w) {
+        const float f = exp2f(mm[w * 16 + r] - mx);
+        sum += f * lm[w * 16 + r];
+        out += f * om[(w * 16 + r) * D + d];
+      }
+    }
+    const bool any = sum > 0.f;
+    const float o = any ? out / sum : 0.f;
+    const float lse = any ? (mx + log2f(sum)) * 0.69314718055994531f : -INFINITY;
+    const int64_t row = static_cast<int64_t>(m.query) * hq + g * p.group + m.head;
+    if (p.o_part == nullptr) {
+      p.o[row * D + d] = __float2bfloat16_rn(o);
+      if (d == 0) p.lse[row] = lse;
+    } else {
+      const int64_t off = static_cast<int64_t>(split) * p.ix.num_queries * hq;
+      p.o_part[(off + row) * D + d] = o;
+      if (d == 0) p.lse_part[off + row] = lse;
+    }
+  }
+}
+
+// o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s; one thread per (query head, dim).
+__global__ void merge_splits_kernel(const float* __restrict__ o_part, const float* __restrict__ lse_part, int splits,
+                                    int64_t rows, int d, __nv_bfloat16* __restrict__ o, float* __restrict__ lse) {
+  const int64_t e = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (e >= rows * d) return;
+  const int64_t row = e / d;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse_part[s * rows + row]);
+  float sum = 0.f, out = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float f = __expf(lse_part[s * rows + row] - mx);
+      sum += f;
+      out += f * o_part[s * rows * d + e];
+    }
+  }
+  o[e] = __float2bfloat16_rn(sum > 0.f ? out / sum : 0.f);
+  if (e % d == 0) lse[row] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& indices,
+                                                             const std::optional<at::Tensor>& row_base, double scale,
+                                                             int64_t splits, bool pair_queries) {
+  int64_t used_splits = 1;
+  Params p{};
+  p.ix = check_attention_args("sparse_attention", q, k, v, indices, row_base, splits, pair_queries, used_splits);
+  const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
+
+  auto o = at::empty({N, Hq, D}, q.options());
+  auto lse = at::empty({N, Hq}, q.options().dtype(at::kFloat));
+  if (N == 0) return {o, lse};
+  const at::cuda::CUDAGuard guard(q.device());
+  auto stream = at::cuda::getCurrentCUDAStream();
+
+  p.q = reinterpret_cast<const __nv_bfloat16*>(q.data_ptr());
+  p.q_stride = q.stride(0);
+  p.k = reinterpret_cast<const __nv_bfloat16*>(k.data_ptr());
+  p.v = reinterpret_cast<const __nv_bfloat16*>(v.data_ptr());
+  p.k_stride = k.stride(0);
+  p.v_stride = v.stride(0);
+  p.heads_kv = static_cast<int>(Hkv);
+  p.group = static_cast<int>(Hq / Hkv);
+  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  at::Tensor o_part, lse_part;
+  if (used_splits > 1) {
+    o_part = at::empty({used_splits, N, Hq, D}, q.options().dtype(at::kFloat));
+    lse_part = at::empty({used_splits, N, Hq}, q.options().dtype(at::kFloat));
+    p.o_part = o_part.data_ptr<float>();
+    p.lse_part = lse_part.data_ptr<float>();
+  } else {
+    p.o = reinterpret_cast<__nv_bfloat16*>(o.data_ptr());
+    p.lse = lse.data_ptr<float>();
+  }
+
+  const dim3 grid(static_cast<unsigned>((N + p.ix.pair - 1) / p.ix.pair), static_cast<unsigned>(Hkv),
+                  static_cast<unsigned>(used_splits));
+  const int smem_idx = 2 * p.ix.chunk * 4;
+  if (D == 64) {
+    const int smem = Layout<64>::kIdxOffset + smem_idx;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_fwd_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem));
+    sparse_attention_fwd_kernel<64><<<grid, kThreads, smem, stream>>>(p);
+  } else {
+    const int smem = Layout<128>::kIdxOffset + smem_idx;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_fwd_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        smem));
+    sparse_attention_fwd_kernel<128><<<grid, kThreads, smem, stream>>>(p);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (used_splits > 1) {
+    const int64_t rows = N * Hq;
+    const int threads = 256;
+    const unsigned blocks = static_cast<unsigned>((rows * D + threads - 1) / threads);
+    merge_splits_kernel<<<blocks, threads, 0, stream>>>(p.o_part, p.lse_part, static_cast<int>(used_splits), rows,
+                                                        static_cast<int>(D), reinterpret_cast<__nv_bfloat16*>(o.data_ptr()),
+                                                        lse.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return {o, lse};
+}
+
+}  // namespace keye

@@ -1,0 +1,232 @@
+// Shared by the sparse-attention forward and backward kernels: the CTA shape, the per-CTA work list (the union
+// of two adjacent queries' index lists), Q-like fragment loads and the K/V tile gather.
+//
+// A CTA serves a pair of adjacent query rows and one KV head. The 16 rows of an mma.sync m16n8k16 tile hold the
+// G = Hq/Hkv heads of query a (rows 0-7) and of query b (rows 8-15) when G <= 8, or the 16 heads of one query
+// when G > 8. When both index lists are sorted (valid rows strictly increasing, empty slots last; what
+// indexer_topk_prefill returns), a row both queries selected appears once in the work list, with a mask saying
+// which fragment rows see it; unsorted lists are used as they are (correct, nothing shared).
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cstdint>
+
+#include "common/ptx.cuh"
+
+namespace keye {
+namespace sparse_attention {
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kTile = 16;                   // keys per warp tile (the N of one pair of m16n8 MMAs)
+constexpr int kMaxChunk = 2048;             // index slots per query one CTA stages in shared memory
+constexpr int kSeg = kMaxChunk / kThreads;  // slots per thread while staging
+// A work-list entry is a K/V row (< 2^29) plus which fragment rows see it: bit 30 rows 0-7, bit 29 rows 8-15.
+constexpr int kRowMask = (1 << 29) - 1;
+constexpr int kSeenLo = 1 << 30;
+constexpr int kSeenHi = 1 << 29;
+
+struct IndexParams {
+  const int* idx;  // [N, K]
+  int64_t idx_stride;
+  int num_idx;          // K: index slots per query
+  const int* row_base;  // [N] (added to every valid index) or nullptr
+  int64_t num_rows;     // S: rows of k and v
+  int64_t num_queries;  // N
+  int pair;             // queries per CTA: 2 when G <= 8, else 1
+  int chunk;            // index slots per query and split (a multiple of 64, at most kMaxChunk)
+};
+
+// 16-byte chunk c of row r of a K or V tile lives at chunk c ^ (r % 8): the 8 rows one ldmatrix reads at the
+// same logical chunk hit 8 different bank groups.
+__device__ __forceinline__ int swizzle(int row, int chunk) { return chunk ^ (row & 7); }
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Builds the CTA's work list for split `split` of queries qa (and qa + 1 when has_b) in work[0, 2 * chunk) and
+// returns its length. Called by every thread of the CTA; ends with the list visible to all threads.
+__device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, bool has_b, int split) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int first = split * p.chunk;
+  const int count = max(0, min(p.num_idx - first, p.chunk));
+  // Thread t owns slots [kSeg t, kSeg (t + 1)) of each list; list a goes to work[0, chunk), b to [chunk, 2 chunk).
+  int ea[kSeg], eb[kSeg];
+  auto load = [&](int query, int (&e)[kSeg], int* dst) {
+    const int* idx = p.idx + query * p.idx_stride + first;
+    const int64_t base = p.row_base ? p.row_base[query] : 0;
+#pragma unroll
+    for (int k = 0; k < kSeg; ++k) {
+      const int i = threadIdx.x * kSeg + k;
+      const int x = i < count ? idx[i] : -1;
+      const int64_t row = base + x;
+      e[k] = (x >= 0 && row < p.num_rows) ? static_cast<int>(row) : -1;
+      if (i < count) dst[i] = e[k];
+    }
+  };
+  load(qa, ea, work);
+  if (has_b) {
+    load(qa + 1, eb, work + p.chunk);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kSeg; ++k) eb[k] = -1;
+  }
+  __syncthreads();
+
+  bool unsorted = false;
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k) {
+    const int i = threadIdx.x * kSeg + k;
+    if (i + 1 < count) {
+      const int na = k + 1 < kSeg ? ea[k + 1] : work[i + 1];
+      const int nb = k + 1 < kSeg ? eb[k + 1] : (has_b ? work[p.chunk + i + 1] : -1);
+      unsorted |= (ea[k] < 0 && na >= 0) || (ea[k] >= 0 && na >= 0 && na <= ea[k]);
+      unsorted |= (eb[k] < 0 && nb >= 0) || (eb[k] >= 0 && nb >= 0 && nb <= eb[k]);
+    }
+  }
+  const bool sorted = !__syncthreads_or(unsorted);
+
+  // With sorted lists, a row of list b that list a also holds is dropped from b and marked seen by both.
+  // Membership by a merge walk: one binary search for a thread's first entry, then a few linear steps per entry
+  // (a binary search again when the other list runs far ahead).
+  uint32_t a_in_b = 0, b_in_a = 0;
+  if (sorted && has_b) {
+    auto lower_bound = [&](const int* list, int lo, unsigned x) {
+      int hi = count;
+      while (lo < hi) {
+        const int mid = (lo + hi) / 2;
+        if (static_cast<unsigned>(list[mid]) < x) lo = mid + 1;
+        else hi = mid;
+      }
+      return lo;
+    };
+    auto members = [&](const int (&e)[kSeg], const int* other) {
+      uint32_t flags = 0;
+      int j = -1;
+#pragma unroll
+      for (int k = 0; k < kSeg; ++k) {
+        if (e[k] < 0) continue;  // sorted: empty slots only at the end
+        const unsigned x = static_cast<unsigned>(e[k]);
+        if (j < 0) {
+          j = lower_bound(other, 0, x);
+        } else {
+          for (int step = 0; step < 4 && j < count && static_cast<unsigned>(other[j]) < x; ++step) ++j;
+          if (j < count && static_cast<unsigned>(other[j]) < x) j = lower_bound(other, j, x);
+        }
+        if (j < count && other[j] == e[k]) flags |= 1u << k;
+      }
+      return flags;
+    };
+    a_in_b = members(ea, work + p.chunk);
+    b_in_a = members(eb, work);
+  }
+
+  // Work list = list a (sorted: its valid prefix; unsorted: all of its slots) then the kept rows of list b,
+  // compacted; offsets from a block scan of (a slots << 16 | kept b rows) per thread.
+  int mine = 0;
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k) {
+    const int i = threadIdx.x * kSeg + k;
+    mine += ((sorted ? ea[k] >= 0 : i < count) ? 1 << 16 : 0) + ((eb[k] >= 0 && !((b_in_a >> k) & 1u)) ? 1 : 0);
+  }
+  int incl = mine;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int y = __shfl_up_sync(0xffffffffu, incl, d);
+    if (lane >= d) incl += y;
+  }
+  __shared__ int warp_sums[kWarps];
+  if (lane == 31) warp_sums[warp] = incl;
+  __syncthreads();  // also: every thread is done reading the staged lists
+  int before = 0, total = 0;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    before += w < warp ? warp_sums[w] : 0;
+    total += warp_sums[w];
+  }
+  const int excl = before + incl - mine;
+  const int a_slots = total >> 16;
+  const int a_bits = kSeenLo | (p.pair == 1 ? kSeenHi : 0);
+  int ob = a_slots + (excl & 0xffff);
+#pragma unroll
+  for (int k = 0; k < kSeg; ++k) {
+    const int i = threadIdx.x * kSeg + k;
+    if (sorted ? ea[k] >= 0 : i < count) work[i] = ea[k] < 0 ? -1 : ea[k] | a_bits | (((a_in_b >> k) & 1u) ? kSeenHi : 0);
+    if (eb[k] >= 0 && !((b_in_a >> k) & 1u)) work[ob++] = eb[k] | kSeenHi;
+  }
+  __syncthreads();
+  return a_slots + (total & 0xffff);
+}
+
+// Query / head of fragment row r (0-15), or head -1 where the row is padding.
+struct RowMap {
+  int query, head;
+};
+__device__ __forceinline__ RowMap fragment_row(int r, int qa, bool has_b, int pair, int group) {
+  if (pair == 2) {
+    const bool hi = r >= 8;
+    const int head = r % 8;
+    return {qa + hi, (head < group && (!hi || has_b)) ? head : -1};
+  }
+  return {qa, r < group ? r : -1};
+}
+
+// m16n8k16 A fragments (16 rows x D) of a [N, H, D] bf16 tensor (rows mapped by fragment_row, heads of KV head
+// g's group); zero for padding rows.
+template <int D>
+__device__ __forceinline__ void load_row_fragments(uint32_t (&f)[D / 16][4], const __nv_bfloat16* x, int64_t stride,
+                                                   int qa, bool has_b, int pair, int group, int g) {
+  const int lane = threadIdx.x % 32;
+  const int r0 = lane / 4, cq = (lane % 4) * 2;
+  const RowMap m0 = fragment_row(r0, qa, has_b, pair, group), m1 = fragment_row(r0 + 8, qa, has_b, pair, group);
+  const __nv_bfloat16* p0 = x + m0.query * stride + (static_cast<int64_t>(g) * group + max(m0.head, 0)) * D;
+  const __nv_bfloat16* p1 = x + m1.query * stride + (static_cast<int64_t>(g) * group + max(m1.head, 0)) * D;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    const int c = kk * 16 + cq;
+    f[kk][0] = m0.head >= 0 ? *reinterpret_cast<const uint32_t*>(p0 + c) : 0u;
+    f[kk][1] = m1.head >= 0 ? *reinterpret_cast<const uint32_t*>(p1 + c) : 0u;
+    f[kk][2] = m0.head >= 0 ? *reinterpret_cast<const uint32_t*>(p0 + c + 8) : 0u;
+    f[kk][3] = m1.head >= 0 ? *reinterpret_cast<const uint32_t*>(p1 + c + 8) : 0u;
+  }
+}
+
+// One warp gathers the K and V rows (KV head g) of work-list tile t into dst (K tile, then V tile; swizzled rows
+// of D bf16), zero-filling empty slots.
+template <int D>
+__device__ __forceinline__ void gather_tile(uint8_t* dst, const int* work, int count_work, int t,
+                                            const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
+                                            int64_t v_stride, int g) {
+  constexpr int kChunks = D / 8, kTileBytes = kTile * D * 2;
+  constexpr int kPerLane = 2 * kTile * kChunks / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int it = 0; it < kPerLane; ++it) {
+    const int i = lane + 32 * it;
+    const int which = i / (kTile * kChunks);  // 0: K, 1: V
+    const int rem = i % (kTile * kChunks);
+    const int r = rem / kChunks, c = rem % kChunks;
+    const int slot = t * kTile + r;
+    const int entry = slot < count_work ? work[slot] : -1;
+    const int row = entry < 0 ? 0 : entry & kRowMask;
+    const __nv_bfloat16* src = which == 0 ? k + row * k_stride : v + row * v_stride;
+    cp_async16(dst + which * kTileBytes + r * D * 2 + swizzle(r, c) * 16, src + g * D + c * 8, entry >= 0);
+  }
+}
+
+// Whether the two score elements (rows lane/4 and lane/4 + 8) of work-list slot `slot` are visible.
+__device__ __forceinline__ void slot_visibility(const int* work, int count_work, int slot, bool& lo, bool& hi) {
+  const int entry = slot < count_work ? work[slot] : -1;
+  lo = entry >= 0 && (entry & kSeenLo);
+  hi = entry >= 0 && (entry & kSeenHi);
+}
+
+}  // namespace sparse_attention
+}  // namespace keye

@@ -1,0 +1,155 @@
+"""Top-k sparse GQA attention (the attention half of DSA): prefill/training with autograd, and paged decode.
+
+    idx = keye.ops.indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, 2048)   # [T, 2048] positions
+    o, lse = keye.ops.sparse_attention(q, k, v, idx, cu_seqlens)                         # q [T, 32, 128] ...
+    o, lse = keye.ops.sparse_attention_decode(q, k_cache, v_cache, slots)                # paged KV, cache slots
+
+The specification is keye/ops/reference/sparse_attention.py. On CUDA with bf16, D in {64, 128} and at most 16 query
+heads per KV head, forward and backward run keye's kernels (csrc/sparse_attention/); other inputs run the
+reference. The backward kernel adds dK/dV with fp32 atomics (fast, summation order varies run to run); with
+torch.use_deterministic_algorithms(True) the backward runs the chunked PyTorch formula instead (deterministic,
+much slower). Both are registered ops (keye::sparse_attention, keye::sparse_attention_backward) with fake
+implementations, so the whole thing traces under torch.compile.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from keye._extension import kernels_available
+from keye.ops._dispatch import use_kernel
+from keye.ops.reference import sparse_attention as ref
+
+# Load the extension (its TORCH_LIBRARY(keye) block) before the Python ops below add to the keye namespace.
+kernels_available()
+
+MAX_KERNEL_SLOTS_PER_SPLIT = 2048  # index slots per query one CTA stages (csrc/sparse_attention, kMaxChunk)
+
+
+def _kernel_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
+    return (use_kernel(q, k) and q.dtype == torch.bfloat16 and q.shape[-1] in (64, 128)
+            and q.shape[-2] // k.shape[-2] <= 16)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def default_splits(q: torch.Tensor, k: torch.Tensor, slots_per_query: int, pair_queries: bool = True) -> int:
+    """CTAs per (query pair, KV head): enough to fill the GPU twice over when there are few queries (decode; more
+    splits measured slower: each adds a partial-output write and merge), never fewer than 64 slots per split, never
+    more than 2048 (the kernel's shared-memory index buffer)."""
+    least = max(1, math.ceil(slots_per_query / MAX_KERNEL_SLOTS_PER_SPLIT))
+    if not q.is_cuda:
+        return least
+    pair = 2 if pair_queries and q.shape[-2] // k.shape[-2] <= 8 else 1
+    ctas = math.ceil(q.shape[0] / pair) * k.shape[1]
+    want = math.ceil(2 * _num_sms(q.device.index or 0) / max(1, ctas))
+    return max(least, min(want, max(1, slots_per_query // 64)))
+
+
+@torch.library.custom_op("keye::sparse_attention", mutates_args=())
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+               row_base: torch.Tensor | None, scale: float, splits: int,
+               pair_queries: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    if _kernel_ok(q, k):
+        return torch.ops.keye.sparse_attention_fwd(q, k, v, indices, row_base, scale, splits, pair_queries)
+    return ref.attend(q, k, v, _rows(indices, row_base), scale)
+
+
+@_attention.register_fake
+def _(q, k, v, indices, row_base, scale, splits, pair_queries=True):
+    return torch.empty_like(q), q.new_empty(q.shape[:2], dtype=torch.float32)
+
+
+@torch.library.custom_op("keye::sparse_attention_backward", mutates_args=())
+def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                        row_base: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
+                        dlse: torch.Tensor, scale: float, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _kernel_ok(q, k) and not torch.are_deterministic_algorithms_enabled():
+        # Fast mode: keye's kernel, fp32 atomics for dk/dv (summation order varies run to run).
+        delta = (do.float() * o.float()).sum(-1) - dlse
+        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.zeros_like(dk)
+        torch.ops.keye.sparse_attention_bwd(q, k, v, do.contiguous(), indices, row_base, lse, delta, scale, splits,
+                                            dq, dk, dv)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # Deterministic mode (and every other device / dtype): the chunked PyTorch formula.
+    return ref.attend_backward(q, k, v, _rows(indices, row_base), o, lse, do, scale, dlse=dlse)
+
+
+@_attention_backward.register_fake
+def _(q, k, v, indices, row_base, o, lse, do, dlse, scale, splits):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _rows(indices: torch.Tensor, row_base: torch.Tensor | None) -> torch.Tensor:
+    return indices if row_base is None else torch.where(indices >= 0, indices + row_base[:, None], -1)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, indices, row_base, scale = inputs[:6]
+    ctx.save_for_backward(q, k, v, indices, row_base, *output)
+    ctx.scale = scale
+    ctx.splits = max(1, math.ceil(indices.shape[1] / MAX_KERNEL_SLOTS_PER_SPLIT))
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, indices, row_base, o, lse = ctx.saved_tensors
+    do = torch.zeros_like(o) if do is None else do
+    dlse = torch.zeros_like(lse) if dlse is None else dlse
+    dq, dk, dv = _attention_backward(q, k, v, indices, row_base, o, lse, do, dlse, ctx.scale, ctx.splits)
+    return dq, dk, dv, None, None, None, None, None
+
+
+_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
+                     cu_seqlens: torch.Tensor, *, scale: float | None = None, packed: bool = False,
+                     splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal top-k sparse attention over a packed batch (prefill and training; differentiable in q, k, v).
+
+    q [T, Hq, D], k and v [T, Hkv, D] (Hq a multiple of Hkv; query head h reads KV head h // (Hq / Hkv));
+    indices int32 [T, K]: for each query the keys it attends to, as positions within its own sequence (the default
+    output of indexer_topk_prefill) or, with packed=True, as rows of the packed batch; -1 = empty slot; every
+    index must be causal (checked while keye.ops.index_checks is on). cu_seqlens [B+1] int32/int64.
+    scale defaults to D^-0.5. Returns o [T, Hq, D] (q's dtype) and lse [T, Hq] fp32 (natural-log softmax
+    denominator; -inf with o = 0 for a query without keys). Gradients of o and lse flow to q, k and v.
+    """
+    ref.check_prefill_args(q, k, v, indices, cu_seqlens)
+    starts = ref.sequence_starts(cu_seqlens, q.shape[0])
+    ref.check_causal(indices, starts, packed)
+    splits = default_splits(q, k, indices.shape[1]) if splits is None else splits
+    if q.is_cuda and q.shape[0] > 0:
+        splits = max(1, min(splits, max(1, indices.shape[1])))
+    return _attention(q, k, v, indices, None if packed else starts, ref.default_scale(q, scale), splits)
+
+
+def sparse_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, *,
+                            scale: float | None = None, splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode over a paged KV cache: q [B, n, Hq, D] (n new tokens per sequence), k_cache and v_cache
+    [num_pages, page_size, Hkv, D] (any page size), slots int32 [B, n, K] (physical cache slots
+    page * page_size + offset, e.g. indexer_topk_decode(..., physical=True); -1 = empty).
+
+    Returns o [B, n, Hq, D] and lse [B, n, Hq]. Each query's slots are split across `splits` CTAs (default: enough
+    to fill the GPU) and merged by log-sum-exp. No host synchronisation while index checks are off; capturable in a
+    CUDA graph.
+    """
+    ref.check_decode_args(q, k_cache, v_cache, slots)
+    B, n, Hq, D = q.shape
+    k = k_cache.view(-1, *k_cache.shape[2:])
+    v = v_cache.view(-1, *v_cache.shape[2:])
+    qf = q.reshape(B * n, Hq, D)
+    pair = n > 1  # consecutive rows share a CTA only when they are tokens of one sequence (n > 1)
+    splits = default_splits(qf, k, slots.shape[-1], pair) if splits is None else splits
+    o, lse = _attention(qf, k, v, slots.reshape(B * n, -1), None, ref.default_scale(q, scale), splits, pair)
+    return o.view(B, n, Hq, D), lse.view(B, n, Hq)
+
+
+__all__ = ["sparse_attention", "sparse_attention_decode", "default_splits"]

@@ -1,0 +1,260 @@
+"""Top-k sparse GQA attention kernel (H200) against the fp32 reference: every head ratio, D 64/128, unstructured
+and structured index sets with -1 padding, varlen, splits, paged decode, CUDA graphs, gradients, opcheck, errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import keye
+from conftest import poison_next_alloc, rel_err
+from keye.ops.reference import sparse_attention as ref
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+O_RTOL = 1e-2     # norm-wise relative error of o (bf16 inputs and P in bf16 vs fp32 math)
+LSE_ATOL = 2e-3   # lse is fp32 math over bf16 inputs: only summation order differs
+
+
+def causal_indices(lengths, K, fill=1.0, device=DEV):
+    """Random causal index sets (positions within the sequence), sorted, -1 padded."""
+    out = []
+    for L in lengths:
+        t = torch.arange(L, device=device)
+        keys = torch.rand(L, L, device=device).masked_fill(torch.ones(L, L, dtype=torch.bool, device=device).triu(1), 2.0)
+        n = torch.clamp((t + 1).float() * fill, min=1).long().clamp(max=K)
+        order = keys.argsort(dim=1)[:, :K]
+        pos = torch.arange(order.shape[1], device=device)
+        sel = torch.where(pos[None, :] < n[:, None], order, torch.full_like(order, 1 << 30)).sort(dim=1).values
+        sel = torch.where(sel >= 1 << 30, -1, sel)
+        if sel.shape[1] < K:
+            sel = torch.cat([sel, sel.new_full((L, K - sel.shape[1]), -1)], 1)
+        out.append(sel.int())
+    return torch.cat(out)
+
+
+def inputs(lengths, Hq, Hkv, D):
+    T = sum(lengths)
+    q, k, v = (torch.randn(T, h, D, device=DEV, dtype=torch.bfloat16) for h in (Hq, Hkv, Hkv))
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    return q, k, v, cu
+
+
+def check_forward(q, k, v, idx, cu, **kw):
+    T, Hq, D = q.shape
+    poison_next_alloc(q.numel() * 2)
+    o, lse = keye.ops.sparse_attention(q, k, v, idx, cu, **kw)
+    o_ref, lse_ref = ref.sparse_attention(q.float(), k.float(), v.float(), idx, cu, **kw)
+    assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert rel_err(o, o_ref) < O_RTOL
+    finite = torch.isfinite(lse_ref)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert (lse[finite] - lse_ref[finite]).abs().max() < LSE_ATOL
+    assert torch.equal(o[~finite], torch.zeros_like(o[~finite]))
+    return o, lse
+
+
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 4), (32, 4), (16, 1), (12, 2), (48, 3)])
+def test_forward_head_ratios(D, Hq, Hkv):
+    q, k, v, cu = inputs([300, 77], Hq, Hkv, D)
+    check_forward(q, k, v, causal_indices([300, 77], 128), cu)
+
+
+@pytest.mark.parametrize("K", [1, 16, 17, 64, 100, 2048])
+def test_forward_topk_sizes_and_short_sequences(K):
+    lengths = [1, 5, 2047, 2048, 2049] if K == 2048 else [1, 5, 2 * K + 3]
+    q, k, v, cu = inputs(lengths, 32, 4, 128)
+    check_forward(q, k, v, causal_indices(lengths, K), cu)
+
+
+def test_forward_unstructured_padding_and_duplicates():
+    lengths, K = [513, 1000], 256
+    q, k, v, cu = inputs(lengths, 32, 4, 128)
+    idx = causal_indices(lengths, K, fill=0.6)
+    perm = torch.rand(idx.shape, device=DEV).argsort(dim=1)  # -1 slots anywhere, not only at the end
+    idx = idx.gather(1, perm)
+    idx[:, 1] = idx[:, 0]  # duplicates count twice
+    idx[7] = -1  # a query with no keys: o = 0, lse = -inf
+    check_forward(q, k, v, idx, cu)
+    starts = torch.tensor([0] * 513 + [513] * 1000, device=DEV, dtype=torch.int32)
+    check_forward(q, k, v, torch.where(idx >= 0, idx + starts[:, None], -1), cu, packed=True)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(32, 4), (8, 4), (16, 1)])
+def test_forward_neighbours_share_keys(Hq, Hkv):
+    """Sorted index sets that overlap (the pair kernel gathers shared rows once): the bench's realistic pattern,
+    pairs of identical rows, and a pair whose second list is a subset of the first."""
+    from keye.bench.sparse_attention import realistic_indices
+
+    T, K = 3001, 1024
+    q, k, v, cu = inputs([T], Hq, Hkv, 128)
+    same = causal_indices([T], K)
+    same[1::2] = same[0:-1:2]  # query 2i+1 selects exactly what query 2i selects (all causal for 2i+1)
+    check_forward(q, k, v, same, cu)
+    subset = same.clone()
+    subset[1::2, ::3] = -1  # ... or a subset of it, still sorted with the empty slots last
+    big = torch.iinfo(torch.int32).max
+    subset = torch.where(subset < 0, big, subset).sort(dim=1).values
+    subset = torch.where(subset == big, -1, subset)
+    check_forward(q, k, v, subset, cu)
+    T2 = 4000
+    q, k, v, cu = inputs([T2], Hq, Hkv, 128)
+    check_forward(q, k, v, realistic_indices(T2, 2048, DEV), cu)
+
+
+def test_forward_large_topk_uses_splits():
+    lengths, K = [6000], 5000  # more slots than one CTA stages (2048): split and merged by lse
+    q, k, v, cu = inputs(lengths, 8, 1, 128)
+    check_forward(q, k, v, causal_indices(lengths, K), cu)
+
+
+def test_splits_agree():
+    lengths, K = [3000], 2048
+    q, k, v, cu = inputs(lengths, 32, 4, 128)
+    idx = causal_indices(lengths, K)
+    o1, l1 = keye.ops.sparse_attention(q, k, v, idx, cu, splits=1)
+    for splits in (2, 5, 32):
+        o, l = keye.ops.sparse_attention(q, k, v, idx, cu, splits=splits)
+        assert rel_err(o, o1.float()) < 4e-3 and (l - l1).abs().max() < 1e-4
+
+
+def test_deterministic():
+    q, k, v, cu = inputs([4000], 32, 4, 128)
+    idx = causal_indices([4000], 2048)
+    o1, l1 = keye.ops.sparse_attention(q, k, v, idx, cu)
+    o2, l2 = keye.ops.sparse_attention(q, k, v, idx, cu)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+def test_dense_fast_path_equals_sdpa():
+    """Sequences no longer than k with every earlier position selected: dense causal attention."""
+    L, K, Hq, Hkv, D = 1500, 2048, 32, 4, 128
+    q, k, v, cu = inputs([L], Hq, Hkv, D)
+    pos = torch.arange(K, device=DEV).expand(L, K)
+    idx = torch.where(pos <= torch.arange(L, device=DEV)[:, None], pos, -1).int()
+    o, _ = keye.ops.sparse_attention(q, k, v, idx, cu)
+    sdpa = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                                          is_causal=True, enable_gqa=True)[0].transpose(0, 1)
+    assert rel_err(o, sdpa.float()) < O_RTOL
+
+
+@pytest.mark.parametrize("page", [1, 64])
+@pytest.mark.parametrize("B,n", [(1, 1), (5, 1), (3, 4)])
+def test_decode_paged(page, B, n):
+    Hq, Hkv, D, K = 32, 4, 128, 2048
+    pages = 9000 // page
+    kc = torch.randn(pages, page, Hkv, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, n, Hq, D, device=DEV, dtype=torch.bfloat16)
+    slots = torch.stack([torch.randperm(pages * page, device=DEV)[:K] for _ in range(B * n)]).view(B, n, K).int()
+    slots[0, 0, 1000:] = -1
+    o, lse = keye.ops.sparse_attention_decode(q, kc, vc, slots)
+    with keye.ops.force_reference():
+        o_ref, lse_ref = keye.ops.sparse_attention_decode(q.float(), kc.float(), vc.float(), slots)
+    assert rel_err(o, o_ref) < O_RTOL and (lse - lse_ref).abs().max() < LSE_ATOL
+
+
+def test_decode_cuda_graph():
+    Hq, Hkv, D, K, B = 32, 4, 128, 2048, 4
+    kc = torch.randn(200, 64, Hkv, D, device=DEV, dtype=torch.bfloat16)
+    vc = torch.randn_like(kc)
+    q = torch.randn(B, 1, Hq, D, device=DEV, dtype=torch.bfloat16)
+    slots = torch.randint(-1, 200 * 64, (B, 1, K), device=DEV, dtype=torch.int32)
+    with keye.ops.index_checks(False):
+        keye.ops.sparse_attention_decode(q, kc, vc, slots)  # warm up outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            o, lse = keye.ops.sparse_attention_decode(q, kc, vc, slots)
+    q.copy_(torch.randn_like(q))
+    slots.copy_(torch.randint(-1, 200 * 64, slots.shape, device=DEV, dtype=torch.int32))
+    graph.replay()
+    o_ref, lse_ref = keye.ops.sparse_attention_decode(q, kc, vc, slots)
+    assert torch.equal(o, o_ref) and torch.equal(lse, lse_ref)
+
+
+def _grads(fn, xs, do, dlse):
+    xs = [x.detach().requires_grad_() for x in xs]
+    o, lse = fn(*xs)
+    ((o.float() * do.float()).sum() + (lse.nan_to_num(neginf=0) * dlse).sum()).backward()
+    return [x.grad for x in xs]
+
+
+@pytest.mark.parametrize("case", ["pairs", "shared", "single_query_per_cta", "d64", "splits", "unsorted"])
+def test_gradients_against_fp64_reference(case):
+    from keye.bench.sparse_attention import realistic_indices
+
+    Hq, Hkv, D, lengths, K = 32, 4, 128, [300, 151], 64
+    if case == "single_query_per_cta":
+        Hq, Hkv = 16, 1
+    elif case == "d64":
+        D = 64
+    elif case == "splits":
+        lengths, K = [2600], 2600
+    elif case == "shared":
+        lengths, K = [2600], 2048
+    q, k, v, cu = inputs(lengths, Hq, Hkv, D)
+    idx = realistic_indices(lengths[0], K, DEV) if case == "shared" else causal_indices(lengths, K, fill=0.8)
+    if case == "unsorted":
+        idx = idx.gather(1, torch.rand(idx.shape, device=DEV).argsort(dim=1))
+    idx[5] = -1  # a query without keys: zero gradient
+    do = torch.randn_like(q)
+    dlse = torch.randn(q.shape[:2], device=DEV)
+    fn = lambda a, b, c: keye.ops.sparse_attention(a, b, c, idx, cu)  # noqa: E731
+    got = _grads(fn, (q, k, v), do, dlse)
+    want = _grads(lambda a, b, c: ref.sparse_attention(a, b, c, idx, cu), (x.double() for x in (q, k, v)), do, dlse)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.bfloat16
+        assert rel_err(g, w) < 2e-2
+    assert torch.equal(got[0][5], torch.zeros_like(got[0][5]))
+    unused = torch.ones(q.shape[0], dtype=torch.bool, device=DEV)
+    starts = ref.sequence_starts(cu, q.shape[0])
+    rows = torch.where(idx >= 0, idx + starts[:, None], -1)
+    unused[rows[rows >= 0].long()] = False
+    assert not got[1][unused].any() and not got[2][unused].any()  # rows nobody selected get exactly zero
+
+
+def test_deterministic_mode_backward(monkeypatch):
+    """torch.use_deterministic_algorithms(True): the chunked PyTorch backward, identical run to run and close to
+    the fast (atomic) kernel."""
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it
+    q, k, v, cu = inputs([700], 32, 4, 128)
+    idx = causal_indices([700], 256)
+    do, dlse = torch.randn_like(q), torch.zeros(q.shape[:2], device=DEV)
+    fn = lambda a, b, c: keye.ops.sparse_attention(a, b, c, idx, cu)  # noqa: E731
+    fast = _grads(fn, (q, k, v), do, dlse)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        det1 = _grads(fn, (q, k, v), do, dlse)
+        det2 = _grads(fn, (q, k, v), do, dlse)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    for a, b, c in zip(det1, det2, fast):
+        assert torch.equal(a, b)
+        assert rel_err(c, a.float()) < 2e-2
+
+
+def test_opcheck_cuda():
+    lengths, K = [70, 33], 32
+    q, k, v, cu = inputs(lengths, 16, 2, 64)
+    idx = causal_indices(lengths, K)
+    starts = ref.sequence_starts(cu, q.shape[0])
+    for x in (q, k, v):
+        x.requires_grad_()
+    torch.library.opcheck(torch.ops.keye.sparse_attention.default, (q, k, v, idx, starts, 0.125, 1))
+    torch.library.opcheck(torch.ops.keye.sparse_attention.default, (q, k, v, idx, starts, 0.125, 3))
+
+
+def test_kernel_errors():
+    q, k, v, cu = inputs([64], 8, 2, 128)
+    idx = torch.zeros(64, 8, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="keye.sparse_attention: argument 'k' must have contiguous heads and dims"):
+        torch.ops.keye.sparse_attention_fwd(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, idx, None, 0.1, 1)
+    with pytest.raises(ValueError, match=r"keye.sparse_attention: argument 'indices' must hold values in \[-1, 63\]"):
+        torch.ops.keye.sparse_attention_fwd(q, k, v, idx + 64, None, 0.1, 1)
+    with pytest.raises(ValueError, match="head dim .* must be 64 or 128"):
+        torch.ops.keye.sparse_attention_fwd(*(x[..., :32].contiguous() for x in (q, k, v)), idx, None, 0.1, 1)
+    with pytest.raises(ValueError, match=r"query heads \(34\) must be a multiple of the KV heads \(2\) with at most 16"):
+        torch.ops.keye.sparse_attention_fwd(torch.randn(64, 34, 128, device=DEV, dtype=torch.bfloat16), k, v, idx,
+                                            None, 0.1, 1)
