@@ -1,0 +1,334 @@
+"""Video decoding benchmark: DALI (NVDEC, GPU tensors) against PyAV and OpenCV on all CPU cores, same run.
+
+    python bench/video_bench.py --film bbb.mp4 --clips a.mp4 b.mp4 ... --out results.json
+
+Two workloads, both sampled at 2 fps with keye.video.sampling (Keye-VL-2.0 rule):
+  film:  one long video (the 10-minute 720p Big Buck Bunny), end to end: index, sample, decode, and for DALI also
+         resize + normalise + patchify into model-ready GPU tensors. DALI splits it at key frames over its streams;
+         the CPU baselines split it the same way over their worker processes.
+  clips: a batch of short videos (15 s pieces cut from the film without re-encoding, plus the given clips).
+CPU baselines return only a checksum from each worker (frames stay in the worker), which flatters them: their
+frames would still have to be resized, normalised and copied to the GPU.
+Reported: frames/s (sampled frames delivered), videos/min, wall seconds, and NVDEC utilisation sampled with NVML
+during the DALI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+
+# ---- CPU workers (run in spawned processes) ----
+
+def _pyav_worker(args):
+    path, frames, index = args
+    from keye.video.cpu import decode_frames_cpu
+
+    out = decode_frames_cpu(path, frames, index, threads=1)
+    return int(out.shape[0]), int(out[:, ::64, ::64].sum())
+
+
+def _opencv_worker(args):
+    path, frames = args
+    import cv2
+
+    cv2.setNumThreads(1)
+    cap = cv2.VideoCapture(path)
+    wanted = sorted(set(int(f) for f in frames))
+    first = wanted[0]
+    if first > 0:
+        cap.set(cv2.CAP_PROP_POS_FRAMES, first)  # OpenCV seeks to a key frame and decodes forward itself
+    pos, got, checksum = first, 0, 0
+    want = set(wanted)
+    while pos <= wanted[-1]:
+        if not cap.grab():
+            break
+        if pos in want:
+            ok, img = cap.retrieve()
+            if ok:
+                rgb = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+                got += 1
+                checksum += int(rgb[::64, ::64].sum())
+        pos += 1
+    cap.release()
+    return got, checksum
+
+
+def _noop(_):
+    return os.getpid()
+
+
+# ---- helpers ----
+
+class NvdecSampler:
+    """Samples NVDEC utilisation (percent) with NVML every 50 ms while active."""
+
+    def __init__(self):
+        self.samples, self._stop, self._thread, self.error = [], threading.Event(), None, None
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            self._nvml, self._handle = pynvml, pynvml.nvmlDeviceGetHandleByIndex(0)
+        except Exception as e:  # no NVML: report why
+            self._nvml, self.error = None, f"{type(e).__name__}: {e}"
+
+    def __enter__(self):
+        self.samples.clear()
+        self._stop.clear()
+        if self._nvml is not None:
+            self._thread = threading.Thread(target=self._run, daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                self.samples.append(self._nvml.nvmlDeviceGetDecoderUtilization(self._handle)[0])
+            except Exception as e:
+                self.error = f"{type(e).__name__}: {e}"
+                return
+            time.sleep(0.05)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def summary(self):
+        if not self.samples:
+            return {"nvdec_util_mean": None, "nvdec_util_max": None, "nvml_error": self.error}
+        return {"nvdec_util_mean": round(statistics.mean(self.samples), 1), "nvdec_util_max": max(self.samples)}
+
+
+def cut_clips(film: str, out_dir: str, count: int, seconds: float) -> list[str]:
+    """`count` pieces of `seconds` each from the film, copied packet by packet (no re-encode), each starting at a
+    key frame."""
+    import av
+
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    with av.open(film) as src:
+        vs = src.streams.video[0]
+        tb = float(vs.time_base)
+        duration = float(src.duration) / 1e6
+        starts = np.linspace(0, duration - seconds - 1, count)
+        for k, start in enumerate(starts):
+            path = os.path.join(out_dir, f"clip{k:03d}.mp4")
+            src.seek(int(start / tb), stream=vs, backward=True)
+            with av.open(path, "w") as dst:
+                out = dst.add_stream_from_template(vs)
+                t0 = None
+                for packet in src.demux(vs):
+                    if packet.dts is None or packet.pts is None:
+                        continue
+                    if t0 is None:
+                        if not packet.is_keyframe:
+                            continue
+                        t0 = packet.pts
+                    if (packet.pts - t0) * tb >= seconds:
+                        break
+                    packet.pts -= t0
+                    packet.dts -= t0
+                    packet.stream = out
+                    dst.mux(packet)
+            paths.append(path)
+    return paths
+
+
+def run_dali(decoder, requests, film_mode: bool):
+    """requests: [(path, index, selection)]. Decode + preprocess to model inputs on the GPU."""
+    import torch
+
+    from keye.video.preprocess import to_model_inputs
+
+    if film_mode:
+        ((path, index, sel),) = requests
+        frames = decoder.decode_split(path, sel.frames, index)
+        outs = [frames]
+    else:
+        outs = decoder.decode_many([(p, s.frames, ix) for p, ix, s in requests])
+        bad = [o for o in outs if isinstance(o, Exception)]
+        if bad:
+            raise bad[0]
+    tokens = 0
+    for (path, index, sel), frames in zip(requests, outs):
+        inputs = to_model_inputs(frames, sel.timestamps)
+        tokens += inputs.num_tokens
+    torch.cuda.synchronize()
+    return sum(len(s.frames) for _, _, s in requests), tokens
+
+
+def index_and_sample(paths):
+    from keye.video import build_index, sample_frames
+
+    out = []
+    for p in paths:
+        ix = build_index(p)
+        out.append((p, ix, sample_frames(ix, fps=2)))
+    return out
+
+
+def timed(fn, repeat):
+    times, result = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times), result
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--film", required=True)
+    ap.add_argument("--clips", nargs="*", default=[])
+    ap.add_argument("--num-clips", type=int, default=32, help="15 s pieces cut from the film")
+    ap.add_argument("--clip-seconds", type=float, default=15.0)
+    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 7, 12], help="DALI stream counts to try")
+    ap.add_argument("--cpu-workers", type=int, default=os.cpu_count())
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--workdir", default="/tmp/keye_video_bench")
+    ap.add_argument("--out", default="video_bench.json")
+    ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--skip-dali", action="store_true", help="CPU baselines only (machines without a GPU)")
+    args = ap.parse_args()
+
+    import torch
+
+    from keye.video.dali import DaliDecoder, split_at_keyframes
+
+    report = {"host": platform.node(), "cpus": os.cpu_count(), "cpu_workers": args.cpu_workers,
+              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+              "torch": torch.__version__}
+    try:
+        import nvidia.dali as nd
+        report["dali"] = nd.__version__
+    except Exception as e:
+        report["dali"] = f"unavailable: {e}"
+    import av
+    report["pyav"] = av.__version__
+    try:
+        import cv2
+        report["opencv"] = cv2.__version__
+    except Exception as e:
+        report["opencv"] = f"unavailable: {e}"
+    results = []
+    report["results"] = results
+
+    def record(**row):
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+    t0 = time.perf_counter()
+    clips = cut_clips(args.film, os.path.join(args.workdir, "clips"), args.num_clips, args.clip_seconds) + \
+        list(args.clips)
+    report["clip_cut_s"] = round(time.perf_counter() - t0, 2)
+
+    t0 = time.perf_counter()
+    film = index_and_sample([args.film])
+    film_index_s = time.perf_counter() - t0
+    (film_path, film_ix, film_sel), = film
+    t0 = time.perf_counter()
+    batch = index_and_sample(clips)
+    clips_index_s = time.perf_counter() - t0
+    report["film"] = {"frames": film_ix.num_frames, "duration_s": round(film_ix.duration, 2),
+                      "sampled": len(film_sel), "index_and_sample_s": round(film_index_s, 3)}
+    report["clips"] = {"videos": len(batch), "sampled": sum(len(s.frames) for *_, s in batch),
+                       "index_and_sample_s": round(clips_index_s, 3)}
+    n_clip_frames = report["clips"]["sampled"]
+
+    # --- DALI ---
+    sampler = NvdecSampler()
+    film_gpu_frames = None
+    for streams in [] if args.skip_dali else args.streams:
+        with DaliDecoder(num_streams=streams) as dec:
+            run_dali(dec, batch[:2], False)  # warm-up: pipelines, CUDA context, allocator
+            with sampler:
+                best, med, (n, tokens) = timed(lambda: run_dali(dec, batch, False), args.repeat)
+            record(workload="clips", method=f"DALI NVDEC x{streams} streams -> model-ready GPU tensors", streams=streams,
+                   frames=n, tokens=tokens, best_s=round(best, 3), median_s=round(med, 3),
+                   frames_per_s=round(n / best, 1), videos_per_min=round(len(batch) / best * 60, 1),
+                   end_to_end_s_incl_index=round(best + clips_index_s, 3), **sampler.summary())
+            with sampler:
+                best, med, (n, tokens) = timed(lambda: run_dali(dec, film, True), args.repeat)
+            record(workload="film", method=f"DALI NVDEC x{streams} streams -> model-ready GPU tensors", streams=streams,
+                   frames=n, tokens=tokens, best_s=round(best, 3), median_s=round(med, 3),
+                   frames_per_s=round(n / best, 1), end_to_end_s_incl_index=round(best + film_index_s, 3),
+                   **sampler.summary())
+            if film_gpu_frames is None:
+                probe = film_sel.frames[[0, len(film_sel) // 3, len(film_sel) // 2, -1]]
+                film_gpu_frames = (probe, dec.decode(film_path, probe, film_ix).cpu())
+
+    # GPU vs CPU on the film: same frames?
+    from keye.video.cpu import decode_frames_cpu
+
+    if film_gpu_frames is not None:
+        probe, gpu = film_gpu_frames
+        cpu = decode_frames_cpu(film_path, probe, film_ix)
+        diff = (gpu.float() - cpu.float()).abs()
+        report["film_gpu_vs_cpu"] = {"frames": probe.tolist(), "mean_abs_diff_levels": round(float(diff.mean()), 3),
+                                     "max_abs_diff_levels": float(diff.max()),
+                                     "per_frame_mean": [round(float(d), 3) for d in diff.mean(dim=(1, 2, 3))]}
+
+    # --- CPU baselines ---
+    if not args.skip_cpu:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with ProcessPoolExecutor(args.cpu_workers, mp_context=ctx) as pool:
+            list(pool.map(_noop, range(args.cpu_workers * 2)))  # start every worker before timing
+            film_runs = split_at_keyframes(film_ix, np.unique(film_sel.frames), args.cpu_workers)
+            for name, worker, film_jobs, clip_jobs in (
+                    ("PyAV", _pyav_worker, [(film_path, r, film_ix) for r in film_runs],
+                     [(p, s.frames, ix) for p, ix, s in batch]),
+                    ("OpenCV", _opencv_worker, [(film_path, r) for r in film_runs],
+                     [(p, s.frames) for p, ix, s in batch])):
+                if name == "OpenCV" and not str(report["opencv"])[0].isdigit():
+                    continue
+                list(pool.map(worker, clip_jobs[:args.cpu_workers]))  # warm-up (imports in each worker)
+                best, med, res = timed(lambda: list(pool.map(worker, clip_jobs)), args.repeat)
+                got = sum(r[0] for r in res)
+                record(workload="clips", method=f"{name}, {args.cpu_workers} processes (frames stay on CPU)",
+                       frames=got, expected_frames=n_clip_frames, best_s=round(best, 3), median_s=round(med, 3),
+                       frames_per_s=round(got / best, 1), videos_per_min=round(len(batch) / best * 60, 1),
+                       end_to_end_s_incl_index=round(best + clips_index_s, 3))
+                best, med, res = timed(lambda: list(pool.map(worker, film_jobs)), args.repeat)
+                got = sum(r[0] for r in res)
+                record(workload="film", method=f"{name}, {args.cpu_workers} processes (frames stay on CPU)",
+                       frames=got, expected_frames=len(film_sel), best_s=round(best, 3), median_s=round(med, 3),
+                       frames_per_s=round(got / best, 1), end_to_end_s_incl_index=round(best + film_index_s, 3))
+
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1)
+    print_table(report)
+
+
+def print_table(report):
+    print(f"\n{report.get('gpu')}, {report['cpus']} CPUs; DALI {report.get('dali')}, PyAV {report.get('pyav')}, "
+          f"OpenCV {report.get('opencv')}")
+    print(f"film: {report['film']}; clips: {report['clips']}")
+    print("| workload | method | sampled frames | best s | frames/s | videos/min | NVDEC util mean/max % |")
+    print("|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        util = "" if "nvdec_util_mean" not in r else f"{r['nvdec_util_mean']}/{r['nvdec_util_max']}"
+        print(f"| {r['workload']} | {r['method']} | {r['frames']} | {r['best_s']} | {r['frames_per_s']} | "
+              f"{r.get('videos_per_min', '')} | {util} |")
+    print("film GPU vs CPU:", report.get("film_gpu_vs_cpu"))
+
+
+if __name__ == "__main__":
+    main()

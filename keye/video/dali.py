@@ -1,0 +1,273 @@
+"""GPU decoding with NVIDIA DALI (nvidia-dali-cuda130, NVDEC): exactly the requested frames, as CUDA uint8 RGB.
+
+One DALI pipeline is one decode stream: `fn.decoders.video(device="mixed", frames=...)` fed through external
+sources (encoded bytes + frame list per sample). `DaliDecoder` keeps `num_streams` pipelines and runs them from
+as many threads, so several videos (`decode_many`) or several key-frame-aligned pieces of one long video
+(`decode_split`) keep the GPU's NVDEC engines busy at once (an H100/H200 has 7). Frames leave DALI with a
+device-to-device copy into torch (`feed_ndarray`), never through the host.
+
+Measured on an H200 (bench/video_bench.py; README.md and NOTES.md): 12 streams decode 32 15-s 720p
+clips at 2 fps in 3.1 s with NVDEC 80-99 % busy; DALI decodes each stream from its start up to the last requested
+frame, which is why `decode_split` hands each stream a standalone piece (that variant is CPU-tested only).
+
+Frame numbers are the VideoIndex's (presentation order, built with PyAV), which is also DALI's numbering.
+
+Guard against invented frames: DALI pads frames it cannot produce with zeros by default and says nothing
+(docs/video-io.md §0.3). So every request is checked against the index first (a frame number past the end is a
+ValueError before DALI sees it), frames that the file does not really hold (truncation) are caught by the index
+(packets cut by the end of the file raise TruncatedVideoError), and the number of frames DALI returns must equal
+the number asked for.
+
+Needs a CUDA device and `nvidia-dali-cuda130`; `device="cpu"` runs the same pipeline on DALI's CPU decoder
+(VP8/VP9/MJPEG only in DALI 2.4), which is how this file's wiring is tested on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import queue
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from keye.video.cpu import check_frame_indices
+from keye.video.errors import CorruptVideoError, UnsupportedCodecError, VideoError
+from keye.video.index import VideoIndex, build_index, read_source
+
+# Codecs sent to NVDEC by default: what DALI 2.4's GPU decoder takes minus AV1, which Hopper's NVDEC (H100/H200)
+# lacks (docs/video-io.md §1.1), so AV1 is refused up front with UnsupportedCodecError and keye.video.loader's
+# backend="auto" decodes it on the CPU. On Ampere GA10x / Ada / Blackwell pass codecs=GPU_CODECS | {"av1"}.
+# Verified on an H200: h264 and hevc (mp4, mkv) and vp9 (webm), frame-exact; nothing else was run there.
+GPU_CODECS = frozenset({"h264", "hevc", "vp8", "vp9", "mjpeg", "mpeg4"})
+CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+
+
+def dali_available() -> str | None:
+    """None if DALI imports, else why not."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as e:  # ImportError, or a broken install raising OSError on its libraries
+        return f"nvidia-dali is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+def _build_pipeline(device: str, device_id: int, num_threads: int):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=num_threads, device_id=device_id if device != "cpu" else None,
+                  prefetch_queue_depth=1)
+    def decode_pipeline():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1, no_copy=False)
+        frames = fn.external_source(name="frames", dtype=types.INT32, ndim=1, no_copy=False)
+        return fn.decoders.video(encoded, device="mixed" if device != "cpu" else "cpu", frames=frames)
+
+    pipe = decode_pipeline()
+    pipe.build()
+    return pipe
+
+
+class _Stream:
+    """One pipeline; used by one thread at a time."""
+
+    def __init__(self, device: str, device_id: int, num_threads: int):
+        self.args = (device, device_id, num_threads)
+        self.pipe = _build_pipeline(*self.args)
+
+    def decode(self, data: np.ndarray, frames: np.ndarray, name: str, codec: str) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        try:
+            self.pipe.feed_input("encoded", [data])
+            self.pipe.feed_input("frames", [frames.astype(np.int32)])
+            (out,) = self.pipe.run()
+        except Exception as e:  # DALI raises RuntimeError with the backend's message
+            self.pipe = _build_pipeline(*self.args)  # a pipeline that failed is not reused
+            text = str(e)
+            if any(k in text.lower() for k in ("not supported", "unsupported", "does not support", "no decoder",
+                                               "codec")):
+                raise UnsupportedCodecError(name, f"DALI cannot decode {codec} here: {text.splitlines()[0]}") from e
+            raise CorruptVideoError(name, f"DALI failed to decode: {text.splitlines()[0]}") from e
+        sample = out[0]
+        shape = tuple(sample.shape())
+        if len(shape) != 4 or shape[0] != len(frames) or shape[-1] != 3:
+            raise CorruptVideoError(name, f"DALI returned {shape} for {len(frames)} requested frames (refusing "
+                                          "padded or partial output)")
+        device = "cpu" if self.args[0] == "cpu" else f"cuda:{self.args[1]}"
+        result = torch.empty(shape, dtype=torch.uint8, device=device)
+        stream = torch.cuda.current_stream(result.device) if result.is_cuda else None
+        feed_ndarray(sample, result, cuda_stream=stream)
+        if stream is not None:
+            # The pipeline reuses its output buffer on the next run; the copy must be done before that.
+            stream.synchronize()
+        return result
+
+
+class DaliDecoder:
+    """`num_streams` concurrent DALI decode pipelines on one GPU (device="gpu") or on the CPU (device="cpu",
+    for tests). Thread-safe: each call takes a free pipeline."""
+
+    def __init__(self, num_streams: int = 7, device: str = "gpu", device_id: int = 0, threads_per_stream: int = 2,
+                 codecs=None):
+        why = dali_available()
+        if why is not None:
+            raise RuntimeError(f"DaliDecoder: {why}")
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"DaliDecoder: device must be 'gpu' or 'cpu', got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise RuntimeError("DaliDecoder: device='gpu' needs CUDA, and torch sees no CUDA device")
+        if isinstance(num_streams, bool) or not isinstance(num_streams, int) or num_streams < 1:
+            raise ValueError(f"DaliDecoder: num_streams must be an int >= 1, got {num_streams!r}")
+        self.device = device
+        self.codecs = frozenset(codecs) if codecs is not None else GPU_CODECS if device == "gpu" else CPU_CODECS
+        self._free: queue.Queue[_Stream] = queue.Queue()
+        for _ in range(num_streams):
+            self._free.put(_Stream(device, device_id, threads_per_stream))
+        self.num_streams = num_streams
+        self._pool = ThreadPoolExecutor(num_streams, thread_name_prefix="keye-dali")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _decode_sorted(self, data: np.ndarray, frames: np.ndarray, index: VideoIndex) -> torch.Tensor:
+        stream = self._free.get()
+        try:
+            return stream.decode(data, frames, index.source, index.codec)
+        finally:
+            self._free.put(stream)
+
+    def _prepare(self, source, frames, index: VideoIndex | None):
+        index = build_index(source) if index is None else index
+        frames = check_frame_indices(index, frames, "DaliDecoder")
+        if index.codec not in self.codecs:
+            raise UnsupportedCodecError(index.source, f"codec {index.codec} is not decoded by DALI on {self.device}")
+        data = np.frombuffer(read_source(source), dtype=np.uint8)
+        return index, frames, data
+
+    def decode(self, source, frames, index: VideoIndex | None = None) -> torch.Tensor:
+        """uint8 [len(frames), H, W, 3] on the decoder's device, in the order of `frames`."""
+        index, frames, data = self._prepare(source, frames, index)
+        wanted, inverse = np.unique(frames, return_inverse=True)
+        out = self._decode_sorted(data, wanted, index)
+        return out[torch.as_tensor(inverse, device=out.device)] if len(wanted) != len(frames) or \
+            (np.diff(frames) < 0).any() else out
+
+    def decode_many(self, requests) -> list:
+        """requests: iterable of (source, frames, index or None). Decodes them concurrently over the streams.
+        Returns one entry per request: the frames tensor, or the VideoError that file raised."""
+        futures = [self._pool.submit(self._decode_or_error, *r) for r in requests]
+        return [f.result() for f in futures]
+
+    def _decode_or_error(self, source, frames, index=None):
+        try:
+            return self.decode(source, frames, index)
+        except VideoError as e:
+            return e
+
+    def decode_split(self, source, frames, index: VideoIndex | None = None, parts: int | None = None) -> torch.Tensor:
+        """Like `decode`, for one long video: the sorted frames are cut into up to `parts` (default: the number of
+        streams) runs at key-frame boundaries, balanced by the frames each run must decode; each run's packets are
+        copied (no re-encoding) into a standalone Matroska piece, and the pieces are decoded concurrently, then
+        joined on the device.
+
+        Why pieces and not the whole file per run: measured on an H200 (DALI 2.4, 720p H.264, 10-minute film),
+        giving every stream the whole file with its own frame list took the same 12 s with 1, 7 or 12 streams —
+        the time of one sequential decode of the film (DALI appears to decode from the start of the stream up to
+        the last requested frame). A piece holds only its own groups of pictures."""
+        index, frames, _ = self._prepare(source, frames, index)
+        wanted, inverse = np.unique(frames, return_inverse=True)
+        runs = split_at_keyframes(index, wanted, parts or self.num_streams)
+
+        whole = []
+
+        def piece_and_decode(run):
+            try:
+                piece, local = cut_piece(source, index, run)
+            except NotCuttableError:  # this run decodes from the whole file instead (correct, just slower)
+                if not whole:
+                    whole.append(np.frombuffer(read_source(source), dtype=np.uint8))
+                return self._decode_sorted(whole[0], run, index)
+            return self._decode_sorted(np.frombuffer(piece, dtype=np.uint8), local, index)
+
+        outs = list(self._pool.map(piece_and_decode, runs))
+        out = torch.cat(outs) if len(outs) > 1 else outs[0]
+        return out[torch.as_tensor(inverse, device=out.device)]
+
+
+def split_at_keyframes(index: VideoIndex, wanted: np.ndarray, parts: int) -> list[np.ndarray]:
+    """Cut sorted unique frame numbers into <= parts consecutive runs, each starting a new group of pictures,
+    with about equal decoding work (frames from each group's key frame to its last wanted frame)."""
+    keys = index.keyframe_at_or_before(wanted)
+    group_starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+    group_ends = np.r_[group_starts[1:], len(wanted)]
+    work = wanted[group_ends - 1] - keys[group_starts] + 1
+    target = work.sum() / max(1, parts)
+    runs, start, acc = [], 0, 0
+    for g, (s, e) in enumerate(zip(group_starts, group_ends)):
+        acc += work[g]
+        if acc >= target and len(runs) < parts - 1:
+            runs.append(wanted[start:e])
+            start, acc = e, 0
+    if start < len(wanted):
+        runs.append(wanted[start:])
+    return runs
+
+
+class NotCuttableError(CorruptVideoError):
+    """The video cannot be cut into standalone pieces: a picture shown before its group's key frame (open GOP,
+    e.g. HEVC CRA), or a stream the Matroska muxer cannot copy (PyAV's AV1 decoder stream, libdav1d)."""
+
+
+def cut_piece(source, index: VideoIndex, run: np.ndarray) -> tuple[bytes, np.ndarray]:
+    """A standalone Matroska file with the packets that frames `run` (sorted global frame numbers) need: from the
+    key frame at or before run[0], in decode order, until every frame up to run[-1] is in. Returns the bytes and
+    the run's frame numbers inside the piece. Packets are copied, not re-encoded. A picture that precedes its key
+    frame in presentation order (open GOP) would shift the piece's numbering: then NotCuttableError is
+    raised rather than a wrong piece returned."""
+    import io
+
+    import av
+
+    from keye.video.index import open_container
+
+    key = int(index.keyframe_at_or_before(run[:1])[0])
+    last = int(run[-1])
+    pts_key = int(index.pts[key])
+    missing = set(index.pts[key:last + 1].tolist())
+    kept = []
+    container, _ = open_container(source)
+    buf = io.BytesIO()
+    with container, av.open(buf, "w", format="matroska") as dst:
+        vs = container.streams.video[0]
+        try:
+            out = dst.add_stream_from_template(vs)
+        except (av.error.FFmpegError, ValueError) as e:  # av.codec.codec.UnknownCodecError is a ValueError
+            raise NotCuttableError(index.source, f"cannot copy its {index.codec} stream into a piece: {e}") from e
+        container.seek(pts_key, stream=vs, backward=True, any_frame=False)
+        started = False
+        for packet in container.demux(vs):
+            if packet.size == 0 or packet.pts is None or getattr(packet, "is_discard", False):
+                continue
+            if not started:
+                if not (packet.is_keyframe and packet.pts == pts_key):
+                    continue  # the seek landed on an earlier key frame
+                started = True
+            if packet.pts < pts_key:
+                raise NotCuttableError(index.source, "open-GOP pictures before a key frame; cannot cut it into "
+                                                 "independent pieces")
+            kept.append(int(packet.pts))
+            missing.discard(int(packet.pts))
+            packet.stream = out
+            dst.mux(packet)
+            if not missing:
+                break
+    if missing:
+        raise CorruptVideoError(index.source, f"cutting frames {run[0]}..{last}: {len(missing)} of their packets "
+                                              "were not found after seeking")
+    local = np.searchsorted(np.sort(np.asarray(kept, dtype=np.int64)), index.pts[run])
+    return buf.getvalue(), local.astype(np.int64)

@@ -1,0 +1,200 @@
+"""Per-video frame index: the presentation time of every frame and where the key frames are.
+
+Built once per video by demuxing with PyAV (reads packet headers, decodes nothing, so it is cheap even for
+hour-long videos). Frame i is the i-th frame in *presentation* order (packets sorted by PTS), the same numbering
+DALI's `decoders.video(frames=...)` uses. Timestamps are real PTS, so variable-frame-rate videos are handled:
+frame i is shown from `timestamps[i]` until `timestamps[i + 1]` (the last one for `last_duration`). Times are in
+seconds from the first frame (the first frame is at 0.0), as Keye's prompts expect.
+
+Problems found while indexing raise keye.video.errors types naming the file: missing, zero-length, not a
+container, no video stream, no frames, packets cut off by the end of the file, packets without timestamps.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+
+from keye.video.errors import (CorruptVideoError, EmptyVideoError, NoVideoStreamError, TruncatedVideoError,
+                               UnsupportedCodecError, VideoNotFoundError)
+
+BYTES_NAME = "<bytes>"
+
+
+def source_name(source) -> str:
+    return BYTES_NAME if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
+
+
+def read_source(source) -> bytes:
+    """The encoded bytes of a path or bytes-like source (for decoders that take memory, such as DALI)."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    check_file(source)
+    with open(source, "rb") as f:
+        return f.read()
+
+
+def check_file(source) -> int:
+    """Size in bytes of a file source; raises for a missing / non-regular / empty file."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise EmptyVideoError(BYTES_NAME, "zero-length input")
+        return len(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise ValueError(f"keye.video: a video source must be a path or bytes, got {type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise VideoNotFoundError(path, "no such file")
+    if not os.path.isfile(path):
+        raise VideoNotFoundError(path, "not a regular file")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise EmptyVideoError(path, "zero-length file")
+    return size
+
+
+def open_container(source):
+    """av.open on a path or bytes, with container-level failures turned into VideoErrors."""
+    import av
+
+    size = check_file(source)
+    name = source_name(source)
+    try:
+        return av.open(io.BytesIO(bytes(source)) if name == BYTES_NAME else os.fspath(source), "r"), size
+    except av.error.FFmpegError as e:
+        head = bytes(source[:1 << 16]) if name == BYTES_NAME else open(source, "rb").read(1 << 16)
+        if head[4:8] == b"ftyp" and b"moov" not in (bytes(source) if name == BYTES_NAME else open(source, "rb").read()):
+            raise TruncatedVideoError(name, "MP4/MOV without its 'moov' index box (file cut off before the end, or "
+                                            "never finalised)") from e
+        raise CorruptVideoError(name, f"not a readable media container ({e.strerror or e})") from e
+
+
+@dataclass(frozen=True, eq=False)
+class VideoIndex:
+    source: str
+    codec: str                 # codec of the video stream (FFmpeg canonical name: h264, hevc, vp9, av1, ...)
+    width: int
+    height: int
+    time_base: Fraction        # seconds per PTS unit
+    pts: np.ndarray            # int64 [N], sorted: presentation order
+    keyframe: np.ndarray       # bool [N], same order
+    last_duration: float       # display time of the last frame, seconds
+    file_size: int
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.pts.shape[0])
+
+    @property
+    def timestamps(self) -> np.ndarray:
+        """float64 [N] seconds from the first frame."""
+        return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+
+    @property
+    def duration(self) -> float:
+        """From the start of the first frame to the end of the last one, seconds."""
+        return float(self.timestamps[-1] + self.last_duration)
+
+    @property
+    def average_fps(self) -> float:
+        return self.num_frames / self.duration
+
+    def keyframe_at_or_before(self, frames: np.ndarray) -> np.ndarray:
+        """For each frame index, the index of the last key frame whose PTS is <= that frame's PTS (where a
+        decoder must start to produce it)."""
+        keys = np.flatnonzero(self.keyframe)
+        pos = np.searchsorted(keys, np.asarray(frames), side="right") - 1
+        if (pos < 0).any():  # frames before the first key frame cannot be decoded on their own
+            raise CorruptVideoError(self.source, "frames before the first key frame were requested")
+        return keys[pos]
+
+
+def build_index(source) -> VideoIndex:
+    """Demux `source` (path or bytes) and return its VideoIndex (see module doc)."""
+    import av
+
+    name = source_name(source)
+    container, size = open_container(source)
+    with container:
+        if not container.streams.video:
+            kinds = sorted({s.type for s in container.streams}) or ["nothing"]
+            raise NoVideoStreamError(name, f"no video stream (the file holds {', '.join(kinds)})")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        if ctx is None or ctx.codec is None or not getattr(ctx.codec, "name", None):
+            raise UnsupportedCodecError(name, f"FFmpeg has no decoder for its video codec (container "
+                                              f"{container.format.name})")
+        tb = stream.time_base
+        if tb is None or tb <= 0:
+            raise CorruptVideoError(name, "video stream has no time base")
+        pts, key, durations = [], [], []
+        packets = 0  # including those an edit list drops: the header's frame count includes them too
+        try:
+            for packet in container.demux(stream):
+                if packet.size == 0:  # the demuxer's end-of-stream marker
+                    continue
+                packets += 1
+                if getattr(packet, "is_discard", False):  # dropped by an edit list; never shown
+                    continue
+                t = packet.pts if packet.pts is not None else packet.dts
+                if t is None:
+                    raise CorruptVideoError(name, f"video packet {len(pts)} has no timestamp; cannot index frames")
+                if packet.pos is not None and packet.pos >= 0 and packet.pos + packet.size > size:
+                    raise TruncatedVideoError(name, f"video packet {len(pts)} at byte {packet.pos} (+{packet.size}) "
+                                                    f"runs past the end of the {size}-byte file")
+                pts.append(t)
+                key.append(packet.is_keyframe)
+                durations.append(packet.duration or 0)
+        except av.error.FFmpegError as e:
+            raise CorruptVideoError(name, f"demuxing failed after {len(pts)} video packets ({e.strerror or e})") from e
+        if not pts:
+            raise EmptyVideoError(name, "the video stream holds no frames")
+        announced = stream.frames or 0
+        if container.format.name.startswith("mov") and announced > packets:
+            raise TruncatedVideoError(name, f"the header announces {announced} video frames but only {packets} are "
+                                            "in the file")
+        announced_s = _announced_duration(container, stream)
+        order = np.argsort(np.asarray(pts, dtype=np.int64), kind="stable")
+        pts_sorted = np.asarray(pts, dtype=np.int64)[order]
+        if (np.diff(pts_sorted) == 0).any():
+            raise CorruptVideoError(name, "two video frames share one presentation timestamp")
+        keyframe = np.asarray(key, dtype=bool)[order]
+        if not keyframe.any():
+            raise CorruptVideoError(name, "the video stream has no key frame")
+        last = durations[order[-1]]
+        if last <= 0:  # unknown duration: assume the typical frame spacing
+            last = int(np.median(np.diff(pts_sorted))) if len(pts_sorted) > 1 else 0
+        if last <= 0 and stream.average_rate:
+            last = 1 / (float(stream.average_rate) * float(tb))
+        index = VideoIndex(source=name, codec=getattr(ctx.codec, "canonical_name", None) or ctx.codec.name, width=int(ctx.width), height=int(ctx.height),
+                           time_base=Fraction(tb), pts=pts_sorted, keyframe=keyframe,
+                           last_duration=float(last) * float(tb), file_size=size)
+        if announced_s is not None and not container.format.name.startswith("mov"):
+            # Matroska/WebM carry no frame count, but a duration written when the file was finalised.
+            # Compared with the absolute end time of the last frame: a file (or a cut piece) may start late.
+            end_s = float(pts_sorted[-1] * tb) + index.last_duration
+            slack = 0.5 + 2 * index.duration / index.num_frames
+            if end_s + slack < announced_s:
+                raise TruncatedVideoError(name, f"the header announces {announced_s:.3f} s of video but its frames "
+                                                f"end at {end_s:.3f} s")
+        return index
+
+
+def _announced_duration(container, stream) -> float | None:
+    """The video's duration as the header states it, in seconds, if it states one for this stream."""
+    tag = (stream.metadata or {}).get("DURATION")
+    if tag:
+        try:
+            h, m, sec = tag.split(":")
+            return int(h) * 3600 + int(m) * 60 + float(sec)
+        except ValueError:
+            return None
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if len(container.streams) == 1 and container.duration:
+        return container.duration / 1e6
+    return None
