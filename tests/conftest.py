@@ -22,13 +22,20 @@ def gpu_ready() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if gpu_ready():
-        return
-    why = "no CUDA device" if not torch.cuda.is_available() else f"kernels unavailable: {keye.kernels_unavailable_reason()}"
-    skip = pytest.mark.skip(reason=f"gpu test: {why}")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    """`gpu` tests need a CUDA device and keye's kernels; `cuda` tests only a CUDA device (video decoding, pixel
+    preprocessing: no keye kernel involved)."""
+    no_cuda = not torch.cuda.is_available()
+    if not gpu_ready():
+        why = "no CUDA device" if no_cuda else f"kernels unavailable: {keye.kernels_unavailable_reason()}"
+        skip_gpu = pytest.mark.skip(reason=f"gpu test: {why}")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip_gpu)
+    if no_cuda:
+        skip_cuda = pytest.mark.skip(reason="cuda test: no CUDA device")
+        for item in items:
+            if "cuda" in item.keywords:
+                item.add_marker(skip_cuda)
 
 
 @pytest.fixture(autouse=True)

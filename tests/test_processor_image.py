@@ -167,7 +167,7 @@ def test_bad_videos_and_patch_inputs_raise():
         unpatchify(torch.zeros(5, 3, 14, 14), (1, 2, 2))
 
 
-@pytest.mark.gpu
+@pytest.mark.cuda
 def test_gpu_matches_cpu():
     img = torch.randint(0, 256, (70, 90, 3), dtype=torch.uint8)
     cpu, grid = image_to_patches(img, 84, 112)

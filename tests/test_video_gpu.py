@@ -1,8 +1,6 @@
 """GPU path (DALI + NVDEC): frame exactness on barcode clips (CFR/VFR), agreement with the CPU path on real
 footage, the zero-padding guard, key-frame split decoding, GPU preprocessing and the loader. Needs CUDA and
-nvidia-dali-cuda130 (skipped otherwise). On a machine where the keye CUDA extension is not built, run these with
-`pytest --noconftest` (the shared conftest skips every `gpu` test when the extension is missing, and these do not
-use it)."""
+nvidia-dali-cuda130 (skipped otherwise); keye's own CUDA extension is not needed (marker `cuda`, not `gpu`)."""
 
 import numpy as np
 import pytest
@@ -16,8 +14,7 @@ from keye.video.dali import dali_available  # noqa: E402
 from keye.video.synthetic import read_barcode, write_barcode_video  # noqa: E402
 
 pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"),
+    pytest.mark.cuda,
     pytest.mark.skipif(dali_available() is not None, reason=str(dali_available())),
 ]
 
