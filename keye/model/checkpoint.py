@@ -232,7 +232,7 @@ def _export_tensors(model: KeyeVL, expert_layout: str):
 
 def save_checkpoint(model: KeyeVL, path: str, *, max_shard_bytes: int = 5 * 2 ** 30,
                     expert_layout: str = "fused") -> None:
-    """Write config.json, model-XXXXX-of-YYYYY.safetensors shards and model.safetensors.index.json.
+    """Write config.json, numbered shards (model-00001-of-00003.safetensors, ...) and model.safetensors.index.json.
     expert_layout "fused" (the model's layout) or "per_expert". Tensors go to the CPU one shard at a time."""
     if expert_layout not in ("fused", "per_expert"):
         raise ValueError(f"keye.save_checkpoint: 'expert_layout' must be 'fused' or 'per_expert', got "

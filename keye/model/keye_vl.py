@@ -20,7 +20,8 @@ from keye.model.cache import CacheStep, PagedKVCache
 from keye.model.config import KeyeConfig
 from keye.model.language import LanguageModel
 from keye.model.projector import Projector
-from keye.model.vision import Visual, check_grid_thw
+from keye.model.vision import Visual
+from keye.processor.positions import check_grid_thw
 
 OP = "keye.KeyeVL"
 
@@ -73,7 +74,7 @@ class KeyeVL(nn.Module):
 
         Frames never attend to each other, so the ViT runs on groups of whole frames of about chunk_patches
         patches at a time (sglang's KEYE_VIDEO_PATCH_CHUNK_SIZE): same result, bounded activations."""
-        grids = check_grid_thw(grid_thw, "grid_thw", self.config.vision_config.spatial_merge_size)
+        grids = check_grid_thw(grid_thw, "grid_thw", self.config.vision_config.spatial_merge_size, "keye.model")
         frames = [(h, w) for t, h, w in grids for _ in range(t)]
         n = sum(h * w for h, w in frames)
         if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4 or pixel_values.shape[0] != n:

@@ -14,20 +14,7 @@ import torch.nn.functional as F
 
 from keye.model.config import VisionConfig
 from keye.model.rope import apply_rope, vision_rope_cos_sin
-
-
-def check_grid_thw(grid_thw: torch.Tensor, what: str, merge: int) -> list[tuple[int, int, int]]:
-    """grid_thw as a list of (t, h, w), each positive and h, w multiples of the merge size."""
-    if not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3 \
-            or grid_thw.dtype.is_floating_point:
-        raise ValueError(f"keye.model: '{what}' must be an integer tensor [num_images, 3] (t, h, w), got "
-                         f"{getattr(grid_thw, 'shape', type(grid_thw).__name__)}")
-    grids = [tuple(int(v) for v in row) for row in grid_thw.tolist()]
-    for g in grids:
-        if min(g) < 1 or g[1] % merge or g[2] % merge:
-            raise ValueError(f"keye.model: '{what}' entry {list(g)} must be positive with h and w multiples of "
-                             f"the merge size {merge}")
-    return grids
+from keye.processor.positions import check_grid_thw
 
 
 class VisionEmbeddings(nn.Module):
@@ -116,7 +103,7 @@ class VisionTransformer(nn.Module):
     def forward(self, patches: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """patches [N, C, P, P] -> features [N, D] (same raster order)."""
         cfg = self.cfg
-        grids = check_grid_thw(grid_thw, "grid_thw", cfg.spatial_merge_size)
+        grids = check_grid_thw(grid_thw, "grid_thw", cfg.spatial_merge_size, "keye.model")
         n = sum(t * h * w for t, h, w in grids)
         if not isinstance(patches, torch.Tensor) or patches.dim() != 4 or \
                 tuple(patches.shape[1:]) != (cfg.num_channels, cfg.patch_size, cfg.patch_size):
@@ -146,4 +133,4 @@ class Visual(nn.Module):
         return self.vision_model(patches, grid_thw)
 
 
-__all__ = ["Visual", "VisionTransformer", "check_grid_thw"]
+__all__ = ["Visual", "VisionTransformer"]

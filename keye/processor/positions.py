@@ -20,7 +20,9 @@ from bisect import bisect_left
 import torch
 
 
-def _check_grids(grids, what: str, merge: int) -> list[tuple[int, int, int]]:
+def check_grid_thw(grids, what: str, merge: int, op: str = "mrope_position_ids") -> list[tuple[int, int, int]]:
+    """Image / video-frame grids [N, 3] (t, h, w) as a list of tuples: integers, positive, h and w multiples of the
+    merge size (None or empty -> []). Shared by the processor and the model's vision tower; errors start with op."""
     if grids is None:
         return []
     if not isinstance(grids, torch.Tensor):
@@ -28,13 +30,13 @@ def _check_grids(grids, what: str, merge: int) -> list[tuple[int, int, int]]:
     if grids.numel() == 0:
         return []
     if grids.dim() != 2 or grids.shape[1] != 3 or grids.dtype.is_floating_point or grids.dtype == torch.bool:
-        raise ValueError(f"mrope_position_ids: {what} must be an integer tensor [N, 3] (t, h, w), got "
+        raise ValueError(f"{op}: {what} must be an integer tensor [N, 3] (t, h, w), got "
                          f"{grids.dtype} {list(grids.shape)}")
     out = [tuple(int(v) for v in row) for row in grids.tolist()]
     for g in out:
         if min(g) < 1 or g[1] % merge or g[2] % merge:
-            raise ValueError(f"mrope_position_ids: {what} entry {list(g)} must be positive with h and w multiples "
-                             f"of merge_size {merge}")
+            raise ValueError(f"{op}: {what} entry {list(g)} must be positive with h and w multiples of the merge "
+                             f"size (multiples of merge_size {merge})")
     return out
 
 
@@ -99,8 +101,8 @@ def mrope_position_ids(input_ids: torch.Tensor, image_grid_thw=None, video_grid_
         raise ValueError(f"mrope_position_ids: merge_size must be a positive int, got {merge_size!r}")
     if image_token_id == video_token_id:
         raise ValueError(f"mrope_position_ids: image_token_id and video_token_id are both {image_token_id}")
-    images = _check_grids(image_grid_thw, "image_grid_thw", merge_size)
-    videos = _check_grids(video_grid_thw, "video_grid_thw", merge_size)
+    images = check_grid_thw(image_grid_thw, "image_grid_thw", merge_size)
+    videos = check_grid_thw(video_grid_thw, "video_grid_thw", merge_size)
     single = input_ids.dim() == 1
     ids2d = input_ids.unsqueeze(0) if single else input_ids
     if attention_mask is not None:
