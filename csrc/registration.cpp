@@ -5,6 +5,7 @@
 
 #include "common/check.h"
 #include "dsa_indexer/dsa_indexer.h"
+#include "moe_gemm/grouped_gemm.h"
 #include "moe_permute/moe_permute.h"
 #include "moe_router/moe_router.h"
 #include "sparse_attention/sparse_attention.h"
@@ -16,6 +17,14 @@ TORCH_LIBRARY(keye, m) {
   m.def(
       "moe_router(Tensor logits, int top_k, bool renormalize=True) -> "
       "(Tensor weights, Tensor ids, Tensor counts, Tensor prob_sum)");
+  // Expert GEMMs grouped by offsets (keye/ops/moe_gemm.py; keye/ops/moe.py composes the layer).
+  m.def("moe_grouped_mm(Tensor a, Tensor b, Tensor offsets, bool trans_b=False, int config=-1) -> Tensor");
+  m.def("moe_grouped_mm_wgrad(Tensor a, Tensor dy, Tensor offsets, int config=-1) -> Tensor");
+  m.def("moe_grouped_gemm_configs(str kind) -> str[]", &keye::moe_grouped_gemm_configs);
+  m.def("moe_swiglu(Tensor h) -> Tensor");
+  m.def("moe_swiglu_backward(Tensor h, Tensor d_out) -> Tensor");
+  m.def("moe_decode_gate_up(Tensor x, Tensor src, int top_k, Tensor offsets, Tensor w) -> Tensor");
+  m.def("moe_decode_down(Tensor a, Tensor offsets, Tensor w) -> Tensor");
   // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
   m.def("indexer_rotate_quantize(Tensor x) -> (Tensor x8, Tensor scale)");
   m.def("indexer_logits(Tensor q8, Tensor coef, Tensor k8, Tensor k_scale, int q_pos0, Tensor(a!) out) -> ()");
@@ -48,6 +57,12 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("moe_permute", &keye::moe_permute_cuda);
   m.impl("moe_unpermute", &keye::moe_unpermute_cuda);
   m.impl("moe_router", &keye::moe_router_cuda);
+  m.impl("moe_grouped_mm", &keye::moe_grouped_mm_cuda);
+  m.impl("moe_grouped_mm_wgrad", &keye::moe_grouped_mm_wgrad_cuda);
+  m.impl("moe_swiglu", &keye::moe_swiglu_cuda);
+  m.impl("moe_swiglu_backward", &keye::moe_swiglu_backward_cuda);
+  m.impl("moe_decode_gate_up", &keye::moe_decode_gate_up_cuda);
+  m.impl("moe_decode_down", &keye::moe_decode_down_cuda);
   m.impl("indexer_rotate_quantize", &keye::indexer_rotate_quantize_cuda);
   m.impl("indexer_logits", &keye::indexer_logits_cuda);
   m.impl("indexer_logits_paged", &keye::indexer_logits_paged_cuda);

@@ -25,9 +25,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="comma-separated token counts (default: 4096,16384,65536 on GPU; 1024,4096 on CPU)")
     bench.add_argument("--reps", type=int, help="timed runs per measurement (median is reported)")
     bench.add_argument("--json", help="also write the full report as JSON to this path")
-    bench.add_argument("--suite", choices=("all", "moe", "dsa", "attn"), default="all",
-                       help="which kernels: MoE routing/permutation, the DSA indexer or sparse attention (GPU only), "
-                            "or all")
+    bench.add_argument("--suite", choices=("all", "moe", "dsa", "attn", "gemm"), default="all",
+                       help="which kernels: MoE routing/permutation, the DSA indexer, sparse attention or the MoE "
+                            "grouped GEMMs and layer (the last three GPU only), or all")
     sub.add_parser("info", help="versions and whether the CUDA kernels are available")
     args = parser.parse_args(argv)
     if args.command == "bench":

@@ -9,7 +9,7 @@ import torch
 
 import keye
 from keye import ops
-from keye.bench import dsa_indexer, moe_permute, moe_router, sparse_attention
+from keye.bench import dsa_indexer, moe_gemm, moe_permute, moe_router, sparse_attention
 from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops, write_bandwidth_gbs
 
 
@@ -37,6 +37,8 @@ def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",), att
         report["dsa_indexer"] = dsa_indexer.run(device, reps)
     if "attn" in suites and on_gpu:
         report["sparse_attention"] = sparse_attention.run(device, reps, attn_tokens)
+    if "gemm" in suites and on_gpu:
+        report["moe_gemm"] = moe_gemm.run(device, reps, attn_tokens)
     _derive(report)
     return report
 
@@ -82,6 +84,8 @@ def table(report: dict) -> str:
         lines.append(dsa_indexer.table(report["dsa_indexer"], ceil["copy_GBps"]))
     if "sparse_attention" in report:
         lines.append(sparse_attention.table(report["sparse_attention"], ceil["copy_GBps"]))
+    if "moe_gemm" in report:
+        lines.append(moe_gemm.table(report["moe_gemm"], ceil["copy_GBps"]))
     return "\n".join(lines)
 
 
@@ -89,7 +93,7 @@ def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.tokens or ([4096, 16384, 65536] if device.type == "cuda" else [1024, 4096])
     reps = args.reps or (50 if device.type == "cuda" else 5)
-    suites = ("moe", "dsa", "attn") if args.suite == "all" else (args.suite,)
+    suites = ("moe", "dsa", "attn", "gemm") if args.suite == "all" else (args.suite,)
     report = run(tokens, reps, device, suites, attn_tokens=args.tokens)
     text = table(report)
     print(text)
@@ -98,7 +102,8 @@ def main(args) -> int:
             json.dump(report, f, indent=1)
     records = report["results"] + report.get("dsa_indexer", {}).get("results", [])
     records += report.get("sparse_attention", {}).get("results", [])
+    records += report.get("moe_gemm", {}).get("gemm", []) + report.get("moe_gemm", {}).get("layer", [])
     failed = [r for r in records if r["check"] != "ok"]
     if failed:
-        print(f"SELF-CHECK FAILED: {[(r['op'], r.get('tokens', r.get('batch'))) for r in failed]}")
+        print(f"SELF-CHECK FAILED: {[(r.get('op', r.get('gemm', r.get('shape'))), r.get('tokens', r.get('batch'))) for r in failed]}")
     return 1 if failed else 0

@@ -1,7 +1,7 @@
 """The MoE block of every Keye-VL-2.0 decoder layer: router ``gate`` + 128 SwiGLU experts (no shared expert).
 
 Experts are kept in the checkpoint's fused layout (``experts.gate_up_proj`` [E, hidden, 2I], gate columns first;
-``experts.down_proj`` [E, I, hidden]) which is what keye.ops.moe_experts takes; per-expert checkpoints are
+``experts.down_proj`` [E, I, hidden]) which is what keye.ops.moe takes; per-expert checkpoints are
 converted on load (keye/model/checkpoint.py).
 """
 
@@ -34,7 +34,7 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden]: softmax router, top-k, renormalised weights, weighted SwiGLU experts."""
         r = keye.ops.moe_router(self.gate(x), self.top_k, self.renormalize)
-        return keye.ops.moe_experts(x, r.weights, r.ids, self.experts.gate_up_proj, self.experts.down_proj)
+        return keye.ops.moe(x, r.weights, r.ids, self.experts.gate_up_proj, self.experts.down_proj)
 
 
 __all__ = ["SparseMoeBlock", "Experts"]

@@ -18,7 +18,7 @@ from keye.ops._checks import check_index_range, check_same_device, check_size, c
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def check_experts_args(x, weights, ids, gate_up, down, op="moe_experts") -> None:
+def check_experts_args(x, weights, ids, gate_up, down, op="moe") -> None:
     check_tensor(x, op, "x", FLOATS, 2, "[T, H]")
     T, H = x.shape
     check_tensor(weights, op, "weights", FLOATS, 2, "[T, top_k]")
@@ -40,7 +40,7 @@ def check_experts_args(x, weights, ids, gate_up, down, op="moe_experts") -> None
     check_index_range(ids, -1, E - 1, op, "ids")
 
 
-def moe_experts(x, weights, ids, gate_up, down) -> torch.Tensor:
+def moe(x, weights, ids, gate_up, down) -> torch.Tensor:
     check_experts_args(x, weights, ids, gate_up, down)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     I = down.shape[1]

@@ -1,0 +1,189 @@
+// Host side of the MoE grouped GEMMs: argument checks, the choice of tile configuration, and the zero fill of
+// output that no expert covers. The GEMMs themselves are CUTLASS kernels (grouped_gemm_kernel.cuh).
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+
+#include <climits>
+#include <string>
+#include <vector>
+
+#include "common/check.h"
+#include "moe_gemm/grouped_gemm.h"
+#include "moe_gemm/grouped_gemm_args.h"
+
+namespace keye {
+namespace {
+
+using RunFn = void (*)(const GroupedGemmArgs&);
+using NameFn = const char* (*)();
+struct ConfigEntry {
+  RunFn run;
+  NameFn name;
+};
+
+template <GroupedKind kKind, int... kIds>
+std::vector<ConfigEntry> table(std::integer_sequence<int, kIds...>) {
+  return {ConfigEntry{&GroupedGemmConfig<kKind, kIds>::run, &GroupedGemmConfig<kKind, kIds>::name}...};
+}
+
+const std::vector<ConfigEntry>& configs(GroupedKind kind) {
+  static const std::vector<ConfigEntry> fwd = table<GroupedKind::kFwd>(std::make_integer_sequence<int, kNumConfigs[0]>{});
+  static const std::vector<ConfigEntry> dgrad =
+      table<GroupedKind::kDgrad>(std::make_integer_sequence<int, kNumConfigs[1]>{});
+  static const std::vector<ConfigEntry> wgrad =
+      table<GroupedKind::kWgrad>(std::make_integer_sequence<int, kNumConfigs[2]>{});
+  return kind == GroupedKind::kFwd ? fwd : kind == GroupedKind::kDgrad ? dgrad : wgrad;
+}
+
+// Default tile configuration from the average rows per expert (known on the host without a sync) and the
+// reduction length. From the H200 sweep (NOTES.md, MoE grouped GEMM): cooperative 128x256 wins wherever the
+// K loop is long; pingpong 128x128 (one warpgroup's epilogue overlapping the other's main loop) wins for the
+// short-K down projection (K = 768) once experts have >= 1024 rows, and for the data gradient at >= 2048.
+int default_config(GroupedKind kind, int64_t avg_rows, int64_t k) {
+  switch (kind) {
+    case GroupedKind::kFwd:
+      if (avg_rows < 96) return 0;
+      return (k <= 1024 && avg_rows >= 1024) ? 1 : 3;
+    case GroupedKind::kDgrad: return avg_rows < 96 ? 0 : avg_rows >= 2048 ? 1 : 2;
+    case GroupedKind::kWgrad: return 1;
+  }
+  return 0;
+}
+
+__global__ void zero_tail_rows_kernel(__nv_bfloat16* out, const int* __restrict__ end, int64_t rows, int64_t cols) {
+  const int64_t first = min(max(static_cast<int64_t>(*end), int64_t{0}), rows);
+  const int64_t n = (rows - first) * cols / 8;  // cols % 8 == 0: 16-byte stores
+  uint4* p = reinterpret_cast<uint4*>(out + first * cols);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = make_uint4(0, 0, 0, 0);
+}
+
+// Weight gradients of experts that received no rows are zero (the GEMM schedules no tile for them).
+__global__ void zero_empty_experts_kernel(__nv_bfloat16* out, const int* __restrict__ offsets, int64_t per_expert) {
+  const int e = blockIdx.y;
+  if (offsets[e + 1] > offsets[e]) return;
+  uint4* p = reinterpret_cast<uint4*>(out + e * per_expert);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < per_expert / 8;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    p[i] = make_uint4(0, 0, 0, 0);
+}
+
+void check_offsets(const at::Tensor& offsets, const at::Tensor& ref, int64_t rows, const char* op) {
+  check_cuda(offsets, op, "offsets");
+  check_same_device(offsets, ref, op, "offsets", "a");
+  check_dtype(offsets, {at::kInt}, op, "offsets");
+  check_dim(offsets, 1, op, "offsets", "[E + 1]");
+  check_contiguous(offsets, op, "offsets");
+  KEYE_CHECK(offsets.size(0) >= 2, "keye.", op, ": argument 'offsets' must hold E + 1 >= 2 values, got ",
+             offsets.size(0));
+  check_index_range(offsets, 0, rows, op, "offsets");
+  check_index_range(offsets.slice(0, 1) - offsets.slice(0, 0, -1), 0, rows, op, "offsets (differences)");
+}
+
+void check_bf16_matrix(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* layout) {
+  check_cuda(t, op, name);
+  check_dtype(t, {at::kBFloat16}, op, name);
+  check_dim(t, dim, op, name, layout);
+  check_contiguous(t, op, name);
+  KEYE_CHECK(t.size(-1) % 8 == 0, "keye.", op, ": argument '", name, "' must have a last dim that is a multiple of 8 ",
+             "(16-byte rows for TMA), got shape ", dims_str(t.sizes()));
+}
+
+int pick_config(GroupedKind kind, int64_t config, int64_t rows, int64_t experts, int64_t k, const char* op) {
+  const int n = static_cast<int>(configs(kind).size());
+  KEYE_CHECK(config >= -1 && config < n, "keye.", op, ": argument 'config' must be -1 (automatic) or in [0, ", n,
+             "), got ", config);
+  return config >= 0 ? static_cast<int>(config) : default_config(kind, rows / experts, k);
+}
+
+GroupedGemmArgs make_args(GroupedKind kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& out,
+                          const at::Tensor& offsets, int64_t rows) {
+  GroupedGemmArgs args{};
+  args.kind = kind;
+  args.a = a.data_ptr();
+  args.b = b.data_ptr();
+  args.out = out.data_ptr();
+  args.offsets = offsets.data_ptr<int>();
+  args.num_experts = static_cast<int>(offsets.size(0) - 1);
+  args.rows = rows;
+  args.byte_options = a.options().dtype(at::kByte);
+  args.stream = c10::cuda::getCurrentCUDAStream();
+  return args;
+}
+
+}  // namespace
+
+void zero_rows_from(at::Tensor& out, const int* first_row, cudaStream_t stream) {
+  zero_tail_rows_kernel<<<64, 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), first_row,
+                                                out.size(0), out.size(1));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<std::string> moe_grouped_gemm_configs(const std::string& kind) {
+  KEYE_CHECK(kind == "fwd" || kind == "dgrad" || kind == "wgrad",
+             "keye.moe_grouped_gemm_configs: kind must be 'fwd', 'dgrad' or 'wgrad', got '", kind, "'");
+  const auto& list = configs(kind == "fwd" ? GroupedKind::kFwd : kind == "dgrad" ? GroupedKind::kDgrad
+                                                                                  : GroupedKind::kWgrad);
+  std::vector<std::string> names;
+  for (const auto& c : list) names.emplace_back(c.name());
+  return names;
+}
+
+at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, bool trans_b,
+                               int64_t config) {
+  const char* op = "moe_grouped_mm";
+  check_bf16_matrix(a, 2, op, "a", "[R, K]");
+  check_bf16_matrix(b, 3, op, "b", trans_b ? "[E, N, K]" : "[E, K, N]");
+  check_same_device(b, a, op, "b", "a");
+  const int64_t R = a.size(0), K = a.size(1), E = b.size(0);
+  const int64_t N = trans_b ? b.size(1) : b.size(2);
+  check_size(b, trans_b ? 2 : 1, K, op, "b", "K (a.size(1))");
+  KEYE_CHECK(N % 8 == 0, "keye.", op, ": the output width N must be a multiple of 8, got ", N);
+  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
+  check_offsets(offsets, a, R, op);
+  check_size(offsets, 0, E + 1, op, "offsets", "E + 1 (b.size(0) + 1)");
+  at::Tensor out = at::empty({R, N}, a.options());
+  if (R == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();
+  const c10::cuda::CUDAGuard guard(a.device());
+  const GroupedKind kind = trans_b ? GroupedKind::kDgrad : GroupedKind::kFwd;
+  GroupedGemmArgs args = make_args(kind, a, b, out, offsets, R);
+  args.n = static_cast<int>(N);
+  args.k = static_cast<int>(K);
+  configs(kind)[pick_config(kind, config, R, E, K, op)].run(args);
+  zero_rows_from(out, offsets.data_ptr<int>() + E, args.stream);
+  return out;
+}
+
+at::Tensor moe_grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& offsets,
+                                     int64_t config) {
+  const char* op = "moe_grouped_mm_wgrad";
+  check_bf16_matrix(a, 2, op, "a", "[R, M]");
+  check_bf16_matrix(dy, 2, op, "dy", "[R, N]");
+  check_same_device(dy, a, op, "dy", "a");
+  check_size(dy, 0, a.size(0), op, "dy", "the rows of a");
+  const int64_t R = a.size(0), M = a.size(1), N = dy.size(1);
+  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
+  check_offsets(offsets, a, R, op);
+  const int64_t E = offsets.size(0) - 1;
+  at::Tensor out = at::empty({E, M, N}, a.options());
+  if (M == 0 || N == 0) return out;
+  const c10::cuda::CUDAGuard guard(a.device());
+  GroupedGemmArgs args = make_args(GroupedKind::kWgrad, a, dy, out, offsets, R);
+  args.m = static_cast<int>(M);
+  args.n = static_cast<int>(N);
+  if (R > 0) configs(GroupedKind::kWgrad)[pick_config(GroupedKind::kWgrad, config, R, E, R / E, op)].run(args);
+  const int64_t per_expert = M * N;
+  zero_empty_experts_kernel<<<dim3(static_cast<unsigned>(std::min<int64_t>(64, (per_expert / 8 + 255) / 256)),
+                                   static_cast<unsigned>(E)),
+                              256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                                     offsets.data_ptr<int>(), per_expert);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace keye

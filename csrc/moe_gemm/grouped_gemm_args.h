@@ -1,0 +1,47 @@
+// What the host side of the grouped GEMMs hands one compiled CUTLASS configuration (kept free of CUTLASS types so
+// the dispatcher does not compile CUTLASS's headers).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include <array>
+#include <cstdint>
+
+namespace keye {
+
+enum class GroupedKind : int {
+  kFwd = 0,    // out[r] = a[r] @ b[e], b [E, K, N] (N contiguous)
+  kDgrad = 1,  // out[r] = a[r] @ b[e]^T, b [E, N, K] (K contiguous)
+  kWgrad = 2,  // out[e] = a[rows e]^T @ dy[rows e], a [R, M], dy [R, N], out [E, M, N]
+};
+
+struct GroupedGemmArgs {
+  GroupedKind kind;
+  const void* a;        // bf16
+  const void* b;        // bf16 (weights for kFwd/kDgrad, dy for kWgrad)
+  void* out;            // bf16
+  const int* offsets;   // [E + 1], device
+  int num_experts;
+  int64_t rows;         // R: rows of a (kFwd/kDgrad) or of a and dy (kWgrad); offsets are clamped to [0, R]
+  int m, n, k;          // kFwd/kDgrad: N and K of the per-expert GEMM (m unused); kWgrad: M = a's columns, N, k unused
+  at::TensorOptions byte_options;  // where the pointer/stride arrays and CUTLASS's workspace are allocated
+  cudaStream_t stream;
+};
+
+// Rows [*first_row, R) of a bf16 [R, C] tensor (C % 8 == 0) set to zero: the rows of slots no expert owns.
+void zero_rows_from(at::Tensor& out, const int* first_row, cudaStream_t stream);
+
+// One compiled CUTLASS configuration: run() launches it, name() says what it is ("cooperative 128x256x64
+// cluster 2x1"). Defined in grouped_gemm_kernel.cuh, instantiated one per translation unit
+// (grouped_gemm_<kind>_<config>.cu) so they compile in parallel.
+template <GroupedKind kKind, int kConfig>
+struct GroupedGemmConfig {
+  static void run(const GroupedGemmArgs& args);
+  static const char* name();
+};
+
+// How many configurations each kind has compiled in (config ids 0..n-1; see grouped_gemm_kernel.cuh).
+constexpr int kNumConfigs[3] = {6, 3, 2};
+
+}  // namespace keye

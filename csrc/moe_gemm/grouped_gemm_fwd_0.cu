@@ -1,0 +1,4 @@
+// Grouped GEMM fwd, configuration 0 (see grouped_gemm_kernel.cuh): its own translation unit to compile in parallel.
+#include "moe_gemm/grouped_gemm_kernel.cuh"
+
+KEYE_GROUPED_GEMM_CONFIG(kFwd, 0)

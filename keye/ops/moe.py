@@ -1,0 +1,89 @@
+"""The routed experts of an MoE block as one differentiable op: router output in, combined hidden states out.
+
+    r = keye.ops.moe_router(router_logits, top_k=8)
+    out = keye.ops.moe(x, r.weights, r.ids, gate_up, down)
+
+Specification: keye/ops/reference/moe.py (a loop over experts in fp32). On CUDA with bf16 on Hopper it runs
+keye's kernels end to end, with no host synchronisation (CUDA-graph capturable with index checks off):
+
+    moe_route -> moe_permute -> grouped GEMM gate_up -> SwiGLU -> grouped GEMM down -> moe_unpermute (weighted)
+
+and for decode-size batches (a few rows per expert, no gradient needed) the two GEMMs are replaced by kernels that
+stream each routed expert's weights once (gather and SwiGLU fused). The backward is deterministic: data gradients
+by grouped GEMMs against the transposed weights, weight gradients by K-grouped GEMMs (one CTA per output tile),
+routing-weight gradients by per-slot dot products; no atomics anywhere.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keye.ops import reference as ref
+from keye.ops._dispatch import use_kernel
+from keye.ops.moe_permute import _slot_dot
+from keye.ops.reference.moe import check_experts_args
+
+# Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs; above it the tensor-core
+# GEMMs win (chosen from the H200 measurements in NOTES.md, MoE layer).
+DECODE_MAX_ROWS_PER_EXPERT = 8
+
+
+def _fast_path_ok(x, gate_up, down) -> bool:
+    return (use_kernel(x, gate_up, down)
+            and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
+        down: torch.Tensor) -> torch.Tensor:
+    """x [T, H], weights/ids [T, K] (ids -1 = not routed), gate_up [E, H, 2I], down [E, I, H] -> [T, H].
+
+    Differentiable in x, weights, gate_up and down.
+    """
+    if not _fast_path_ok(x, gate_up, down):
+        return ref.moe(x, weights, ids, gate_up, down)
+    check_experts_args(x, weights, ids, gate_up, down)
+    x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
+    if not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]:
+        return _decode(x, weights, ids, gate_up, down)
+    return _MoeLayer.apply(x, weights, ids, gate_up, down)
+
+
+def _decode(x, weights, ids, gate_up, down):
+    keye = torch.ops.keye
+    dest, src, offsets = keye.moe_route(ids, gate_up.shape[0], 1)
+    a = keye.moe_decode_gate_up(x, src, ids.shape[1], offsets, gate_up)
+    y = keye.moe_decode_down(a, offsets, down)
+    return keye.moe_unpermute(y, dest, weights)
+
+
+class _MoeLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weights, ids, gate_up, down):
+        keye = torch.ops.keye
+        dest, src, offsets = keye.moe_route(ids, gate_up.shape[0], 1)
+        xs = keye.moe_permute(x, dest, src, None)
+        h = keye.moe_grouped_mm(xs, gate_up, offsets, False, -1)
+        y = keye.moe_grouped_mm(keye.moe_swiglu(h), down, offsets, False, -1)
+        out = keye.moe_unpermute(y, dest, weights)
+        # xs and the SwiGLU output are recomputed in backward (cheap) instead of kept; h and y are kept.
+        ctx.save_for_backward(x, weights, dest, src, offsets, h, y, gate_up, down)
+        return out
+
+    @staticmethod
+    def backward(ctx, d_out):
+        keye = torch.ops.keye
+        x, weights, dest, src, offsets, h, y, gate_up, down = ctx.saved_tensors
+        d_out = d_out.contiguous()
+        d_weights = _slot_dot(y, dest, d_out).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        dy = keye.moe_permute(d_out, dest, src, weights)              # rows: weights[t, k] * d_out[t]
+        d_down = keye.moe_grouped_mm_wgrad(keye.moe_swiglu(h), dy, offsets, -1) if ctx.needs_input_grad[4] else None
+        dh = keye.moe_swiglu_backward(h, keye.moe_grouped_mm(dy, down, offsets, True, -1))
+        d_gate_up = None
+        if ctx.needs_input_grad[3]:
+            d_gate_up = keye.moe_grouped_mm_wgrad(keye.moe_permute(x, dest, src, None), dh, offsets, -1)
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            d_x = keye.moe_unpermute(keye.moe_grouped_mm(dh, gate_up, offsets, True, -1), dest, None)
+        return d_x, d_weights, None, d_gate_up, d_down

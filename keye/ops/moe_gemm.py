@@ -1,0 +1,121 @@
+"""Expert GEMMs over rows grouped by expert: public ops, dispatch, and their torch.library registrations.
+
+    routing = keye.ops.moe_route(ids, num_experts)                    # offsets [E + 1] on the device
+    h = keye.ops.moe_grouped_mm(xs, gate_up, routing.offsets)         # [R, 2I]
+    a = keye.ops.moe_swiglu(h)                                        # [R, I]
+    y = keye.ops.moe_grouped_mm(a, down, routing.offsets)             # [R, H]
+
+Semantics: keye/ops/reference/moe_gemm.py. On CUDA (bf16, Hopper) they run keye's CUTLASS grouped GEMMs and
+kernels (csrc/moe_gemm/); nothing is read back to the host, so they can be captured in a CUDA graph.
+keye.ops.moe composes them into the differentiable layer; these ops themselves carry no autograd formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from keye._extension import kernels_available
+from keye.ops._dispatch import use_kernel
+from keye.ops.reference import moe_gemm as spec
+
+
+def moe_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, trans_b: bool = False,
+                   config: int = -1) -> torch.Tensor:
+    """out[r] = a[r] @ b[e] (b [E, K, N]) or a[r] @ b[e].T (trans_b, b [E, N, K]) for the rows of expert e.
+
+    a [R, K] bf16; offsets [E + 1] int32 from moe_route; rows at or past offsets[E] are zero. config selects a
+    compiled tile configuration (moe_grouped_gemm_configs), -1 picks one from the rows per expert.
+    """
+    if use_kernel(a, b, offsets):
+        return torch.ops.keye.moe_grouped_mm(a, b, offsets, trans_b, config)
+    return spec.moe_grouped_mm(a, b, offsets, trans_b)
+
+
+def moe_grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, config: int = -1) -> torch.Tensor:
+    """[E, M, N]: out[e] = a[rows of e].T @ dy[rows of e], zero for an expert without rows. Deterministic."""
+    if use_kernel(a, dy, offsets):
+        return torch.ops.keye.moe_grouped_mm_wgrad(a, dy, offsets, config)
+    return spec.moe_grouped_mm_wgrad(a, dy, offsets)
+
+
+def moe_swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(h[:, :I]) * h[:, I:] for h [R, 2I] (gate columns first, as in the checkpoint's gate_up_proj)."""
+    if use_kernel(h):
+        return torch.ops.keye.moe_swiglu(h)
+    return spec.moe_swiglu(h)
+
+
+def moe_swiglu_backward(h: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
+    """Gradient of moe_swiglu at h for the output gradient d_out [R, I]: [R, 2I]."""
+    if use_kernel(h, d_out):
+        return torch.ops.keye.moe_swiglu_backward(h, d_out)
+    return spec.moe_swiglu_backward(h, d_out)
+
+
+def moe_decode_gate_up(x: torch.Tensor, src: torch.Tensor, top_k: int, offsets: torch.Tensor,
+                       w: torch.Tensor) -> torch.Tensor:
+    """swiglu(x[src[r] // top_k] @ w[e]) for each grouped row r: the gather, gate_up GEMM and SwiGLU of a decode step."""
+    if use_kernel(x, src, offsets, w):
+        return torch.ops.keye.moe_decode_gate_up(x, src, top_k, offsets, w)
+    return spec.moe_decode_gate_up(x, src, top_k, offsets, w)
+
+
+def moe_decode_down(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a[r] @ w[e] for each grouped row r, streaming each routed expert's weights once (decode-size batches)."""
+    if use_kernel(a, offsets, w):
+        return torch.ops.keye.moe_decode_down(a, offsets, w)
+    return spec.moe_decode_down(a, offsets, w)
+
+
+def moe_grouped_gemm_configs(kind: str) -> list[str]:
+    """Names of the compiled tile configurations for 'fwd', 'dgrad' or 'wgrad' (index = config id)."""
+    if not kernels_available():
+        return []
+    return list(torch.ops.keye.moe_grouped_gemm_configs(kind))
+
+
+# --- torch.library registrations (only when the extension defined the ops) -------------------------
+
+def _register() -> None:
+    lib = "keye::"
+
+    @torch.library.register_fake(lib + "moe_grouped_mm")
+    def _(a, b, offsets, trans_b=False, config=-1):
+        return a.new_empty(a.shape[0], b.shape[1] if trans_b else b.shape[2])
+
+    @torch.library.register_fake(lib + "moe_grouped_mm_wgrad")
+    def _(a, dy, offsets, config=-1):
+        return a.new_empty(offsets.shape[0] - 1, a.shape[1], dy.shape[1])
+
+    @torch.library.register_fake(lib + "moe_swiglu")
+    def _(h):
+        return h.new_empty(h.shape[0], h.shape[1] // 2)
+
+    @torch.library.register_fake(lib + "moe_swiglu_backward")
+    def _(h, d_out):
+        return torch.empty_like(h)
+
+    @torch.library.register_fake(lib + "moe_decode_gate_up")
+    def _(x, src, top_k, offsets, w):
+        return x.new_empty(src.shape[0], w.shape[2] // 2)
+
+    @torch.library.register_fake(lib + "moe_decode_down")
+    def _(a, offsets, w):
+        return a.new_empty(a.shape[0], w.shape[2])
+
+    # The references are the CPU implementations, so torch.ops.keye.* work on any device.
+    torch.library.impl(lib + "moe_grouped_mm", "CPU")(
+        lambda a, b, offsets, trans_b=False, config=-1: spec.moe_grouped_mm(a, b, offsets, trans_b))
+    torch.library.impl(lib + "moe_grouped_mm_wgrad", "CPU")(
+        lambda a, dy, offsets, config=-1: spec.moe_grouped_mm_wgrad(a, dy, offsets))
+    torch.library.impl(lib + "moe_swiglu", "CPU")(spec.moe_swiglu)
+    torch.library.impl(lib + "moe_swiglu_backward", "CPU")(spec.moe_swiglu_backward)
+    torch.library.impl(lib + "moe_decode_gate_up", "CPU")(spec.moe_decode_gate_up)
+    torch.library.impl(lib + "moe_decode_down", "CPU")(spec.moe_decode_down)
+
+
+if kernels_available():
+    _register()
+
+__all__ = ["moe_grouped_mm", "moe_grouped_mm_wgrad", "moe_swiglu", "moe_swiglu_backward", "moe_decode_gate_up",
+           "moe_decode_down", "moe_grouped_gemm_configs"]

@@ -1,0 +1,218 @@
+"""Expert GEMMs over expert-grouped rows: the reference against float64 restatements (CPU), and keye's CUDA
+kernels (CUTLASS grouped GEMMs, SwiGLU, decode GEMVs) against the reference (GPU): every compiled tile
+configuration, empty experts, one expert with every row, R = 1, sizes off every tile, rows no expert owns."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keye import ops
+from keye.ops.reference import moe_gemm as spec
+from conftest import poison_next_alloc, rel_err
+from spec_moe import random_topk_ids
+
+
+def random_offsets(R, E, empty=0.3, tail=0, device="cpu", one_expert=None):
+    """Non-decreasing [E + 1] int32 offsets over R - tail rows; about `empty` of the experts get no rows."""
+    used = R - tail
+    if one_expert is not None:
+        counts = torch.zeros(E, dtype=torch.long)
+        counts[one_expert] = used
+    else:
+        w = torch.rand(E) * (torch.rand(E) >= empty)
+        if w.sum() == 0:
+            w[0] = 1.0
+        counts = torch.distributions.Multinomial(used, w / w.sum()).sample().long() if used > 0 else torch.zeros(E, dtype=torch.long)
+    off = torch.zeros(E + 1, dtype=torch.int32)
+    off[1:] = counts.cumsum(0)
+    return off.to(device)
+
+
+def loop_grouped(a, b, offsets, trans_b=False):
+    out = torch.zeros(a.shape[0], b.shape[1] if trans_b else b.shape[2], dtype=torch.float64)
+    o = offsets.tolist()
+    for e in range(len(o) - 1):
+        for r in range(o[e], o[e + 1]):
+            w = b[e].double()
+            out[r] = a[r].double() @ (w.T if trans_b else w)
+    return out
+
+
+# --- reference (CPU) --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_reference_grouped_mm_matches_row_loop(trans_b):
+    R, E, K, N = 37, 6, 12, 10
+    a = torch.randn(R, K)
+    b = torch.randn(E, N, K) if trans_b else torch.randn(E, K, N)
+    off = random_offsets(R, E, tail=3)
+    got = spec.moe_grouped_mm(a, b, off, trans_b)
+    assert rel_err(got, loop_grouped(a, b, off, trans_b)) < 1e-6
+    assert (got[int(off[-1]):] == 0).all()
+
+
+def test_reference_wgrad_matches_sum_of_outer_products():
+    R, E, M, N = 29, 5, 7, 9
+    a, dy = torch.randn(R, M), torch.randn(R, N)
+    off = random_offsets(R, E, empty=0.4)
+    got = spec.moe_grouped_mm_wgrad(a, dy, off)
+    o = off.tolist()
+    for e in range(E):
+        want = torch.zeros(M, N, dtype=torch.float64)
+        for r in range(o[e], o[e + 1]):
+            want += torch.outer(a[r].double(), dy[r].double())
+        assert torch.allclose(got[e].double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_swiglu_backward_is_the_gradient():
+    h = torch.randn(5, 16, dtype=torch.float64)
+    d = torch.randn(5, 8, dtype=torch.float64)
+    hh = h.clone().requires_grad_()
+    (F.silu(hh[:, :8]) * hh[:, 8:] * d).sum().backward()
+    assert torch.allclose(spec.moe_swiglu_backward(h.float(), d.float()).double(), hh.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_decode_is_gather_gemm_swiglu():
+    T, K, E, H, I = 5, 3, 4, 16, 8
+    x = torch.randn(T, H)
+    ids = random_topk_ids(T, K, E, unrouted=0.2)
+    dest, src, off = ops.moe_route(ids, E)
+    w1, w2 = torch.randn(E, H, 2 * I), torch.randn(E, I, H)
+    xs = ops.moe_permute(x, dest, src)
+    a = spec.moe_decode_gate_up(x, src, K, off, w1)
+    assert rel_err(a, spec.moe_swiglu(spec.moe_grouped_mm(xs, w1, off))) < 1e-5
+    assert rel_err(spec.moe_decode_down(a, off, w2), spec.moe_grouped_mm(a, w2, off)) < 1e-6
+
+
+def test_reference_validation():
+    a, b = torch.randn(8, 4), torch.randn(2, 4, 6)
+    off = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"'offsets' must have dtype int32"):
+        spec.moe_grouped_mm(a, b, off.long())
+    with pytest.raises(ValueError, match=r"'b' has size 4 in dim 1 but K"):
+        spec.moe_grouped_mm(a[:, :3], b, off)
+    with pytest.raises(ValueError, match=r"'offsets \(differences\)' must hold values"):
+        spec.moe_grouped_mm(a, b, torch.tensor([0, 5, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"'offsets' must hold values in \[0, 8\]"):
+        spec.moe_grouped_mm(a, b, torch.tensor([0, 3, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"'offsets' has size 3 in dim 0 but E \+ 1"):
+        spec.moe_grouped_mm(a, torch.randn(3, 4, 6), off)
+
+
+# --- CUDA kernels -----------------------------------------------------------------------------------------------
+
+def bf16(*shape, scale=1.0):
+    return (torch.randn(*shape, device="cuda") * scale).bfloat16()
+
+
+CASES = [  # R, E, K, N, tail, one_expert
+    (1, 4, 64, 48, 0, None),
+    (517, 16, 128, 96, 5, None),
+    (3000, 128, 2048, 1536, 0, None),    # Keye gate_up, ~23 rows per expert
+    (4099, 128, 768, 2048, 17, None),    # Keye down
+    (700, 8, 256, 136, 0, 5),            # every row on one expert
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_grouped_mm_every_config(case, trans_b):
+    R, E, K, N, tail, one = case
+    a = bf16(R, K)
+    b = bf16(E, N, K, scale=K ** -0.5) if trans_b else bf16(E, K, N, scale=K ** -0.5)
+    off = random_offsets(R, E, tail=tail, device="cuda", one_expert=one)
+    want = spec._grouped(a.float(), b.float(), off, trans_b, "test")
+    for config in list(range(len(ops.moe_grouped_gemm_configs("dgrad" if trans_b else "fwd")))) + [-1]:
+        poison_next_alloc(R * N * 2)
+        got = ops.moe_grouped_mm(a, b, off, trans_b=trans_b, config=config)
+        assert rel_err(got, want) < 1e-2, config
+        assert (got[int(off[-1]):] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,E,M,N,empty", [(1, 4, 64, 48, 0.0), (333, 16, 136, 64, 0.5), (4096, 128, 2048, 1536, 0.1),
+                                           (8192, 128, 768, 2048, 0.0)])
+def test_wgrad_every_config_deterministic(R, E, M, N, empty):
+    a, dy = bf16(R, M), bf16(R, N)
+    off = random_offsets(R, E, empty=empty, device="cuda")
+    want = spec.moe_grouped_mm_wgrad(a.float(), dy.float(), off)
+    counts = (off[1:] - off[:-1]).tolist()
+    for config in list(range(len(ops.moe_grouped_gemm_configs("wgrad")))) + [-1]:
+        poison_next_alloc(E * M * N * 2)
+        got = ops.moe_grouped_mm_wgrad(a, dy, off, config=config)
+        assert rel_err(got, want) < 1e-2, config
+        for e, c in enumerate(counts):
+            if c == 0:
+                assert (got[e] == 0).all(), f"expert {e} has no rows but a nonzero gradient"
+        assert torch.equal(got, ops.moe_grouped_mm_wgrad(a, dy, off, config=config)), "not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,I", [(1, 8), (1000, 768), (77, 1408)])
+def test_swiglu_and_backward(R, I):
+    h, d = bf16(R, 2 * I, scale=3.0), bf16(R, I)
+    poison_next_alloc(R * I * 2)
+    assert rel_err(ops.moe_swiglu(h), spec.moe_swiglu(h.float())) < 1e-2
+    poison_next_alloc(R * 2 * I * 2)
+    assert rel_err(ops.moe_swiglu_backward(h, d), spec.moe_swiglu_backward(h.float(), d.float())) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,K,E,H,I,one", [(1, 8, 128, 2048, 768, False), (7, 8, 128, 2048, 768, False),
+                                           (64, 8, 128, 2048, 768, False), (20, 2, 8, 64, 32, True),
+                                           (3, 8, 64, 2048, 1408, False), (3, 4, 8, 256, 64, False)])
+def test_decode_kernels(T, K, E, H, I, one):
+    x = bf16(T, H)
+    ids = random_topk_ids(T, K, E, unrouted=0.1, device="cuda")
+    if one:
+        ids[:, 0] = 1  # 20 rows on expert 1: several 8-row passes over its weights
+    dest, src, off = ops.moe_route(ids, E)
+    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    poison_next_alloc(src.numel() * I * 2)
+    a = ops.moe_decode_gate_up(x, src, K, off, w1)
+    assert rel_err(a, spec.moe_decode_gate_up(x.float(), src, K, off, w1.float())) < 1e-2
+    poison_next_alloc(src.numel() * H * 2)
+    y = ops.moe_decode_down(a, off, w2)
+    assert rel_err(y, spec.moe_decode_down(a.float(), off, w2.float())) < 1e-2
+    assert torch.equal(y, ops.moe_decode_down(a, off, w2)), "not deterministic"
+
+
+@pytest.mark.gpu
+def test_layer_forward_keye_shape_and_graph_capture():
+    T, K, E, H, I = 4096, 8, 128, 2048, 768
+    x = bf16(T, H)
+    ids = random_topk_ids(T, K, E, unrouted=0.0, device="cuda")
+    w = torch.rand(T, K, device="cuda")
+    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    want = ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())
+    assert rel_err(ops.moe(x, w, ids, w1, w2), want) < 1e-2
+    for t in (1, 64, 4096):  # decode path (1, 64 tokens) and GEMM path, each captured in a CUDA graph
+        with ops.index_checks(False):
+            args = (x[:t].clone(), w[:t].clone(), ids[:t].clone(), w1, w2)
+            ops.moe(*args)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = ops.moe(*args)
+            args[0].copy_(bf16(t, H))
+            g.replay()
+        assert rel_err(out, ops.reference.moe(args[0].float(), args[1], args[2], w1.float(), w2.float())) < 1e-2
+
+
+@pytest.mark.gpu
+def test_kernel_errors_name_the_argument():
+    a, b = bf16(8, 64), bf16(2, 64, 48)
+    off = torch.tensor([0, 3, 8], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"moe_grouped_mm: argument 'a' must have dtype bfloat16"):
+        torch.ops.keye.moe_grouped_mm(a.float(), b, off)
+    with pytest.raises(ValueError, match=r"moe_grouped_mm: argument 'b' has size 64 in dim 1 but K"):
+        torch.ops.keye.moe_grouped_mm(a[:, :32].contiguous(), b, off)
+    with pytest.raises(ValueError, match=r"'offsets \(differences\)' must hold values"):
+        torch.ops.keye.moe_grouped_mm(a, b, torch.tensor([0, 5, 3], dtype=torch.int32, device="cuda"))
+    with pytest.raises(ValueError, match=r"argument 'config' must be -1 \(automatic\) or in \[0, "):
+        torch.ops.keye.moe_grouped_mm(a, b, off, False, 99)
+    with pytest.raises(ValueError, match=r"multiple of 8"):
+        torch.ops.keye.moe_grouped_mm(bf16(8, 60), bf16(2, 60, 48), off)
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: argument 'src' must hold values in \[-1, 15\]"):
+        torch.ops.keye.moe_decode_gate_up(a, torch.full((8,), 16, dtype=torch.int32, device="cuda"), 2, off,
+                                          bf16(2, 64, 64))
