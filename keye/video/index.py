@@ -6,6 +6,13 @@ DALI's `decoders.video(frames=...)` uses. Timestamps are real PTS, so variable-f
 frame i is shown from `timestamps[i]` until `timestamps[i + 1]` (the last one for `last_duration`). Times are in
 seconds from the first frame (the first frame is at 0.0), as Keye's prompts expect.
 
+For H.264 and HEVC the index also records which key frames are *random-access points* (IDR, resp. IRAP
+pictures): a key-flagged non-IDR I-frame (x264 puts them at scene cuts; 73 of the 190 key frames of the 10-minute
+Big Buck Bunny) can start a software decoder, which knows the parameter sets from the container, but not NVDEC
+through DALI: FFmpeg's h264_mp4toannexb filter inserts SPS/PPS only before IDR pictures, and DALI's own index
+counts only IDR/IRAP pictures as key frames. keye.video.dali cuts pieces only there and refuses streams that
+start anywhere else.
+
 Problems found while indexing raise keye.video.errors types naming the file: missing, zero-length, not a
 container, no video stream, no frames, packets cut off by the end of the file, packets without timestamps.
 """
@@ -84,6 +91,9 @@ class VideoIndex:
     keyframe: np.ndarray       # bool [N], same order
     last_duration: float       # display time of the last frame, seconds
     file_size: int
+    # bool [N]: key frames that are random-access points for a hardware decoder (IDR for H.264, IRAP for HEVC,
+    # every key frame for other codecs). None where unknown (an index built by hand): then the key frames.
+    random_access: np.ndarray | None = None
 
     @property
     def num_frames(self) -> int:
@@ -106,11 +116,23 @@ class VideoIndex:
     def keyframe_at_or_before(self, frames: np.ndarray) -> np.ndarray:
         """For each frame index, the index of the last key frame whose PTS is <= that frame's PTS (where a
         decoder must start to produce it)."""
-        keys = np.flatnonzero(self.keyframe)
-        pos = np.searchsorted(keys, np.asarray(frames), side="right") - 1
-        if (pos < 0).any():  # frames before the first key frame cannot be decoded on their own
-            raise CorruptVideoError(self.source, "frames before the first key frame were requested")
-        return keys[pos]
+        return self._start_at_or_before(self.keyframe, frames, "key frame")
+
+    @property
+    def random_access_points(self) -> np.ndarray:
+        """bool [N]: where a hardware decoder can start (see `random_access`)."""
+        return self.keyframe if self.random_access is None else self.random_access
+
+    def random_access_at_or_before(self, frames: np.ndarray) -> np.ndarray:
+        """Like keyframe_at_or_before, for random-access points (IDR / IRAP pictures for H.264 / HEVC)."""
+        return self._start_at_or_before(self.random_access_points, frames, "random-access (IDR/IRAP) frame")
+
+    def _start_at_or_before(self, mask: np.ndarray, frames, what: str) -> np.ndarray:
+        starts = np.flatnonzero(mask)
+        pos = np.searchsorted(starts, np.asarray(frames), side="right") - 1
+        if (pos < 0).any():  # frames before the first such frame cannot be decoded starting from it
+            raise CorruptVideoError(self.source, f"frames before the first {what} were requested")
+        return starts[pos]
 
 
 def build_index(source) -> VideoIndex:
@@ -131,7 +153,9 @@ def build_index(source) -> VideoIndex:
         tb = stream.time_base
         if tb is None or tb <= 0:
             raise CorruptVideoError(name, "video stream has no time base")
-        pts, key, durations = [], [], []
+        codec = getattr(ctx.codec, "canonical_name", None) or ctx.codec.name
+        length_size = _nal_length_size(codec, ctx.extradata)
+        pts, key, durations, random_access = [], [], [], []
         packets = 0  # including those an edit list drops: the header's frame count includes them too
         try:
             for packet in container.demux(stream):
@@ -148,6 +172,8 @@ def build_index(source) -> VideoIndex:
                                                     f"runs past the end of the {size}-byte file")
                 pts.append(t)
                 key.append(packet.is_keyframe)
+                random_access.append(packet.is_keyframe and (length_size is None or
+                                                            _is_random_access(bytes(packet), codec, length_size)))
                 durations.append(packet.duration or 0)
         except av.error.FFmpegError as e:
             raise CorruptVideoError(name, f"demuxing failed after {len(pts)} video packets ({e.strerror or e})") from e
@@ -163,6 +189,7 @@ def build_index(source) -> VideoIndex:
         if (np.diff(pts_sorted) == 0).any():
             raise CorruptVideoError(name, "two video frames share one presentation timestamp")
         keyframe = np.asarray(key, dtype=bool)[order]
+        random_access = np.asarray(random_access, dtype=bool)[order]
         if not keyframe.any():
             raise CorruptVideoError(name, "the video stream has no key frame")
         last = durations[order[-1]]
@@ -170,9 +197,9 @@ def build_index(source) -> VideoIndex:
             last = int(np.median(np.diff(pts_sorted))) if len(pts_sorted) > 1 else 0
         if last <= 0 and stream.average_rate:
             last = 1 / (float(stream.average_rate) * float(tb))
-        index = VideoIndex(source=name, codec=getattr(ctx.codec, "canonical_name", None) or ctx.codec.name, width=int(ctx.width), height=int(ctx.height),
+        index = VideoIndex(source=name, codec=codec, width=int(ctx.width), height=int(ctx.height),
                            time_base=Fraction(tb), pts=pts_sorted, keyframe=keyframe,
-                           last_duration=float(last) * float(tb), file_size=size)
+                           last_duration=float(last) * float(tb), file_size=size, random_access=random_access)
         if announced_s is not None and not container.format.name.startswith("mov"):
             # Matroska/WebM carry no frame count, but a duration written when the file was finalised.
             # Compared with the absolute end time of the last frame: a file (or a cut piece) may start late.
@@ -198,3 +225,44 @@ def _announced_duration(container, stream) -> float | None:
     if len(container.streams) == 1 and container.duration:
         return container.duration / 1e6
     return None
+
+
+# NAL unit types of random-access pictures: H.264 IDR slice; HEVC IRAP (BLA, IDR, CRA: 16..21), as DALI counts them.
+_RANDOM_ACCESS_NALS = {"h264": frozenset({5}), "hevc": frozenset(range(16, 22))}
+
+
+def _nal_length_size(codec: str, extradata: bytes | None) -> int | None:
+    """Bytes of each NAL unit's length prefix in this stream's packets (avcC/hvcC extradata), 0 for Annex B start
+    codes, None for codecs without NAL units (their key frames are all random-access points)."""
+    if codec not in _RANDOM_ACCESS_NALS:
+        return None
+    data = bytes(extradata or b"")
+    if codec == "h264" and len(data) >= 7 and data[0] == 1:  # avcC: lengthSizeMinusOne in byte 4
+        return (data[4] & 3) + 1
+    if codec == "hevc" and len(data) >= 23 and data[0] == 1:  # hvcC: lengthSizeMinusOne in byte 21
+        return (data[21] & 3) + 1
+    return 0
+
+
+def _nal_types(data: bytes, codec: str, length_size: int) -> list[int]:
+    """The NAL unit types in one packet, length-prefixed (length_size > 0) or Annex B (0)."""
+    header = (lambda b: b & 0x1F) if codec == "h264" else (lambda b: (b >> 1) & 0x3F)
+    types = []
+    if length_size == 0:  # Annex B. (No sniffing otherwise: a length prefix 00 00 01 xx looks like a start code.)
+        pos = data.find(b"\0\0\1")
+        while 0 <= pos < len(data) - 3:
+            types.append(header(data[pos + 3]))
+            pos = data.find(b"\0\0\1", pos + 3)
+        return types
+    pos = 0
+    while pos + length_size < len(data):
+        size = int.from_bytes(data[pos:pos + length_size], "big")
+        if size <= 0 or pos + length_size + size > len(data):
+            break
+        types.append(header(data[pos + length_size]))
+        pos += length_size + size
+    return types
+
+
+def _is_random_access(data: bytes, codec: str, length_size: int) -> bool:
+    return any(t in _RANDOM_ACCESS_NALS[codec] for t in _nal_types(data, codec, length_size))

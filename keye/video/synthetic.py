@@ -57,11 +57,14 @@ def read_barcode(frames) -> np.ndarray:
 
 def write_barcode_video(path: str, num_frames: int, *, codec: str = "h264", height: int = 144, width: int = 192,
                         fps: int = 25, durations_ms=None, container_format: str | None = None,
-                        open_gop: bool = False) -> np.ndarray:
+                        open_gop: bool = False, non_idr_keys: bool = False) -> np.ndarray:
     """Write a clip whose frame i shows barcode i. Constant frame rate `fps`, or variable frame rate with frame i
     lasting durations_ms[i % len(durations_ms)] milliseconds. `open_gop` (h264 only): key frames are non-IDR
     I-frames whose leading B-frames reference the previous group, as in many real encodes (a decoder that starts
-    at such a key frame first outputs pictures shown before it). Returns the frames' timestamps in seconds."""
+    at such a key frame first outputs pictures shown before it). `non_idr_keys` (h264 only): x264's open-GOP mode
+    without B-frames, so there are no leading pictures: after the first, key frames are non-IDR I-frames that a
+    software decoder can start at (like x264's scene-cut I-frames in real films) but NVDEC through DALI cannot.
+    Returns the frames' timestamps in seconds."""
     import av
 
     _quiet_encoders()
@@ -85,6 +88,10 @@ def write_barcode_video(path: str, num_frames: int, *, codec: str = "h264", heig
             if codec != "h264":
                 raise ValueError("write_barcode_video: open_gop is only implemented for h264")
             stream.options["x264-params"] += ":open-gop=1"
+        if non_idr_keys:
+            if codec != "h264" or open_gop:
+                raise ValueError("write_barcode_video: non_idr_keys is only implemented for h264 without open_gop")
+            stream.options["x264-params"] += ":open-gop=1:bframes=0"
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(barcode_image(i, height, width), format="rgb24")
             frame.pts, frame.time_base = int(pts[i]), tb
@@ -93,6 +100,21 @@ def write_barcode_video(path: str, num_frames: int, *, codec: str = "h264", heig
         for packet in stream.encode():
             out.mux(packet)
     return pts.astype(np.float64) * float(tb)
+
+
+def remux_from(src: str, dst: str, first_pts: int, container_format: str = "matroska") -> None:
+    """Copy the video packets of `src` whose PTS >= first_pts into `dst` (no re-encoding): a file that starts at
+    that frame, which must be a key frame, of a stream without B-frames (decode order = display order)."""
+    import av
+
+    with av.open(src) as inp, av.open(dst, "w", format=container_format) as out:
+        stream = inp.streams.video[0]
+        copy = out.add_stream_from_template(stream)
+        for packet in inp.demux(stream):
+            if packet.size == 0 or packet.pts is None or packet.pts < first_pts:
+                continue
+            packet.stream = copy
+            out.mux(packet)
 
 
 def reencode(src: str, dst: str, codec: str, max_frames: int | None = None,
