@@ -216,3 +216,15 @@ def test_kernel_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"moe_decode_gate_up: argument 'src' must hold values in \[-1, 15\]"):
         torch.ops.keye.moe_decode_gate_up(a, torch.full((8,), 16, dtype=torch.int32, device="cuda"), 2, off,
                                           bf16(2, 64, 64))
+
+
+@pytest.mark.gpu
+def test_decode_kernels_with_no_routed_slot_give_zero_rows():
+    x = bf16(4, 256)
+    ids = torch.full((4, 2), -1, dtype=torch.int32, device="cuda")
+    dest, src, off = ops.moe_route(ids, 8)
+    w1, w2 = bf16(8, 256, 128), bf16(8, 64, 256)
+    poison_next_alloc(src.numel() * 64 * 2)
+    a = ops.moe_decode_gate_up(x, src, 2, off, w1)
+    poison_next_alloc(src.numel() * 256 * 2)
+    assert (a == 0).all() and (ops.moe_decode_down(a, off, w2) == 0).all()

@@ -23,7 +23,9 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kCols = 32;         // output columns per block
 constexpr int kMaxRows = 8;       // most expert rows per weight pass
-constexpr int kKChunk = 1024;     // activation columns staged in shared memory at a time
+constexpr int kStageFloats = 8128;  // activations staged per pass (kStageFloats / kRows columns; with red, < 48 KB)
+constexpr int kLoads = 8;         // 16-byte weight loads per thread per batch; one batch is in flight while the
+                                  // previous one is used (the kernel is bound by load latency without it)
 
 struct DecodeParams {
   const __nv_bfloat16* x;   // gate_up: tokens [T, K]; down: rows [R, K]
@@ -31,6 +33,7 @@ struct DecodeParams {
   int top_k;
   int64_t x_rows;
   const int* offsets;       // [E + 1]
+  int num_experts;          // E
   const __nv_bfloat16* w;   // [E, K, w_cols]
   __nv_bfloat16* out;       // [R, n_out]
   int64_t rows;             // R
@@ -55,12 +58,23 @@ __device__ __forceinline__ void fma_row(float (&acc)[8], float xv, const uint4& 
   }
 }
 
+// A batch of kLoads weight rows for this thread (rows past kc read nothing and stay zero).
+template <int kKLanes>
+__device__ __forceinline__ void load_batch(uint4 (&w)[kLoads], const __nv_bfloat16* wk, int kk, int kc, int w_cols) {
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int row = kk + u * kKLanes;
+    w[u] = row < kc ? __ldg(reinterpret_cast<const uint4*>(wk + static_cast<int64_t>(row) * w_cols))
+                    : make_uint4(0, 0, 0, 0);
+  }
+}
+
 // One pass over the weight slice for up to kRows rows of expert e (nr real ones; the rest of xs is zero).
 template <bool kSwiGLU, int kRows>
-__device__ void expert_pass(const DecodeParams& p, float (*xs)[kKChunk], float (*red)[kRows][2 * kCols], int e,
-                            int col0, int first_row, int nr) {
+__device__ void expert_pass(const DecodeParams& p, float (*xs)[kStageFloats / kRows],
+                            float (*red)[kRows][2 * kCols], int e, int col0, int first_row, int nr) {
   using L = Lanes<kSwiGLU>;
-  constexpr int kLoads = 8;  // independent 16-byte loads in flight per thread: the kernel is latency-bound without
+  constexpr int kChunk = kStageFloats / kRows;
   const int tid = threadIdx.x, vec = tid % L::kVecs, klane = tid / L::kVecs;
   // This thread's 8 weight columns: gate or up half for SwiGLU (vec 0-3 gate, 4-7 up), else one slice.
   const int wcol = kSwiGLU ? (vec < 4 ? col0 + vec * 8 : p.n_out + col0 + (vec - 4) * 8) : col0 + vec * 8;
@@ -71,8 +85,11 @@ __device__ void expert_pass(const DecodeParams& p, float (*xs)[kKChunk], float (
 #pragma unroll
     for (int j = 0; j < 8; ++j) acc[r][j] = 0.0f;
 
-  for (int k0 = 0; k0 < p.k; k0 += kKChunk) {
-    const int kc = min(kKChunk, p.k - k0);
+  for (int k0 = 0; k0 < p.k; k0 += kChunk) {
+    const int kc = min(kChunk, p.k - k0);
+    const __nv_bfloat16* wk = wbase + static_cast<int64_t>(k0) * p.w_cols;
+    uint4 next[kLoads];
+    load_batch<L::kKLanes>(next, wk, klane, kc, p.w_cols);  // weights do not wait for the activations
     __syncthreads();  // xs free
     for (int i = tid; i < kRows * kc; i += kThreads) {
       const int r = i / kc, kk = i % kc;
@@ -88,22 +105,17 @@ __device__ void expert_pass(const DecodeParams& p, float (*xs)[kKChunk], float (
       xs[r][kk] = v;
     }
     __syncthreads();
-    const __nv_bfloat16* wk = wbase + static_cast<int64_t>(k0) * p.w_cols;
-    int kk = klane;
-    for (; kk + (kLoads - 1) * L::kKLanes < kc; kk += kLoads * L::kKLanes) {
-      uint4 w[kLoads];
+    for (int kk = klane; kk < kc; kk += kLoads * L::kKLanes) {
+      uint4 cur[kLoads];
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u)
-        w[u] = __ldg(reinterpret_cast<const uint4*>(wk + static_cast<int64_t>(kk + u * L::kKLanes) * p.w_cols));
+      for (int u = 0; u < kLoads; ++u) cur[u] = next[u];
+      load_batch<L::kKLanes>(next, wk, kk + kLoads * L::kKLanes, kc, p.w_cols);
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u)
+      for (int u = 0; u < kLoads; ++u) {
+        const int row = min(kk + u * L::kKLanes, kc - 1);  // rows past kc hold zero weights
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) fma_row(acc[r], xs[r][kk + u * L::kKLanes], w[u]);
-    }
-    for (; kk < kc; kk += L::kKLanes) {
-      const uint4 w1 = __ldg(reinterpret_cast<const uint4*>(wk + static_cast<int64_t>(kk) * p.w_cols));
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) fma_row(acc[r], xs[r][kk], w1);
+        for (int r = 0; r < kRows; ++r) fma_row(acc[r], xs[r][row], cur[u]);
+      }
     }
   }
   // Sum over the weight rows: lanes of a warp with the same vec (fixed butterfly), then warps in order.
@@ -135,13 +147,44 @@ __device__ void expert_pass(const DecodeParams& p, float (*xs)[kKChunk], float (
   __syncthreads();  // red and xs are reused by the next pass
 }
 
+// Block (x, y) serves output columns 32x.. of the y-th expert that has rows (the grid has min(E, R) rows of
+// blocks, so a decode step with 8 routed experts launches 8 rows of blocks, not E).
+__device__ int nth_nonempty_expert(const DecodeParams& p, int n) {
+  __shared__ int found;
+  if (threadIdx.x < 32) {
+    const int lane = threadIdx.x;
+    int seen = 0, result = -1;
+    for (int base = 0; base < p.num_experts && result < 0; base += 32) {
+      const int e = base + lane;
+      bool has_rows = false;
+      if (e < p.num_experts) {
+        const int64_t a = min(max(static_cast<int64_t>(p.offsets[e]), int64_t{0}), p.rows);
+        has_rows = min(max(static_cast<int64_t>(p.offsets[e + 1]), a), p.rows) > a;
+      }
+      const unsigned mask = __ballot_sync(0xffffffffu, has_rows);
+      const int count = __popc(mask);
+      if (seen + count > n) {  // uniform across the warp
+        const int rank = __popc(mask & ((1u << lane) - 1u));
+        const int hit = __ballot_sync(0xffffffffu, has_rows && rank == n - seen);
+        result = base + __ffs(hit) - 1;
+      }
+      seen += count;
+    }
+    if (lane == 0) found = result;
+  }
+  __syncthreads();
+  return found;
+}
+
 // kRows (rows per weight pass) is picked on the host from the average rows per routed expert: registers and shared
 // memory scale with it, and a pass with fewer real rows than kRows wastes arithmetic, not bandwidth.
 template <bool kSwiGLU, int kRows>
 __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(DecodeParams p) {
-  __shared__ float xs[kRows][kKChunk];
+  __shared__ float xs[kRows][kStageFloats / kRows];
   __shared__ float red[kWarps][kRows][2 * kCols];
-  const int e = blockIdx.y, col0 = blockIdx.x * kCols;
+  const int e = nth_nonempty_expert(p, blockIdx.y);
+  if (e < 0) return;
+  const int col0 = blockIdx.x * kCols;
   const int64_t r0 = min(max(static_cast<int64_t>(p.offsets[e]), int64_t{0}), p.rows);
   const int64_t r1 = min(max(static_cast<int64_t>(p.offsets[e + 1]), r0), p.rows);
   for (int64_t first = r0; first < r1; first += kRows)
@@ -182,8 +225,9 @@ template <bool kSwiGLU>
 void launch(const DecodeParams& p, int64_t experts, at::Tensor& out) {
   if (p.rows == 0) return;
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const dim3 grid(static_cast<unsigned>(p.n_out / kCols), static_cast<unsigned>(experts));
-  const int64_t avg = (p.rows + std::min(experts, p.rows) - 1) / std::min(experts, p.rows);  // rows per routed expert
+  const int64_t routed = std::min(experts, p.rows);  // at most this many experts have rows
+  const dim3 grid(static_cast<unsigned>(p.n_out / kCols), static_cast<unsigned>(routed));
+  const int64_t avg = (p.rows + routed - 1) / routed;  // rows per routed expert
   if (avg <= 1) decode_gemv_kernel<kSwiGLU, 1><<<grid, kThreads, 0, stream>>>(p);
   else if (avg <= 2) decode_gemv_kernel<kSwiGLU, 2><<<grid, kThreads, 0, stream>>>(p);
   else if (avg <= 4) decode_gemv_kernel<kSwiGLU, 4><<<grid, kThreads, 0, stream>>>(p);
@@ -211,11 +255,12 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& src, i
   const int64_t R = src.size(0);
   check_index_range(src, -1, x.size(0) * top_k - 1, op, "src");
   check_decode_offsets(offsets, x, "x", E, R, op);
+  KEYE_CHECK(E < 65536, "keye.", op, ": at most 65535 experts, got ", E);
   KEYE_CHECK(R < INT_MAX && x.size(1) < INT_MAX, "keye.", op, ": sizes must be below 2^31");
   at::Tensor out = at::empty({R, I}, x.options());
   const c10::cuda::CUDAGuard guard(x.device());
   DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), src.data_ptr<int>(), static_cast<int>(top_k),
-                 x.size(0), offsets.data_ptr<int>(), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()),
+                 x.size(0), offsets.data_ptr<int>(), static_cast<int>(E), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()),
                  reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), R, static_cast<int>(x.size(1)),
                  static_cast<int>(w.size(2)), static_cast<int>(I)};
   launch<true>(p, E, out);
@@ -230,11 +275,12 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& offsets, 
   KEYE_CHECK(N % kCols == 0, "keye.", op, ": argument 'w' must have a multiple of ", kCols, " columns, got shape ",
              dims_str(w.sizes()));
   check_decode_offsets(offsets, a, "a", E, R, op);
+  KEYE_CHECK(E < 65536, "keye.", op, ": at most 65535 experts, got ", E);
   KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
   at::Tensor out = at::empty({R, N}, a.options());
   const c10::cuda::CUDAGuard guard(a.device());
   DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), nullptr, 1, R, offsets.data_ptr<int>(),
-                 reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                 static_cast<int>(E), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  R, static_cast<int>(a.size(1)), static_cast<int>(N), static_cast<int>(N)};
   launch<false>(p, E, out);
   return out;

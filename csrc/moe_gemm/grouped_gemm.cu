@@ -39,15 +39,19 @@ const std::vector<ConfigEntry>& configs(GroupedKind kind) {
 }
 
 // Default tile configuration from the average rows per expert (known on the host without a sync) and the
-// reduction length. From the H200 sweep (NOTES.md, MoE grouped GEMM): cooperative 128x256 wins wherever the
-// K loop is long; pingpong 128x128 (one warpgroup's epilogue overlapping the other's main loop) wins for the
-// short-K down projection (K = 768) once experts have >= 1024 rows, and for the data gradient at >= 2048.
+// reduction length K. From the H200 sweep (NOTES.md, MoE grouped GEMM; Keye shapes at 4K/16K/64K tokens):
+// - fwd: cooperative 128x256 with a 1x2 cluster (A tile multicast to both N halves) is fastest or tied wherever
+//   the K loop is long; pingpong 128x128 (one warpgroup's epilogue overlapping the other's main loop) wins for
+//   the short-K down projection (K = 768) once experts have >= 1024 rows (-7% at 64K tokens);
+// - dgrad: pingpong 128x128 from 1024 rows per expert, cooperative 128x256 below;
+// - wgrad: cooperative 128x256 at every size measured;
+// - below ~96 rows per expert the 64-row pingpong tile wastes least on partial tiles.
 int default_config(GroupedKind kind, int64_t avg_rows, int64_t k) {
   switch (kind) {
     case GroupedKind::kFwd:
       if (avg_rows < 96) return 0;
-      return (k <= 1024 && avg_rows >= 1024) ? 1 : 3;
-    case GroupedKind::kDgrad: return avg_rows < 96 ? 0 : avg_rows >= 2048 ? 1 : 2;
+      return (k <= 1024 && avg_rows >= 1024) ? 1 : 5;
+    case GroupedKind::kDgrad: return avg_rows < 96 ? 0 : avg_rows >= 1024 ? 1 : 2;
     case GroupedKind::kWgrad: return 1;
   }
   return 0;
@@ -176,7 +180,7 @@ at::Tensor moe_grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dy, 
   GroupedGemmArgs args = make_args(GroupedKind::kWgrad, a, dy, out, offsets, R);
   args.m = static_cast<int>(M);
   args.n = static_cast<int>(N);
-  if (R > 0) configs(GroupedKind::kWgrad)[pick_config(GroupedKind::kWgrad, config, R, E, R / E, op)].run(args);
+  if (R > 0) configs(GroupedKind::kWgrad)[pick_config(GroupedKind::kWgrad, config, R, E, R, op)].run(args);
   const int64_t per_expert = M * N;
   zero_empty_experts_kernel<<<dim3(static_cast<unsigned>(std::min<int64_t>(64, (per_expert / 8 + 255) / 256)),
                                    static_cast<unsigned>(E)),

@@ -13,7 +13,7 @@ Layer (route -> permute -> gate_up -> SwiGLU -> down -> weighted combine), forwa
 FLOPs: GEMM 2*rows*K*N; layer forward 6*T*k*H*I, forward + backward 18*T*k*H*I. Decode (T = 1, 64): CUDA-graph
 replay of the layer (and of keye's two expert kernels alone), GB/s on the weights of the experts actually routed to,
 against the measured copy rate.
-Each comparison is preceded by a self-check of keye's output against torch's (relative error < 1e-2). Index checks
+Contenders are timed round-robin (keye.bench.timing.median_ms_interleaved). Each comparison is preceded by a self-check of keye's output against torch's (relative error < 1e-2). Index checks
 are off for the timings (keye.ops.index_checks(False)), as in production.
 """
 
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import median_ms, rel_err
+from keye.bench.timing import median_ms_interleaved, rel_err
 
 SHAPES = {"keye": (2048, 768, 128, 8), "dsv3": (7168, 2048, 256, 8), "e64": (2048, 1408, 64, 8)}
 TOKENS = {"keye": (1, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384), "e64": (1, 64, 4096, 16384, 65536)}
@@ -46,24 +46,25 @@ def _torch_layer(x, weights, ids, w1, w2):
     return ops.moe_unpermute(y, dest, weights)
 
 
-def _time(fn, device, reps):
-    return median_ms(fn, device, reps=reps, warmup=3)
-
-
 def _check(a, b) -> str:
     """Self-check on the leading slice (the full outputs reach tens of GB in float64 for DeepSeek-V3 wgrad)."""
     err = rel_err(a.flatten()[: 1 << 26].float(), b.flatten()[: 1 << 26].float())
     return "ok" if err < 1e-2 else f"err {err:.3g}"
 
 
-def _gemm_rows(name, T, rows, K, N, keye_fn, torch_fn, loop_fn, dense_fn, device, reps):
-    check = _check(keye_fn(), torch_fn())
-    rec = {"gemm": name, "tokens": T, "rows": rows, "K": K, "N": N, "check": check}
+def _gemm_rows(name, T, rows, K, N, fns, device, reps, sweep=None):
+    """fns: keye, torch and optionally loop / dense; sweep: one keye call per compiled tile configuration.
+    All are timed round-robin in one interleaved measurement."""
+    rec = {"gemm": name, "tokens": T, "rows": rows, "K": K, "N": N, "check": _check(fns["keye"](), fns["torch"]())}
+    timed = dict(fns)
+    for c, fn in enumerate(sweep or []):
+        timed[f"config{c}"] = fn
+    ms = median_ms_interleaved(timed, device, reps)
     flops = 2 * rows * K * N
-    for key, fn in (("keye", keye_fn), ("torch", torch_fn), ("loop", loop_fn), ("dense", dense_fn)):
-        if fn is not None:
-            ms = _time(fn, device, reps)
-            rec[f"{key}_ms"], rec[f"{key}_TFLOPs"] = ms, flops / ms / 1e9
+    for key in fns:
+        rec[f"{key}_ms"], rec[f"{key}_TFLOPs"] = ms[key], flops / ms[key] / 1e9
+    if sweep:
+        rec["configs_ms"] = [ms[f"config{c}"] for c in range(len(sweep))]
     rec["x_torch"] = rec["torch_ms"] / rec["keye_ms"]
     return rec
 
@@ -86,28 +87,22 @@ def gemm_cases(shape, T, device, reps, sweep):
                 torch.mm(inp[bounds[e]:bounds[e + 1]], w[e], out=res[bounds[e]:bounds[e + 1]])
         return res
 
+    n_fwd, n_dgrad, n_wgrad = (len(ops.moe_grouped_gemm_configs(k)) for k in ("fwd", "dgrad", "wgrad"))
     for name, inp, w in (("gate_up", xs, w1), ("down", a, w2)):
-        rec = _gemm_rows(name, T, rows, inp.shape[1], w.shape[2], lambda: ops.moe_grouped_mm(inp, w, off),
-                         lambda: torch._grouped_mm(inp, w, offs=ends), lambda: loop(inp, w),
-                         lambda: inp @ w[0], device, reps)
-        if sweep:
-            rec["configs_ms"] = [_time(lambda c=c: ops.moe_grouped_mm(inp, w, off, config=c), device, reps)
-                                 for c in range(len(ops.moe_grouped_gemm_configs("fwd")))]
-        out.append(rec)
+        fns = {"keye": lambda: ops.moe_grouped_mm(inp, w, off), "torch": lambda: torch._grouped_mm(inp, w, offs=ends),
+               "loop": lambda: loop(inp, w), "dense": lambda: inp @ w[0]}
+        configs = [lambda c=c: ops.moe_grouped_mm(inp, w, off, config=c) for c in range(n_fwd)] if sweep else None
+        out.append(_gemm_rows(name, T, rows, inp.shape[1], w.shape[2], fns, device, reps, configs))
     if T >= 4096:  # backward GEMMs of gate_up: data gradient (against W^T) and weight gradient (K-grouped)
         w1t = w1.transpose(1, 2)
-        rec = _gemm_rows("gate_up dgrad", T, rows, 2 * I, H, lambda: ops.moe_grouped_mm(dh, w1, off, trans_b=True),
-                         lambda: torch._grouped_mm(dh, w1t, offs=ends), None, lambda: dh @ w1t[0], device, reps)
-        if sweep:
-            rec["configs_ms"] = [_time(lambda c=c: ops.moe_grouped_mm(dh, w1, off, trans_b=True, config=c), device, reps)
-                                 for c in range(len(ops.moe_grouped_gemm_configs("dgrad")))]
-        out.append(rec)
-        rec = _gemm_rows("gate_up wgrad", T, rows, H, 2 * I, lambda: ops.moe_grouped_mm_wgrad(xs, dh, off),
-                         lambda: torch._grouped_mm(xs.t(), dh, offs=ends), None, None, device, reps)
-        if sweep:
-            rec["configs_ms"] = [_time(lambda c=c: ops.moe_grouped_mm_wgrad(xs, dh, off, config=c), device, reps)
-                                 for c in range(len(ops.moe_grouped_gemm_configs("wgrad")))]
-        out.append(rec)
+        fns = {"keye": lambda: ops.moe_grouped_mm(dh, w1, off, trans_b=True),
+               "torch": lambda: torch._grouped_mm(dh, w1t, offs=ends), "dense": lambda: dh @ w1t[0]}
+        configs = ([lambda c=c: ops.moe_grouped_mm(dh, w1, off, trans_b=True, config=c) for c in range(n_dgrad)]
+                   if sweep else None)
+        out.append(_gemm_rows("gate_up dgrad", T, rows, 2 * I, H, fns, device, reps, configs))
+        fns = {"keye": lambda: ops.moe_grouped_mm_wgrad(xs, dh, off), "torch": lambda: torch._grouped_mm(xs.t(), dh, offs=ends)}
+        configs = [lambda c=c: ops.moe_grouped_mm_wgrad(xs, dh, off, config=c) for c in range(n_wgrad)] if sweep else None
+        out.append(_gemm_rows("gate_up wgrad", T, rows, H, 2 * I, fns, device, reps, configs))
     return out
 
 
@@ -117,24 +112,28 @@ def layer_case(shape, T, device, reps, backward):
     rec = {"shape": shape, "tokens": T}
     with torch.no_grad():
         rec["check"] = _check(ops.moe(x, weights, ids, w1, w2), _torch_layer(x, weights, ids, w1, w2))
-        rec["keye_fwd_ms"] = _time(lambda: ops.moe(x, weights, ids, w1, w2), device, reps)
-        rec["torch_fwd_ms"] = _time(lambda: _torch_layer(x, weights, ids, w1, w2), device, reps)
+        ms = median_ms_interleaved({"keye": lambda: ops.moe(x, weights, ids, w1, w2),
+                                    "torch": lambda: _torch_layer(x, weights, ids, w1, w2)}, device, reps)
+        rec["keye_fwd_ms"], rec["torch_fwd_ms"] = ms["keye"], ms["torch"]
     flops = 6 * T * K * H * I
     rec["keye_fwd_TFLOPs"], rec["torch_fwd_TFLOPs"] = flops / rec["keye_fwd_ms"] / 1e9, flops / rec["torch_fwd_ms"] / 1e9
     if T <= 64:  # decode: CUDA-graph replay (how decode runs), bandwidth on the weights of the experts routed to
         active = int(torch.unique(ids[ids >= 0]).numel())
         rec["weight_bytes"] = active * 3 * H * I * 2
         dest, src, off = ops.moe_route(ids, E)
+        graphs = {}
         for key, fn in (("keye", lambda: ops.moe(x, weights, ids, w1, w2)),
                         ("torch", lambda: _torch_layer(x, weights, ids, w1, w2)),
                         ("gemv", lambda: ops.moe_decode_down(ops.moe_decode_gate_up(x, src, K, off, w1), off, w2))):
             with torch.no_grad():
                 fn()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
+                graphs[key] = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graphs[key]):
                     fn()
-            rec[f"{key}_graph_ms"] = _time(graph.replay, device, reps)
-            rec[f"{key}_GBps"] = rec["weight_bytes"] / rec[f"{key}_graph_ms"] / 1e6
+        ms = median_ms_interleaved({k: g.replay for k, g in graphs.items()}, device, reps)
+        for key in graphs:
+            rec[f"{key}_graph_ms"] = ms[key]
+            rec[f"{key}_GBps"] = rec["weight_bytes"] / ms[key] / 1e6
     if backward:
         leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2)]
         g = torch.randn(T, H, device=device, dtype=torch.bfloat16)
@@ -142,8 +141,9 @@ def layer_case(shape, T, device, reps, backward):
         def step(layer):
             layer(leaves[0], leaves[1], ids, leaves[2], leaves[3]).backward(g)
 
-        rec["keye_fwdbwd_ms"] = _time(lambda: step(ops.moe), device, max(3, reps // 2))
-        rec["torch_fwdbwd_ms"] = _time(lambda: step(_torch_layer), device, max(3, reps // 2))
+        ms = median_ms_interleaved({"keye": lambda: step(ops.moe), "torch": lambda: step(_torch_layer)}, device,
+                                   max(3, reps // 2))
+        rec["keye_fwdbwd_ms"], rec["torch_fwdbwd_ms"] = ms["keye"], ms["torch"]
         f3 = 3 * flops
         rec["keye_fwdbwd_TFLOPs"], rec["torch_fwdbwd_TFLOPs"] = f3 / rec["keye_fwdbwd_ms"] / 1e9, f3 / rec["torch_fwdbwd_ms"] / 1e9
     rec["x_torch_fwd"] = rec["torch_fwd_ms"] / rec["keye_fwd_ms"]

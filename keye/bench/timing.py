@@ -40,6 +40,31 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 50, wa
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
 
 
+def median_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 50,
+                          warmup: int = 3) -> dict[str, float]:
+    """Median time in ms of each fn, measured round-robin: every round calls each fn once (L2 flushed before each
+    call), so clock and power drift over a long run weigh on every contender alike. On the H200, back-to-back
+    blocks of one kernel then the other differed by up to 17% for the same kernel depending on its position."""
+    if device.type != "cuda":
+        return {name: median_ms(fn, device, reps, warmup) for name, fn in fns.items()}
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    events = {name: [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                     for _ in range(reps)] for name in fns}
+    torch.cuda.synchronize(device)
+    for i in range(reps):
+        for name, fn in fns.items():
+            flush.zero_()
+            start, end = events[name][i]
+            start.record()
+            fn()
+            end.record()
+    torch.cuda.synchronize(device)
+    return {name: statistics.median(s.elapsed_time(e) for s, e in ev) for name, ev in events.items()}
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
