@@ -187,7 +187,7 @@ def test_layer_forward_keye_shape_and_graph_capture():
     w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
     want = ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())
     assert rel_err(ops.moe(x, w, ids, w1, w2), want) < 1e-2
-    for t in (1, 64, 4096):  # decode path (1, 64 tokens) and GEMM path, each captured in a CUDA graph
+    for t in (1, 64, 4096):  # decode kernels (1 token) and grouped GEMMs (64, 4096), each captured in a CUDA graph
         with ops.index_checks(False):
             args = (x[:t].clone(), w[:t].clone(), ids[:t].clone(), w1, w2)
             ops.moe(*args)

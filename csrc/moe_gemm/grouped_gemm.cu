@@ -39,10 +39,11 @@ const std::vector<ConfigEntry>& configs(GroupedKind kind) {
 }
 
 // Default tile configuration from the average rows per expert (known on the host without a sync) and the
-// reduction length K. From the H200 sweep (NOTES.md, MoE grouped GEMM; Keye shapes at 4K/16K/64K tokens):
-// - fwd: cooperative 128x256 with a 1x2 cluster (A tile multicast to both N halves) is fastest or tied wherever
-//   the K loop is long; pingpong 128x128 (one warpgroup's epilogue overlapping the other's main loop) wins for
-//   the short-K down projection (K = 768) once experts have >= 1024 rows (-7% at 64K tokens);
+// reduction length K. From the H200 sweeps (NOTES.md, MoE grouped GEMM; Keye shapes at 4K/16K/64K tokens, all
+// configurations timed round-robin in one run):
+// - fwd: cooperative 128x256 with a 1x2 cluster (A tile multicast to both N halves) is fastest up to ~1024 rows
+//   per expert; pingpong 128x128 (one warpgroup's epilogue overlapping the other's main loop) from 4096 rows
+//   (-6% gate_up, -14% down at 64K tokens), and from 2048 rows when K is short (down, K = 768);
 // - dgrad: pingpong 128x128 from 1024 rows per expert, cooperative 128x256 below;
 // - wgrad: cooperative 128x256 at every size measured;
 // - below ~96 rows per expert the 64-row pingpong tile wastes least on partial tiles.
@@ -50,7 +51,7 @@ int default_config(GroupedKind kind, int64_t avg_rows, int64_t k) {
   switch (kind) {
     case GroupedKind::kFwd:
       if (avg_rows < 96) return 0;
-      return (k <= 1024 && avg_rows >= 1024) ? 1 : 5;
+      return (avg_rows >= 4096 || (k <= 1024 && avg_rows >= 2048)) ? 1 : 5;
     case GroupedKind::kDgrad: return avg_rows < 96 ? 0 : avg_rows >= 1024 ? 1 : 2;
     case GroupedKind::kWgrad: return 1;
   }

@@ -8,8 +8,8 @@ keye's kernels end to end, with no host synchronisation (CUDA-graph capturable w
 
     moe_route -> moe_permute -> grouped GEMM gate_up -> SwiGLU -> grouped GEMM down -> moe_unpermute (weighted)
 
-and for decode-size batches (a few rows per expert, no gradient needed) the two GEMMs are replaced by kernels that
-stream each routed expert's weights once (gather and SwiGLU fused). The backward is deterministic: data gradients
+and for decode-size batches (at most one row per expert on average, no gradient needed) the two GEMMs are replaced
+by kernels that stream each routed expert's weights once (gather and SwiGLU fused). The backward is deterministic: data gradients
 by grouped GEMMs against the transposed weights, weight gradients by K-grouped GEMMs (one CTA per output tile),
 routing-weight gradients by per-slot dot products; no atomics anywhere.
 """
@@ -23,9 +23,10 @@ from keye.ops._dispatch import use_kernel
 from keye.ops.moe_permute import _slot_dot
 from keye.ops.reference.moe import check_experts_args
 
-# Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs; above it the tensor-core
-# GEMMs win (chosen from the H200 measurements in NOTES.md, MoE layer).
-DECODE_MAX_ROWS_PER_EXPERT = 8
+# Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs. H200 (NOTES.md, MoE layer):
+# at 1 row per routed expert (T = 1) they beat the GEMM path; at 4 (T = 64, Keye shape) the tensor-core GEMMs were
+# 2.4x faster than the decode kernels, so only batches with at most one row per expert on average take them.
+DECODE_MAX_ROWS_PER_EXPERT = 1
 
 
 def _fast_path_ok(x, gate_up, down) -> bool:
