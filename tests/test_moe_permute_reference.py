@@ -106,3 +106,17 @@ def test_reference_runs_at_scale_on_cpu():
     for e in random.sample(range(E), 8):
         rows = r.src[starts[e]: starts[e] + counts[e]].long()
         assert torch.all(ids.reshape(-1)[rows] == e) and torch.all(rows.diff() > 0)
+
+
+def test_slot_dot_in_token_chunks_equals_one_pass():
+    """The chunked per-slot dot products (routing-weight gradients) do not depend on the chunk size."""
+    from keye.ops.moe_permute import _slot_dot
+
+    T, K, E, H = 37, 4, 8, 12
+    r = ref.moe_route(random_topk_ids(T, K, E, unrouted=0.2), E, 1)
+    rows, tokens = torch.randn(r.src.numel(), H), torch.randn(T, H)
+    want = torch.where(r.dest >= 0, (rows[r.dest.long().clamp(min=0)].double() * tokens.double().unsqueeze(1)).sum(-1),
+                       0.0)
+    for chunk in (K * H, 5 * K * H, 1 << 26):  # 1 token, 5 tokens, everything per chunk
+        got = _slot_dot(rows, r.dest, tokens, chunk_elems=chunk)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
