@@ -158,8 +158,8 @@ __device__ int nth_nonempty_expert(const DecodeParams& p, int n) {
       const int e = base + lane;
       bool has_rows = false;
       if (e < p.num_experts) {
-        const int64_t a = min(max(static_cast<int64_t>(p.offsets[e]), int64_t{0}), p.rows);
-        has_rows = min(max(static_cast<int64_t>(p.offsets[e + 1]), a), p.rows) > a;
+        const ExpertRows rows = expert_rows(p.offsets, e, p.rows);
+        has_rows = rows.end > rows.begin;
       }
       const unsigned mask = __ballot_sync(0xffffffffu, has_rows);
       const int count = __popc(mask);
@@ -185,8 +185,7 @@ __global__ void __launch_bounds__(kThreads) decode_gemv_kernel(DecodeParams p) {
   const int e = nth_nonempty_expert(p, blockIdx.y);
   if (e < 0) return;
   const int col0 = blockIdx.x * kCols;
-  const int64_t r0 = min(max(static_cast<int64_t>(p.offsets[e]), int64_t{0}), p.rows);
-  const int64_t r1 = min(max(static_cast<int64_t>(p.offsets[e + 1]), r0), p.rows);
+  const auto [r0, r1] = expert_rows(p.offsets, e, p.rows);
   for (int64_t first = r0; first < r1; first += kRows)
     expert_pass<kSwiGLU, kRows>(p, xs, red, e, col0, static_cast<int>(first),
                                 static_cast<int>(min(static_cast<int64_t>(kRows), r1 - first)));
@@ -207,18 +206,6 @@ void check_rows_input(const at::Tensor& x, const char* op, const char* name) {
   check_dtype(x, {at::kBFloat16}, op, name);
   check_dim(x, 2, op, name, "[rows, K]");
   check_contiguous(x, op, name);
-}
-
-void check_decode_offsets(const at::Tensor& offsets, const at::Tensor& ref, const char* ref_name, int64_t experts,
-                          int64_t rows, const char* op) {
-  check_cuda(offsets, op, "offsets");
-  check_same_device(offsets, ref, op, "offsets", ref_name);
-  check_dtype(offsets, {at::kInt}, op, "offsets");
-  check_dim(offsets, 1, op, "offsets", "[E + 1]");
-  check_contiguous(offsets, op, "offsets");
-  check_size(offsets, 0, experts + 1, op, "offsets", "E + 1 (w.size(0) + 1)");
-  check_index_range(offsets, 0, rows, op, "offsets");
-  check_index_range(offsets.slice(0, 1) - offsets.slice(0, 0, -1), 0, rows, op, "offsets (differences)");
 }
 
 template <bool kSwiGLU>
@@ -254,7 +241,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& src, i
   check_contiguous(src, op, "src");
   const int64_t R = src.size(0);
   check_index_range(src, -1, x.size(0) * top_k - 1, op, "src");
-  check_decode_offsets(offsets, x, "x", E, R, op);
+  check_group_offsets(offsets, x, "x", R, E, op);
   KEYE_CHECK(E < 65536, "keye.", op, ": at most 65535 experts, got ", E);
   KEYE_CHECK(R < INT_MAX && x.size(1) < INT_MAX, "keye.", op, ": sizes must be below 2^31");
   at::Tensor out = at::empty({R, I}, x.options());
@@ -274,7 +261,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& offsets, 
   const int64_t E = w.size(0), N = w.size(2), R = a.size(0);
   KEYE_CHECK(N % kCols == 0, "keye.", op, ": argument 'w' must have a multiple of ", kCols, " columns, got shape ",
              dims_str(w.sizes()));
-  check_decode_offsets(offsets, a, "a", E, R, op);
+  check_group_offsets(offsets, a, "a", R, E, op);
   KEYE_CHECK(E < 65536, "keye.", op, ": at most 65535 experts, got ", E);
   KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
   at::Tensor out = at::empty({R, N}, a.options());

@@ -77,18 +77,6 @@ __global__ void zero_empty_experts_kernel(__nv_bfloat16* out, const int* __restr
     p[i] = make_uint4(0, 0, 0, 0);
 }
 
-void check_offsets(const at::Tensor& offsets, const at::Tensor& ref, int64_t rows, const char* op) {
-  check_cuda(offsets, op, "offsets");
-  check_same_device(offsets, ref, op, "offsets", "a");
-  check_dtype(offsets, {at::kInt}, op, "offsets");
-  check_dim(offsets, 1, op, "offsets", "[E + 1]");
-  check_contiguous(offsets, op, "offsets");
-  KEYE_CHECK(offsets.size(0) >= 2, "keye.", op, ": argument 'offsets' must hold E + 1 >= 2 values, got ",
-             offsets.size(0));
-  check_index_range(offsets, 0, rows, op, "offsets");
-  check_index_range(offsets.slice(0, 1) - offsets.slice(0, 0, -1), 0, rows, op, "offsets (differences)");
-}
-
 void check_bf16_matrix(const at::Tensor& t, int64_t dim, const char* op, const char* name, const char* layout) {
   check_cuda(t, op, name);
   check_dtype(t, {at::kBFloat16}, op, name);
@@ -122,6 +110,20 @@ GroupedGemmArgs make_args(GroupedKind kind, const at::Tensor& a, const at::Tenso
 
 }  // namespace
 
+void check_group_offsets(const at::Tensor& offsets, const at::Tensor& ref, const char* ref_name, int64_t rows,
+                         int64_t experts, const char* op) {
+  check_cuda(offsets, op, "offsets");
+  check_same_device(offsets, ref, op, "offsets", ref_name);
+  check_dtype(offsets, {at::kInt}, op, "offsets");
+  check_dim(offsets, 1, op, "offsets", "[E + 1]");
+  check_contiguous(offsets, op, "offsets");
+  KEYE_CHECK(offsets.size(0) >= 2, "keye.", op, ": argument 'offsets' must hold E + 1 >= 2 values, got ",
+             offsets.size(0));
+  if (experts >= 0) check_size(offsets, 0, experts + 1, op, "offsets", "E + 1 (the weights' experts + 1)");
+  check_index_range(offsets, 0, rows, op, "offsets");
+  check_index_range(offsets.slice(0, 1) - offsets.slice(0, 0, -1), 0, rows, op, "offsets (differences)");
+}
+
 void zero_rows_from(at::Tensor& out, const int* first_row, cudaStream_t stream) {
   zero_tail_rows_kernel<<<64, 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), first_row,
                                                 out.size(0), out.size(1));
@@ -149,8 +151,7 @@ at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const a
   check_size(b, trans_b ? 2 : 1, K, op, "b", "K (a.size(1))");
   KEYE_CHECK(N % 8 == 0, "keye.", op, ": the output width N must be a multiple of 8, got ", N);
   KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
-  check_offsets(offsets, a, R, op);
-  check_size(offsets, 0, E + 1, op, "offsets", "E + 1 (b.size(0) + 1)");
+  check_group_offsets(offsets, a, "a", R, E, op);
   at::Tensor out = at::empty({R, N}, a.options());
   if (R == 0 || N == 0) return out;
   if (K == 0) return out.zero_();
@@ -173,7 +174,7 @@ at::Tensor moe_grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dy, 
   check_size(dy, 0, a.size(0), op, "dy", "the rows of a");
   const int64_t R = a.size(0), M = a.size(1), N = dy.size(1);
   KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
-  check_offsets(offsets, a, R, op);
+  check_group_offsets(offsets, a, "a", R, -1, op);
   const int64_t E = offsets.size(0) - 1;
   at::Tensor out = at::empty({E, M, N}, a.options());
   if (M == 0 || N == 0) return out;

@@ -29,6 +29,23 @@ struct GroupedGemmArgs {
   cudaStream_t stream;
 };
 
+// The checks of an expert-offsets argument ([E + 1] int32, non-decreasing, within [0, rows]) shared by every op
+// here; experts < 0 leaves E free. ref / ref_name: the tensor offsets must share a device with.
+void check_group_offsets(const at::Tensor& offsets, const at::Tensor& ref, const char* ref_name, int64_t rows,
+                         int64_t experts, const char* op);
+
+#ifdef __CUDACC__
+// Rows [begin, end) of expert e, clamped to [0, rows]: offsets that break the contract (reported by the host checks
+// when index checks are on) give wrong rows but never an access outside the tensors.
+struct ExpertRows {
+  int64_t begin, end;
+};
+__device__ __forceinline__ ExpertRows expert_rows(const int* offsets, int e, int64_t rows) {
+  const int64_t begin = min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), rows);
+  return {begin, min(max(static_cast<int64_t>(offsets[e + 1]), begin), rows)};
+}
+#endif
+
 // Rows [*first_row, R) of a bf16 [R, C] tensor (C % 8 == 0) set to zero: the rows of slots no expert owns.
 void zero_rows_from(at::Tensor& out, const int* first_row, cudaStream_t stream);
 

@@ -151,11 +151,9 @@ __global__ void prepare_groups(GroupArrays<G> arrays, const int* __restrict__ of
                                const typename G::Element* b, typename G::Element* out) {
   const int e = blockIdx.x * blockDim.x + threadIdx.x;
   if (e >= num_experts) return;
-  // Clamped so that offsets that break the contract (checked on the host when index checks are on) can give
-  // wrong rows but never an access outside a, b or out.
-  const int r0 = static_cast<int>(min(max(static_cast<int64_t>(offsets[e]), int64_t{0}), total_rows));
-  const int r1 = static_cast<int>(min(max(static_cast<int64_t>(offsets[e + 1]), static_cast<int64_t>(r0)), total_rows));
-  const int rows = r1 - r0;
+  const ExpertRows range = expert_rows(offsets, e, total_rows);
+  const int r0 = static_cast<int>(range.begin);
+  const int rows = static_cast<int>(range.end - range.begin);
   if constexpr (kKind == GroupedKind::kWgrad) {
     // M = a's columns, N = dy's columns, K = the expert's rows.
     arrays.problems[e] = rows > 0 ? typename G::Problem(m, n, rows) : typename G::Problem(0, n, 1);

@@ -43,28 +43,31 @@ __device__ __forceinline__ void store8(__nv_bfloat16* p, const Vec8& x) {
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
-__global__ void swiglu_kernel(const __nv_bfloat16* __restrict__ h, __nv_bfloat16* __restrict__ out, int64_t rows,
-                              int64_t inter) {
+// Calls f(row, column) for every 8-column vector of an [rows, inter] output, grid-stride.
+template <class F>
+__device__ __forceinline__ void for_each_vector(int64_t rows, int64_t inter, F f) {
   const int64_t vecs_per_row = inter / kVec;
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * vecs_per_row;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / vecs_per_row, c = (i % vecs_per_row) * kVec;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    f(i / vecs_per_row, (i % vecs_per_row) * kVec);
+}
+
+__global__ void swiglu_kernel(const __nv_bfloat16* __restrict__ h, __nv_bfloat16* __restrict__ out, int64_t rows,
+                              int64_t inter) {
+  for_each_vector(rows, inter, [&](int64_t r, int64_t c) {
     const Vec8 g = load8(h + r * 2 * inter + c);
     const Vec8 u = load8(h + r * 2 * inter + inter + c);
     Vec8 a;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) a.v[j] = g.v[j] * sigmoid(g.v[j]) * u.v[j];
     store8(out + r * inter + c, a);
-  }
+  });
 }
 
 // d gate = d * up * s * (1 + gate * (1 - s)), d up = d * gate * s, with s = sigmoid(gate).
 __global__ void swiglu_backward_kernel(const __nv_bfloat16* __restrict__ h, const __nv_bfloat16* __restrict__ d_out,
                                        __nv_bfloat16* __restrict__ dh, int64_t rows, int64_t inter) {
-  const int64_t vecs_per_row = inter / kVec;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < rows * vecs_per_row;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / vecs_per_row, c = (i % vecs_per_row) * kVec;
+  for_each_vector(rows, inter, [&](int64_t r, int64_t c) {
     const Vec8 g = load8(h + r * 2 * inter + c);
     const Vec8 u = load8(h + r * 2 * inter + inter + c);
     const Vec8 d = load8(d_out + r * inter + c);
@@ -77,7 +80,7 @@ __global__ void swiglu_backward_kernel(const __nv_bfloat16* __restrict__ h, cons
     }
     store8(dh + r * 2 * inter + c, dg);
     store8(dh + r * 2 * inter + inter + c, du);
-  }
+  });
 }
 
 void check_gate_up(const at::Tensor& h, const char* op) {
