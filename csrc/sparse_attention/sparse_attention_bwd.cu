@@ -133,19 +133,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
     // S = Q K^T and dP = dO V^T for keys 0-7 ([0]) and 8-15 ([1]).
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
     float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    {
-      const int mi = lane / 8, r = (mi / 2) * 8 + lane % 8;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, ks + r * L::kRowBytes + swizzle(r, kk * 2 + mi % 2) * 16);
-        mma_bf16_m16n8k16(s[0], qf[kk], {b[0], b[1]});
-        mma_bf16_m16n8k16(s[1], qf[kk], {b[2], b[3]});
-        ldmatrix_x4(b, vs + r * L::kRowBytes + swizzle(r, kk * 2 + mi % 2) * 16);
-        mma_bf16_m16n8k16(dp[0], dof[kk], {b[0], b[1]});
-        mma_bf16_m16n8k16(dp[1], dof[kk], {b[2], b[3]});
-      }
-    }
+    rows_times_tile_t<D>(s, qf, ks);
+    rows_times_tile_t<D>(dp, dof, vs);
     // P and dS (scale folded in), zero where a row does not see the key.
     float pr[2][4], dsr[2][4];
 #pragma unroll
@@ -160,19 +149,9 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
         dsr[nt][2 + j] = pr[nt][2 + j] * (dp[nt][2 + j] - delta1) * p.scale;
       }
     }
-    const uint32_t dsa[4] = {pack_bf16x2(dsr[0][0], dsr[0][1]), pack_bf16x2(dsr[0][2], dsr[0][3]),
-                             pack_bf16x2(dsr[1][0], dsr[1][1]), pack_bf16x2(dsr[1][2], dsr[1][3])};
-    // dQ += dS K (K read transposed, as V is in the forward).
-    {
-      const int mi = lane / 8, r = (mi % 2) * 8 + lane % 8;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; dn += 2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, ks + r * L::kRowBytes + swizzle(r, dn + mi / 2) * 16);
-        mma_bf16_m16n8k16(dq[dn], dsa, {b[0], b[1]});
-        mma_bf16_m16n8k16(dq[dn + 1], dsa, {b[2], b[3]});
-      }
-    }
+    uint32_t dsa[4];
+    accumulators_to_a(dsa, dsr);
+    fragment_times_tile<D>(dq, dsa, ks);  // dQ += dS K (K read transposed, as V is in the forward)
     // P^T and dS^T as A fragments (keys x rows) via the warp's scratch tiles.
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
@@ -195,31 +174,20 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
     float* dv1 = p.dv + (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D + cq;
     float* dk0 = p.dk + (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D + cq;
     float* dk1 = p.dk + (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D + cq;
-    {
-      const int mi = lane / 8, r = (mi % 2) * 8 + lane % 8;
+    auto scatter = [&](const uint32_t (&a)[4], const uint8_t* rows, float* dst0, float* dst1) {
 #pragma unroll
       for (int dn = 0; dn < D / 8; dn += 2) {
-        uint32_t b[4];
-        float acc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        ldmatrix_x4_trans(b, do_s + r * L::kRowBytes + swizzle(r, dn + mi / 2) * 16);
-        mma_bf16_m16n8k16(acc[0], pt, {b[0], b[1]});
-        mma_bf16_m16n8k16(acc[1], pt, {b[2], b[3]});
+        float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+        fragment_times_tile_pair<D>(c[0], c[1], a, rows, dn);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          if (e0 >= 0) add2(dv0 + (dn + h) * 8, acc[h][0], acc[h][1]);
-          if (e1 >= 0) add2(dv1 + (dn + h) * 8, acc[h][2], acc[h][3]);
-        }
-        float acc2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        ldmatrix_x4_trans(b, q_s + r * L::kRowBytes + swizzle(r, dn + mi / 2) * 16);
-        mma_bf16_m16n8k16(acc2[0], dst, {b[0], b[1]});
-        mma_bf16_m16n8k16(acc2[1], dst, {b[2], b[3]});
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (e0 >= 0) add2(dk0 + (dn + h) * 8, acc2[h][0], acc2[h][1]);
-          if (e1 >= 0) add2(dk1 + (dn + h) * 8, acc2[h][2], acc2[h][3]);
+          if (e0 >= 0) add2(dst0 + (dn + h) * 8, c[h][0], c[h][1]);
+          if (e1 >= 0) add2(dst1 + (dn + h) * 8, c[h][2], c[h][3]);
         }
       }
-    }
+    };
+    scatter(pt, do_s, dv0, dv1);
+    scatter(dst, q_s, dk0, dk1);
     __syncwarp();  // the stage and the scratch tiles are free for the next tile
   }
   cp_async_wait_all();

@@ -103,16 +103,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
 
     // S = Q K^T for keys 0-7 (s[0]) and 8-15 (s[1]) of the tile.
     float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    {
-      const int mi = lane / 8, r = (mi / 2) * 8 + lane % 8;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t b[4];
-        ldmatrix_x4(b, ks + r * L::kRowBytes + swizzle(r, kk * 2 + mi % 2) * 16);
-        mma_bf16_m16n8k16(s[0], qa_frag[kk], {b[0], b[1]});
-        mma_bf16_m16n8k16(s[1], qa_frag[kk], {b[2], b[3]});
-      }
-    }
+    rows_times_tile_t<D>(s, qa_frag, ks);
 
     // Online softmax (log2 domain); a key a row does not see (or an empty slot) scores -inf.
     float mx0 = -INFINITY, mx1 = -INFINITY;
@@ -152,18 +143,9 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
     }
 
     // O += P V: the two S accumulators are exactly the A fragment of a 16x16 P tile.
-    const uint32_t pa[4] = {pack_bf16x2(ps[0][0], ps[0][1]), pack_bf16x2(ps[0][2], ps[0][3]),
-                            pack_bf16x2(ps[1][0], ps[1][1]), pack_bf16x2(ps[1][2], ps[1][3])};
-    {
-      const int mi = lane / 8, r = (mi % 2) * 8 + lane % 8;
-#pragma unroll
-      for (int dn = 0; dn < D / 8; dn += 2) {
-        uint32_t b[4];
-        ldmatrix_x4_trans(b, vs + r * L::kRowBytes + swizzle(r, dn + mi / 2) * 16);
-        mma_bf16_m16n8k16(acc[dn], pa, {b[0], b[1]});
-        mma_bf16_m16n8k16(acc[dn + 1], pa, {b[2], b[3]});
-      }
-    }
+    uint32_t pa[4];
+    accumulators_to_a(pa, ps);
+    fragment_times_tile<D>(acc, pa, vs);
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait_all();

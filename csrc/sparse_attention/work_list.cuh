@@ -1,5 +1,5 @@
 // Shared by the sparse-attention forward and backward kernels: the CTA shape, the per-CTA work list (the union
-// of two adjacent queries' index lists), Q-like fragment loads and the K/V tile gather.
+// of two adjacent queries' index lists), Q-like fragment loads, the K/V tile gather and the per-tile MMA steps.
 //
 // A CTA serves a pair of adjacent query rows and one KV head. The 16 rows of an mma.sync m16n8k16 tile hold the
 // G = Hq/Hkv heads of query a (rows 0-7) and of query b (rows 8-15) when G <= 8, or the 16 heads of one query
@@ -226,6 +226,47 @@ __device__ __forceinline__ void slot_visibility(const int* work, int count_work,
   const int entry = slot < count_work ? work[slot] : -1;
   lo = entry >= 0 && (entry & kSeenLo);
   hi = entry >= 0 && (entry & kSeenHi);
+}
+
+// s (+)= A . T^T for a swizzled 16-row tile T (K or V rows, D bf16 each) and A the 16 x D row fragments (Q or
+// dO): the products with tile rows 0-7 land in s[0], rows 8-15 in s[1] (m16n8 accumulator layout).
+template <int D>
+__device__ __forceinline__ void rows_times_tile_t(float (&s)[2][4], const uint32_t (&a)[D / 16][4], const uint8_t* tile) {
+  const int lane = threadIdx.x % 32, mi = lane / 8, r = (mi / 2) * 8 + lane % 8;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t b[4];
+    ldmatrix_x4(b, tile + r * D * 2 + swizzle(r, kk * 2 + mi % 2) * 16);
+    mma_bf16_m16n8k16(s[0], a[kk], {b[0], b[1]});
+    mma_bf16_m16n8k16(s[1], a[kk], {b[2], b[3]});
+  }
+}
+
+// The two m16n8 accumulators of a 16 x 16 product, as the A fragment of the next MMA (bf16, round to nearest).
+__device__ __forceinline__ void accumulators_to_a(uint32_t (&a)[4], const float (&x)[2][4]) {
+  a[0] = pack_bf16x2(x[0][0], x[0][1]);
+  a[1] = pack_bf16x2(x[0][2], x[0][3]);
+  a[2] = pack_bf16x2(x[1][0], x[1][1]);
+  a[3] = pack_bf16x2(x[1][2], x[1][3]);
+}
+
+// c0, c1 (+)= A . T for dims [8 dn, 8 dn + 16) of a swizzled 16-row tile T (read transposed by ldmatrix.trans),
+// A a 16 x 16 fragment over the tile's rows.
+template <int D>
+__device__ __forceinline__ void fragment_times_tile_pair(float (&c0)[4], float (&c1)[4], const uint32_t (&a)[4],
+                                                         const uint8_t* tile, int dn) {
+  const int lane = threadIdx.x % 32, mi = lane / 8, r = (mi % 2) * 8 + lane % 8;
+  uint32_t b[4];
+  ldmatrix_x4_trans(b, tile + r * D * 2 + swizzle(r, dn + mi / 2) * 16);
+  mma_bf16_m16n8k16(c0, a, {b[0], b[1]});
+  mma_bf16_m16n8k16(c1, a, {b[2], b[3]});
+}
+
+// acc (+)= A . T over all D dims (O += P V in the forward, dQ += dS K in the backward).
+template <int D>
+__device__ __forceinline__ void fragment_times_tile(float (&acc)[D / 8][4], const uint32_t (&a)[4], const uint8_t* tile) {
+#pragma unroll
+  for (int dn = 0; dn < D / 8; dn += 2) fragment_times_tile_pair<D>(acc[dn], acc[dn + 1], a, tile, dn);
 }
 
 }  // namespace sparse_attention
