@@ -5,7 +5,8 @@
 #   bash bench/gpu_run.sh [OUT_DIR]        (default: $OUT, else ./gpu_out)
 #
 # Expects python3 with torch (CUDA) and nvcc; wheels for whatever else is missing in .whl/
-# (../shared/tools/device_wheels.sh puts nvidia-cutlass there). Extra arguments: KEYE_PYTEST_ARGS (pytest),
+# (../shared/tools/device_wheels.sh puts nvidia-cutlass there). Extra arguments: KEYE_PYTEST_K (a pytest -k
+# expression, e.g. "moe or sparse"), KEYE_PYTEST_ARGS (more pytest words),
 # KEYE_BENCH_ARGS (keye bench); time limits KEYE_TEST_TIMEOUT / KEYE_BENCH_TIMEOUT (seconds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +31,7 @@ cuobjdump --dump-resource-usage keye/_C*.so > "$OUT_DIR/resources.txt" 2>&1 || t
 
 status=0
 timeout "${KEYE_TEST_TIMEOUT:-420}" python3 -m pytest -q -rs tests -p no:cacheprovider --junitxml "$OUT_DIR/tests.xml" \
-  ${KEYE_PYTEST_ARGS:-} || status=1
+  ${KEYE_PYTEST_K:+-k "$KEYE_PYTEST_K"} ${KEYE_PYTEST_ARGS:-} || status=1
 timeout "${KEYE_BENCH_TIMEOUT:-300}" python3 -m keye bench ${KEYE_BENCH_ARGS:-} --json "$OUT_DIR/bench.json" \
   | tee "$OUT_DIR/bench.txt" || status=1
 echo "gpu_run: $([ $status = 0 ] && echo OK || echo FAILED)"

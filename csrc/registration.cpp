@@ -14,6 +14,7 @@ TORCH_LIBRARY(keye, m) {
   m.def("moe_route(Tensor topk_ids, int num_experts, int align=1) -> (Tensor dest, Tensor src, Tensor offsets)");
   m.def("moe_permute(Tensor x, Tensor dest, Tensor src, Tensor? scale=None) -> Tensor");
   m.def("moe_unpermute(Tensor y, Tensor dest, Tensor? weights=None) -> Tensor");
+  m.def("moe_slot_dot(Tensor rows, Tensor dest, Tensor tokens) -> Tensor");
   m.def(
       "moe_router(Tensor logits, int top_k, bool renormalize=True) -> "
       "(Tensor weights, Tensor ids, Tensor counts, Tensor prob_sum)");
@@ -22,7 +23,7 @@ TORCH_LIBRARY(keye, m) {
   m.def("moe_grouped_mm_wgrad(Tensor a, Tensor dy, Tensor offsets, int config=-1) -> Tensor");
   m.def("moe_grouped_gemm_configs(str kind) -> str[]", &keye::moe_grouped_gemm_configs);
   m.def("moe_swiglu(Tensor h) -> Tensor");
-  m.def("moe_swiglu_backward(Tensor h, Tensor d_out) -> Tensor");
+  m.def("moe_swiglu_backward(Tensor h, Tensor d_out, Tensor(a!)? a_out=None) -> Tensor");
   m.def("moe_decode_gate_up(Tensor x, Tensor src, int top_k, Tensor offsets, Tensor w) -> Tensor");
   m.def("moe_decode_down(Tensor a, Tensor offsets, Tensor w) -> Tensor");
   // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
@@ -56,6 +57,7 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("moe_route", &keye::moe_route_cuda);
   m.impl("moe_permute", &keye::moe_permute_cuda);
   m.impl("moe_unpermute", &keye::moe_unpermute_cuda);
+  m.impl("moe_slot_dot", &keye::moe_slot_dot_cuda);
   m.impl("moe_router", &keye::moe_router_cuda);
   m.impl("moe_grouped_mm", &keye::moe_grouped_mm_cuda);
   m.impl("moe_grouped_mm_wgrad", &keye::moe_grouped_mm_wgrad_cuda);

@@ -70,6 +70,10 @@ def test_reference_swiglu_backward_is_the_gradient():
     hh = h.clone().requires_grad_()
     (F.silu(hh[:, :8]) * hh[:, 8:] * d).sum().backward()
     assert torch.allclose(spec.moe_swiglu_backward(h.float(), d.float()).double(), hh.grad, rtol=1e-5, atol=1e-6)
+    a = torch.full((5, 8), float("nan"))
+    with torch.no_grad():  # the layer's backward runs without grad mode
+        spec.moe_swiglu_backward(h.float(), d.float(), a)
+    assert torch.allclose(a.double(), F.silu(h[:, :8]) * h[:, 8:], rtol=1e-6, atol=1e-7)
 
 
 def test_reference_decode_is_gather_gemm_swiglu():
@@ -156,6 +160,12 @@ def test_swiglu_and_backward(R, I):
     assert rel_err(ops.moe_swiglu(h), spec.moe_swiglu(h.float())) < 1e-2
     poison_next_alloc(R * 2 * I * 2)
     assert rel_err(ops.moe_swiglu_backward(h, d), spec.moe_swiglu_backward(h.float(), d.float())) < 1e-2
+    a = torch.full((R, I), float("nan"), device="cuda", dtype=torch.bfloat16)
+    dh = ops.moe_swiglu_backward(h, d, a)  # the same gradient, plus the forward written into a
+    assert torch.equal(dh, ops.moe_swiglu_backward(h, d))
+    assert rel_err(a, spec.moe_swiglu(h.float())) < 1e-2
+    with pytest.raises(Exception, match="a_out"):
+        ops.moe_swiglu_backward(h, d, a[:, : I // 2])
 
 
 @pytest.mark.gpu

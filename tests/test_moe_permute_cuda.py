@@ -90,6 +90,47 @@ def test_unpermute_is_deterministic():
     assert all(torch.equal(a, torch.ops.keye.moe_unpermute(y, r.dest, w)) for _ in range(3))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("H", [2048, 7168, 13])
+@pytest.mark.parametrize("K", [1, 6, 8, 200])
+def test_slot_dot_matches_reference(dtype, H, K):
+    T, E = random.choice([1, 37, 3000 if K <= 8 else 50]), 128
+    r = ref.moe_route(random_topk_ids(T, K, E, unrouted=0.1, device="cuda"), E, random.choice([1, 8]))
+    rows = torch.randn(r.src.numel(), H, device="cuda").to(dtype)
+    tokens = torch.randn(T, H, device="cuda").to(dtype)
+    poison_next_alloc(T * K * 4)
+    got = torch.ops.keye.moe_slot_dot(rows, r.dest, tokens)
+    want = ref.moe_slot_dot(rows.float(), r.dest, tokens.float()).double()
+    assert got.dtype == torch.float32 and got.shape == (T, K)
+    assert torch.all(got[r.dest < 0] == 0)
+    # both sum H products in fp32 (different orders): error ~ log2(H) * 2^-24 of the sum of |terms|
+    bound = ref.moe_slot_dot(rows.float().abs(), r.dest, tokens.float().abs()).double()
+    assert torch.all((got.double() - want).abs() <= 1e-5 * bound + 1e-30)
+
+
+def test_slot_dot_strided_and_deterministic():
+    T, K, E = 2000, 8, 128
+    r = ops.moe_route(random_topk_ids(T, K, E, device="cuda"), E, 8)
+    rows = torch.randn(r.src.numel(), 2048, device="cuda", dtype=torch.bfloat16)
+    wide = torch.randn(T, 3000, device="cuda", dtype=torch.bfloat16)
+    for tokens in (wide[:, 8:2056], wide[:, 3:2051]):  # 16-byte aligned rows (vector path), then misaligned
+        got = torch.ops.keye.moe_slot_dot(rows, r.dest, tokens)
+        assert torch.equal(got, torch.ops.keye.moe_slot_dot(rows, r.dest, tokens))
+        want = ref.moe_slot_dot(rows.float(), r.dest, tokens.float())
+        assert rel_err(got, want) < 1e-5
+
+
+def test_slot_dot_errors_name_the_argument():
+    r = ops.moe_route(random_topk_ids(4, 2, 8, device="cuda"), 8, 1)
+    rows = torch.randn(r.src.numel(), 16, device="cuda")
+    with pytest.raises(Exception, match="tokens"):
+        torch.ops.keye.moe_slot_dot(rows, r.dest, torch.randn(4, 16, device="cuda", dtype=torch.bfloat16))
+    with pytest.raises(Exception, match="tokens"):
+        torch.ops.keye.moe_slot_dot(rows, r.dest, torch.randn(5, 16, device="cuda"))
+    with ops.index_checks(True), pytest.raises(Exception, match="dest"):
+        torch.ops.keye.moe_slot_dot(rows[:2], r.dest, torch.randn(4, 16, device="cuda"))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_autograd_matches_reference(dtype):
     """Registered backward formulas (kernels) vs autograd through the references."""
@@ -122,6 +163,7 @@ def test_opcheck_cuda():
     torch.library.opcheck(torch.ops.keye.moe_route.default, (ids, E, 8))
     torch.library.opcheck(torch.ops.keye.moe_permute.default, (x, r.dest, r.src, w))
     torch.library.opcheck(torch.ops.keye.moe_unpermute.default, (y, r.dest, w))
+    torch.library.opcheck(torch.ops.keye.moe_slot_dot.default, (y.detach(), r.dest, x.detach()))
 
 
 def test_torch_compile_fullgraph():

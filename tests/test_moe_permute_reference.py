@@ -110,13 +110,11 @@ def test_reference_runs_at_scale_on_cpu():
 
 def test_slot_dot_in_token_chunks_equals_one_pass():
     """The chunked per-slot dot products (routing-weight gradients) do not depend on the chunk size."""
-    from keye.ops.moe_permute import _slot_dot
-
     T, K, E, H = 37, 4, 8, 12
     r = ref.moe_route(random_topk_ids(T, K, E, unrouted=0.2), E, 1)
     rows, tokens = torch.randn(r.src.numel(), H), torch.randn(T, H)
     want = torch.where(r.dest >= 0, (rows[r.dest.long().clamp(min=0)].double() * tokens.double().unsqueeze(1)).sum(-1),
                        0.0)
     for chunk in (K * H, 5 * K * H, 1 << 26):  # 1 token, 5 tokens, everything per chunk
-        got = _slot_dot(rows, r.dest, tokens, chunk_elems=chunk)
+        got = ref.moe_slot_dot(rows, r.dest, tokens, chunk_elems=chunk)
         assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)

@@ -51,6 +51,9 @@ def test_cpu_op_registration_passes_opcheck():
     torch.library.opcheck(torch.ops.keye.moe_route.default, (ids, 8, 4))
     torch.library.opcheck(torch.ops.keye.moe_permute.default, (x, r.dest, r.src, w))
     torch.library.opcheck(torch.ops.keye.moe_unpermute.default, (y, r.dest, w))
+    torch.library.opcheck(torch.ops.keye.moe_slot_dot.default, (y.detach(), r.dest, x.detach()))
+    h, d = torch.randn(16, 32), torch.randn(16, 16)
+    torch.library.opcheck(torch.ops.keye.moe_swiglu_backward.default, (h, d, torch.empty(16, 16)))
 
 
 @pytest.mark.skipif(not keye.kernels_available(), reason="extension not built")

@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,8 @@ std::vector<std::string> moe_grouped_gemm_configs(const std::string& kind);
 // SwiGLU on gate_up rows: out[r, j] = silu(h[r, j]) * h[r, I + j], h [R, 2I] -> [R, I] (fp32 math).
 at::Tensor moe_swiglu_cuda(const at::Tensor& h);
 // Its backward: dh [R, 2I] from h and d_out [R, I].
-at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out);
+at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out,
+                                    const std::optional<at::Tensor>& a_out);
 
 // Decode-size expert GEMMs that stream each routed expert's weights once (T <= a few hundred slots).
 // gate_up: out[r] = swiglu(x[src[r] / K] @ w[e]) for the rows r of expert e, w [E, H, 2I] -> [R, I];

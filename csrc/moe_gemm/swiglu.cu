@@ -64,22 +64,27 @@ __global__ void swiglu_kernel(const __nv_bfloat16* __restrict__ h, __nv_bfloat16
   });
 }
 
-// d gate = d * up * s * (1 + gate * (1 - s)), d up = d * gate * s, with s = sigmoid(gate).
+// d gate = d * up * s * (1 + gate * (1 - s)), d up = d * gate * s, with s = sigmoid(gate); optionally also the
+// forward silu(gate) * up (a_out): the backward of the MoE layer needs it for the down projection's weight gradient,
+// and writing it here saves re-reading h in a separate forward pass.
 __global__ void swiglu_backward_kernel(const __nv_bfloat16* __restrict__ h, const __nv_bfloat16* __restrict__ d_out,
-                                       __nv_bfloat16* __restrict__ dh, int64_t rows, int64_t inter) {
+                                       __nv_bfloat16* __restrict__ dh, __nv_bfloat16* __restrict__ a_out,
+                                       int64_t rows, int64_t inter) {
   for_each_vector(rows, inter, [&](int64_t r, int64_t c) {
     const Vec8 g = load8(h + r * 2 * inter + c);
     const Vec8 u = load8(h + r * 2 * inter + inter + c);
     const Vec8 d = load8(d_out + r * inter + c);
-    Vec8 dg, du;
+    Vec8 dg, du, a;
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const float s = sigmoid(g.v[j]);
       dg.v[j] = d.v[j] * u.v[j] * s * (1.0f + g.v[j] * (1.0f - s));
       du.v[j] = d.v[j] * g.v[j] * s;
+      a.v[j] = g.v[j] * s * u.v[j];
     }
     store8(dh + r * 2 * inter + c, dg);
     store8(dh + r * 2 * inter + inter + c, du);
+    if (a_out != nullptr) store8(a_out + r * inter + c, a);
   });
 }
 
@@ -111,23 +116,30 @@ at::Tensor moe_swiglu_cuda(const at::Tensor& h) {
   return out;
 }
 
-at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out) {
+at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out,
+                                    const std::optional<at::Tensor>& a_out) {
   const char* op = "moe_swiglu_backward";
   check_gate_up(h, op);
-  check_cuda(d_out, op, "d_out");
-  check_same_device(d_out, h, op, "d_out", "h");
-  check_dtype(d_out, {at::kBFloat16}, op, "d_out");
-  check_dim(d_out, 2, op, "d_out", "[R, I]");
-  check_contiguous(d_out, op, "d_out");
-  check_size(d_out, 0, h.size(0), op, "d_out", "the rows of h");
-  check_size(d_out, 1, h.size(1) / 2, op, "d_out", "I (h.size(1) / 2)");
   const int64_t R = h.size(0), I = h.size(1) / 2;
+  auto check_rows_by_inter = [&](const at::Tensor& t, const char* name) {
+    check_cuda(t, op, name);
+    check_same_device(t, h, op, name, "h");
+    check_dtype(t, {at::kBFloat16}, op, name);
+    check_dim(t, 2, op, name, "[R, I]");
+    check_contiguous(t, op, name);
+    check_size(t, 0, R, op, name, "the rows of h");
+    check_size(t, 1, I, op, name, "I (h.size(1) / 2)");
+  };
+  check_rows_by_inter(d_out, "d_out");
+  const bool want_a = a_out.has_value() && a_out->defined();
+  if (want_a) check_rows_by_inter(*a_out, "a_out");
   at::Tensor dh = at::empty_like(h);
   if (R * I == 0) return dh;
   const c10::cuda::CUDAGuard guard(h.device());
   swiglu_backward_kernel<<<blocks_for(R * I / kVec), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const __nv_bfloat16*>(h.data_ptr()), reinterpret_cast<const __nv_bfloat16*>(d_out.data_ptr()),
-      reinterpret_cast<__nv_bfloat16*>(dh.data_ptr()), R, I);
+      reinterpret_cast<__nv_bfloat16*>(dh.data_ptr()),
+      want_a ? reinterpret_cast<__nv_bfloat16*>(a_out->data_ptr()) : nullptr, R, I);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dh;
 }

@@ -5,6 +5,8 @@
 //            padding and unrouted slots). Reading x once is what a gather (index_select) cannot do:
 //            it moves T*H + T*K*H elements instead of 2*T*K*H.
 // unpermute: one block per token sums its k rows in fp32, in slot order (deterministic, no atomics).
+// slot_dot:  one block per token takes the dot product of its row with each of its k permuted rows (the
+//            routing-weight gradient); fixed reduction order, so deterministic.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -108,6 +110,57 @@ __global__ void __launch_bounds__(kThreads) unpermute_kernel(
 #pragma unroll
     for (int i = 0; i < VEC; ++i) r[i] = from_f(acc[i]);
     orow[j] = r;
+  }
+}
+
+// Slots per pass of slot_dot: their rows' loads are in flight together (one 16-byte vector each per thread).
+constexpr int kSlotsPerPass = 8;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads) slot_dot_kernel(
+    const T* __restrict__ rows, int64_t rows_stride, const int* __restrict__ dest, const T* __restrict__ tokens,
+    int64_t tokens_stride, float* __restrict__ out, int top_k, int hidden, int num_rows) {
+  __shared__ int slot_row[kMaxTopK];
+  __shared__ float warp_sums[kWarps][kMaxTopK];
+  const int64_t t = blockIdx.x;
+  for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
+    const int d = dest[t * top_k + k];
+    slot_row[k] = (d >= 0 && d < num_rows) ? d : -1;
+  }
+  __syncthreads();
+  cutlass::NumericConverter<float, T> to_f;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const auto* tok = reinterpret_cast<const Vec<T, VEC>*>(tokens + t * tokens_stride);
+  for (int k0 = 0; k0 < top_k; k0 += kSlotsPerPass) {
+    float acc[kSlotsPerPass];
+#pragma unroll
+    for (int s = 0; s < kSlotsPerPass; ++s) acc[s] = 0.f;
+    for (int j = threadIdx.x; j < hidden / VEC; j += blockDim.x) {
+      const Vec<T, VEC> x = tok[j];
+#pragma unroll
+      for (int s = 0; s < kSlotsPerPass; ++s) {
+        const int d = k0 + s < top_k ? slot_row[k0 + s] : -1;
+        if (d < 0) continue;
+        const Vec<T, VEC> r = reinterpret_cast<const Vec<T, VEC>*>(rows + static_cast<int64_t>(d) * rows_stride)[j];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[s] += to_f(r[i]) * to_f(x[i]);
+      }
+    }
+#pragma unroll
+    for (int s = 0; s < kSlotsPerPass; ++s) {
+      float v = acc[s];
+#pragma unroll
+      for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == 0 && k0 + s < top_k) warp_sums[warp][k0 + s] = v;
+    }
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < top_k; k += blockDim.x) {
+    float sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) sum += warp_sums[w][k];
+    out[t * top_k + k] = slot_row[k] >= 0 ? sum : 0.f;
   }
 }
 
@@ -222,6 +275,46 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const
     with_vector_width<scalar_t>(can_vectorize<scalar_t>(y, row_stride, out), [&](auto vec) {
       unpermute_kernel<T_, decltype(vec)::value><<<T, kThreads, 0, stream>>>(
           yp, row_stride, dest.data_ptr<int>(), wp, op_, K, H, num_rows);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return out;
+}
+
+at::Tensor moe_slot_dot_cuda(const at::Tensor& rows, const at::Tensor& dest, const at::Tensor& tokens) {
+  const char* op = "moe_slot_dot";
+  check_cuda(rows, op, "rows");
+  check_dtype(rows, {at::kBFloat16, at::kHalf, at::kFloat}, op, "rows");
+  check_dim(rows, 2, op, "rows", "[num_rows, hidden]");
+  check_row_major_rows(rows, op, "rows");
+  check_routing(dest, rows, "rows", op);
+  check_cuda(tokens, op, "tokens");
+  check_same_device(tokens, rows, op, "tokens", "rows");
+  KEYE_CHECK(tokens.scalar_type() == rows.scalar_type(), "keye.moe_slot_dot: 'tokens' must have the dtype of 'rows' (",
+             dtype_name(rows.scalar_type()), "), got ", dtype_name(tokens.scalar_type()));
+  check_dim(tokens, 2, op, "tokens", "[num_tokens, hidden]");
+  check_row_major_rows(tokens, op, "tokens");
+  check_size(tokens, 0, dest.size(0), op, "tokens", "num_tokens (dest.size(0))");
+  check_size(tokens, 1, rows.size(1), op, "tokens", "hidden (rows.size(1))");
+  const int64_t num_rows = rows.size(0);
+  check_index_range(dest, -1, num_rows - 1, op, "dest");
+
+  c10::cuda::CUDAGuard guard(rows.device());
+  const int64_t T = dest.size(0), K = dest.size(1), H = rows.size(1);
+  at::Tensor out = at::empty({T, K}, rows.options().dtype(at::kFloat));  // every slot is written
+  if (T == 0 || H == 0) return out;
+  KEYE_CHECK(T < (int64_t(1) << 31), "keye.moe_slot_dot: too many tokens (", T, ")");
+  const int64_t rows_stride = num_rows > 1 ? rows.stride(0) : H;
+  const int64_t tokens_stride = T > 1 ? tokens.stride(0) : H;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, rows.scalar_type(), "moe_slot_dot", [&] {
+    using T_ = typename CutlassType<scalar_t>::type;
+    const bool vectorize =
+        can_vectorize<scalar_t>(rows, rows_stride, tokens) && tokens_stride % (16 / sizeof(scalar_t)) == 0;
+    with_vector_width<scalar_t>(vectorize, [&](auto vec) {
+      slot_dot_kernel<T_, decltype(vec)::value><<<T, kThreads, 0, stream>>>(
+          reinterpret_cast<const T_*>(rows.data_ptr()), rows_stride, dest.data_ptr<int>(),
+          reinterpret_cast<const T_*>(tokens.data_ptr()), tokens_stride, out.data_ptr<float>(), K, H, num_rows);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -20,4 +20,7 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const a
 // out[t] = sum_k weights[t, k] * y[dest[t, k]] (fp32 accumulation, k in order; dest == -1 adds nothing).
 at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const std::optional<at::Tensor>& weights);
 
+// out[t, k] = <rows[dest[t, k]], tokens[t]> in fp32 (0 where dest == -1): the gradient of a per-slot factor.
+at::Tensor moe_slot_dot_cuda(const at::Tensor& rows, const at::Tensor& dest, const at::Tensor& tokens);
+
 }  // namespace keye

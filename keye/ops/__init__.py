@@ -6,7 +6,7 @@ See keye/ops/_dispatch.py for the switch (force_reference) and keye/ops/_checks.
 from keye.ops import reference
 from keye.ops._checks import index_checks
 from keye.ops._dispatch import force_reference, use_kernel
-from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_unpermute, src_from_dest
+from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_slot_dot, moe_unpermute, src_from_dest
 from keye.ops.moe_router import MoeRouterOutput, load_balancing_loss, moe_router
 from keye.ops.moe_gemm import (
     moe_decode_down, moe_decode_gate_up, moe_grouped_gemm_configs, moe_grouped_mm, moe_grouped_mm_wgrad, moe_swiglu,
@@ -23,7 +23,7 @@ from keye.ops.reference.dsa_indexer_loss import indexer_loss
 
 __all__ = [
     "reference", "index_checks", "force_reference", "use_kernel",
-    "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "src_from_dest",
+    "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "moe_slot_dot", "src_from_dest",
     "MoeRouterOutput", "moe_router", "load_balancing_loss", "moe",
     "moe_grouped_mm", "moe_grouped_mm_wgrad", "moe_swiglu", "moe_swiglu_backward", "moe_decode_gate_up",
     "moe_decode_down", "moe_grouped_gemm_configs",

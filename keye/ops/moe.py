@@ -20,7 +20,6 @@ import torch
 
 from keye.ops import reference as ref
 from keye.ops._dispatch import use_kernel
-from keye.ops.moe_permute import _slot_dot
 from keye.ops.reference.moe import check_experts_args
 
 # Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs. H200 (NOTES.md, MoE layer):
@@ -77,10 +76,12 @@ class _MoeLayer(torch.autograd.Function):
         keye = torch.ops.keye
         x, weights, dest, src, offsets, h, y, gate_up, down = ctx.saved_tensors
         d_out = d_out.contiguous()
-        d_weights = _slot_dot(y, dest, d_out).to(weights.dtype) if ctx.needs_input_grad[1] else None
+        d_weights = keye.moe_slot_dot(y, dest, d_out).to(weights.dtype) if ctx.needs_input_grad[1] else None
         dy = keye.moe_permute(d_out, dest, src, weights)              # rows: weights[t, k] * d_out[t]
-        d_down = keye.moe_grouped_mm_wgrad(keye.moe_swiglu(h), dy, offsets, -1) if ctx.needs_input_grad[4] else None
-        dh = keye.moe_swiglu_backward(h, keye.moe_grouped_mm(dy, down, offsets, True, -1))
+        # The SwiGLU backward also recomputes the SwiGLU output a (for the down weights' gradient) in its pass over h.
+        a = h.new_empty(h.shape[0], h.shape[1] // 2) if ctx.needs_input_grad[4] else None
+        dh = keye.moe_swiglu_backward(h, keye.moe_grouped_mm(dy, down, offsets, True, -1), a)
+        d_down = keye.moe_grouped_mm_wgrad(a, dy, offsets, -1) if ctx.needs_input_grad[4] else None
         d_gate_up = None
         if ctx.needs_input_grad[3]:
             d_gate_up = keye.moe_grouped_mm_wgrad(keye.moe_permute(x, dest, src, None), dh, offsets, -1)

@@ -45,11 +45,14 @@ def moe_swiglu(h: torch.Tensor) -> torch.Tensor:
     return spec.moe_swiglu(h)
 
 
-def moe_swiglu_backward(h: torch.Tensor, d_out: torch.Tensor) -> torch.Tensor:
-    """Gradient of moe_swiglu at h for the output gradient d_out [R, I]: [R, 2I]."""
-    if use_kernel(h, d_out):
-        return torch.ops.keye.moe_swiglu_backward(h, d_out)
-    return spec.moe_swiglu_backward(h, d_out)
+def moe_swiglu_backward(h: torch.Tensor, d_out: torch.Tensor, a_out: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of moe_swiglu at h for the output gradient d_out [R, I]: [R, 2I].
+
+    a_out: optional [R, I] tensor that also receives moe_swiglu(h) (one pass over h for both).
+    """
+    if use_kernel(h, d_out, a_out):
+        return torch.ops.keye.moe_swiglu_backward(h, d_out, a_out)
+    return spec.moe_swiglu_backward(h, d_out, a_out)
 
 
 def moe_decode_gate_up(x: torch.Tensor, src: torch.Tensor, top_k: int, offsets: torch.Tensor,
@@ -92,7 +95,7 @@ def _register() -> None:
         return h.new_empty(h.shape[0], h.shape[1] // 2)
 
     @torch.library.register_fake(lib + "moe_swiglu_backward")
-    def _(h, d_out):
+    def _(h, d_out, a_out=None):
         return torch.empty_like(h)
 
     @torch.library.register_fake(lib + "moe_decode_gate_up")

@@ -66,22 +66,16 @@ def src_from_dest(dest: torch.Tensor, num_rows: int) -> torch.Tensor:
     return src[:num_rows]
 
 
-def _slot_dot(rows: torch.Tensor, dest: torch.Tensor, tokens: torch.Tensor,
-              chunk_elems: int = 1 << 26) -> torch.Tensor:
-    """[T, K] fp32: <rows[dest[t,k]], tokens[t]>, 0 where dest == -1 (the gradient of a slot factor).
+def moe_slot_dot(rows: torch.Tensor, dest: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-slot dot products: out[t,k] = <rows[dest[t,k]], tokens[t]> in fp32, 0 where dest == -1. [T, K] fp32.
 
-    Token chunks bound the fp32 gather to ~chunk_elems elements (256 MB): unchunked it was T*K*H floats, 4.3 GB at
-    65536 tokens of the Qwen3 MoE layer's backward.
+    The gradient of a per-slot factor: routing weights (rows = expert outputs, tokens = output gradient) or
+    permute scales. rows [R, H] and tokens [T, H] of one float dtype; dest from moe_route. Deterministic (fixed
+    reduction order). Not differentiable (it is itself a gradient).
     """
-    T, K = dest.shape
-    out = torch.empty(T, K, dtype=torch.float32, device=rows.device)
-    step = max(1, chunk_elems // max(1, K * rows.shape[1]))
-    for t0 in range(0, T, step):
-        d = dest[t0:t0 + step].long()
-        g = rows.index_select(0, d.clamp(min=0).reshape(-1)).view(d.shape[0], K, -1).float()
-        dots = torch.einsum("tkh,th->tk", g, tokens[t0:t0 + step].float())
-        out[t0:t0 + step] = torch.where(d >= 0, dots, 0.0)
-    return out
+    if use_kernel(rows, dest, tokens):
+        return torch.ops.keye.moe_slot_dot(rows, dest, tokens)
+    return ref.moe_slot_dot(rows, dest, tokens)
 
 
 # --- torch.library registrations (only when the extension defined the ops) -------------------------
@@ -95,7 +89,7 @@ def _permute_backward(ctx, grad):
     x, dest, scale = ctx.saved_tensors
     grad = grad.contiguous()  # autograd hands over expanded (stride-0) gradients, e.g. from .sum()
     grad_x = torch.ops.keye.moe_unpermute(grad, dest, scale) if ctx.needs_input_grad[0] else None
-    grad_scale = _slot_dot(grad, dest, x).to(scale.dtype) if x is not None else None
+    grad_scale = torch.ops.keye.moe_slot_dot(grad, dest, x).to(scale.dtype) if x is not None else None
     return grad_x, None, None, grad_scale
 
 
@@ -111,7 +105,7 @@ def _unpermute_backward(ctx, grad):
     grad_y = None
     if ctx.needs_input_grad[0]:
         grad_y = torch.ops.keye.moe_permute(grad, dest, src_from_dest(dest, ctx.num_rows), weights)
-    grad_w = _slot_dot(y, dest, grad).to(weights.dtype) if y is not None else None
+    grad_w = torch.ops.keye.moe_slot_dot(y, dest, grad).to(weights.dtype) if y is not None else None
     return grad_y, None, grad_w
 
 
@@ -133,10 +127,15 @@ def _register() -> None:
     def _(y, dest, weights=None):
         return y.new_empty(dest.shape[0], y.shape[1])
 
+    @torch.library.register_fake(lib + "moe_slot_dot")
+    def _(rows, dest, tokens):
+        return rows.new_empty(dest.shape, dtype=torch.float32)
+
     # The references are the CPU implementations, so torch.ops.keye.* work on any device.
     torch.library.impl(lib + "moe_route", "CPU")(lambda ids, e, align=1: tuple(ref.moe_route(ids, e, align)))
     torch.library.impl(lib + "moe_permute", "CPU")(ref.moe_permute)
     torch.library.impl(lib + "moe_unpermute", "CPU")(ref.moe_unpermute)
+    torch.library.impl(lib + "moe_slot_dot", "CPU")(ref.moe_slot_dot)
 
     torch.library.register_autograd(lib + "moe_permute", _permute_backward, setup_context=_permute_setup)
     torch.library.register_autograd(lib + "moe_unpermute", _unpermute_backward, setup_context=_unpermute_setup)

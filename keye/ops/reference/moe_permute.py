@@ -16,6 +16,8 @@ padded to a multiple of ``align`` rows so a grouped GEMM can use whole tiles:
 rounded once to x's dtype; no scale means an exact copy) and zeros every row with ``src == -1``.
 ``moe_unpermute(y, dest, weights)`` returns ``out[t] = sum_k weights[t, k] * y[dest[t, k]]`` summed in
 fp32 and rounded once; slots with ``dest == -1`` contribute nothing.
+``moe_slot_dot(rows, dest, tokens)`` returns fp32 ``out[t, k] = <rows[dest[t, k]], tokens[t]>`` (0 where
+``dest == -1``): the gradient of a per-slot factor (routing weight or permute scale).
 """
 
 from __future__ import annotations
@@ -137,3 +139,34 @@ def moe_unpermute(y: torch.Tensor, dest: torch.Tensor, weights: torch.Tensor | N
     rows = y.index_select(0, d.clamp(min=0).reshape(-1)).view(T, K, y.shape[1]).float()
     # where, not a multiply by 0: an unrouted slot must not turn into NaN through a non-finite row.
     return torch.where(routed, rows * w.unsqueeze(-1), 0.0).sum(1).to(y.dtype)
+
+
+def check_slot_dot_args(rows, dest, tokens, op="moe_slot_dot") -> None:
+    check_tensor(rows, op, "rows", FLOAT_DTYPES, 2, "[num_rows, hidden]")
+    _check_dest(dest, rows, "rows", op)
+    check_tensor(tokens, op, "tokens", (rows.dtype,), 2, "[num_tokens, hidden]")
+    check_same_device(tokens, rows, op, "tokens", "rows")
+    check_size(tokens, 0, dest.shape[0], op, "tokens", "num_tokens (dest.size(0))")
+    check_size(tokens, 1, rows.shape[1], op, "tokens", "hidden (rows.size(1))")
+    check_index_range(dest, -1, rows.shape[0] - 1, op, "dest")
+
+
+def moe_slot_dot(rows: torch.Tensor, dest: torch.Tensor, tokens: torch.Tensor,
+                 chunk_elems: int = 1 << 26) -> torch.Tensor:
+    """[T, K] fp32: <rows[dest[t,k]], tokens[t]>, 0 where dest == -1.
+
+    Token chunks bound the fp32 gather to ~chunk_elems elements (256 MB): unchunked it would be T*K*H floats,
+    4.3 GB at 65536 tokens of the Qwen3 MoE layer's backward.
+    """
+    check_slot_dot_args(rows, dest, tokens)
+    T, K = dest.shape
+    out = torch.zeros(T, K, dtype=torch.float32, device=rows.device)
+    if rows.shape[0] == 0:  # nothing to gather (every slot must then be -1)
+        return out
+    step = max(1, chunk_elems // max(1, K * rows.shape[1]))
+    for t0 in range(0, T, step):
+        d = dest[t0:t0 + step].long()
+        g = rows.index_select(0, d.clamp(min=0).reshape(-1)).view(d.shape[0], K, -1).float()
+        dots = torch.einsum("tkh,th->tk", g, tokens[t0:t0 + step].float())
+        out[t0:t0 + step] = torch.where(d >= 0, dots, 0.0)
+    return out

@@ -1,0 +1,103 @@
+"""Where a layer's time goes: CUDA time per kernel (torch.profiler), bf16, index checks off.
+
+    python3 bench/profile_kernels.py moe  [--tokens 16384]   # keye.ops.moe forward, forward + backward (Keye shape)
+    python3 bench/profile_kernels.py attn [--tokens 32768]   # keye.ops.sparse_attention forward, realistic indices
+"""
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from keye import ops
+
+
+def kernel_times(fn, iters):
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per_kernel = defaultdict(float)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[e.name[:90]] += e.device_time / iters / 1000.0  # ms per iteration
+    return per_kernel
+
+
+def pipelined_ms(fn, iters):
+    """Per call, with calls issued back to back (host launch latency hidden behind earlier calls)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters
+
+
+def single_ms(fn, iters):
+    """Median of single calls on an idle GPU (what keye bench reports): includes the host's launch latency."""
+    times = []
+    for _ in range(iters):
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def moe_workloads(T):
+    H, I, E, K = 2048, 768, 128, 8
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    r = ops.moe_router(torch.randn(T, E, device="cuda", dtype=torch.bfloat16), K)
+    w = r.weights.detach().requires_grad_()
+    gate_up = (torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16) * H ** -0.5).requires_grad_()
+    down = (torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) * I ** -0.5).requires_grad_()
+    d_out = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+
+    def fwd():
+        with torch.no_grad():
+            ops.moe(x, w, r.ids, gate_up, down)
+
+    def fwd_bwd():  # autograd.grad: no accumulation into .grad, which is not part of the layer
+        torch.autograd.grad(ops.moe(x, w, r.ids, gate_up, down), (x, w, gate_up, down), d_out)
+
+    return {"moe forward (no grad)": fwd, "moe forward + backward": fwd_bwd}
+
+
+def attn_workloads(T):
+    from keye.bench.sparse_attention import HEAD_DIM, KV_HEADS, Q_HEADS, TOPK, realistic_indices
+
+    q = torch.randn(T, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(T, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cu = torch.tensor([0, T], dtype=torch.int32, device="cuda")
+    idx = realistic_indices(T, TOPK, "cuda")
+    return {"sparse attention forward (realistic)": lambda: ops.sparse_attention(q, k, v, idx, cu)}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("layer", choices=("moe", "attn"))
+    p.add_argument("--tokens", type=int)
+    p.add_argument("--iters", type=int, default=5)
+    a = p.parse_args()
+    torch.manual_seed(0)
+    T = a.tokens or (16384 if a.layer == "moe" else 32768)
+    workloads = moe_workloads(T) if a.layer == "moe" else attn_workloads(T)
+    with ops.index_checks(False):
+        for name, fn in workloads.items():
+            times = kernel_times(fn, a.iters)
+            total = sum(times.values())
+            print(f"\n{name}, T = {T}: {total:.3f} ms of kernel time per iteration; "
+                  f"{pipelined_ms(fn, a.iters):.3f} ms per call back to back, {single_ms(fn, a.iters):.3f} ms alone")
+            for k, v in sorted(times.items(), key=lambda kv: -kv[1]):
+                print(f"  {v:8.3f} ms  {100 * v / total:5.1f}%  {k}")
+
+
+if __name__ == "__main__":
+    main()
