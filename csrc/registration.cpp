@@ -41,7 +41,7 @@ TORCH_LIBRARY(keye, m) {
   // Top-k sparse GQA attention forward and fast-mode backward (keye/ops/sparse_attention.py adds autograd).
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? row_base, float scale, "
-      "int splits=1, bool pair_queries=True) -> (Tensor o, Tensor lse)");
+      "int splits=1, bool pair_queries=True, bool share_blocks=True) -> (Tensor o, Tensor lse)");
   m.def(
       "sparse_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor indices, Tensor? row_base, Tensor lse, "
       "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");

@@ -12,12 +12,14 @@ namespace keye {
 // q [N, Hq, D] bf16, k/v [S, Hkv, D] bf16, indices [N, K] int32 (rows of k/v, or positions added to
 // row_base[n] when row_base is given; negative or out-of-range entries are empty slots), splits >= 1 CTAs per
 // (query pair, KV head) merged by log-sum-exp; pair_queries: adjacent queries share a CTA (and their common rows)
-// when Hq/Hkv <= 8 (off for decode rows that belong to different sequences). Returns o [N, Hq, D] bf16 and lse [N, Hq] fp32 (natural log of the
-// softmax denominator of scale * q.k; -inf and o = 0 for a query without a valid key).
+// when Hq/Hkv <= 8 (off for decode rows that belong to different sequences); share_blocks: with pairs and one
+// split, blocks of 16 adjacent queries gather the rows they all selected once (block_plan.h). Returns o [N, Hq, D]
+// bf16 and lse [N, Hq] fp32 (natural log of the softmax denominator of scale * q.k; -inf and o = 0 for a query
+// without a valid key).
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& indices,
                                                              const std::optional<at::Tensor>& row_base, double scale,
-                                                             int64_t splits, bool pair_queries);
+                                                             int64_t splits, bool pair_queries, bool share_blocks);
 
 // Fast-mode backward (fp32 atomics into dk/dv): accumulates into the zero-initialised fp32 buffers dq [N, Hq, D],
 // dk and dv [S, Hkv, D] from dout [N, Hq, D] bf16, the forward's lse and delta = rowsum(dout * o) - dlse [N, Hq].

@@ -1,4 +1,5 @@
-// Top-k sparse GQA attention forward (prefill and paged decode share this kernel).
+// Top-k sparse GQA attention forward: the pair kernel (decode, G > 8, several splits, or share_blocks off) and
+// the entry point that picks it or the block kernel (sparse_attention_fwd_blocks.cu; prefill).
 //
 // One CTA per (pair of adjacent query rows, KV head, split), over the pair's work list (work_list.cuh: the
 // union of the two index lists when they are sorted). The four warps are independent pipelines over that list:
@@ -24,6 +25,7 @@
 #include "common/ptx.cuh"
 #include "sparse_attention/sparse_attention.h"
 #include "sparse_attention/host_checks.h"
+#include "sparse_attention/fwd_tile.cuh"
 #include "sparse_attention/work_list.cuh"
 
 namespace keye {
@@ -33,36 +35,18 @@ using namespace sparse_attention;
 
 constexpr int kStages = 3;  // cp.async ring depth per warp
 
+// The pair kernel's shared memory: a 3-stage ring per warp; the cross-warp merge reuses it (O [warps][16][D]
+// fp32, then max and sum [warps][16]); the work list follows.
 template <int D>
-struct Layout {
-  static constexpr int kRowBytes = D * 2;
-  static constexpr int kChunks = D / 8;  // 16-byte chunks per K or V row
-  static constexpr int kTileBytes = kTile * kRowBytes;
-  static constexpr int kStageBytes = 2 * kTileBytes;  // K then V
-  static constexpr int kRingBytes = kWarps * kStages * kStageBytes;
-  // The cross-warp merge reuses the ring: O [warps][16][D] fp32, then max and sum [warps][16].
+struct PairLayout : Layout<D> {
+  static constexpr int kRingBytes = kWarps * kStages * Layout<D>::kStageBytes;
   static constexpr int kMergeBytes = kWarps * 16 * D * 4 + 2 * kWarps * 16 * 4;
   static constexpr int kIdxOffset = kRingBytes > kMergeBytes ? kRingBytes : kMergeBytes;
 };
 
-struct Params {
-  IndexParams ix;
-  const __nv_bfloat16* q;
-  int64_t q_stride;  // elements between query rows; heads and dims contiguous
-  const __nv_bfloat16* k;
-  const __nv_bfloat16* v;
-  int64_t k_stride, v_stride;  // elements between K (V) rows; heads and dims contiguous
-  int heads_kv, group;         // group = Hq / Hkv <= 16
-  float scale_log2;            // softmax scale * log2(e)
-  __nv_bfloat16* o;            // [N, Hq, D] (splits == 1)
-  float* lse;                  // [N, Hq]
-  float* o_part;               // [splits, N, Hq, D] (splits > 1)
-  float* lse_part;             // [splits, N, Hq]
-};
-
 template <int D>
-__global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const Params p) {
-  using L = Layout<D>;
+__global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const FwdParams p) {
+  using L = PairLayout<D>;
   extern __shared__ __align__(128) uint8_t smem[];
   int* work = reinterpret_cast<int*>(smem + L::kIdxOffset);  // [2 * chunk] entries
   const int qa = blockIdx.x * p.ix.pair, g = blockIdx.y, split = blockIdx.z;
@@ -81,10 +65,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
     gather_tile<D>(ring + stage * L::kStageBytes, work, count_work, t, p.k, p.k_stride, p.v, p.v_stride, g);
   };
 
-  float acc[D / 8][4];
-#pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) acc[dn][0] = acc[dn][1] = acc[dn][2] = acc[dn][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2 units) and partial sums
+  SoftmaxRows<D> st;
+  st.init();
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -99,58 +81,11 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
 
     const int t = warp + i * kWarps;
     const uint8_t* ks = ring + (i % kStages) * L::kStageBytes;
-    const uint8_t* vs = ks + L::kTileBytes;
-
-    // S = Q K^T for keys 0-7 (s[0]) and 8-15 (s[1]) of the tile.
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    rows_times_tile_t<D>(s, qa_frag, ks);
-
-    // Online softmax (log2 domain); a key a row does not see (or an empty slot) scores -inf.
-    float mx0 = -INFINITY, mx1 = -INFINITY;
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        bool lo, hi;
-        slot_visibility(work, count_work, t * kTile + nt * 8 + cq + j, lo, hi);
-        s[nt][j] = lo ? s[nt][j] * p.scale_log2 : -INFINITY;
-        s[nt][2 + j] = hi ? s[nt][2 + j] * p.scale_log2 : -INFINITY;
-        mx0 = fmaxf(mx0, s[nt][j]);
-        mx1 = fmaxf(mx1, s[nt][2 + j]);
-      }
-    }
-    const float mn0 = fmaxf(m0, quad_max(mx0)), mn1 = fmaxf(m1, quad_max(mx1));
-    const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
-    const float a0 = exp2f(m0 - b0), a1 = exp2f(m1 - b1);
-    m0 = mn0;
-    m1 = mn1;
-    float ps[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      ps[nt][0] = exp2f(s[nt][0] - b0);
-      ps[nt][1] = exp2f(s[nt][1] - b0);
-      ps[nt][2] = exp2f(s[nt][2] - b1);
-      ps[nt][3] = exp2f(s[nt][3] - b1);
-    }
-    l0 = l0 * a0 + (ps[0][0] + ps[0][1] + ps[1][0] + ps[1][1]);
-    l1 = l1 * a1 + (ps[0][2] + ps[0][3] + ps[1][2] + ps[1][3]);
-#pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn) {
-      acc[dn][0] *= a0;
-      acc[dn][1] *= a0;
-      acc[dn][2] *= a1;
-      acc[dn][3] *= a1;
-    }
-
-    // O += P V: the two S accumulators are exactly the A fragment of a 16x16 P tile.
-    uint32_t pa[4];
-    accumulators_to_a(pa, ps);
-    fragment_times_tile<D>(acc, pa, vs);
+    attend_tile<D>(st, qa_frag, ks, ks + L::kTileBytes, work, count_work, t, p.scale_log2);
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait_all();
-  l0 = quad_sum(l0);
-  l1 = quad_sum(l1);
+  const float l0 = quad_sum(st.l0), l1 = quad_sum(st.l1);
   __syncthreads();  // the ring becomes the merge buffer
 
   float* om = reinterpret_cast<float*>(smem);  // [warps][16][D]
@@ -160,14 +95,14 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
   for (int dn = 0; dn < D / 8; ++dn) {
     float* o0 = om + (warp * 16 + r0) * D + dn * 8 + cq;
     float* o1 = om + (warp * 16 + r1) * D + dn * 8 + cq;
-    o0[0] = acc[dn][0];
-    o0[1] = acc[dn][1];
-    o1[0] = acc[dn][2];
-    o1[1] = acc[dn][3];
+    o0[0] = st.acc[dn][0];
+    o0[1] = st.acc[dn][1];
+    o1[0] = st.acc[dn][2];
+    o1[1] = st.acc[dn][3];
   }
   if (lane % 4 == 0) {
-    mm[warp * 16 + r0] = m0;
-    mm[warp * 16 + r1] = m1;
+    mm[warp * 16 + r0] = st.m0;
+    mm[warp * 16 + r1] = st.m1;
     lm[warp * 16 + r0] = l0;
     lm[warp * 16 + r1] = l1;
   }
@@ -230,9 +165,9 @@ __global__ void merge_splits_kernel(const float* __restrict__ o_part, const floa
 std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& indices,
                                                              const std::optional<at::Tensor>& row_base, double scale,
-                                                             int64_t splits, bool pair_queries) {
+                                                             int64_t splits, bool pair_queries, bool share_blocks) {
   int64_t used_splits = 1;
-  Params p{};
+  FwdParams p{};
   p.ix = check_attention_args("sparse_attention", q, k, v, indices, row_base, splits, pair_queries, used_splits);
   const int64_t N = q.size(0), Hq = q.size(1), D = q.size(2), Hkv = k.size(1);
 
@@ -262,16 +197,23 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
     p.lse = lse.data_ptr<float>();
   }
 
+  if (share_blocks && p.ix.pair == 2 && used_splits == 1 && N > 2 && p.ix.num_idx > 0) {
+    BlockPlan plan{};
+    const at::Tensor plan_buffers = build_block_plan(p.ix, indices, stream, plan);
+    launch_fwd_blocks(p, plan, static_cast<int>(D), stream);
+    return {o, lse};
+  }
+
   const dim3 grid(static_cast<unsigned>((N + p.ix.pair - 1) / p.ix.pair), static_cast<unsigned>(Hkv),
                   static_cast<unsigned>(used_splits));
   const int smem_idx = 2 * p.ix.chunk * 4;
   if (D == 64) {
-    const int smem = Layout<64>::kIdxOffset + smem_idx;
+    const int smem = PairLayout<64>::kIdxOffset + smem_idx;
     C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_fwd_kernel<64>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         smem));
     sparse_attention_fwd_kernel<64><<<grid, kThreads, smem, stream>>>(p);
   } else {
-    const int smem = Layout<128>::kIdxOffset + smem_idx;
+    const int smem = PairLayout<128>::kIdxOffset + smem_idx;
     C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_fwd_kernel<128>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         smem));
     sparse_attention_fwd_kernel<128><<<grid, kThreads, smem, stream>>>(p);

@@ -72,12 +72,27 @@ __device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, b
     }
   };
   load(qa, ea, work);
-  if (has_b) {
-    load(qa + 1, eb, work + p.chunk);
-  } else {
+  if (!has_b) {
+    // One query (decode, G > 8, or the last of an odd count): nothing to share, so no sortedness check, membership
+    // walk or scan; the list is used in place, up to its last valid slot (one barrier instead of four).
+    const int a_bits = kSeenLo | (p.pair == 1 ? kSeenHi : 0);
+    int used = 0;
 #pragma unroll
-    for (int k = 0; k < kSeg; ++k) eb[k] = -1;
+    for (int k = 0; k < kSeg; ++k) {
+      const int i = threadIdx.x * kSeg + k;
+      if (i < count) work[i] = ea[k] < 0 ? -1 : ea[k] | a_bits;
+      if (i < count && ea[k] >= 0) used = i + 1;
+    }
+#pragma unroll
+    for (int d = 16; d > 0; d /= 2) used = max(used, __shfl_xor_sync(0xffffffffu, used, d));
+    __shared__ int warp_used[kWarps];
+    if (lane == 0) warp_used[warp] = used;
+    __syncthreads();
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) used = max(used, warp_used[w]);
+    return used;
   }
+  load(qa + 1, eb, work + p.chunk);
   __syncthreads();
 
   bool unsorted = false;
@@ -86,7 +101,7 @@ __device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, b
     const int i = threadIdx.x * kSeg + k;
     if (i + 1 < count) {
       const int na = k + 1 < kSeg ? ea[k + 1] : work[i + 1];
-      const int nb = k + 1 < kSeg ? eb[k + 1] : (has_b ? work[p.chunk + i + 1] : -1);
+      const int nb = k + 1 < kSeg ? eb[k + 1] : work[p.chunk + i + 1];
       unsorted |= (ea[k] < 0 && na >= 0) || (ea[k] >= 0 && na >= 0 && na <= ea[k]);
       unsorted |= (eb[k] < 0 && nb >= 0) || (eb[k] >= 0 && nb >= 0 && nb <= eb[k]);
     }
@@ -97,7 +112,7 @@ __device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, b
   // Membership by a merge walk: one binary search for a thread's first entry, then a few linear steps per entry
   // (a binary search again when the other list runs far ahead).
   uint32_t a_in_b = 0, b_in_a = 0;
-  if (sorted && has_b) {
+  if (sorted) {
     auto lower_bound = [&](const int* list, int lo, unsigned x) {
       int hi = count;
       while (lo < hi) {
@@ -198,18 +213,19 @@ __device__ __forceinline__ void load_row_fragments(uint32_t (&f)[D / 16][4], con
   }
 }
 
-// One warp gathers the K and V rows (KV head g) of work-list tile t into dst (K tile, then V tile; swizzled rows
-// of D bf16), zero-filling empty slots.
-template <int D>
+// kLanes threads (a warp, or a whole CTA) gather the K and V rows (KV head g) of work-list tile t into dst (K tile,
+// then V tile; swizzled rows of D bf16), zero-filling empty slots.
+template <int D, int kLanes = 32>
 __device__ __forceinline__ void gather_tile(uint8_t* dst, const int* work, int count_work, int t,
                                             const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
                                             int64_t v_stride, int g) {
   constexpr int kChunks = D / 8, kTileBytes = kTile * D * 2;
-  constexpr int kPerLane = 2 * kTile * kChunks / 32;
-  const int lane = threadIdx.x % 32;
+  constexpr int kPerLane = 2 * kTile * kChunks / kLanes;
+  static_assert(kPerLane * kLanes == 2 * kTile * kChunks, "the chunks of a tile must divide among the lanes");
+  const int lane = threadIdx.x % kLanes;
 #pragma unroll
   for (int it = 0; it < kPerLane; ++it) {
-    const int i = lane + 32 * it;
+    const int i = lane + kLanes * it;
     const int which = i / (kTile * kChunks);  // 0: K, 1: V
     const int rem = i % (kTile * kChunks);
     const int r = rem / kChunks, c = rem % kChunks;

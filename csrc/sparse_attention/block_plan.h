@@ -1,0 +1,40 @@
+// The work plan of the block forward kernel (sparse_attention_fwd_blocks.cu), built on the device from the index
+// lists: for each block of 16 adjacent queries, the rows that all of them selected (the common set; gathered once
+// per block and used by all 16 queries), and for each pair of queries the rest of their rows.
+//
+// Why: in real DSA selections neighbouring queries share most of their keys (the recent window, anchor blocks),
+// so gathering a shared row once for 16 queries instead of once per pair cuts the gather traffic that bounds the
+// kernel. Lists that are not sorted (valid rows strictly increasing, empty slots last) get no common set; their
+// rows all go to the pair lists, as they are (a row listed twice is attended twice, as in the pair kernel).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <cuda_runtime.h>
+
+#include "sparse_attention/work_list.cuh"
+
+namespace keye {
+namespace sparse_attention {
+
+constexpr int kBlockQueries = 16;
+constexpr int kBlockPairs = kBlockQueries / 2;
+
+// Slots per pair list: up to K rows of each query, interleaved by 8 (16 per tile).
+__host__ __device__ constexpr int pair_stride(int k) { return 16 * ((k + 7) / 8); }
+
+struct BlockPlan {
+  const int* common;      // [blocks, K]: rows all the block's queries selected, ascending, kSeenLo | kSeenHi set
+  const int* common_len;  // [blocks]
+  // [pairs, pair_stride(K)]: the pair's other rows; tile j (16 slots) holds query a's rows 8j..8j+7 in slots 0-7 (kSeenLo)
+  // and query b's in slots 8-15 (kSeenHi); -1 pads the shorter list.
+  const int* pair_work;
+  const int* pair_len;  // [pairs]: slots in use (a multiple of 16)
+  int num_idx;          // K
+};
+
+// Builds the plan for ix (one split: ix.num_idx <= kMaxChunk) on `stream`; the returned tensor owns the buffers
+// that `plan` points into (keep it alive until the kernels that read the plan are enqueued).
+at::Tensor build_block_plan(const IndexParams& ix, const at::Tensor& like, cudaStream_t stream, BlockPlan& plan);
+
+}  // namespace sparse_attention
+}  // namespace keye

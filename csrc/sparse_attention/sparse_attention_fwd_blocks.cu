@@ -1,0 +1,149 @@
+// Top-k sparse GQA attention forward over blocks of 16 adjacent queries (used for prefill when queries pair up,
+// G = Hq / Hkv <= 8, and one split covers the index lists).
+//
+// One CTA per (block of 16 queries, KV head); warp w owns the 16 MMA rows of query pair w (the G heads of each
+// query) for the whole kernel, so no cross-warp merge is needed. Two phases over the block plan (block_plan.h):
+//  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring
+//     (cp.async, 8 stages) and every warp attends to it: one gather serves 16 queries instead of 2;
+//  2. each warp walks its pair's remaining rows with its own 3-stage cp.async ring, as the pair kernel does.
+// The online softmax state (SoftmaxRows) carries from phase 1 into phase 2.
+#include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+
+#include "common/check.h"
+#include "sparse_attention/fwd_tile.cuh"
+
+namespace keye {
+namespace sparse_attention {
+namespace {
+
+constexpr int kBlockWarps = kBlockPairs;
+constexpr int kBlockThreads = 32 * kBlockWarps;
+constexpr int kPairStages = 3;       // per-warp ring depth in phase 2
+constexpr int kCommonTiles = 2;      // 16-key tiles per CTA-wide stage in phase 1 (one barrier per 32 keys)
+constexpr int kCommonStages = 8;     // CTA-wide ring depth in phase 1 (7 stages, 112 KB at D = 128, in flight)
+
+template <int D>
+struct BlockLayout {
+  static constexpr int kStageBytes = Layout<D>::kStageBytes;
+  static constexpr int kCommonStageBytes = kCommonTiles * kStageBytes;
+  static constexpr int kPairRingBytes = kBlockWarps * kPairStages * kStageBytes;
+  static constexpr int kCommonRingBytes = kCommonStages * kCommonStageBytes;
+  static constexpr int kBytes = kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes;
+};
+
+template <int D>
+__global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_kernel(const FwdParams p,
+                                                                                     const BlockPlan plan) {
+  using L = BlockLayout<D>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int block = blockIdx.x, g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t qa = static_cast<int64_t>(block) * kBlockQueries + 2 * warp;
+  const bool active = qa < p.ix.num_queries, has_b = qa + 1 < p.ix.num_queries;
+  uint32_t qf[D / 16][4] = {};
+  if (active) load_row_fragments<D>(qf, p.q, p.q_stride, static_cast<int>(qa), has_b, 2, p.group, g);
+  SoftmaxRows<D> st;
+  st.init();
+
+  // Phase 1: the common rows, one CTA-wide gather per stage.
+  const int* common = plan.common + static_cast<int64_t>(block) * plan.num_idx;
+  const int n_common = plan.common_len[block];
+  const int common_tiles = (n_common + kTile - 1) / kTile;
+  const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
+  auto issue_common = [&](int it) {
+    uint8_t* dst = smem + (it % kCommonStages) * L::kCommonStageBytes;
+#pragma unroll
+    for (int j = 0; j < kCommonTiles; ++j) {
+      const int t = it * kCommonTiles + j;
+      if (t < common_tiles)
+        gather_tile<D, kBlockThreads>(dst + j * L::kStageBytes, common, n_common, t, p.k, p.k_stride, p.v,
+                                      p.v_stride, g);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kCommonStages - 1; ++s) {
+    if (s < stages) issue_common(s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < stages; ++it) {
+    if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
+    cp_async_commit();
+    cp_async_wait_group<kCommonStages - 1>();
+    __syncthreads();  // every thread's part of stage `it` has landed
+    const uint8_t* base = smem + (it % kCommonStages) * L::kCommonStageBytes;
+#pragma unroll
+    for (int j = 0; j < kCommonTiles; ++j) {
+      const int t = it * kCommonTiles + j;
+      if (t < common_tiles)
+        attend_tile<D>(st, qf, base + j * L::kStageBytes, base + j * L::kStageBytes + Layout<D>::kTileBytes, common,
+                       n_common, t, p.scale_log2);
+    }
+    __syncthreads();  // every warp is done with the stage before it is refilled
+  }
+  cp_async_wait_all();
+  __syncthreads();  // the common ring becomes the per-warp rings
+
+  // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp.
+  const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
+  const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
+  const int count = active ? plan.pair_len[pair] : 0;
+  const int tiles = (count + kTile - 1) / kTile;
+  uint8_t* ring = smem + warp * kPairStages * L::kStageBytes;
+  auto issue = [&](int t) {
+    gather_tile<D>(ring + (t % kPairStages) * L::kStageBytes, work, count, t, p.k, p.k_stride, p.v, p.v_stride, g);
+  };
+#pragma unroll
+  for (int s = 0; s < kPairStages - 1; ++s) {
+    if (s < tiles) issue(s);
+    cp_async_commit();
+  }
+  for (int t = 0; t < tiles; ++t) {
+    if (t + kPairStages - 1 < tiles) issue(t + kPairStages - 1);
+    cp_async_commit();
+    cp_async_wait_group<kPairStages - 1>();
+    __syncwarp();
+    const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;
+    attend_tile<D>(st, qf, ks, ks + Layout<D>::kTileBytes, work, count, t, p.scale_log2);
+    __syncwarp();  // every lane is done with this stage before it is refilled
+  }
+  cp_async_wait_all();
+  if (!active) return;
+
+  // Each warp normalises and writes its own rows.
+  const int hq = p.heads_kv * p.group, cq = (lane % 4) * 2;
+  const float l[2] = {quad_sum(st.l0), quad_sum(st.l1)}, m[2] = {st.m0, st.m1};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const RowMap rm = fragment_row(lane / 4 + 8 * h, static_cast<int>(qa), has_b, 2, p.group);
+    if (rm.head < 0) continue;
+    const int64_t row = static_cast<int64_t>(rm.query) * hq + g * p.group + rm.head;
+    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<uint32_t*>(p.o + row * D + dn * 8 + cq) =
+          pack_bf16x2(st.acc[dn][2 * h] * inv, st.acc[dn][2 * h + 1] * inv);
+    if (lane % 4 == 0) p.lse[row] = l[h] > 0.f ? (m[h] + log2f(l[h])) * 0.69314718055994531f : -INFINITY;
+  }
+}
+
+template <int D>
+void launch(const FwdParams& p, const BlockPlan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.ix.num_queries + kBlockQueries - 1) / kBlockQueries),
+                  static_cast<unsigned>(p.heads_kv));
+  constexpr int smem = BlockLayout<D>::kBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_fwd_blocks_kernel<D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  sparse_attention_fwd_blocks_kernel<D><<<grid, kBlockThreads, smem, stream>>>(p, plan);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_fwd_blocks(const FwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream) {
+  if (d == 64) launch<64>(p, plan, stream);
+  else launch<128>(p, plan, stream);
+}
+
+}  // namespace sparse_attention
+}  // namespace keye
