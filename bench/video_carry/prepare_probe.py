@@ -38,14 +38,15 @@ def main():
     film = os.path.join(cache, "bbb_video.mp4")
     index = build_index(film)
     want = np.unique(sample_frames(index, fps=2).frames)
-    by_key = split_at_random_access(index, want, 12, starts="keyframe")  # the split the device ran before
+    # the split the device ran before (balanced over every frame: pieces then held them all)
+    by_key = split_at_random_access(index, want, 12, starts="keyframe", drop_disposable=False)
     keys_only = dataclasses.replace(index, random_access=index.keyframe)  # cut_piece as it was: any key frame
     firsts = index.keyframe_at_or_before(np.array([r[0] for r in by_key]))
     a = int(np.flatnonzero(~index.random_access[firsts])[0])  # first run that started at a non-IDR key frame
     pieces = {"A_nonidr_start": (keys_only, by_key[a]), "A_idr_start": (index, by_key[a])}
     meta = {}
     for name, (ix, run) in pieces.items():
-        data, local = cut_piece(film, ix, run)
+        data, local = cut_piece(film, ix, run, drop_disposable=False)  # as then: every frame in the piece
         open(os.path.join(out, f"{name}.mkv"), "wb").write(data)
         meta[f"{name}_frames"] = local
         meta[f"{name}_global"] = run
