@@ -191,6 +191,14 @@ void check_routing(const at::Tensor& dest, const at::Tensor& data, const char* d
               kMaxTopK, "], got ", dest.size(1));
 }
 
+// A float [rows, hidden] operand whose rows are unit-stride along hidden.
+void check_float_rows(const at::Tensor& t, const char* op, const char* name, const char* layout) {
+  check_cuda(t, op, name);
+  check_dtype(t, {at::kBFloat16, at::kHalf, at::kFloat}, op, name);
+  check_dim(t, 2, op, name, layout);
+  check_row_major_rows(t, op, name);
+}
+
 // Optional per-slot factors [T, K] of any float dtype, returned as contiguous fp32 (or undefined).
 at::Tensor slot_factors(const std::optional<at::Tensor>& f, const at::Tensor& dest, const char* op,
                         const char* name) {
@@ -208,10 +216,7 @@ at::Tensor slot_factors(const std::optional<at::Tensor>& f, const at::Tensor& de
 at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const at::Tensor& src,
                             const std::optional<at::Tensor>& scale) {
   const char* op = "moe_permute";
-  check_cuda(x, op, "x");
-  check_dtype(x, {at::kBFloat16, at::kHalf, at::kFloat}, op, "x");
-  check_dim(x, 2, op, "x", "[num_tokens, hidden]");
-  check_row_major_rows(x, op, "x");
+  check_float_rows(x, op, "x", "[num_tokens, hidden]");
   check_routing(dest, x, "x", op);
   check_size(dest, 0, x.size(0), op, "dest", "num_tokens (x.size(0))");
   check_cuda(src, op, "src");
@@ -251,10 +256,7 @@ at::Tensor moe_permute_cuda(const at::Tensor& x, const at::Tensor& dest, const a
 
 at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const std::optional<at::Tensor>& weights) {
   const char* op = "moe_unpermute";
-  check_cuda(y, op, "y");
-  check_dtype(y, {at::kBFloat16, at::kHalf, at::kFloat}, op, "y");
-  check_dim(y, 2, op, "y", "[num_rows, hidden]");
-  check_row_major_rows(y, op, "y");
+  check_float_rows(y, op, "y", "[num_rows, hidden]");
   check_routing(dest, y, "y", op);
   const at::Tensor w = slot_factors(weights, dest, op, "weights");
   const int64_t num_rows = y.size(0);
@@ -283,17 +285,12 @@ at::Tensor moe_unpermute_cuda(const at::Tensor& y, const at::Tensor& dest, const
 
 at::Tensor moe_slot_dot_cuda(const at::Tensor& rows, const at::Tensor& dest, const at::Tensor& tokens) {
   const char* op = "moe_slot_dot";
-  check_cuda(rows, op, "rows");
-  check_dtype(rows, {at::kBFloat16, at::kHalf, at::kFloat}, op, "rows");
-  check_dim(rows, 2, op, "rows", "[num_rows, hidden]");
-  check_row_major_rows(rows, op, "rows");
+  check_float_rows(rows, op, "rows", "[num_rows, hidden]");
   check_routing(dest, rows, "rows", op);
-  check_cuda(tokens, op, "tokens");
+  check_float_rows(tokens, op, "tokens", "[num_tokens, hidden]");
   check_same_device(tokens, rows, op, "tokens", "rows");
   KEYE_CHECK(tokens.scalar_type() == rows.scalar_type(), "keye.moe_slot_dot: 'tokens' must have the dtype of 'rows' (",
              dtype_name(rows.scalar_type()), "), got ", dtype_name(tokens.scalar_type()));
-  check_dim(tokens, 2, op, "tokens", "[num_tokens, hidden]");
-  check_row_major_rows(tokens, op, "tokens");
   check_size(tokens, 0, dest.size(0), op, "tokens", "num_tokens (dest.size(0))");
   check_size(tokens, 1, rows.size(1), op, "tokens", "hidden (rows.size(1))");
   const int64_t num_rows = rows.size(0);
