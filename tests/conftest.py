@@ -47,6 +47,22 @@ def fresh_seed():
     return seed
 
 
+TEST_FRAME_ID = 151669  # test id for <|frame|> (absent from Qwen3's file; real id unverified)
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """KeyeTokenizer over the real Qwen3 tokenizer files (with TEST_FRAME_ID for <|frame|>); skips without them."""
+    pytest.importorskip("tokenizers", reason="tokenizers not installed (pip install tokenizers)")
+    from keye.processor import KeyeTokenizer, find_qwen3_tokenizer_dir
+
+    try:
+        path = find_qwen3_tokenizer_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real Qwen3 tokenizer unavailable: {e}")
+    return KeyeTokenizer(path, {"<|frame|>": TEST_FRAME_ID})
+
+
 def poison_next_alloc(nbytes: int, device="cuda", byte: int = 0xFF) -> None:
     """Fill a block of nbytes with `byte` and free it: the caching allocator hands that block to the next
     allocation of the same size, so elements a kernel fails to write keep the poison (0xFF.. is NaN for

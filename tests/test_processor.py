@@ -13,18 +13,15 @@ from keye.processor import (KeyeProcessor, KeyeTokenizer, PatchLayout, VideoBudg
                             find_qwen3_tokenizer_dir, format_timestamp, image_to_patches, smart_resize,
                             video_to_patches)
 
-TEST_FRAME_ID = 151669  # test id for <|frame|> (absent from Qwen3's file; real id unverified)
+from conftest import TEST_FRAME_ID  # noqa: E402
+
 IM_START, IM_END, VS, VE, IMG, VID = 151644, 151645, 151652, 151653, 151655, 151656
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        path = find_qwen3_tokenizer_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"real Qwen3 tokenizer unavailable: {e}")
-    return KeyeTokenizer(path, {"<|frame|>": TEST_FRAME_ID})
+def tok(qwen3_tokenizer):
+    return qwen3_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -9,18 +9,13 @@ pytest.importorskip("tokenizers", reason="tokenizers not installed (pip install 
 model_config = pytest.importorskip("keye.model.config", reason="keye.model not available")
 keye_vl = pytest.importorskip("keye.model.keye_vl", reason="keye.model not available")
 
-from keye.processor import KeyeProcessor, KeyeTokenizer, VideoBudget, find_qwen3_tokenizer_dir  # noqa: E402
+from keye.processor import KeyeProcessor, VideoBudget  # noqa: E402
 
-TEST_FRAME_ID = 151669  # test id for <|frame|> (absent from Qwen3's file; real id unverified)
 
 
 @pytest.fixture(scope="module")
-def setup():
-    try:
-        path = find_qwen3_tokenizer_dir()
-    except FileNotFoundError as e:
-        pytest.skip(f"real Qwen3 tokenizer unavailable: {e}")
-    tok = KeyeTokenizer(path, {"<|frame|>": TEST_FRAME_ID})
+def setup(qwen3_tokenizer):
+    tok = qwen3_tokenizer
     proc = KeyeProcessor(tok, video_budget=VideoBudget(total_tokens=256))
     cfg = model_config.tiny_config(vocab_size=151936, image_token_id=tok.token_id("<|image_pad|>"),
                                    video_token_id=tok.token_id("<|video_pad|>"),
