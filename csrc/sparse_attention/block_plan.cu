@@ -1,6 +1,12 @@
 // Builds the block plan (block_plan.h): one CTA per block of 16 queries stages their 16 index lists in shared
 // memory (as K/V rows), intersects them (a merge walk per list from each thread's 8 candidates of the first list),
-// marks the common rows in every list, then each warp writes its pair's remaining rows, interleaved by 8.
+// marks the common rows in every list, then each warp writes its query's remaining rows, interleaved by 8 with
+// the other query of its pair.
+//
+// ncu (H200, 32K tokens, 256 threads then): 12.5% occupancy (the 128 KB of staged lists allow one CTA per SM),
+// 0.27 issued instructions per scheduler, stalls mostly on fixed-latency dependencies: a third or more of the
+// instructions were the integer divisions of the staging loops (entry -> query, slot). Hence division-free loops
+// (query outer, slot inner) and 16 warps instead of 8 (4 candidates of the first list per thread).
 #include <c10/cuda/CUDAException.h>
 
 #include <algorithm>
@@ -14,7 +20,7 @@ namespace keye {
 namespace sparse_attention {
 namespace {
 
-constexpr int kPlanThreads = 256;
+constexpr int kPlanThreads = 512;  // one warp per query of the block in the last phase
 constexpr int kCandidates = kMaxChunk / kPlanThreads;  // entries of the first list per thread
 constexpr int kInCommon = 1 << 30;                    // staged entry is in the common set
 
@@ -61,26 +67,26 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   const int nq = static_cast<int>(min(static_cast<int64_t>(kBlockQueries), ix.num_queries - q0));
 
   // Stage the raw lists with cp.async (all of a thread's loads in flight at once), then turn positions into rows.
-  // (Measured on the H200: no faster than a plain load-store loop; where this kernel's time goes is open, NOTES.md.)
   __shared__ int64_t base[kBlockQueries];
   if (tid < nq) base[tid] = ix.row_base ? ix.row_base[q0 + tid] : 0;
-  for (int e = tid; e < nq * K; e += kPlanThreads) {
-    const int q = e / K, i = e % K;
-    cp_async4(lists + e, ix.idx + (q0 + q) * ix.idx_stride + i, true);
-  }
+  for (int q = 0; q < nq; ++q)
+    for (int i = tid; i < K; i += kPlanThreads) cp_async4(lists + q * K + i, ix.idx + (q0 + q) * ix.idx_stride + i, true);
   cp_async_wait_all();
   __syncthreads();
-  for (int e = tid; e < nq * K; e += kPlanThreads) {
-    const int x = lists[e];
-    const int64_t row = base[e / K] + static_cast<int64_t>(x);
-    lists[e] = (x >= 0 && row < ix.num_rows) ? static_cast<int>(row) : -1;
+  for (int q = 0; q < nq; ++q) {
+    for (int i = tid; i < K; i += kPlanThreads) {
+      const int x = lists[q * K + i];
+      const int64_t row = base[q] + static_cast<int64_t>(x);
+      lists[q * K + i] = (x >= 0 && row < ix.num_rows) ? static_cast<int>(row) : -1;
+    }
   }
   __syncthreads();
   bool unsorted = false;
-  for (int e = tid; e < nq * K; e += kPlanThreads) {
-    if (e % K + 1 == K) continue;
-    const int a = lists[e], b = lists[e + 1];
-    unsorted |= (a < 0 && b >= 0) || (a >= 0 && b >= 0 && b <= a);
+  for (int q = 0; q < nq; ++q) {
+    for (int i = tid; i + 1 < K; i += kPlanThreads) {
+      const int a = lists[q * K + i], b = lists[q * K + i + 1];
+      unsorted |= (a < 0 && b >= 0) || (a >= 0 && b >= 0 && b <= a);
+    }
   }
   const bool sorted = !__syncthreads_or(unsorted);
 
@@ -126,30 +132,29 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   if (tid == 0) common_len[blockIdx.x] = total;
   __syncthreads();  // all marks visible
 
-  // Warp w writes pair w's remaining rows: query a's n-th row to slot 16 (n / 8) + n % 8, query b's to + 8.
-  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kBlockPairs + warp;
+  // Warp w writes query w's remaining rows into its pair's list: query a's (even w) n-th row to slot
+  // 16 (n / 8) + n % 8, query b's to + 8; the shorter list of the pair is padded with -1.
+  __shared__ int remaining[kBlockQueries];
+  const int64_t pair = static_cast<int64_t>(blockIdx.x) * kBlockPairs + warp / 2;
   int* out = pair_work + pair * pair_stride(K);
-  int n[2] = {0, 0};
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int q = 2 * warp + h;
-    if (q >= nq) continue;
-    const int bit = h ? kSeenHi : kSeenLo;
-    for (int base = 0; base < K; base += 32) {
-      const int i = base + lane;
+  const int q = warp, h = warp % 2, bit = h ? kSeenHi : kSeenLo;
+  int n = 0;
+  if (q < nq) {
+    for (int b0 = 0; b0 < K; b0 += 32) {
+      const int i = b0 + lane;
       const int v = i < K ? lists[q * K + i] : -1;
       const bool keep = v >= 0 && !(v & kInCommon);
       const unsigned mask = __ballot_sync(0xffffffffu, keep);
-      const int pos = n[h] + __popc(mask & ((1u << lane) - 1u));
+      const int pos = n + __popc(mask & ((1u << lane) - 1u));
       if (keep) out[16 * (pos / 8) + 8 * h + pos % 8] = (v & kRowMask) | bit;
-      n[h] += __popc(mask);
+      n += __popc(mask);
     }
   }
-  const int slots = 8 * ((max(n[0], n[1]) + 7) / 8);
-#pragma unroll
-  for (int h = 0; h < 2; ++h)
-    for (int pos = n[h] + lane; pos < slots; pos += 32) out[16 * (pos / 8) + 8 * h + pos % 8] = -1;
-  if (lane == 0) pair_len[pair] = 2 * slots;
+  if (lane == 0) remaining[warp] = n;
+  __syncthreads();
+  const int slots = 8 * ((max(remaining[warp & ~1], remaining[warp | 1]) + 7) / 8);
+  for (int pos = n + lane; pos < slots; pos += 32) out[16 * (pos / 8) + 8 * h + pos % 8] = -1;
+  if (h == 0 && lane == 0) pair_len[pair] = 2 * slots;
 }
 
 }  // namespace
