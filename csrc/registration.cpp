@@ -24,8 +24,8 @@ TORCH_LIBRARY(keye, m) {
   m.def("moe_grouped_gemm_configs(str kind) -> str[]", &keye::moe_grouped_gemm_configs);
   m.def("moe_swiglu(Tensor h) -> Tensor");
   m.def("moe_swiglu_backward(Tensor h, Tensor d_out, Tensor(a!)? a_out=None) -> Tensor");
-  m.def("moe_decode_gate_up(Tensor x, Tensor src, int top_k, Tensor offsets, Tensor w) -> Tensor");
-  m.def("moe_decode_down(Tensor a, Tensor offsets, Tensor w) -> Tensor");
+  m.def("moe_decode_gate_up(Tensor x, Tensor ids, Tensor w) -> Tensor");
+  m.def("moe_decode_down(Tensor a, Tensor ids, Tensor weights, Tensor w) -> Tensor");
   // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
   m.def("indexer_rotate_quantize(Tensor x) -> (Tensor x8, Tensor scale)");
   m.def("indexer_logits(Tensor q8, Tensor coef, Tensor k8, Tensor k_scale, int q_pos0, Tensor(a!) out) -> ()");

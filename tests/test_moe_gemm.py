@@ -76,16 +76,36 @@ def test_reference_swiglu_backward_is_the_gradient():
     assert torch.allclose(a.double(), F.silu(h[:, :8]) * h[:, 8:], rtol=1e-6, atol=1e-7)
 
 
-def test_reference_decode_is_gather_gemm_swiglu():
+def test_reference_decode_is_the_layer_without_grouping():
     T, K, E, H, I = 5, 3, 4, 16, 8
     x = torch.randn(T, H)
     ids = random_topk_ids(T, K, E, unrouted=0.2)
-    dest, src, off = ops.moe_route(ids, E)
+    ids[1] = torch.tensor([2, 2, -1])  # a token may name an expert twice: two slots
+    weights = torch.rand(T, K)
     w1, w2 = torch.randn(E, H, 2 * I), torch.randn(E, I, H)
-    xs = ops.moe_permute(x, dest, src)
-    a = spec.moe_decode_gate_up(x, src, K, off, w1)
-    assert rel_err(a, spec.moe_swiglu(spec.moe_grouped_mm(xs, w1, off))) < 1e-5
-    assert rel_err(spec.moe_decode_down(a, off, w2), spec.moe_grouped_mm(a, w2, off)) < 1e-6
+    a = spec.moe_decode_gate_up(x, ids, w1)
+    want_a = torch.zeros(T * K, I, dtype=torch.float64)
+    for s, e in enumerate(ids.reshape(-1).tolist()):
+        if e >= 0:
+            h = x[s // K].double() @ w1[e].double()
+            want_a[s] = F.silu(h[:I]) * h[I:]
+    assert torch.allclose(a.double(), want_a, rtol=1e-5, atol=1e-6)
+    out = spec.moe_decode_down(a, ids, weights, w2)
+    assert torch.allclose(out, ops.reference.moe(x, weights, ids, w1, w2), rtol=1e-4, atol=1e-5)
+
+
+def test_reference_decode_validation():
+    x, w1, w2 = torch.randn(2, 16), torch.randn(4, 16, 16), torch.randn(4, 8, 16)
+    ids = torch.tensor([[0, 1], [3, -1]], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: argument 'ids' must hold values in \[-1, 3\]"):
+        spec.moe_decode_gate_up(x, ids + 1, w1)
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: top_k must be in \[1, 8\]"):
+        spec.moe_decode_gate_up(x, torch.zeros(2, 9, dtype=torch.int32), w1)
+    a = spec.moe_decode_gate_up(x, ids, w1)
+    with pytest.raises(ValueError, match=r"moe_decode_down: argument 'weights' must have dtype float32"):
+        spec.moe_decode_down(a, ids, torch.rand(2, 2, dtype=torch.float64), w2)
+    with pytest.raises(ValueError, match=r"moe_decode_down: argument 'a' has size 2 in dim 0 but T \* top_k"):
+        spec.moe_decode_down(a[:2], ids, torch.rand(2, 2), w2)
 
 
 def test_reference_validation():
@@ -171,21 +191,24 @@ def test_swiglu_and_backward(R, I):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T,K,E,H,I,one", [(1, 8, 128, 2048, 768, False), (7, 8, 128, 2048, 768, False),
                                            (64, 8, 128, 2048, 768, False), (20, 2, 8, 64, 32, True),
-                                           (3, 8, 64, 2048, 1408, False), (3, 4, 8, 256, 64, False)])
+                                           (3, 8, 64, 2048, 1408, False), (3, 4, 8, 256, 64, False),
+                                           (2, 8, 256, 7168, 2048, False), (5, 1, 4, 4160, 96, True)])
 def test_decode_kernels(T, K, E, H, I, one):
     x = bf16(T, H)
     ids = random_topk_ids(T, K, E, unrouted=0.1, device="cuda")
     if one:
-        ids[:, 0] = 1  # 20 rows on expert 1: several 8-row passes over its weights
-    dest, src, off = ops.moe_route(ids, E)
+        ids[:, 0] = 1  # every token on expert 1: one CTA serves 20 slots in groups (weights read once per group)
+    weights = torch.rand(T, K, device="cuda")
     w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
-    poison_next_alloc(src.numel() * I * 2)
-    a = ops.moe_decode_gate_up(x, src, K, off, w1)
-    assert rel_err(a, spec.moe_decode_gate_up(x.float(), src, K, off, w1.float())) < 1e-2
-    poison_next_alloc(src.numel() * H * 2)
-    y = ops.moe_decode_down(a, off, w2)
-    assert rel_err(y, spec.moe_decode_down(a.float(), off, w2.float())) < 1e-2
-    assert torch.equal(y, ops.moe_decode_down(a, off, w2)), "not deterministic"
+    poison_next_alloc(T * K * I * 2)
+    a = ops.moe_decode_gate_up(x, ids, w1)
+    assert rel_err(a, spec.moe_decode_gate_up(x.float(), ids, w1.float())) < 1e-2
+    assert (a.view(T, K, I)[ids < 0] == 0).all(), "unrouted slots must give zero rows"
+    poison_next_alloc(T * H * 2)
+    out = ops.moe_decode_down(a, ids, weights, w2)
+    assert rel_err(out, spec.moe_decode_down(a.float(), ids, weights, w2.float())) < 1e-2
+    assert torch.equal(out, ops.moe_decode_down(a, ids, weights, w2)), "not deterministic"
+    assert torch.equal(a, ops.moe_decode_gate_up(x, ids, w1)), "not deterministic"
 
 
 @pytest.mark.gpu
@@ -223,18 +246,21 @@ def test_kernel_errors_name_the_argument():
         torch.ops.keye.moe_grouped_mm(a, b, off, False, 99)
     with pytest.raises(ValueError, match=r"multiple of 8"):
         torch.ops.keye.moe_grouped_mm(bf16(8, 60), bf16(2, 60, 48), off)
-    with pytest.raises(ValueError, match=r"moe_decode_gate_up: argument 'src' must hold values in \[-1, 15\]"):
-        torch.ops.keye.moe_decode_gate_up(a, torch.full((8,), 16, dtype=torch.int32, device="cuda"), 2, off,
-                                          bf16(2, 64, 64))
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: argument 'ids' must hold values in \[-1, 1\]"):
+        torch.ops.keye.moe_decode_gate_up(a, torch.full((8, 2), 2, dtype=torch.int32, device="cuda"), bf16(2, 64, 64))
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: top_k must be in \[1, 8\]"):
+        torch.ops.keye.moe_decode_gate_up(a, torch.zeros(8, 9, dtype=torch.int32, device="cuda"), bf16(2, 64, 64))
+    with pytest.raises(ValueError, match=r"moe_decode_down: argument 'weights' must have dtype float32"):
+        torch.ops.keye.moe_decode_down(bf16(16, 32), torch.zeros(8, 2, dtype=torch.int32, device="cuda"),
+                                       torch.rand(8, 2, device="cuda").bfloat16(), bf16(2, 32, 64))
 
 
 @pytest.mark.gpu
 def test_decode_kernels_with_no_routed_slot_give_zero_rows():
     x = bf16(4, 256)
     ids = torch.full((4, 2), -1, dtype=torch.int32, device="cuda")
-    dest, src, off = ops.moe_route(ids, 8)
     w1, w2 = bf16(8, 256, 128), bf16(8, 64, 256)
-    poison_next_alloc(src.numel() * 64 * 2)
-    a = ops.moe_decode_gate_up(x, src, 2, off, w1)
-    poison_next_alloc(src.numel() * 256 * 2)
-    assert (a == 0).all() and (ops.moe_decode_down(a, off, w2) == 0).all()
+    poison_next_alloc(8 * 64 * 2)
+    a = ops.moe_decode_gate_up(x, ids, w1)
+    poison_next_alloc(4 * 256 * 2)
+    assert (a == 0).all() and (ops.moe_decode_down(a, ids, torch.rand(4, 2, device="cuda"), w2) == 0).all()

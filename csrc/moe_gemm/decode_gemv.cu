@@ -1,12 +1,28 @@
-// Expert GEMMs for decode-size batches (a few rows per expert): the cost is streaming the routed experts' weights
-// once, so each block owns one expert and 32 output columns and reads that weight slice exactly once with 16-byte
-// loads, for all of the expert's rows at a time (up to 8 per pass), accumulating in fp32. Partial sums over the
-// weight rows are reduced in a fixed order (shuffles, then warps in index order): deterministic.
-// gate_up fuses the gather of token rows (by src) and SwiGLU; down is a plain grouped GEMV.
+// Expert GEMMs for decode-size batches, straight from the router's output (no routing kernels, no combine kernel):
+//
+//   gate_up: a[t*K + k] = swiglu(x[t] @ w1[ids[t, k]])                     [T*K, I]
+//   down:    out[t]     = sum_k weights[t, k] * (a[t*K + k] @ w2[ids[t, k]])   [T, H]
+//
+// The cost is streaming the routed experts' weights once, so each thread keeps its 16-byte weight loads in flight:
+// - gate_up: a CTA owns one expert and 32 output columns (their gate and up columns) and streams the whole
+//   reduction over H in batches, the next batch's loads issued before the current one is used. The CTA of the
+//   first slot routed to an expert serves every slot routed to it (weights read once per distinct expert; later
+//   slots' CTAs exit). Its first batch is issued before it even knows whether it is that CTA.
+// - down: a thread-block cluster is the K slots of one token; rank k computes its slot's product times
+//   weights[t, k] (all its loads issued at once) and rank 0 adds the ranks' partial sums through distributed
+//   shared memory in k order (the combine: deterministic, no workspace, no atomics). Slots whose expert another
+//   token also uses read the weights again.
+// Unrouted slots (id -1) give zero rows of a and add nothing to out.
+//
+// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 16.6 us, down 18.2 us. A first version also split gate_up's
+// reduction over a cluster of 4 CTAs (768 short CTAs): 26.6 us; ncu showed full occupancy but DRAM 39% busy, the
+// short CTAs spending most of their life in barriers, prologue and epilogue instead of with loads in flight. down
+// is built that way still (512 CTAs of 48 KB; DRAM 28% busy): the next thing to change.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -14,41 +30,46 @@
 
 #include "common/check.h"
 #include "moe_gemm/grouped_gemm.h"
-#include "moe_gemm/grouped_gemm_args.h"
 
 namespace keye {
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kCols = 32;         // output columns per block
-constexpr int kMaxRows = 8;       // most expert rows per weight pass
-constexpr int kStageFloats = 8128;  // activations staged per pass (kStageFloats / kRows columns; with red, < 48 KB)
-constexpr int kLoads = 8;         // 16-byte weight loads per thread per batch; one batch is in flight while the
-                                  // previous one is used (the kernel is bound by load latency without it)
+constexpr int kCols = 32;       // output columns per CTA
+constexpr int kVecCols = 8;     // bf16 columns per 16-byte load
+constexpr int kMaxCluster = 8;  // portable cluster size
+constexpr int kStageRows = 2048;  // reduction rows of activations staged at a time (fp32, per row of a group)
+
+// gate_up: 8 lanes per weight row (4 x 8 gate columns, 4 x 8 up columns), 32 rows per load round, batches of 8
+// loads per thread, two batches in flight. down: 4 lanes per weight row (4 x 8 columns), 64 rows per load round,
+// batches of 16 loads per thread (1024 rows: all of Keye's I = 768 at once).
+template <bool kGateUp>
+struct Shape {
+  static constexpr int kVecs = kGateUp ? 2 * kCols / kVecCols : kCols / kVecCols;
+  static constexpr int kRowLanes = kThreads / kVecs;
+  static constexpr int kDepth = kGateUp ? 8 : 16;  // 16-byte weight loads per thread per batch
+  static constexpr int kBatchRows = kRowLanes * kDepth;  // reduction rows one batch of loads covers
+  static_assert(kStageRows % kBatchRows == 0, "a staged chunk of activations covers whole batches");
+  static constexpr int kOut = kGateUp ? 2 * kCols : kCols;  // partial sums per row of a group
+};
 
 struct DecodeParams {
-  const __nv_bfloat16* x;   // gate_up: tokens [T, K]; down: rows [R, K]
-  const int* src;           // gate_up: row -> flat slot t * top_k + k (-1: zero row); down: null (row r is x[r])
+  const __nv_bfloat16* x;  // gate_up: x [T, H]; down: a [T*K, I]
+  const int* ids;          // [T, K]
+  const float* weights;    // down: [T, K]
+  const __nv_bfloat16* w;  // [E, reduction, w_cols]
+  __nv_bfloat16* out;      // gate_up: [T*K, I]; down: [T, H]
+  int slots;               // T * K
   int top_k;
-  int64_t x_rows;
-  const int* offsets;       // [E + 1]
-  int num_experts;          // E
-  const __nv_bfloat16* w;   // [E, K, w_cols]
-  __nv_bfloat16* out;       // [R, n_out]
-  int64_t rows;             // R
-  int k;                    // reduction length
-  int w_cols;               // 2I (gate_up) or N (down)
-  int n_out;                // I (gate_up) or N (down)
+  int reduction;           // H (gate_up) or I (down)
+  int w_cols;              // 2I or H
+  int n_out;               // I or H
 };
 
-template <bool kSwiGLU>
-struct Lanes {
-  static constexpr int kVecs = kSwiGLU ? 8 : 4;      // 16-byte vectors per weight row: 4 gate + 4 up, or 4
-  static constexpr int kKLanes = kThreads / kVecs;    // weight rows read at once
-};
-
-__device__ __forceinline__ void fma_row(float (&acc)[8], float xv, const uint4& raw) {
+__device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const uint4& raw) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -58,218 +79,313 @@ __device__ __forceinline__ void fma_row(float (&acc)[8], float xv, const uint4& 
   }
 }
 
-// A batch of kLoads weight rows for this thread (rows past kc read nothing and stay zero).
-template <int kKLanes>
-__device__ __forceinline__ void load_batch(uint4 (&w)[kLoads], const __nv_bfloat16* wk, int kk, int kc, int w_cols) {
+// Sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in index
+// order) into part[c] for the CTA's kOut columns. Fixed order: deterministic.
+template <bool kGateUp>
+__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[Shape<kGateUp>::kOut], float* part) {
+  using S = Shape<kGateUp>;
 #pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-    const int row = kk + u * kKLanes;
-    w[u] = row < kc ? __ldg(reinterpret_cast<const uint4*>(wk + static_cast<int64_t>(row) * w_cols))
-                    : make_uint4(0, 0, 0, 0);
+  for (int off = S::kVecs; off < 32; off <<= 1)
+#pragma unroll
+    for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane < S::kVecs)
+#pragma unroll
+    for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
+  __syncthreads();
+  if (threadIdx.x < S::kOut) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) s += red[w][threadIdx.x];
+    part[threadIdx.x] = s;
+  }
+  __syncthreads();
+}
+
+// Partial sums over reduction rows [k0, k1) for up to kRows activation rows (xrow[r], nr real ones): the weight
+// slice w_slice (this thread's column vector already applied) is read once for all of them.
+// One batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as zero).
+template <bool kGateUp>
+__device__ __forceinline__ void load_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b0, int k1,
+                                           uint4 (&wv)[Shape<kGateUp>::kDepth]) {
+  using S = Shape<kGateUp>;
+  const int lane_row = threadIdx.x / S::kVecs;
+#pragma unroll
+  for (int u = 0; u < S::kDepth; ++u) {  // every load of the batch is in flight before any is used
+    const int row = b0 + lane_row + u * S::kRowLanes;
+    wv[u] = row < k1 ? __ldg(reinterpret_cast<const uint4*>(w_slice + static_cast<int64_t>(row) * p.w_cols))
+                     : make_uint4(0, 0, 0, 0);
   }
 }
 
-// One pass over the weight slice for up to kRows rows of expert e (nr real ones; the rest of xs is zero).
-template <bool kSwiGLU, int kRows>
-__device__ void expert_pass(const DecodeParams& p, float (*xs)[kStageFloats / kRows],
-                            float (*red)[kRows][2 * kCols], int e, int col0, int first_row, int nr) {
-  using L = Lanes<kSwiGLU>;
-  constexpr int kChunk = kStageFloats / kRows;
-  const int tid = threadIdx.x, vec = tid % L::kVecs, klane = tid / L::kVecs;
-  // This thread's 8 weight columns: gate or up half for SwiGLU (vec 0-3 gate, 4-7 up), else one slice.
-  const int wcol = kSwiGLU ? (vec < 4 ? col0 + vec * 8 : p.n_out + col0 + (vec - 4) * 8) : col0 + vec * 8;
-  const __nv_bfloat16* wbase = p.w + (static_cast<int64_t>(e) * p.k) * p.w_cols + wcol;
-  float acc[kRows][8];
+// Partial sums over all reduction rows for up to kRows activation rows (xrow[r], nr real ones): the weight slice
+// w_slice (this thread's column vector already applied) is read once for all of them. wv holds the first batch's
+// loads, issued by the caller (so they fly while the caller finds its rows); each later batch is issued before the
+// one before it is used.
+template <bool kGateUp, int kRows>
+__device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_slice, const int* xrow, int nr,
+                               float (*xs)[kStageRows], uint4 (&wv)[Shape<kGateUp>::kDepth],
+                               float (&acc)[kRows][kVecCols]) {
+  using S = Shape<kGateUp>;
+  const int lane_row = threadIdx.x / S::kVecs, k1 = p.reduction;
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[r][j] = 0.0f;
+    for (int j = 0; j < kVecCols; ++j) acc[r][j] = 0.0f;
+  for (int b0 = 0; b0 < k1; b0 += S::kBatchRows) {
+    if (b0 % kStageRows == 0) {  // the activations of the next kStageRows reduction rows
+      const int n = min(kStageRows, k1 - b0);
+      __syncthreads();  // xs free
+      for (int r = 0; r < kRows; ++r)
+        for (int kk = threadIdx.x; kk < n; kk += kThreads)
+          xs[r][kk] = r < nr ? __bfloat162float(p.x[static_cast<int64_t>(xrow[r]) * p.reduction + b0 + kk]) : 0.0f;
+      __syncthreads();
+    }
+    uint4 next[S::kDepth];
+    if constexpr (S::kDepth <= 8) {  // double buffering fits in registers only for short batches
+      load_batch<kGateUp>(p, w_slice, b0 + S::kBatchRows, k1, next);
+    }
+    const float* xr[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) xr[r] = xs[r] + b0 % kStageRows;
+#pragma unroll
+    for (int u = 0; u < S::kDepth; ++u) {
+      const int row = lane_row + u * S::kRowLanes;
+      if (b0 + row < k1)
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) fma_vec(acc[r], xr[r][row], wv[u]);
+    }
+    if constexpr (S::kDepth <= 8) {
+#pragma unroll
+      for (int u = 0; u < S::kDepth; ++u) wv[u] = next[u];
+    } else if (b0 + S::kBatchRows < k1) {
+      load_batch<kGateUp>(p, w_slice, b0 + S::kBatchRows, k1, wv);
+    }
+  }
+}
 
-  for (int k0 = 0; k0 < p.k; k0 += kChunk) {
-    const int kc = min(kChunk, p.k - k0);
-    const __nv_bfloat16* wk = wbase + static_cast<int64_t>(k0) * p.w_cols;
-    uint4 next[kLoads];
-    load_batch<L::kKLanes>(next, wk, klane, kc, p.w_cols);  // weights do not wait for the activations
-    __syncthreads();  // xs free
-    for (int i = tid; i < kRows * kc; i += kThreads) {
-      const int r = i / kc, kk = i % kc;
-      float v = 0.0f;
-      if (r < nr) {
-        int64_t xrow = first_row + r;
-        if (p.src != nullptr) {
-          const int s = p.src[xrow];
-          xrow = s >= 0 ? s / p.top_k : -1;
+// The first of the 8 weight columns this thread reads (gate_up: lanes 0-3 gate columns, 4-7 the matching up ones).
+template <bool kGateUp>
+__device__ __forceinline__ int weight_column(const DecodeParams& p, int col0) {
+  using S = Shape<kGateUp>;
+  const int vec = threadIdx.x % S::kVecs;
+  if constexpr (kGateUp) return vec < 4 ? col0 + vec * kVecCols : p.n_out + col0 + (vec - 4) * kVecCols;
+  return col0 + vec * kVecCols;
+}
+
+// Grid (I / kCols, T * K).
+template <int kRows>
+__global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const DecodeParams p) {
+  using S = Shape<true>;
+  __shared__ float xs[kRows][kStageRows];
+  __shared__ float red[kWarps][S::kOut];
+  __shared__ float part[kRows][S::kOut];
+  __shared__ int rows[kRows];
+  __shared__ int first_slot, count, scan_next;
+  const int slot = blockIdx.y, col0 = blockIdx.x * kCols;
+  const int e = p.ids[slot];
+  if (e < 0) {  // unrouted slot: a zero row
+    if (threadIdx.x < kCols) p.out[static_cast<int64_t>(slot) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(0.0f);
+    return;
+  }
+  // The weights are the long wait: their first batch is in flight before this CTA even knows whether it serves e.
+  const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column<true>(p, col0);
+  uint4 wv[S::kDepth];
+  load_batch<true>(p, w_slice, 0, p.reduction, wv);
+  if (threadIdx.x < 32) {  // is this the first slot routed to e? (ids are L2-resident: one warp scans them)
+    bool earlier = false;
+    for (int base = 0; base < slot && !earlier; base += 32) {
+      const int s = base + threadIdx.x;
+      earlier = __any_sync(0xffffffffu, s < slot && p.ids[s] == e);
+    }
+    if (threadIdx.x == 0) {
+      first_slot = earlier ? -1 : slot;
+      scan_next = slot;
+    }
+  }
+  __syncthreads();
+  if (first_slot < 0) return;  // another CTA serves e
+
+  for (bool first_group = true;; first_group = false) {
+    if (threadIdx.x < 32) {  // the next (up to) kRows slots routed to e, in slot order
+      const int lane = threadIdx.x;
+      int scan = scan_next, n = 0;
+      while (scan < p.slots && n < kRows) {
+        const unsigned hit = __ballot_sync(0xffffffffu, scan + lane < p.slots && p.ids[scan + lane] == e);
+        const int avail = __popc(hit), take = min(avail, kRows - n);
+        unsigned m = hit;
+        for (int i = 0; i < take; ++i) {
+          if (lane == 0) rows[n + i] = scan + __ffs(m) - 1;
+          m &= m - 1;
         }
-        if (xrow >= 0 && xrow < p.x_rows) v = __bfloat162float(p.x[xrow * p.k + k0 + kk]);
+        n += take;
+        scan = take < avail ? scan + __ffs(m) - 1 : scan + 32;  // resume at the first slot not taken
       }
-      xs[r][kk] = v;
+      if (lane == 0) {
+        count = n;
+        scan_next = scan;
+      }
     }
     __syncthreads();
-    for (int kk = klane; kk < kc; kk += kLoads * L::kKLanes) {
-      uint4 cur[kLoads];
+    const int nr = count;
+    if (nr == 0) break;
+    int xrow[kRows];
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u) cur[u] = next[u];
-      load_batch<L::kKLanes>(next, wk, kk + kLoads * L::kKLanes, kc, p.w_cols);
+    for (int r = 0; r < kRows; ++r) xrow[r] = r < nr ? rows[r] / p.top_k : 0;
+    if (!first_group) load_batch<true>(p, w_slice, 0, p.reduction, wv);  // again (mostly from L2) for more slots
+    float acc[kRows][kVecCols];
+    slice_products<true, kRows>(p, w_slice, xrow, nr, xs, wv, acc);
 #pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int row = min(kk + u * L::kKLanes, kc - 1);  // rows past kc hold zero weights
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) fma_row(acc[r], xs[r][row], cur[u]);
-      }
+    for (int r = 0; r < kRows; ++r) reduce_rows<true>(acc[r], red, part[r]);
+    for (int i = threadIdx.x; i < nr * kCols; i += kThreads) {
+      const int r = i / kCols, c = i % kCols;
+      const float g = part[r][c], u = part[r][kCols + c];
+      p.out[static_cast<int64_t>(rows[r]) * p.n_out + col0 + c] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
     }
+    __syncthreads();  // part and rows are rewritten by the next group
   }
-  // Sum over the weight rows: lanes of a warp with the same vec (fixed butterfly), then warps in order.
-#pragma unroll
-  for (int off = L::kVecs; off < 32; off <<= 1)
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] += __shfl_xor_sync(0xffffffffu, acc[r][j], off);
-  const int lane = tid % 32, warp = tid / 32;
-  if (lane < L::kVecs) {
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-#pragma unroll
-      for (int j = 0; j < 8; ++j) red[warp][r][vec * 8 + j] = acc[r][j];
-  }
-  __syncthreads();
-  for (int i = tid; i < nr * kCols; i += kThreads) {
-    const int r = i / kCols, c = i % kCols;
-    float g = 0.0f, u = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      g += red[w][r][c];
-      if constexpr (kSwiGLU) u += red[w][r][kCols + c];
-    }
-    const float v = kSwiGLU ? g / (1.0f + expf(-g)) * u : g;
-    p.out[static_cast<int64_t>(first_row + r) * p.n_out + col0 + c] = __float2bfloat16(v);
-  }
-  __syncthreads();  // red and xs are reused by the next pass
 }
 
-// Block (x, y) serves output columns 32x.. of the y-th expert that has rows (the grid has min(E, R) rows of
-// blocks, so a decode step with 8 routed experts launches 8 rows of blocks, not E).
-__device__ int nth_nonempty_expert(const DecodeParams& p, int n) {
-  __shared__ int found;
-  if (threadIdx.x < 32) {
-    const int lane = threadIdx.x;
-    int seen = 0, result = -1;
-    for (int base = 0; base < p.num_experts && result < 0; base += 32) {
-      const int e = base + lane;
-      bool has_rows = false;
-      if (e < p.num_experts) {
-        const ExpertRows rows = expert_rows(p.offsets, e, p.rows);
-        has_rows = rows.end > rows.begin;
-      }
-      const unsigned mask = __ballot_sync(0xffffffffu, has_rows);
-      const int count = __popc(mask);
-      if (seen + count > n) {  // uniform across the warp
-        const int rank = __popc(mask & ((1u << lane) - 1u));
-        const int hit = __ballot_sync(0xffffffffu, has_rows && rank == n - seen);
-        result = base + __ffs(hit) - 1;
-      }
-      seen += count;
-    }
-    if (lane == 0) found = result;
+// Grid (H / kCols, T * K), cluster (1, K, 1): rank = k, the slot of the token.
+__global__ void __launch_bounds__(kThreads, 2) decode_down_kernel(const DecodeParams p) {
+  using S = Shape<false>;
+  __shared__ float xs[1][kStageRows];
+  __shared__ float red[kWarps][S::kOut];
+  __shared__ float part[S::kOut];
+  cg::cluster_group cluster = cg::this_cluster();
+  const int slot = blockIdx.y, col0 = blockIdx.x * kCols, k = slot % p.top_k;
+  const int e = p.ids[slot];
+  if (e >= 0) {
+    const float weight = p.weights[slot];  // (in flight with the weight loads)
+    const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column<false>(p, col0);
+    uint4 wv[Shape<false>::kDepth];
+    load_batch<false>(p, w_slice, 0, p.reduction, wv);
+    const int xrow[1] = {slot};
+    float acc[1][kVecCols];
+    slice_products<false, 1>(p, w_slice, xrow, 1, xs, wv, acc);
+    reduce_rows<false>(acc[0], red, part);
+    if (threadIdx.x < kCols) part[threadIdx.x] *= weight;
+  } else if (threadIdx.x < kCols) {
+    part[threadIdx.x] = 0.0f;
   }
-  __syncthreads();
-  return found;
+  cluster.sync();
+  if (k == 0 && threadIdx.x < kCols) {
+    float v[kMaxCluster];
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) v[q] = q < p.top_k ? cluster.map_shared_rank(part, q)[threadIdx.x] : 0.0f;
+    float s = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kMaxCluster; ++q) s += v[q];  // k order
+    p.out[static_cast<int64_t>(slot / p.top_k) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(s);
+  }
+  cluster.sync();  // rank 0 is done reading the others' partial sums
 }
 
-// kRows (rows per weight pass) is picked on the host from the average rows per routed expert: registers and shared
-// memory scale with it, and a pass with fewer real rows than kRows wastes arithmetic, not bandwidth.
-template <bool kSwiGLU, int kRows>
-__global__ void __launch_bounds__(kThreads) decode_gemv_kernel(DecodeParams p) {
-  __shared__ float xs[kRows][kStageFloats / kRows];
-  __shared__ float red[kWarps][kRows][2 * kCols];
-  const int e = nth_nonempty_expert(p, blockIdx.y);
-  if (e < 0) return;
-  const int col0 = blockIdx.x * kCols;
-  const auto [r0, r1] = expert_rows(p.offsets, e, p.rows);
-  for (int64_t first = r0; first < r1; first += kRows)
-    expert_pass<kSwiGLU, kRows>(p, xs, red, e, col0, static_cast<int>(first),
-                                static_cast<int>(min(static_cast<int64_t>(kRows), r1 - first)));
+template <typename Kernel>
+void launch_cluster(Kernel kernel, dim3 grid, dim3 cluster, const DecodeParams& p) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kThreads);
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = cluster.x;
+  attr[0].val.clusterDim.y = cluster.y;
+  attr[0].val.clusterDim.z = cluster.z;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
 }
 
-void check_weights(const at::Tensor& w, const at::Tensor& ref, const char* ref_name, const char* op,
+void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* ref_name, int64_t experts, const char* op) {
+  check_cuda(ids, op, "ids");
+  check_same_device(ids, ref, op, "ids", ref_name);
+  check_dtype(ids, {at::kInt}, op, "ids");
+  check_dim(ids, 2, op, "ids", "[T, top_k]");
+  check_contiguous(ids, op, "ids");
+  KEYE_CHECK(ids.size(1) >= 1 && ids.size(1) <= kMaxCluster, "keye.", op, ": top_k must be in [1, ", kMaxCluster,
+             "] (one cluster per token), got ", ids.size(1));
+  KEYE_CHECK(ids.numel() < INT_MAX / 2, "keye.", op, ": too many (token, expert) slots: ", ids.numel());
+  check_index_range(ids, -1, experts - 1, op, "ids");
+}
+
+void check_weights(const at::Tensor& w, const at::Tensor& ref, const char* ref_name, int64_t reduction, const char* op,
                    const char* layout) {
   check_cuda(w, op, "w");
   check_same_device(w, ref, op, "w", ref_name);
   check_dtype(w, {at::kBFloat16}, op, "w");
   check_dim(w, 3, op, "w", layout);
   check_contiguous(w, op, "w");
-  check_size(w, 1, ref.size(1), op, "w", "the activation width");
+  check_size(w, 1, reduction, op, "w", "the activation width");
+  KEYE_CHECK(w.size(1) < INT_MAX / 2 && w.size(2) < INT_MAX / 2, "keye.", op, ": weight sizes must be below 2^30");
+  KEYE_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "keye.", op,
+             ": argument 'w' must be 16-byte aligned (its data pointer)");
 }
 
-void check_rows_input(const at::Tensor& x, const char* op, const char* name) {
+void check_rows_input(const at::Tensor& x, const char* op, const char* name, const char* layout) {
   check_cuda(x, op, name);
   check_dtype(x, {at::kBFloat16}, op, name);
-  check_dim(x, 2, op, name, "[rows, K]");
+  check_dim(x, 2, op, name, layout);
   check_contiguous(x, op, name);
-}
-
-template <bool kSwiGLU>
-void launch(const DecodeParams& p, int64_t experts, at::Tensor& out) {
-  if (p.rows == 0) return;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t routed = std::min(experts, p.rows);  // at most this many experts have rows
-  const dim3 grid(static_cast<unsigned>(p.n_out / kCols), static_cast<unsigned>(routed));
-  const int64_t avg = (p.rows + routed - 1) / routed;  // rows per routed expert
-  if (avg <= 1) decode_gemv_kernel<kSwiGLU, 1><<<grid, kThreads, 0, stream>>>(p);
-  else if (avg <= 2) decode_gemv_kernel<kSwiGLU, 2><<<grid, kThreads, 0, stream>>>(p);
-  else if (avg <= 4) decode_gemv_kernel<kSwiGLU, 4><<<grid, kThreads, 0, stream>>>(p);
-  else decode_gemv_kernel<kSwiGLU, kMaxRows><<<grid, kThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  zero_rows_from(out, p.offsets + experts, stream);
 }
 
 }  // namespace
 
-at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& src, int64_t top_k, const at::Tensor& offsets,
-                                   const at::Tensor& w) {
+at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w) {
   const char* op = "moe_decode_gate_up";
-  check_rows_input(x, op, "x");
-  check_weights(w, x, "x", op, "[E, H, 2I]");
-  const int64_t E = w.size(0), I = w.size(2) / 2;
+  check_rows_input(x, op, "x", "[T, H]");
+  check_weights(w, x, "x", x.size(1), op, "[E, H, 2I]");
+  const int64_t E = w.size(0), H = x.size(1), I = w.size(2) / 2;
   KEYE_CHECK(w.size(2) % (2 * kCols) == 0, "keye.", op, ": argument 'w' must have 2I columns with I a multiple of ",
              kCols, ", got shape ", dims_str(w.sizes()));
-  KEYE_CHECK(top_k >= 1, "keye.", op, ": top_k must be >= 1, got ", top_k);
-  check_cuda(src, op, "src");
-  check_same_device(src, x, op, "src", "x");
-  check_dtype(src, {at::kInt}, op, "src");
-  check_dim(src, 1, op, "src", "[R]");
-  check_contiguous(src, op, "src");
-  const int64_t R = src.size(0);
-  check_index_range(src, -1, x.size(0) * top_k - 1, op, "src");
-  check_group_offsets(offsets, x, "x", R, E, op);
-  KEYE_CHECK(E < 65536, "keye.", op, ": at most 65535 experts, got ", E);
-  KEYE_CHECK(R < INT_MAX && x.size(1) < INT_MAX, "keye.", op, ": sizes must be below 2^31");
-  at::Tensor out = at::empty({R, I}, x.options());
+  check_decode_ids(ids, x, "x", E, op);
+  check_size(ids, 0, x.size(0), op, "ids", "the token count (x.size(0))");
+  const int64_t slots = ids.numel();
+  at::Tensor out = at::empty({slots, I}, x.options());
+  if (slots == 0 || H == 0) return out.zero_();
   const c10::cuda::CUDAGuard guard(x.device());
-  DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), src.data_ptr<int>(), static_cast<int>(top_k),
-                 x.size(0), offsets.data_ptr<int>(), static_cast<int>(E), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()),
-                 reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), R, static_cast<int>(x.size(1)),
-                 static_cast<int>(w.size(2)), static_cast<int>(I)};
-  launch<true>(p, E, out);
+  DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), ids.data_ptr<int>(), nullptr,
+                 reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                 static_cast<int>(slots), static_cast<int>(ids.size(1)), static_cast<int>(H), static_cast<int>(w.size(2)),
+                 static_cast<int>(I)};
+  const dim3 grid(static_cast<unsigned>(I / kCols), static_cast<unsigned>(slots));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  // Rows per weight pass, from the average slots per routed expert (registers grow with it; a pass with fewer
+  // real rows wastes arithmetic, not bandwidth).
+  const int64_t avg = (slots + std::min(E, slots) - 1) / std::min(E, slots);
+  if (avg <= 1) decode_gate_up_kernel<1><<<grid, kThreads, 0, stream>>>(p);
+  else if (avg <= 2) decode_gate_up_kernel<2><<<grid, kThreads, 0, stream>>>(p);
+  else decode_gate_up_kernel<4><<<grid, kThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
-at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& offsets, const at::Tensor& w) {
+at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w) {
   const char* op = "moe_decode_down";
-  check_rows_input(a, op, "a");
-  check_weights(w, a, "a", op, "[E, I, H]");
-  const int64_t E = w.size(0), N = w.size(2), R = a.size(0);
+  check_rows_input(a, op, "a", "[T * top_k, I]");
+  check_weights(w, a, "a", a.size(1), op, "[E, I, H]");
+  const int64_t E = w.size(0), N = w.size(2);
   KEYE_CHECK(N % kCols == 0, "keye.", op, ": argument 'w' must have a multiple of ", kCols, " columns, got shape ",
              dims_str(w.sizes()));
-  check_group_offsets(offsets, a, "a", R, E, op);
-  KEYE_CHECK(E < 65536, "keye.", op, ": at most 65535 experts, got ", E);
-  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
-  at::Tensor out = at::empty({R, N}, a.options());
+  check_decode_ids(ids, a, "a", E, op);
+  check_size(a, 0, ids.numel(), op, "a", "T * top_k (ids.numel())");
+  check_cuda(weights, op, "weights");
+  check_same_device(weights, a, op, "weights", "a");
+  check_dtype(weights, {at::kFloat}, op, "weights");
+  check_contiguous(weights, op, "weights");
+  KEYE_CHECK(weights.sizes() == ids.sizes(), "keye.", op, ": argument 'weights' must have the shape of 'ids' ",
+             dims_str(ids.sizes()), ", got ", dims_str(weights.sizes()));
+  const int64_t T = ids.size(0), K = ids.size(1);
+  at::Tensor out = at::empty({T, N}, a.options());
+  if (T == 0) return out;
+  if (a.size(1) == 0) return out.zero_();
   const c10::cuda::CUDAGuard guard(a.device());
-  DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), nullptr, 1, R, offsets.data_ptr<int>(),
-                 static_cast<int>(E), reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                 R, static_cast<int>(a.size(1)), static_cast<int>(N), static_cast<int>(N)};
-  launch<false>(p, E, out);
+  DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), ids.data_ptr<int>(), weights.data_ptr<float>(),
+                 reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                 static_cast<int>(T * K), static_cast<int>(K), static_cast<int>(a.size(1)), static_cast<int>(N),
+                 static_cast<int>(N)};
+  launch_cluster(decode_down_kernel, dim3(static_cast<unsigned>(N / kCols), static_cast<unsigned>(T * K)),
+                 dim3(1, static_cast<unsigned>(K), 1), p);
   return out;
 }
 

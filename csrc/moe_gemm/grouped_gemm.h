@@ -34,12 +34,11 @@ at::Tensor moe_swiglu_cuda(const at::Tensor& h);
 at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out,
                                     const std::optional<at::Tensor>& a_out);
 
-// Decode-size expert GEMMs that stream each routed expert's weights once (T <= a few hundred slots).
-// gate_up: out[r] = swiglu(x[src[r] / K] @ w[e]) for the rows r of expert e, w [E, H, 2I] -> [R, I];
-// rows with src == -1 and rows at or past offsets[E] are zero.
-at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& src, int64_t top_k, const at::Tensor& offsets,
-                                   const at::Tensor& w);
-// down: out[r] = a[r] @ w[e], w [E, I, H] -> [R, H]; rows at or past offsets[E] are zero.
-at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& offsets, const at::Tensor& w);
+// Decode-size expert GEMMs straight from the router's output (ids [T, K] int32, -1 = unrouted; K <= 8), streaming
+// each routed expert's weights once (decode_gemv.cu):
+// gate_up: a[t*K + k] = swiglu(x[t] @ w[ids[t, k]]), w [E, H, 2I] -> [T*K, I] (zero rows for unrouted slots);
+at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w);
+// down + combine: out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]]), w [E, I, H], weights fp32 -> [T, H].
+at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w);
 
 }  // namespace keye

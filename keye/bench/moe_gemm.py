@@ -120,11 +120,10 @@ def layer_case(shape, T, device, reps, backward):
     if T <= 64:  # decode: CUDA-graph replay (how decode runs), bandwidth on the weights of the experts routed to
         active = int(torch.unique(ids[ids >= 0]).numel())
         rec["weight_bytes"] = active * 3 * H * I * 2
-        dest, src, off = ops.moe_route(ids, E)
         graphs = {}
         for key, fn in (("keye", lambda: ops.moe(x, weights, ids, w1, w2)),
                         ("torch", lambda: _torch_layer(x, weights, ids, w1, w2)),
-                        ("gemv", lambda: ops.moe_decode_down(ops.moe_decode_gate_up(x, src, K, off, w1), off, w2))):
+                        ("gemv", lambda: ops.moe_decode_down(ops.moe_decode_gate_up(x, ids, w1), ids, weights, w2))):
             with torch.no_grad():
                 fn()
                 graphs[key] = torch.cuda.CUDAGraph()

@@ -8,8 +8,9 @@ keye's kernels end to end, with no host synchronisation (CUDA-graph capturable w
 
     moe_route -> moe_permute -> grouped GEMM gate_up -> SwiGLU -> grouped GEMM down -> moe_unpermute (weighted)
 
-and for decode-size batches (at most one row per expert on average, no gradient needed) the two GEMMs are replaced
-by kernels that stream each routed expert's weights once (gather and SwiGLU fused). The backward is deterministic: data gradients
+and for decode-size batches (at most one row per expert on average, no gradient needed, top_k <= 8) two kernels
+take the router's output directly and stream each routed expert's weights once: gather + gate_up + SwiGLU, then
+down + the weighted combine (no routing, permutation or combine kernels). The backward is deterministic: data gradients
 by grouped GEMMs against the transposed weights, weight gradients by K-grouped GEMMs (one CTA per output tile),
 routing-weight gradients by per-slot dot products; no atomics anywhere.
 """
@@ -21,10 +22,11 @@ import torch
 from keye.ops import reference as ref
 from keye.ops._dispatch import use_kernel
 from keye.ops.reference.moe import check_experts_args
+from keye.ops.reference.moe_gemm import DECODE_MAX_TOP_K
 
 # Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs. H200 (NOTES.md, MoE layer):
 # at 1 row per routed expert (T = 1) they beat the GEMM path; at 4 (T = 64, Keye shape) the tensor-core GEMMs were
-# 2.4x faster than the decode kernels, so only batches with at most one row per expert on average take them.
+# 3.5x faster (344 vs 1207 us), so only batches with at most one row per expert on average take them.
 DECODE_MAX_ROWS_PER_EXPERT = 1
 
 
@@ -45,17 +47,16 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torc
     check_experts_args(x, weights, ids, gate_up, down)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
-    if not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]:
+    if (not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]
+            and ids.shape[1] <= DECODE_MAX_TOP_K):
         return _decode(x, weights, ids, gate_up, down)
     return _MoeLayer.apply(x, weights, ids, gate_up, down)
 
 
 def _decode(x, weights, ids, gate_up, down):
     keye = torch.ops.keye
-    dest, src, offsets = keye.moe_route(ids, gate_up.shape[0], 1)
-    a = keye.moe_decode_gate_up(x, src, ids.shape[1], offsets, gate_up)
-    y = keye.moe_decode_down(a, offsets, down)
-    return keye.moe_unpermute(y, dest, weights)
+    ids, weights = ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous()  # no-ops for the router's
+    return keye.moe_decode_down(keye.moe_decode_gate_up(x, ids, gate_up), ids, weights, down)
 
 
 class _MoeLayer(torch.autograd.Function):

@@ -55,19 +55,20 @@ def moe_swiglu_backward(h: torch.Tensor, d_out: torch.Tensor, a_out: torch.Tenso
     return spec.moe_swiglu_backward(h, d_out, a_out)
 
 
-def moe_decode_gate_up(x: torch.Tensor, src: torch.Tensor, top_k: int, offsets: torch.Tensor,
-                       w: torch.Tensor) -> torch.Tensor:
-    """swiglu(x[src[r] // top_k] @ w[e]) for each grouped row r: the gather, gate_up GEMM and SwiGLU of a decode step."""
-    if use_kernel(x, src, offsets, w):
-        return torch.ops.keye.moe_decode_gate_up(x, src, top_k, offsets, w)
-    return spec.moe_decode_gate_up(x, src, top_k, offsets, w)
+def moe_decode_gate_up(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a[t*K + k] = swiglu(x[t] @ w[ids[t, k]]) for a decode-size batch, straight from the router's ids [T, K] int32
+    (-1 = unrouted: zero row); each routed expert's weights are read once. Returns [T*K, I]."""
+    if use_kernel(x, ids, w):
+        return torch.ops.keye.moe_decode_gate_up(x, ids, w)
+    return spec.moe_decode_gate_up(x, ids, w)
 
 
-def moe_decode_down(a: torch.Tensor, offsets: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """a[r] @ w[e] for each grouped row r, streaming each routed expert's weights once (decode-size batches)."""
-    if use_kernel(a, offsets, w):
-        return torch.ops.keye.moe_decode_down(a, offsets, w)
-    return spec.moe_decode_down(a, offsets, w)
+def moe_decode_down(a: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]]): the down GEMM and the weighted combine of a decode
+    step (weights fp32 [T, K]; top_k <= 8). Returns [T, H]."""
+    if use_kernel(a, ids, weights, w):
+        return torch.ops.keye.moe_decode_down(a, ids, weights, w)
+    return spec.moe_decode_down(a, ids, weights, w)
 
 
 def moe_grouped_gemm_configs(kind: str) -> list[str]:
@@ -99,12 +100,12 @@ def _register() -> None:
         return torch.empty_like(h)
 
     @torch.library.register_fake(lib + "moe_decode_gate_up")
-    def _(x, src, top_k, offsets, w):
-        return x.new_empty(src.shape[0], w.shape[2] // 2)
+    def _(x, ids, w):
+        return x.new_empty(ids.numel(), w.shape[2] // 2)
 
     @torch.library.register_fake(lib + "moe_decode_down")
-    def _(a, offsets, w):
-        return a.new_empty(a.shape[0], w.shape[2])
+    def _(a, ids, weights, w):
+        return a.new_empty(ids.shape[0], w.shape[2])
 
     # The references are the CPU implementations, so torch.ops.keye.* work on any device.
     torch.library.impl(lib + "moe_grouped_mm", "CPU")(

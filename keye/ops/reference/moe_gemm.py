@@ -8,8 +8,12 @@ inputs' dtype (the kernels take bf16).
     moe_grouped_mm(a, b, offsets, True)      out[r] = a[r] @ b[e].T      b [E, N, K] (data gradient)
     moe_grouped_mm_wgrad(a, dy, offsets)     out[e] = a[rows e].T @ dy[rows e]   [E, M, N], zero if no rows
     moe_swiglu(h)                            silu(h[:, :I]) * h[:, I:]
-    moe_decode_gate_up(x, src, top_k, offsets, w) = moe_swiglu over x[src // top_k] @ w[e] without rounding h
-    moe_decode_down(a, offsets, w)           = moe_grouped_mm(a, w, offsets)
+
+Decode-size batches skip the grouping and take the router's output directly (ids [T, K] int32, -1 = unrouted):
+
+    moe_decode_gate_up(x, ids, w)            a[t*K + k] = silu(g) * u of x[t] @ w[ids[t, k]] (h not rounded);
+                                             zero rows for unrouted slots                        [T*K, I]
+    moe_decode_down(a, ids, weights, w)      out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]])   [T, H]
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from keye.ops._checks import _fail, check_index_range, check_same_device, check_size, check_tensor
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+DECODE_MAX_TOP_K = 8  # the decode kernels add a token's K slots within one thread-block cluster (at most 8 CTAs)
 
 
 def check_offsets(offsets, rows: int, experts: int | None, op: str, ref, ref_name: str = "a") -> None:
@@ -106,19 +111,49 @@ def moe_swiglu_backward(h, d_out, a_out=None) -> torch.Tensor:
     return dh.to(h.dtype)
 
 
-def moe_decode_gate_up(x, src, top_k: int, offsets, w) -> torch.Tensor:
+def _check_decode_ids(ids, ref, ref_name: str, experts: int, op: str) -> None:
+    check_tensor(ids, op, "ids", (torch.int32,), 2, "[T, top_k]")
+    check_same_device(ids, ref, op, "ids", ref_name)
+    if not 1 <= ids.shape[1] <= DECODE_MAX_TOP_K:
+        _fail(op, f"top_k must be in [1, {DECODE_MAX_TOP_K}] (one cluster per token), got {ids.shape[1]}")
+    check_index_range(ids, -1, experts - 1, op, "ids")
+
+
+def _check_decode_weights(w, ref, ref_name: str, reduction: int, op: str, layout: str) -> None:
+    check_tensor(w, op, "w", FLOATS, 3, layout)
+    check_same_device(w, ref, op, "w", ref_name)
+    check_size(w, 1, reduction, op, "w", "the activation width")
+
+
+def moe_decode_gate_up(x, ids, w) -> torch.Tensor:
     op = "moe_decode_gate_up"
     check_tensor(x, op, "x", FLOATS, 2, "[T, H]")
-    check_tensor(src, op, "src", (torch.int32,), 1, "[R]")
-    check_same_device(src, x, op, "src", "x")
-    if not isinstance(top_k, int) or top_k < 1:
-        _fail(op, f"top_k must be >= 1, got {top_k!r}")
-    check_index_range(src, -1, x.shape[0] * top_k - 1, op, "src")
-    token = src.long().div(top_k, rounding_mode="floor")
-    rows = torch.where((src >= 0).unsqueeze(1), x[token.clamp(min=0)], 0)
-    h = _grouped(rows, w, offsets, False, op)
-    return _swiglu_fp32(h).to(x.dtype)
+    _check_decode_weights(w, x, "x", x.shape[1], op, "[E, H, 2I]")
+    _check_decode_ids(ids, x, "x", w.shape[0], op)
+    check_size(ids, 0, x.shape[0], op, "ids", "the token count (x.size(0))")
+    T, K = ids.shape
+    a = torch.zeros(T * K, w.shape[2] // 2, dtype=torch.float32, device=x.device)
+    flat = ids.reshape(-1).long()
+    for e in torch.unique(flat[flat >= 0]).tolist():
+        slots = (flat == e).nonzero(as_tuple=True)[0]
+        a[slots] = _swiglu_fp32(x[slots // K].float() @ w[e].float())
+    return a.to(x.dtype)
 
 
-def moe_decode_down(a, offsets, w) -> torch.Tensor:
-    return _grouped(a, w, offsets, False, "moe_decode_down").to(a.dtype)
+def moe_decode_down(a, ids, weights, w) -> torch.Tensor:
+    op = "moe_decode_down"
+    check_tensor(a, op, "a", FLOATS, 2, "[T * top_k, I]")
+    _check_decode_weights(w, a, "a", a.shape[1], op, "[E, I, H]")
+    _check_decode_ids(ids, a, "a", w.shape[0], op)
+    check_size(a, 0, ids.numel(), op, "a", "T * top_k (ids.numel())")
+    check_tensor(weights, op, "weights", (torch.float32,), 2, "[T, top_k]")
+    check_same_device(weights, a, op, "weights", "a")
+    if weights.shape != ids.shape:
+        _fail(op, f"argument 'weights' must have the shape of 'ids' {list(ids.shape)}, got {list(weights.shape)}")
+    T, K = ids.shape
+    y = torch.zeros(T * K, w.shape[2], dtype=torch.float32, device=a.device)
+    flat = ids.reshape(-1).long()
+    for e in torch.unique(flat[flat >= 0]).tolist():
+        slots = (flat == e).nonzero(as_tuple=True)[0]
+        y[slots] = a[slots].float() @ w[e].float()
+    return (y.view(T, K, -1) * weights.unsqueeze(2)).sum(1).to(a.dtype)
