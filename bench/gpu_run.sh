@@ -7,7 +7,8 @@
 # Expects python3 with torch (CUDA) and nvcc; wheels for whatever else is missing in .whl/
 # (../shared/tools/device_wheels.sh puts nvidia-cutlass there). Extra arguments: KEYE_PYTEST_K (a pytest -k
 # expression, e.g. "moe or sparse"), KEYE_PYTEST_ARGS (more pytest words),
-# KEYE_BENCH_ARGS (keye bench); time limits KEYE_TEST_TIMEOUT / KEYE_BENCH_TIMEOUT (seconds).
+# KEYE_BENCH_ARGS (keye bench); time limits KEYE_TEST_TIMEOUT / KEYE_BENCH_TIMEOUT (seconds); KEYE_ONLY_BUILD=1
+# stops after the build (for profiling commands that follow in the same call).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR=$(mkdir -p "${1:-${OUT:-gpu_out}}" && cd "${1:-${OUT:-gpu_out}}" && pwd)
@@ -28,6 +29,7 @@ echo "build: $(( $(date +%s) - t0 )) s with $KEYE_BUILD_JOBS jobs"
 python3 -m keye info
 # registers / shared memory / stack of every kernel (spills show as STACK or LOCAL > 0)
 cuobjdump --dump-resource-usage keye/_C*.so > "$OUT_DIR/resources.txt" 2>&1 || true
+[ "${KEYE_ONLY_BUILD:-0}" = 1 ] && exit 0
 
 status=0
 timeout "${KEYE_TEST_TIMEOUT:-420}" python3 -m pytest -q -rs tests -p no:cacheprovider --junitxml "$OUT_DIR/tests.xml" \

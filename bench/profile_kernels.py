@@ -2,6 +2,12 @@
 
     python3 bench/profile_kernels.py moe  [--tokens 16384]   # keye.ops.moe forward, forward + backward (Keye shape)
     python3 bench/profile_kernels.py attn [--tokens 32768]   # keye.ops.sparse_attention forward, realistic indices
+    python3 bench/profile_kernels.py moe-decode [--tokens 1]       # keye.ops.moe without grad (the decode kernels)
+    python3 bench/profile_kernels.py attn-decode [--tokens 32]     # sparse_attention_decode, batch = tokens, 128K
+--plain runs each workload --iters times and nothing else, as a driver for Nsight Compute, e.g.
+    ncu --clock-control none -k regex:block_plan -c 1 --section SpeedOfLight --section WarpStateStats \
+        python3 bench/profile_kernels.py attn --plain --iters 1
+Decode workloads also report the CUDA-graph replay time (what a decode step costs without host launches).
 """
 import argparse
 from collections import defaultdict
@@ -70,6 +76,35 @@ def moe_workloads(T):
     return {"moe forward (no grad)": fwd, "moe forward + backward": fwd_bwd}
 
 
+def moe_decode_workloads(T):
+    H, I, E, K = 2048, 768, 128, 8
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    r = ops.moe_router(torch.randn(T, E, device="cuda", dtype=torch.bfloat16), K)
+    gate_up = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16) * H ** -0.5
+    down = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    return {"moe decode (no grad)": lambda: ops.moe(x, r.weights, r.ids, gate_up, down)}
+
+
+def attn_decode_workloads(B, ctx=131072):
+    from keye.bench.sparse_attention import HEAD_DIM, KV_HEADS, Q_HEADS, TOPK
+
+    cache = [torch.randn(B * ctx // 64, 64, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    q = torch.randn(B, 1, Q_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    base = (torch.arange(B, device="cuda") * ctx)[:, None, None]
+    slots = ((torch.rand(B, 1, TOPK, device="cuda") * ctx).long() + base).int()
+    return {f"sparse attention decode, batch {B}, context {ctx}": lambda: ops.sparse_attention_decode(q, *cache, slots)}
+
+
+def graph_ms(fn, iters):
+    """Median CUDA-graph replay time of one call."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return single_ms(graph.replay, iters)
+
+
 def attn_workloads(T):
     from keye.bench.sparse_attention import HEAD_DIM, KV_HEADS, Q_HEADS, TOPK, realistic_indices
 
@@ -82,21 +117,31 @@ def attn_workloads(T):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("layer", choices=("moe", "attn"))
+    p.add_argument("layer", choices=("moe", "attn", "moe-decode", "attn-decode"))
     p.add_argument("--tokens", type=int)
     p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--plain", action="store_true", help="only run the workloads (a driver for ncu)")
     a = p.parse_args()
     torch.manual_seed(0)
-    T = a.tokens or (16384 if a.layer == "moe" else 32768)
-    workloads = moe_workloads(T) if a.layer == "moe" else attn_workloads(T)
+    T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32}[a.layer]
+    make = {"moe": moe_workloads, "attn": attn_workloads, "moe-decode": moe_decode_workloads,
+            "attn-decode": attn_decode_workloads}[a.layer]
+    workloads = make(T)
+    decode = a.layer.endswith("decode")
     with ops.index_checks(False):
         for name, fn in workloads.items():
+            if a.plain:
+                for _ in range(a.iters):
+                    fn()
+                torch.cuda.synchronize()
+                continue
             times = kernel_times(fn, a.iters)
             total = sum(times.values())
-            print(f"\n{name}, T = {T}: {total:.3f} ms of kernel time per iteration; "
-                  f"{pipelined_ms(fn, a.iters):.3f} ms per call back to back, {single_ms(fn, a.iters):.3f} ms alone")
+            print(f"\n{name}, T = {T}: {total:.4f} ms of kernel time per iteration; "
+                  f"{pipelined_ms(fn, a.iters):.4f} ms per call back to back, {single_ms(fn, a.iters):.4f} ms alone"
+                  + (f", {graph_ms(fn, 50):.4f} ms graph replay" if decode else ""))
             for k, v in sorted(times.items(), key=lambda kv: -kv[1]):
-                print(f"  {v:8.3f} ms  {100 * v / total:5.1f}%  {k}")
+                print(f"  {v:9.4f} ms  {100 * v / total:5.1f}%  {k}")
 
 
 if __name__ == "__main__":
