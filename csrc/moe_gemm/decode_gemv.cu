@@ -8,21 +8,25 @@
 //   reduction over H in batches, the next batch's loads issued before the current one is used. The CTA of the
 //   first slot routed to an expert serves every slot routed to it (weights read once per distinct expert; later
 //   slots' CTAs exit). Its first batch is issued before it even knows whether it is that CTA.
-// - down: a thread-block cluster is the K slots of one token; rank k computes its slot's product times
-//   weights[t, k] (all its loads issued at once) and rank 0 adds the ranks' partial sums through distributed
-//   shared memory in k order (the combine: deterministic, no workspace, no atomics). Slots whose expert another
-//   token also uses read the weights again.
-// Unrouted slots (id -1) give zero rows of a and add nothing to out.
+// - down: a CTA owns one token and 32 output columns and streams the K routed experts' weight slices one after
+//   the other (double-buffered loads across slot boundaries), each row times weights[t, k] * a[t*K + k]: the down
+//   GEMM and the weighted combine in one fixed-order fp32 sum (deterministic, no atomics). Slots whose expert
+//   another token also uses read the weights again.
+// Unrouted slots (id -1) give zero rows of a and add nothing to out; so do ids >= E, which only index checks
+// (on by default) report.
 //
-// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 16.6 us, down 18.2 us. A first version also split gate_up's
+// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 16.4 us, down 16.3 us. A first version also split gate_up's
 // reduction over a cluster of 4 CTAs (768 short CTAs): 26.6 us; ncu showed full occupancy but DRAM 39% busy, the
 // short CTAs spending most of their life in barriers, prologue and epilogue instead of with loads in flight. down
-// is built that way still (512 CTAs of 48 KB; DRAM 28% busy): the next thing to change.
+// was built that way too (a cluster of K CTAs per token, 48 KB each, partial sums added through DSMEM): 18.2 us.
+// At T = 1 this down kernel has only H / 32 = 64 CTAs; 16 columns per CTA (128 CTAs) measured 13.8 us there but
+// was slower with more CTAs than SMs (T = 8: 95 vs 67 us; DeepSeek-V3 shape, T = 1: 236 vs 210 us), so the
+// column count should follow the grid size (not done).
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -34,27 +38,20 @@
 namespace keye {
 namespace {
 
-namespace cg = cooperative_groups;
-
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kCols = 32;       // output columns per CTA
 constexpr int kVecCols = 8;     // bf16 columns per 16-byte load
-constexpr int kMaxCluster = 8;  // portable cluster size
-constexpr int kStageRows = 2048;  // reduction rows of activations staged at a time (fp32, per row of a group)
+constexpr int kStageRows = 2048;  // gate_up: reduction rows of activations staged at a time (fp32, per row of a group)
 
 // gate_up: 8 lanes per weight row (4 x 8 gate columns, 4 x 8 up columns), 32 rows per load round, batches of 8
-// loads per thread, two batches in flight. down: 4 lanes per weight row (4 x 8 columns), 64 rows per load round,
-// batches of 16 loads per thread (1024 rows: all of Keye's I = 768 at once).
-template <bool kGateUp>
-struct Shape {
-  static constexpr int kVecs = kGateUp ? 2 * kCols / kVecCols : kCols / kVecCols;
-  static constexpr int kRowLanes = kThreads / kVecs;
-  static constexpr int kDepth = kGateUp ? 8 : 16;  // 16-byte weight loads per thread per batch
-  static constexpr int kBatchRows = kRowLanes * kDepth;  // reduction rows one batch of loads covers
-  static_assert(kStageRows % kBatchRows == 0, "a staged chunk of activations covers whole batches");
-  static constexpr int kOut = kGateUp ? 2 * kCols : kCols;  // partial sums per row of a group
-};
+// loads per thread, two batches in flight.
+constexpr int kVecs = 2 * kCols / kVecCols;
+constexpr int kRowLanes = kThreads / kVecs;
+constexpr int kDepth = 8;                         // 16-byte weight loads per thread per batch
+constexpr int kBatchRows = kRowLanes * kDepth;    // reduction rows one batch of loads covers
+constexpr int kOut = 2 * kCols;                   // partial sums per row of a group: gate, then up
+static_assert(kStageRows % kBatchRows == 0, "a staged chunk of activations covers whole batches");
 
 struct DecodeParams {
   const __nv_bfloat16* x;  // gate_up: x [T, H]; down: a [T*K, I]
@@ -67,6 +64,7 @@ struct DecodeParams {
   int reduction;           // H (gate_up) or I (down)
   int w_cols;              // 2I or H
   int n_out;               // I or H
+  int num_experts;         // E
 };
 
 __device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const uint4& raw) {
@@ -79,21 +77,19 @@ __device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const 
   }
 }
 
-// Sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in index
-// order) into part[c] for the CTA's kOut columns. Fixed order: deterministic.
-template <bool kGateUp>
-__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[Shape<kGateUp>::kOut], float* part) {
-  using S = Shape<kGateUp>;
+// gate_up: sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in
+// index order) into part[c] for the CTA's kOut columns. Fixed order: deterministic.
+__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kOut], float* part) {
 #pragma unroll
-  for (int off = S::kVecs; off < 32; off <<= 1)
+  for (int off = kVecs; off < 32; off <<= 1)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane < S::kVecs)
+  if (lane < kVecs)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
   __syncthreads();
-  if (threadIdx.x < S::kOut) {
+  if (threadIdx.x < kOut) {
     float s = 0.0f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) s += red[w][threadIdx.x];
@@ -102,37 +98,32 @@ __device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[Shape<kGateUp>:
   __syncthreads();
 }
 
-// Partial sums over reduction rows [k0, k1) for up to kRows activation rows (xrow[r], nr real ones): the weight
-// slice w_slice (this thread's column vector already applied) is read once for all of them.
-// One batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as zero).
-template <bool kGateUp>
+// gate_up: one batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as
+// zero).
 __device__ __forceinline__ void load_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b0, int k1,
-                                           uint4 (&wv)[Shape<kGateUp>::kDepth]) {
-  using S = Shape<kGateUp>;
-  const int lane_row = threadIdx.x / S::kVecs;
+                                           uint4 (&wv)[kDepth]) {
+  const int lane_row = threadIdx.x / kVecs;
 #pragma unroll
-  for (int u = 0; u < S::kDepth; ++u) {  // every load of the batch is in flight before any is used
-    const int row = b0 + lane_row + u * S::kRowLanes;
+  for (int u = 0; u < kDepth; ++u) {  // every load of the batch is in flight before any is used
+    const int row = b0 + lane_row + u * kRowLanes;
     wv[u] = row < k1 ? __ldg(reinterpret_cast<const uint4*>(w_slice + static_cast<int64_t>(row) * p.w_cols))
                      : make_uint4(0, 0, 0, 0);
   }
 }
 
-// Partial sums over all reduction rows for up to kRows activation rows (xrow[r], nr real ones): the weight slice
-// w_slice (this thread's column vector already applied) is read once for all of them. wv holds the first batch's
-// loads, issued by the caller (so they fly while the caller finds its rows); each later batch is issued before the
-// one before it is used.
-template <bool kGateUp, int kRows>
+// gate_up: partial sums over all reduction rows for up to kRows activation rows (xrow[r], nr real ones): the weight
+// slice w_slice (this thread's column vector already applied) is read once for all of them. wv holds the first
+// batch's loads, issued by the caller (so they fly while the caller finds its rows); each later batch is issued
+// before the one before it is used.
+template <int kRows>
 __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_slice, const int* xrow, int nr,
-                               float (*xs)[kStageRows], uint4 (&wv)[Shape<kGateUp>::kDepth],
-                               float (&acc)[kRows][kVecCols]) {
-  using S = Shape<kGateUp>;
-  const int lane_row = threadIdx.x / S::kVecs, k1 = p.reduction;
+                               float (*xs)[kStageRows], uint4 (&wv)[kDepth], float (&acc)[kRows][kVecCols]) {
+  const int lane_row = threadIdx.x / kVecs, k1 = p.reduction;
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) acc[r][j] = 0.0f;
-  for (int b0 = 0; b0 < k1; b0 += S::kBatchRows) {
+  for (int b0 = 0; b0 < k1; b0 += kBatchRows) {
     if (b0 % kStageRows == 0) {  // the activations of the next kStageRows reduction rows
       const int n = min(kStageRows, k1 - b0);
       __syncthreads();  // xs free
@@ -141,57 +132,47 @@ __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_sli
           xs[r][kk] = r < nr ? __bfloat162float(p.x[static_cast<int64_t>(xrow[r]) * p.reduction + b0 + kk]) : 0.0f;
       __syncthreads();
     }
-    uint4 next[S::kDepth];
-    if constexpr (S::kDepth <= 8) {  // double buffering fits in registers only for short batches
-      load_batch<kGateUp>(p, w_slice, b0 + S::kBatchRows, k1, next);
-    }
+    uint4 next[kDepth];
+    load_batch(p, w_slice, b0 + kBatchRows, k1, next);
     const float* xr[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) xr[r] = xs[r] + b0 % kStageRows;
 #pragma unroll
-    for (int u = 0; u < S::kDepth; ++u) {
-      const int row = lane_row + u * S::kRowLanes;
+    for (int u = 0; u < kDepth; ++u) {
+      const int row = lane_row + u * kRowLanes;
       if (b0 + row < k1)
 #pragma unroll
         for (int r = 0; r < kRows; ++r) fma_vec(acc[r], xr[r][row], wv[u]);
     }
-    if constexpr (S::kDepth <= 8) {
 #pragma unroll
-      for (int u = 0; u < S::kDepth; ++u) wv[u] = next[u];
-    } else if (b0 + S::kBatchRows < k1) {
-      load_batch<kGateUp>(p, w_slice, b0 + S::kBatchRows, k1, wv);
-    }
+    for (int u = 0; u < kDepth; ++u) wv[u] = next[u];
   }
 }
 
-// The first of the 8 weight columns this thread reads (gate_up: lanes 0-3 gate columns, 4-7 the matching up ones).
-template <bool kGateUp>
+// The first of the 8 weight columns this thread reads: lanes 0-3 gate columns, 4-7 the matching up ones.
 __device__ __forceinline__ int weight_column(const DecodeParams& p, int col0) {
-  using S = Shape<kGateUp>;
-  const int vec = threadIdx.x % S::kVecs;
-  if constexpr (kGateUp) return vec < 4 ? col0 + vec * kVecCols : p.n_out + col0 + (vec - 4) * kVecCols;
-  return col0 + vec * kVecCols;
+  const int vec = threadIdx.x % kVecs;
+  return vec < 4 ? col0 + vec * kVecCols : p.n_out + col0 + (vec - 4) * kVecCols;
 }
 
 // Grid (I / kCols, T * K).
 template <int kRows>
 __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const DecodeParams p) {
-  using S = Shape<true>;
   __shared__ float xs[kRows][kStageRows];
-  __shared__ float red[kWarps][S::kOut];
-  __shared__ float part[kRows][S::kOut];
+  __shared__ float red[kWarps][kOut];
+  __shared__ float part[kRows][kOut];
   __shared__ int rows[kRows];
   __shared__ int first_slot, count, scan_next;
   const int slot = blockIdx.y, col0 = blockIdx.x * kCols;
   const int e = p.ids[slot];
-  if (e < 0) {  // unrouted slot: a zero row
+  if (e < 0 || e >= p.num_experts) {  // unrouted slot: a zero row
     if (threadIdx.x < kCols) p.out[static_cast<int64_t>(slot) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(0.0f);
     return;
   }
   // The weights are the long wait: their first batch is in flight before this CTA even knows whether it serves e.
-  const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column<true>(p, col0);
-  uint4 wv[S::kDepth];
-  load_batch<true>(p, w_slice, 0, p.reduction, wv);
+  const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column(p, col0);
+  uint4 wv[kDepth];
+  load_batch(p, w_slice, 0, p.reduction, wv);
   if (threadIdx.x < 32) {  // is this the first slot routed to e? (ids are L2-resident: one warp scans them)
     bool earlier = false;
     for (int base = 0; base < slot && !earlier; base += 32) {
@@ -232,11 +213,11 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
     int xrow[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) xrow[r] = r < nr ? rows[r] / p.top_k : 0;
-    if (!first_group) load_batch<true>(p, w_slice, 0, p.reduction, wv);  // again (mostly from L2) for more slots
+    if (!first_group) load_batch(p, w_slice, 0, p.reduction, wv);  // again (mostly from L2) for more slots
     float acc[kRows][kVecCols];
-    slice_products<true, kRows>(p, w_slice, xrow, nr, xs, wv, acc);
+    slice_products<kRows>(p, w_slice, xrow, nr, xs, wv, acc);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) reduce_rows<true>(acc[r], red, part[r]);
+    for (int r = 0; r < kRows; ++r) reduce_rows(acc[r], red, part[r]);
     for (int i = threadIdx.x; i < nr * kCols; i += kThreads) {
       const int r = i / kCols, c = i % kCols;
       const float g = part[r][c], u = part[r][kCols + c];
@@ -246,55 +227,83 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   }
 }
 
-// Grid (H / kCols, T * K), cluster (1, K, 1): rank = k, the slot of the token.
-__global__ void __launch_bounds__(kThreads, 2) decode_down_kernel(const DecodeParams p) {
-  using S = Shape<false>;
-  __shared__ float xs[1][kStageRows];
-  __shared__ float red[kWarps][S::kOut];
-  __shared__ float part[S::kOut];
-  cg::cluster_group cluster = cg::this_cluster();
-  const int slot = blockIdx.y, col0 = blockIdx.x * kCols, k = slot % p.top_k;
+// down: 4 lanes per weight row (4 x 8 columns), 128 rows per load round, batches of 8 loads per thread, two
+// batches in flight; the token's K activation rows are staged in shared memory as bf16.
+constexpr int kDownThreads = 512;
+constexpr int kDownWarps = kDownThreads / 32;
+constexpr int kDownCols = 32;
+constexpr int kDownVecs = kDownCols / kVecCols;
+constexpr int kDownRowLanes = kDownThreads / kDownVecs;
+constexpr int kDownDepth = 8;
+constexpr int kDownBatchRows = kDownRowLanes * kDownDepth;
+constexpr int kMaxDownActivations = 16384;  // top_k * I (32 KB of bf16)
+
+// This thread's weight column vector in the expert of `slot` (null for an unrouted slot).
+__device__ __forceinline__ const __nv_bfloat16* down_slice(const DecodeParams& p, int64_t slot, int col) {
   const int e = p.ids[slot];
-  if (e >= 0) {
-    const float weight = p.weights[slot];  // (in flight with the weight loads)
-    const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column<false>(p, col0);
-    uint4 wv[Shape<false>::kDepth];
-    load_batch<false>(p, w_slice, 0, p.reduction, wv);
-    const int xrow[1] = {slot};
-    float acc[1][kVecCols];
-    slice_products<false, 1>(p, w_slice, xrow, 1, xs, wv, acc);
-    reduce_rows<false>(acc[0], red, part);
-    if (threadIdx.x < kCols) part[threadIdx.x] *= weight;
-  } else if (threadIdx.x < kCols) {
-    part[threadIdx.x] = 0.0f;
-  }
-  cluster.sync();
-  if (k == 0 && threadIdx.x < kCols) {
-    float v[kMaxCluster];
-#pragma unroll
-    for (int q = 0; q < kMaxCluster; ++q) v[q] = q < p.top_k ? cluster.map_shared_rank(part, q)[threadIdx.x] : 0.0f;
-    float s = 0.0f;
-#pragma unroll
-    for (int q = 0; q < kMaxCluster; ++q) s += v[q];  // k order
-    p.out[static_cast<int64_t>(slot / p.top_k) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(s);
-  }
-  cluster.sync();  // rank 0 is done reading the others' partial sums
+  return e >= 0 && e < p.num_experts ? p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + col : nullptr;
 }
 
-template <typename Kernel>
-void launch_cluster(Kernel kernel, dim3 grid, dim3 cluster, const DecodeParams& p) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kThreads);
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = cluster.x;
-  attr[0].val.clusterDim.y = cluster.y;
-  attr[0].val.clusterDim.z = cluster.z;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p));
+__device__ __forceinline__ void load_down_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b0,
+                                                uint4 (&wv)[kDownDepth]) {
+  const int lane_row = threadIdx.x / kDownVecs;
+#pragma unroll
+  for (int u = 0; u < kDownDepth; ++u) {
+    const int row = b0 + lane_row + u * kDownRowLanes;
+    wv[u] = w_slice != nullptr && row < p.reduction
+                ? __ldg(reinterpret_cast<const uint4*>(w_slice + static_cast<int64_t>(row) * p.w_cols))
+                : make_uint4(0, 0, 0, 0);
+  }
+}
+
+// Grid (H / kDownCols, T).
+__global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const DecodeParams p) {
+  __shared__ __nv_bfloat16 a_s[kMaxDownActivations];
+  __shared__ float red[kDownWarps][kDownCols];
+  const int K = p.top_k, I = p.reduction, col0 = blockIdx.x * kDownCols;
+  const int lane_row = threadIdx.x / kDownVecs, vec = threadIdx.x % kDownVecs, col = col0 + vec * kVecCols;
+  const int64_t slot0 = static_cast<int64_t>(blockIdx.y) * K;
+  const int per_slot = (I + kDownBatchRows - 1) / kDownBatchRows, batches = K * per_slot;
+  uint4 wv[kDownDepth], next[kDownDepth];
+  load_down_batch(p, down_slice(p, slot0, col), 0, wv);
+  for (int i = threadIdx.x; i < K * I; i += kDownThreads) a_s[i] = p.x[slot0 * I + i];  // while the loads fly
+  __syncthreads();
+  float acc[kVecCols];
+#pragma unroll
+  for (int j = 0; j < kVecCols; ++j) acc[j] = 0.0f;
+  for (int b = 0; b < batches; ++b) {
+    const int k = b / per_slot, b0 = (b % per_slot) * kDownBatchRows;
+    if (b + 1 < batches)
+      load_down_batch(p, down_slice(p, slot0 + (b + 1) / per_slot, col), ((b + 1) % per_slot) * kDownBatchRows, next);
+    const int e = p.ids[slot0 + k];
+    if (e >= 0 && e < p.num_experts) {
+      const float weight = p.weights[slot0 + k];
+      const __nv_bfloat16* ak = a_s + k * I;
+#pragma unroll
+      for (int u = 0; u < kDownDepth; ++u) {
+        const int row = b0 + lane_row + u * kDownRowLanes;
+        if (row < I) fma_vec(acc, weight * __bfloat162float(ak[row]), wv[u]);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kDownDepth; ++u) wv[u] = next[u];
+  }
+  // Sum over the weight rows: lanes with the same vec (fixed butterfly), then warps in index order.
+#pragma unroll
+  for (int off = kDownVecs; off < 32; off <<= 1)
+#pragma unroll
+    for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane < kDownVecs)
+#pragma unroll
+    for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
+  __syncthreads();
+  if (threadIdx.x < kDownCols) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDownWarps; ++w) s += red[w][threadIdx.x];
+    p.out[static_cast<int64_t>(blockIdx.y) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(s);
+  }
 }
 
 void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* ref_name, int64_t experts, const char* op) {
@@ -303,8 +312,7 @@ void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* 
   check_dtype(ids, {at::kInt}, op, "ids");
   check_dim(ids, 2, op, "ids", "[T, top_k]");
   check_contiguous(ids, op, "ids");
-  KEYE_CHECK(ids.size(1) >= 1 && ids.size(1) <= kMaxCluster, "keye.", op, ": top_k must be in [1, ", kMaxCluster,
-             "] (one cluster per token), got ", ids.size(1));
+  KEYE_CHECK(ids.size(1) >= 1, "keye.", op, ": top_k must be >= 1, got ", ids.size(1));
   KEYE_CHECK(ids.numel() < INT_MAX / 2, "keye.", op, ": too many (token, expert) slots: ", ids.numel());
   check_index_range(ids, -1, experts - 1, op, "ids");
 }
@@ -347,7 +355,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, c
   DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), ids.data_ptr<int>(), nullptr,
                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  static_cast<int>(slots), static_cast<int>(ids.size(1)), static_cast<int>(H), static_cast<int>(w.size(2)),
-                 static_cast<int>(I)};
+                 static_cast<int>(I), static_cast<int>(E)};
   const dim3 grid(static_cast<unsigned>(I / kCols), static_cast<unsigned>(slots));
   auto stream = c10::cuda::getCurrentCUDAStream();
   // Rows per weight pass, from the average slots per routed expert (registers grow with it; a pass with fewer
@@ -365,8 +373,8 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   check_rows_input(a, op, "a", "[T * top_k, I]");
   check_weights(w, a, "a", a.size(1), op, "[E, I, H]");
   const int64_t E = w.size(0), N = w.size(2);
-  KEYE_CHECK(N % kCols == 0, "keye.", op, ": argument 'w' must have a multiple of ", kCols, " columns, got shape ",
-             dims_str(w.sizes()));
+  KEYE_CHECK(N % kDownCols == 0, "keye.", op, ": argument 'w' must have a multiple of ", kDownCols,
+             " columns, got shape ", dims_str(w.sizes()));
   check_decode_ids(ids, a, "a", E, op);
   check_size(a, 0, ids.numel(), op, "a", "T * top_k (ids.numel())");
   check_cuda(weights, op, "weights");
@@ -376,6 +384,8 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   KEYE_CHECK(weights.sizes() == ids.sizes(), "keye.", op, ": argument 'weights' must have the shape of 'ids' ",
              dims_str(ids.sizes()), ", got ", dims_str(weights.sizes()));
   const int64_t T = ids.size(0), K = ids.size(1);
+  KEYE_CHECK(K * a.size(1) <= kMaxDownActivations, "keye.", op, ": top_k * I must be at most ", kMaxDownActivations,
+             " (a token's activation rows are staged in shared memory), got ", K, " * ", a.size(1));
   at::Tensor out = at::empty({T, N}, a.options());
   if (T == 0) return out;
   if (a.size(1) == 0) return out.zero_();
@@ -383,9 +393,10 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), ids.data_ptr<int>(), weights.data_ptr<float>(),
                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  static_cast<int>(T * K), static_cast<int>(K), static_cast<int>(a.size(1)), static_cast<int>(N),
-                 static_cast<int>(N)};
-  launch_cluster(decode_down_kernel, dim3(static_cast<unsigned>(N / kCols), static_cast<unsigned>(T * K)),
-                 dim3(1, static_cast<unsigned>(K), 1), p);
+                 static_cast<int>(N), static_cast<int>(E)};
+  decode_down_kernel<<<dim3(static_cast<unsigned>(N / kDownCols), static_cast<unsigned>(T)), kDownThreads, 0,
+                       c10::cuda::getCurrentCUDAStream()>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

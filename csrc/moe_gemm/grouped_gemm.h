@@ -34,7 +34,7 @@ at::Tensor moe_swiglu_cuda(const at::Tensor& h);
 at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out,
                                     const std::optional<at::Tensor>& a_out);
 
-// Decode-size expert GEMMs straight from the router's output (ids [T, K] int32, -1 = unrouted; K <= 8), streaming
+// Decode-size expert GEMMs straight from the router's output (ids [T, K] int32, -1 = unrouted), streaming
 // each routed expert's weights once (decode_gemv.cu):
 // gate_up: a[t*K + k] = swiglu(x[t] @ w[ids[t, k]]), w [E, H, 2I] -> [T*K, I] (zero rows for unrouted slots);
 at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w);

@@ -8,7 +8,7 @@ keye's kernels end to end, with no host synchronisation (CUDA-graph capturable w
 
     moe_route -> moe_permute -> grouped GEMM gate_up -> SwiGLU -> grouped GEMM down -> moe_unpermute (weighted)
 
-and for decode-size batches (at most one row per expert on average, no gradient needed, top_k <= 8) two kernels
+and for decode-size batches (at most one row per expert on average, no gradient needed, top_k * I <= 16384) two kernels
 take the router's output directly and stream each routed expert's weights once: gather + gate_up + SwiGLU, then
 down + the weighted combine (no routing, permutation or combine kernels). The backward is deterministic: data gradients
 by grouped GEMMs against the transposed weights, weight gradients by K-grouped GEMMs (one CTA per output tile),
@@ -22,7 +22,7 @@ import torch
 from keye.ops import reference as ref
 from keye.ops._dispatch import use_kernel
 from keye.ops.reference.moe import check_experts_args
-from keye.ops.reference.moe_gemm import DECODE_MAX_TOP_K
+from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS
 
 # Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs. H200 (NOTES.md, MoE layer):
 # at 1 row per routed expert (T = 1) they beat the GEMM path; at 4 (T = 64, Keye shape) the tensor-core GEMMs were
@@ -48,7 +48,7 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torc
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
     if (not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]
-            and ids.shape[1] <= DECODE_MAX_TOP_K):
+            and ids.shape[1] * down.shape[1] <= DECODE_MAX_ACTIVATIONS):
         return _decode(x, weights, ids, gate_up, down)
     return _MoeLayer.apply(x, weights, ids, gate_up, down)
 

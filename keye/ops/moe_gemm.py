@@ -65,7 +65,7 @@ def moe_decode_gate_up(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> t
 
 def moe_decode_down(a: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]]): the down GEMM and the weighted combine of a decode
-    step (weights fp32 [T, K]; top_k <= 8). Returns [T, H]."""
+    step (weights fp32 [T, K]; top_k * I <= 16384). Returns [T, H]."""
     if use_kernel(a, ids, weights, w):
         return torch.ops.keye.moe_decode_down(a, ids, weights, w)
     return spec.moe_decode_down(a, ids, weights, w)

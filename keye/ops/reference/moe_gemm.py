@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from keye.ops._checks import _fail, check_index_range, check_same_device, check_size, check_tensor
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
-DECODE_MAX_TOP_K = 8  # the decode kernels add a token's K slots within one thread-block cluster (at most 8 CTAs)
+DECODE_MAX_ACTIVATIONS = 16384  # top_k * I: moe_decode_down stages a token's K activation rows in shared memory
 
 
 def check_offsets(offsets, rows: int, experts: int | None, op: str, ref, ref_name: str = "a") -> None:
@@ -114,8 +114,8 @@ def moe_swiglu_backward(h, d_out, a_out=None) -> torch.Tensor:
 def _check_decode_ids(ids, ref, ref_name: str, experts: int, op: str) -> None:
     check_tensor(ids, op, "ids", (torch.int32,), 2, "[T, top_k]")
     check_same_device(ids, ref, op, "ids", ref_name)
-    if not 1 <= ids.shape[1] <= DECODE_MAX_TOP_K:
-        _fail(op, f"top_k must be in [1, {DECODE_MAX_TOP_K}] (one cluster per token), got {ids.shape[1]}")
+    if ids.shape[1] < 1:
+        _fail(op, f"top_k must be >= 1, got {ids.shape[1]}")
     check_index_range(ids, -1, experts - 1, op, "ids")
 
 
@@ -146,6 +146,9 @@ def moe_decode_down(a, ids, weights, w) -> torch.Tensor:
     _check_decode_weights(w, a, "a", a.shape[1], op, "[E, I, H]")
     _check_decode_ids(ids, a, "a", w.shape[0], op)
     check_size(a, 0, ids.numel(), op, "a", "T * top_k (ids.numel())")
+    if ids.shape[1] * a.shape[1] > DECODE_MAX_ACTIVATIONS:
+        _fail(op, f"top_k * I must be at most {DECODE_MAX_ACTIVATIONS} (a token's activation rows are staged in "
+                  f"shared memory), got {ids.shape[1]} * {a.shape[1]}")
     check_tensor(weights, op, "weights", (torch.float32,), 2, "[T, top_k]")
     check_same_device(weights, a, op, "weights", "a")
     if weights.shape != ids.shape:
