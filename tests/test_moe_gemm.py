@@ -285,3 +285,10 @@ def test_decode_kernels_never_read_past_the_experts_with_checks_off():
         out = ops.moe_decode_down(a, bad, weights, w2)
     assert torch.equal(a, ops.moe_decode_gate_up(x, unrouted, w1))
     assert torch.equal(out, ops.moe_decode_down(a, unrouted, weights, w2))
+
+
+@pytest.mark.gpu
+def test_decode_kernels_refuse_more_slots_than_grid_rows():
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: at most 65535 \(token, expert\) slots"):
+        torch.ops.keye.moe_decode_gate_up(bf16(8193, 64), torch.zeros(8193, 8, dtype=torch.int32, device="cuda"),
+                                          bf16(2, 64, 64))

@@ -312,7 +312,8 @@ void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* 
   check_dim(ids, 2, op, "ids", "[T, top_k]");
   check_contiguous(ids, op, "ids");
   KEYE_CHECK(ids.size(1) >= 1, "keye.", op, ": top_k must be >= 1, got ", ids.size(1));
-  KEYE_CHECK(ids.numel() < INT_MAX / 2, "keye.", op, ": too many (token, expert) slots: ", ids.numel());
+  KEYE_CHECK(ids.numel() <= 65535, "keye.", op, ": at most 65535 (token, expert) slots (one grid row each), got ",
+             ids.numel(), "; larger batches belong on the grouped GEMMs (keye.ops.moe picks them)");
   check_index_range(ids, -1, experts - 1, op, "ids");
 }
 
