@@ -164,6 +164,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   __shared__ float part[kRows][kOut];
   __shared__ int rows[kRows];
   __shared__ int first_slot, count, scan_next;
+  // Programmatic dependent launch: let the next kernel (down) be scheduled onto SMs as this grid's CTAs retire;
+  // it waits for this grid's results before it reads them (griddepcontrol.wait).
+  asm volatile("griddepcontrol.launch_dependents;");
   const int slot = blockIdx.y, col0 = blockIdx.x * kCols;
   const int e = p.ids[slot];
   if (e < 0 || e >= p.num_experts) {  // unrouted slot: a zero row
@@ -275,6 +278,10 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
   const int lane_row = threadIdx.x / S::kVecs, vec = threadIdx.x % S::kVecs, col = col0 + vec * kVecCols;
   const int64_t slot0 = static_cast<int64_t>(blockIdx.y) * K;
   const int per_slot = (I + kDownBatchRows - 1) / kDownBatchRows, batches = K * per_slot;
+  // Launched as a programmatic dependent of the kernel before it (gate_up in keye.ops.moe): everything above ran
+  // while that kernel finished; from here on its writes (and all earlier ones, ids included) are visible. A no-op
+  // when launched without the attribute's predecessor.
+  asm volatile("griddepcontrol.wait;" ::: "memory");
   uint4 wv[S::kDepth], next[S::kDepth];
   load_down_batch<kDownCols>(p, down_slice(p, slot0, col), 0, wv);
   for (int i = threadIdx.x; i < K * I; i += kDownThreads) a_s[i] = p.x[slot0 * I + i];  // while the loads fly
@@ -397,12 +404,18 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   // 32 columns per CTA when that already gives every SM a CTA, else 16 (twice the CTAs).
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()));
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  if (N % 32 == 0 && T * (N / 32) >= sms)
-    decode_down_kernel<32><<<dim3(static_cast<unsigned>(N / 32), static_cast<unsigned>(T)), kDownThreads, 0, stream>>>(p);
-  else
-    decode_down_kernel<16><<<dim3(static_cast<unsigned>(N / 16), static_cast<unsigned>(T)), kDownThreads, 0, stream>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int cols = N % 32 == 0 && T * (N / 32) >= sms ? 32 : 16;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(N / cols), static_cast<unsigned>(T));
+  config.blockDim = dim3(kDownThreads);
+  config.stream = c10::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // may start while the previous kernel ends
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  if (cols == 32) C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_down_kernel<32>, p));
+  else C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_down_kernel<16>, p));
   return out;
 }
 
