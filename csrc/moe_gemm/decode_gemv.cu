@@ -5,7 +5,7 @@
 //
 // The cost is streaming the routed experts' weights once, so each thread keeps its 16-byte weight loads in flight:
 // - gate_up: a CTA owns one expert and 32 output columns (their gate and up columns) and streams the whole
-//   reduction over H in batches, the next batch's loads issued before the current one is used. The CTA of the
+//   reduction over H in batches, three batches in flight in a per-thread cp.async ring in shared memory. The CTA of the
 //   first slot routed to an expert serves every slot routed to it (weights read once per distinct expert; later
 //   slots' CTAs exit). Its first batch is issued before it even knows whether it is that CTA.
 // - down: a CTA owns one token and 32 output columns and streams the K routed experts' weight slices one after
@@ -33,6 +33,7 @@
 #include <climits>
 
 #include "common/check.h"
+#include "common/ptx.cuh"
 #include "moe_gemm/grouped_gemm.h"
 
 namespace keye {
@@ -99,32 +100,44 @@ __device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kLaneVecs * kVe
   __syncthreads();
 }
 
-// gate_up: one batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as
-// zero).
-__device__ __forceinline__ void load_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b0, int k1,
-                                           uint4 (&wv)[kDepth]) {
-  const int lane_row = threadIdx.x / kVecs;
+// gate_up keeps kRing batches of weight loads in flight in a per-thread ring in shared memory (cp.async), so a CTA's
+// time is no longer (batches) x (loaded DRAM latency) with one batch ahead. Layout [stage][u][thread]: a thread
+// reads back only its own copies, so cp.async.wait_group is the only synchronisation.
+constexpr int kRing = 3;
+constexpr int kRingBytes = kRing * kDepth * kThreads * 16;  // 96 KB: still two CTAs per SM
+
+// Issue batch b of this thread's weight loads into its ring slot (rows past k1 zero-filled, not read) and commit
+// it as one group (an empty group past the last batch keeps the group count uniform).
+__device__ __forceinline__ void issue_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b, uint4* ring) {
+  const int lane_row = threadIdx.x / kVecs, k1 = p.reduction, b0 = b * kBatchRows;
+  if (b0 < k1) {
+    uint4* slot = ring + (b % kRing) * kDepth * kThreads + threadIdx.x;
 #pragma unroll
-  for (int u = 0; u < kDepth; ++u) {  // every load of the batch is in flight before any is used
-    const int row = b0 + lane_row + u * kRowLanes;
-    wv[u] = row < k1 ? __ldg(reinterpret_cast<const uint4*>(w_slice + static_cast<int64_t>(row) * p.w_cols))
-                     : make_uint4(0, 0, 0, 0);
+    for (int u = 0; u < kDepth; ++u) {
+      const int row = b0 + lane_row + u * kRowLanes;
+      cp_async16(slot + u * kThreads, w_slice + static_cast<int64_t>(min(row, k1 - 1)) * p.w_cols, row < k1);
+    }
   }
+  cp_async_commit();
+}
+
+__device__ __forceinline__ void issue_prologue(const DecodeParams& p, const __nv_bfloat16* w_slice, uint4* ring) {
+#pragma unroll
+  for (int b = 0; b < kRing - 1; ++b) issue_batch(p, w_slice, b, ring);
 }
 
 // gate_up: partial sums over all reduction rows for up to kRows activation rows (xrow[r], nr real ones): the weight
-// slice w_slice (this thread's column vector already applied) is read once for all of them. wv holds the first
-// batch's loads, issued by the caller (so they fly while the caller finds its rows); each later batch is issued
-// before the one before it is used.
+// slice w_slice (this thread's column vector already applied) is read once for all of them. The caller has issued
+// the first kRing - 1 batches (issue_prologue), so they fly while it finds its rows.
 template <int kRows>
 __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_slice, const int* xrow, int nr,
-                               float (*xs)[kStageRows], uint4 (&wv)[kDepth], float (&acc)[kRows][kVecCols]) {
+                               float (*xs)[kStageRows], uint4* ring, float (&acc)[kRows][kVecCols]) {
   const int lane_row = threadIdx.x / kVecs, k1 = p.reduction;
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) acc[r][j] = 0.0f;
-  for (int b0 = 0; b0 < k1; b0 += kBatchRows) {
+  for (int b = 0, b0 = 0; b0 < k1; ++b, b0 += kBatchRows) {
     if (b0 % kStageRows == 0) {  // the activations of the next kStageRows reduction rows
       const int n = min(kStageRows, k1 - b0);
       __syncthreads();  // xs free
@@ -133,21 +146,23 @@ __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_sli
           xs[r][kk] = r < nr ? __bfloat162float(p.x[static_cast<int64_t>(xrow[r]) * p.reduction + b0 + kk]) : 0.0f;
       __syncthreads();
     }
-    uint4 next[kDepth];
-    load_batch(p, w_slice, b0 + kBatchRows, k1, next);
+    issue_batch(p, w_slice, b + kRing - 1, ring);
+    cp_async_wait_group<kRing - 1>();  // batch b has landed
+    const uint4* slot = ring + (b % kRing) * kDepth * kThreads + threadIdx.x;
     const float* xr[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) xr[r] = xs[r] + b0 % kStageRows;
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       const int row = lane_row + u * kRowLanes;
-      if (b0 + row < k1)
+      if (b0 + row < k1) {
+        const uint4 w = slot[u * kThreads];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) fma_vec(acc[r], xr[r][row], wv[u]);
+        for (int r = 0; r < kRows; ++r) fma_vec(acc[r], xr[r][row], w);
+      }
     }
-#pragma unroll
-    for (int u = 0; u < kDepth; ++u) wv[u] = next[u];
   }
+  cp_async_wait_all();  // only empty groups are left; the ring is free for the next group of slots
 }
 
 // The first of the 8 weight columns this thread reads: lanes 0-3 gate columns, 4-7 the matching up ones.
@@ -164,6 +179,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   __shared__ float part[kRows][kOut];
   __shared__ int rows[kRows];
   __shared__ int first_slot, count, scan_next;
+  extern __shared__ uint4 ring[];  // kRingBytes
   // Programmatic dependent launch: let the next kernel (down) be scheduled onto SMs as this grid's CTAs retire;
   // it waits for this grid's results before it reads them (griddepcontrol.wait).
   asm volatile("griddepcontrol.launch_dependents;");
@@ -175,8 +191,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   }
   // The weights are the long wait: their first batch is in flight before this CTA even knows whether it serves e.
   const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column(p, col0);
-  uint4 wv[kDepth];
-  load_batch(p, w_slice, 0, p.reduction, wv);
+  issue_prologue(p, w_slice, ring);
   if (threadIdx.x < 32) {  // is this the first slot routed to e? (ids are L2-resident: one warp scans them)
     bool earlier = false;
     for (int base = 0; base < slot && !earlier; base += 32) {
@@ -189,7 +204,10 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
     }
   }
   __syncthreads();
-  if (first_slot < 0) return;  // another CTA serves e
+  if (first_slot < 0) {  // another CTA serves e; no copy may land in shared memory after this CTA is gone
+    cp_async_wait_all();
+    return;
+  }
 
   for (bool first_group = true;; first_group = false) {
     if (threadIdx.x < 32) {  // the next (up to) kRows slots routed to e, in slot order
@@ -217,9 +235,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
     int xrow[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) xrow[r] = r < nr ? rows[r] / p.top_k : 0;
-    if (!first_group) load_batch(p, w_slice, 0, p.reduction, wv);  // again (mostly from L2) for more slots
+    if (!first_group) issue_prologue(p, w_slice, ring);  // again (mostly from L2) for more slots
     float acc[kRows][kVecCols];
-    slice_products<kRows>(p, w_slice, xrow, nr, xs, wv, acc);
+    slice_products<kRows>(p, w_slice, xrow, nr, xs, ring, acc);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) reduce_rows<kVecs, kWarps>(acc[r], red, part[r]);
     for (int i = threadIdx.x; i < nr * kCols; i += kThreads) {
@@ -282,30 +300,38 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
   // while that kernel finished; from here on its writes (and all earlier ones, ids included) are visible. A no-op
   // when launched without the attribute's predecessor.
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  // Per batch: its expert's weight slice (null: unrouted) and routing weight, read from global memory one batch
+  // before they are needed so that no load of ids or weights sits between two batches' weight loads.
+  const auto slot_of = [&](int b) { return slot0 + b / per_slot; };
+  const __nv_bfloat16* slice0 = down_slice(p, slot0, col);
+  const __nv_bfloat16* slice_next = batches > 1 ? down_slice(p, slot_of(1), col) : nullptr;
+  float weight_cur = p.weights[slot0];
   uint4 wv[S::kDepth], next[S::kDepth];
-  load_down_batch<kDownCols>(p, down_slice(p, slot0, col), 0, wv);
+  load_down_batch<kDownCols>(p, slice0, 0, wv);
   for (int i = threadIdx.x; i < K * I; i += kDownThreads) a_s[i] = p.x[slot0 * I + i];  // while the loads fly
   __syncthreads();
   float acc[kVecCols];
 #pragma unroll
   for (int j = 0; j < kVecCols; ++j) acc[j] = 0.0f;
+  bool valid_cur = slice0 != nullptr;
   for (int b = 0; b < batches; ++b) {
     const int k = b / per_slot, b0 = (b % per_slot) * kDownBatchRows;
-    if (b + 1 < batches)
-      load_down_batch<kDownCols>(p, down_slice(p, slot0 + (b + 1) / per_slot, col), ((b + 1) % per_slot) * kDownBatchRows,
-                                 next);
-    const int e = p.ids[slot0 + k];
-    if (e >= 0 && e < p.num_experts) {
-      const float weight = p.weights[slot0 + k];
+    const __nv_bfloat16* slice_b1 = slice_next;  // batch b + 1
+    if (b + 1 < batches) load_down_batch<kDownCols>(p, slice_b1, ((b + 1) % per_slot) * kDownBatchRows, next);
+    slice_next = b + 2 < batches ? down_slice(p, slot_of(b + 2), col) : nullptr;      // for the next iteration
+    const float weight_b1 = b + 1 < batches ? p.weights[slot_of(b + 1)] : 0.0f;      // used one iteration later
+    if (valid_cur) {
       const __nv_bfloat16* ak = a_s + k * I;
 #pragma unroll
       for (int u = 0; u < S::kDepth; ++u) {
         const int row = b0 + lane_row + u * S::kRowLanes;
-        if (row < I) fma_vec(acc, weight * __bfloat162float(ak[row]), wv[u]);
+        if (row < I) fma_vec(acc, weight_cur * __bfloat162float(ak[row]), wv[u]);
       }
     }
 #pragma unroll
     for (int u = 0; u < S::kDepth; ++u) wv[u] = next[u];
+    valid_cur = slice_b1 != nullptr;
+    weight_cur = weight_b1;
   }
   reduce_rows<S::kVecs, kDownWarps>(acc, red, part);
   if (threadIdx.x < kDownCols)
@@ -368,9 +394,13 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, c
   // Rows per weight pass, from the average slots per routed expert (registers grow with it; a pass with fewer
   // real rows wastes arithmetic, not bandwidth).
   const int64_t avg = (slots + std::min(E, slots) - 1) / std::min(E, slots);
-  if (avg <= 1) decode_gate_up_kernel<1><<<grid, kThreads, 0, stream>>>(p);
-  else if (avg <= 2) decode_gate_up_kernel<2><<<grid, kThreads, 0, stream>>>(p);
-  else decode_gate_up_kernel<4><<<grid, kThreads, 0, stream>>>(p);
+  auto launch = [&](auto kernel) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes));
+    kernel<<<grid, kThreads, kRingBytes, stream>>>(p);
+  };
+  if (avg <= 1) launch(decode_gate_up_kernel<1>);
+  else if (avg <= 2) launch(decode_gate_up_kernel<2>);
+  else launch(decode_gate_up_kernel<4>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
