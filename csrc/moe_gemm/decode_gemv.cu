@@ -77,22 +77,23 @@ __device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const 
   }
 }
 
-// gate_up: sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in
-// index order) into part[c] for the CTA's kOut columns. Fixed order: deterministic.
-__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kOut], float* part) {
+// Sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in index
+// order) into part[c] for the CTA's kLaneVecs * kVecCols columns. Fixed order: deterministic. (gate_up and down)
+template <int kLaneVecs, int kNumWarps>
+__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kLaneVecs * kVecCols], float* part) {
 #pragma unroll
-  for (int off = kVecs; off < 32; off <<= 1)
+  for (int off = kLaneVecs; off < 32; off <<= 1)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane < kVecs)
+  if (lane < kLaneVecs)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
   __syncthreads();
-  if (threadIdx.x < kOut) {
+  if (threadIdx.x < kLaneVecs * kVecCols) {
     float s = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) s += red[w][threadIdx.x];
+    for (int w = 0; w < kNumWarps; ++w) s += red[w][threadIdx.x];
     part[threadIdx.x] = s;
   }
   __syncthreads();
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
     float acc[kRows][kVecCols];
     slice_products<kRows>(p, w_slice, xrow, nr, xs, wv, acc);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) reduce_rows(acc[r], red, part[r]);
+    for (int r = 0; r < kRows; ++r) reduce_rows<kVecs, kWarps>(acc[r], red, part[r]);
     for (int i = threadIdx.x; i < nr * kCols; i += kThreads) {
       const int r = i / kCols, c = i % kCols;
       const float g = part[r][c], u = part[r][kCols + c];
@@ -260,6 +261,7 @@ __device__ __forceinline__ void load_down_batch(const DecodeParams& p, const __n
 __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const DecodeParams p) {
   __shared__ __nv_bfloat16 a_s[kMaxDownActivations];
   __shared__ float red[kDownWarps][kDownCols];
+  __shared__ float part[kDownCols];
   const int K = p.top_k, I = p.reduction, col0 = blockIdx.x * kDownCols;
   const int lane_row = threadIdx.x / kDownVecs, vec = threadIdx.x % kDownVecs, col = col0 + vec * kVecCols;
   const int64_t slot0 = static_cast<int64_t>(blockIdx.y) * K;
@@ -288,22 +290,9 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
 #pragma unroll
     for (int u = 0; u < kDownDepth; ++u) wv[u] = next[u];
   }
-  // Sum over the weight rows: lanes with the same vec (fixed butterfly), then warps in index order.
-#pragma unroll
-  for (int off = kDownVecs; off < 32; off <<= 1)
-#pragma unroll
-    for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane < kDownVecs)
-#pragma unroll
-    for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
-  __syncthreads();
-  if (threadIdx.x < kDownCols) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kDownWarps; ++w) s += red[w][threadIdx.x];
-    p.out[static_cast<int64_t>(blockIdx.y) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(s);
-  }
+  reduce_rows<kDownVecs, kDownWarps>(acc, red, part);
+  if (threadIdx.x < kDownCols)
+    p.out[static_cast<int64_t>(blockIdx.y) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(part[threadIdx.x]);
 }
 
 void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* ref_name, int64_t experts, const char* op) {
