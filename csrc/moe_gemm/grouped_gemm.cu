@@ -58,6 +58,7 @@ int default_config(GroupedKind kind, int64_t avg_rows, int64_t k) {
   return 0;
 }
 
+// Rows [*end, rows) of a bf16 [rows, cols] tensor (cols % 8 == 0) set to zero: the rows of slots no expert owns.
 __global__ void zero_tail_rows_kernel(__nv_bfloat16* out, const int* __restrict__ end, int64_t rows, int64_t cols) {
   const int64_t first = min(max(static_cast<int64_t>(*end), int64_t{0}), rows);
   const int64_t n = (rows - first) * cols / 8;  // cols % 8 == 0: 16-byte stores
@@ -124,12 +125,6 @@ void check_group_offsets(const at::Tensor& offsets, const at::Tensor& ref, const
   check_index_range(offsets.slice(0, 1) - offsets.slice(0, 0, -1), 0, rows, op, "offsets (differences)");
 }
 
-void zero_rows_from(at::Tensor& out, const int* first_row, cudaStream_t stream) {
-  zero_tail_rows_kernel<<<64, 256, 0, stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), first_row,
-                                                out.size(0), out.size(1));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::vector<std::string> moe_grouped_gemm_configs(const std::string& kind) {
   KEYE_CHECK(kind == "fwd" || kind == "dgrad" || kind == "wgrad",
              "keye.moe_grouped_gemm_configs: kind must be 'fwd', 'dgrad' or 'wgrad', got '", kind, "'");
@@ -161,7 +156,9 @@ at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const a
   args.n = static_cast<int>(N);
   args.k = static_cast<int>(K);
   configs(kind)[pick_config(kind, config, R, E, K, op)].run(args);
-  zero_rows_from(out, offsets.data_ptr<int>() + E, args.stream);
+  zero_tail_rows_kernel<<<64, 256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                                     offsets.data_ptr<int>() + E, R, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

@@ -46,9 +46,6 @@ __device__ __forceinline__ ExpertRows expert_rows(const int* offsets, int e, int
 }
 #endif
 
-// Rows [*first_row, R) of a bf16 [R, C] tensor (C % 8 == 0) set to zero: the rows of slots no expert owns.
-void zero_rows_from(at::Tensor& out, const int* first_row, cudaStream_t stream);
-
 // One compiled CUTLASS configuration: run() launches it, name() says what it is ("cooperative 128x256x64
 // cluster 2x1"). Defined in grouped_gemm_kernel.cuh, instantiated one per translation unit
 // (grouped_gemm_<kind>_<config>.cu) so they compile in parallel.
