@@ -5,23 +5,22 @@
 //
 // The cost is streaming the routed experts' weights once, so each thread keeps its 16-byte weight loads in flight:
 // - gate_up: a CTA owns one expert and 32 output columns (their gate and up columns) and streams the whole
-//   reduction over H in batches, three batches in flight in a per-thread cp.async ring in shared memory. The CTA of the
+//   reduction over H in batches, the next batch's loads issued before the current one is used. The CTA of the
 //   first slot routed to an expert serves every slot routed to it (weights read once per distinct expert; later
 //   slots' CTAs exit). Its first batch is issued before it even knows whether it is that CTA.
-// - down: a CTA owns one token and 32 output columns and streams the K routed experts' weight slices one after
-//   the other (double-buffered loads across slot boundaries), each row times weights[t, k] * a[t*K + k]: the down
-//   GEMM and the weighted combine in one fixed-order fp32 sum (deterministic, no atomics). Slots whose expert
-//   another token also uses read the weights again.
+// - down: a CTA owns one token and 16 or 32 output columns (32 once that gives every SM a CTA) and streams the K
+//   routed experts' weight slices one after the other (double-buffered loads across slot boundaries; each batch's
+//   expert id and routing weight read a batch ahead), each row times weights[t, k] * a[t*K + k]: the down GEMM and
+//   the weighted combine in one fixed-order fp32 sum (deterministic, no atomics). Slots whose expert another token
+//   also uses read the weights again.
 // Unrouted slots (id -1) give zero rows of a and add nothing to out; so do ids >= E, which only index checks
 // (on by default) report.
 //
-// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 16.4 us, down 16.3 us. A first version also split gate_up's
-// reduction over a cluster of 4 CTAs (768 short CTAs): 26.6 us; ncu showed full occupancy but DRAM 39% busy, the
-// short CTAs spending most of their life in barriers, prologue and epilogue instead of with loads in flight. down
-// was built that way too (a cluster of K CTAs per token, 48 KB each, partial sums added through DSMEM): 18.2 us.
-// At T = 1 this down kernel has only H / 32 = 64 CTAs; 16 columns per CTA (128 CTAs) measured 13.8 us there but
-// was slower with more CTAs than SMs (T = 8: 95 vs 67 us; DeepSeek-V3 shape, T = 1: 236 vs 210 us), so the
-// column count should follow the grid size (not done).
+// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 17.0 us, down 12.0 us; one layer 29.8 us inside a CUDA graph
+// of 8 layers. Tried and measured slower (NOTES.md): gate_up's reduction split over a cluster of 4 CTAs (26.6 us:
+// short CTAs spend their life in barriers, prologue and epilogue), down as a cluster of K CTAs adding partial sums
+// through DSMEM (18.2 us), gate_up with three batches in flight in a cp.async ring in shared memory (22.6 us), and
+// down launched as a programmatic dependent of gate_up (no gain).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -33,7 +32,6 @@
 #include <climits>
 
 #include "common/check.h"
-#include "common/ptx.cuh"
 #include "moe_gemm/grouped_gemm.h"
 
 namespace keye {
@@ -79,7 +77,7 @@ __device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const 
 }
 
 // Sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in index
-// order) into part[c] for the CTA's kLaneVecs * kVecCols columns. Fixed order: deterministic.
+// order) into part[c] for the CTA's kLaneVecs * kVecCols columns. Fixed order: deterministic. (gate_up and down)
 template <int kLaneVecs, int kNumWarps>
 __device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kLaneVecs * kVecCols], float* part) {
 #pragma unroll
@@ -100,44 +98,32 @@ __device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kLaneVecs * kVe
   __syncthreads();
 }
 
-// gate_up keeps kRing batches of weight loads in flight in a per-thread ring in shared memory (cp.async), so a CTA's
-// time is no longer (batches) x (loaded DRAM latency) with one batch ahead. Layout [stage][u][thread]: a thread
-// reads back only its own copies, so cp.async.wait_group is the only synchronisation.
-constexpr int kRing = 3;
-constexpr int kRingBytes = kRing * kDepth * kThreads * 16;  // 96 KB: still two CTAs per SM
-
-// Issue batch b of this thread's weight loads into its ring slot (rows past k1 zero-filled, not read) and commit
-// it as one group (an empty group past the last batch keeps the group count uniform).
-__device__ __forceinline__ void issue_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b, uint4* ring) {
-  const int lane_row = threadIdx.x / kVecs, k1 = p.reduction, b0 = b * kBatchRows;
-  if (b0 < k1) {
-    uint4* slot = ring + (b % kRing) * kDepth * kThreads + threadIdx.x;
+// gate_up: one batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as
+// zero).
+__device__ __forceinline__ void load_batch(const DecodeParams& p, const __nv_bfloat16* w_slice, int b0, int k1,
+                                           uint4 (&wv)[kDepth]) {
+  const int lane_row = threadIdx.x / kVecs;
 #pragma unroll
-    for (int u = 0; u < kDepth; ++u) {
-      const int row = b0 + lane_row + u * kRowLanes;
-      cp_async16(slot + u * kThreads, w_slice + static_cast<int64_t>(min(row, k1 - 1)) * p.w_cols, row < k1);
-    }
+  for (int u = 0; u < kDepth; ++u) {  // every load of the batch is in flight before any is used
+    const int row = b0 + lane_row + u * kRowLanes;
+    wv[u] = row < k1 ? __ldg(reinterpret_cast<const uint4*>(w_slice + static_cast<int64_t>(row) * p.w_cols))
+                     : make_uint4(0, 0, 0, 0);
   }
-  cp_async_commit();
-}
-
-__device__ __forceinline__ void issue_prologue(const DecodeParams& p, const __nv_bfloat16* w_slice, uint4* ring) {
-#pragma unroll
-  for (int b = 0; b < kRing - 1; ++b) issue_batch(p, w_slice, b, ring);
 }
 
 // gate_up: partial sums over all reduction rows for up to kRows activation rows (xrow[r], nr real ones): the weight
-// slice w_slice (this thread's column vector already applied) is read once for all of them. The caller has issued
-// the first kRing - 1 batches (issue_prologue), so they fly while it finds its rows.
+// slice w_slice (this thread's column vector already applied) is read once for all of them. wv holds the first
+// batch's loads, issued by the caller (so they fly while the caller finds its rows); each later batch is issued
+// before the one before it is used.
 template <int kRows>
 __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_slice, const int* xrow, int nr,
-                               float (*xs)[kStageRows], uint4* ring, float (&acc)[kRows][kVecCols]) {
+                               float (*xs)[kStageRows], uint4 (&wv)[kDepth], float (&acc)[kRows][kVecCols]) {
   const int lane_row = threadIdx.x / kVecs, k1 = p.reduction;
 #pragma unroll
   for (int r = 0; r < kRows; ++r)
 #pragma unroll
     for (int j = 0; j < kVecCols; ++j) acc[r][j] = 0.0f;
-  for (int b = 0, b0 = 0; b0 < k1; ++b, b0 += kBatchRows) {
+  for (int b0 = 0; b0 < k1; b0 += kBatchRows) {
     if (b0 % kStageRows == 0) {  // the activations of the next kStageRows reduction rows
       const int n = min(kStageRows, k1 - b0);
       __syncthreads();  // xs free
@@ -146,23 +132,21 @@ __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_sli
           xs[r][kk] = r < nr ? __bfloat162float(p.x[static_cast<int64_t>(xrow[r]) * p.reduction + b0 + kk]) : 0.0f;
       __syncthreads();
     }
-    issue_batch(p, w_slice, b + kRing - 1, ring);
-    cp_async_wait_group<kRing - 1>();  // batch b has landed
-    const uint4* slot = ring + (b % kRing) * kDepth * kThreads + threadIdx.x;
+    uint4 next[kDepth];
+    load_batch(p, w_slice, b0 + kBatchRows, k1, next);
     const float* xr[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) xr[r] = xs[r] + b0 % kStageRows;
 #pragma unroll
     for (int u = 0; u < kDepth; ++u) {
       const int row = lane_row + u * kRowLanes;
-      if (b0 + row < k1) {
-        const uint4 w = slot[u * kThreads];
+      if (b0 + row < k1)
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) fma_vec(acc[r], xr[r][row], w);
-      }
+        for (int r = 0; r < kRows; ++r) fma_vec(acc[r], xr[r][row], wv[u]);
     }
+#pragma unroll
+    for (int u = 0; u < kDepth; ++u) wv[u] = next[u];
   }
-  cp_async_wait_all();  // only empty groups are left; the ring is free for the next group of slots
 }
 
 // The first of the 8 weight columns this thread reads: lanes 0-3 gate columns, 4-7 the matching up ones.
@@ -179,10 +163,6 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   __shared__ float part[kRows][kOut];
   __shared__ int rows[kRows];
   __shared__ int first_slot, count, scan_next;
-  extern __shared__ uint4 ring[];  // kRingBytes
-  // Programmatic dependent launch: let the next kernel (down) be scheduled onto SMs as this grid's CTAs retire;
-  // it waits for this grid's results before it reads them (griddepcontrol.wait).
-  asm volatile("griddepcontrol.launch_dependents;");
   const int slot = blockIdx.y, col0 = blockIdx.x * kCols;
   const int e = p.ids[slot];
   if (e < 0 || e >= p.num_experts) {  // unrouted slot: a zero row
@@ -191,7 +171,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   }
   // The weights are the long wait: their first batch is in flight before this CTA even knows whether it serves e.
   const __nv_bfloat16* w_slice = p.w + static_cast<int64_t>(e) * p.reduction * p.w_cols + weight_column(p, col0);
-  issue_prologue(p, w_slice, ring);
+  uint4 wv[kDepth];
+  load_batch(p, w_slice, 0, p.reduction, wv);
   if (threadIdx.x < 32) {  // is this the first slot routed to e? (ids are L2-resident: one warp scans them)
     bool earlier = false;
     for (int base = 0; base < slot && !earlier; base += 32) {
@@ -204,10 +185,7 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
     }
   }
   __syncthreads();
-  if (first_slot < 0) {  // another CTA serves e; no copy may land in shared memory after this CTA is gone
-    cp_async_wait_all();
-    return;
-  }
+  if (first_slot < 0) return;  // another CTA serves e
 
   for (bool first_group = true;; first_group = false) {
     if (threadIdx.x < 32) {  // the next (up to) kRows slots routed to e, in slot order
@@ -235,9 +213,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
     int xrow[kRows];
 #pragma unroll
     for (int r = 0; r < kRows; ++r) xrow[r] = r < nr ? rows[r] / p.top_k : 0;
-    if (!first_group) issue_prologue(p, w_slice, ring);  // again (mostly from L2) for more slots
+    if (!first_group) load_batch(p, w_slice, 0, p.reduction, wv);  // again (mostly from L2) for more slots
     float acc[kRows][kVecCols];
-    slice_products<kRows>(p, w_slice, xrow, nr, xs, ring, acc);
+    slice_products<kRows>(p, w_slice, xrow, nr, xs, wv, acc);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) reduce_rows<kVecs, kWarps>(acc[r], red, part[r]);
     for (int i = threadIdx.x; i < nr * kCols; i += kThreads) {
@@ -251,8 +229,9 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
 
 // down: kDownCols output columns per CTA, kDownCols / 8 lanes per weight row, batches of kDepth loads per thread
 // covering 1024 rows, two batches in flight; the token's K activation rows are staged in shared memory as bf16.
-// Two shapes, both measured on the H200 (NOTES.md): 32 columns with 8-load batches, and 16 columns with 4-load
-// batches, which doubles the CTAs where there are fewer than SMs (T = 1: 13.8 vs 16.3 us) but is slower otherwise.
+// Two shapes, both measured on the H200 (NOTES.md; per layer in a CUDA graph of layers): 16 columns with 4-load
+// batches doubles the CTAs where there are fewer than SMs (Keye T = 1: 30.4 vs 32.7 us) but is slower with more
+// (Keye T = 8: 202 vs 177 us; DeepSeek-V3 shape, T = 1: 227 vs 205 us), hence the choice by grid size.
 constexpr int kDownThreads = 512;
 constexpr int kDownWarps = kDownThreads / 32;
 constexpr int kDownBatchRows = 1024;
@@ -296,10 +275,6 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
   const int lane_row = threadIdx.x / S::kVecs, vec = threadIdx.x % S::kVecs, col = col0 + vec * kVecCols;
   const int64_t slot0 = static_cast<int64_t>(blockIdx.y) * K;
   const int per_slot = (I + kDownBatchRows - 1) / kDownBatchRows, batches = K * per_slot;
-  // Launched as a programmatic dependent of the kernel before it (gate_up in keye.ops.moe): everything above ran
-  // while that kernel finished; from here on its writes (and all earlier ones, ids included) are visible. A no-op
-  // when launched without the attribute's predecessor.
-  asm volatile("griddepcontrol.wait;" ::: "memory");
   // Per batch: its expert's weight slice (null: unrouted) and routing weight, read from global memory one batch
   // before they are needed so that no load of ids or weights sits between two batches' weight loads.
   const auto slot_of = [&](int b) { return slot0 + b / per_slot; };
@@ -394,13 +369,9 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, c
   // Rows per weight pass, from the average slots per routed expert (registers grow with it; a pass with fewer
   // real rows wastes arithmetic, not bandwidth).
   const int64_t avg = (slots + std::min(E, slots) - 1) / std::min(E, slots);
-  auto launch = [&](auto kernel) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kRingBytes));
-    kernel<<<grid, kThreads, kRingBytes, stream>>>(p);
-  };
-  if (avg <= 1) launch(decode_gate_up_kernel<1>);
-  else if (avg <= 2) launch(decode_gate_up_kernel<2>);
-  else launch(decode_gate_up_kernel<4>);
+  if (avg <= 1) decode_gate_up_kernel<1><<<grid, kThreads, 0, stream>>>(p);
+  else if (avg <= 2) decode_gate_up_kernel<2><<<grid, kThreads, 0, stream>>>(p);
+  else decode_gate_up_kernel<4><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
@@ -435,17 +406,11 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()));
   const int cols = N % 32 == 0 && T * (N / 32) >= sms ? 32 : 16;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(static_cast<unsigned>(N / cols), static_cast<unsigned>(T));
-  config.blockDim = dim3(kDownThreads);
-  config.stream = c10::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;  // may start while the previous kernel ends
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = 1;
-  if (cols == 32) C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_down_kernel<32>, p));
-  else C10_CUDA_CHECK(cudaLaunchKernelEx(&config, decode_down_kernel<16>, p));
+  const dim3 grid(static_cast<unsigned>(N / cols), static_cast<unsigned>(T));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  if (cols == 32) decode_down_kernel<32><<<grid, kDownThreads, 0, stream>>>(p);
+  else decode_down_kernel<16><<<grid, kDownThreads, 0, stream>>>(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }
 

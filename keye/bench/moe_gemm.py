@@ -120,19 +120,28 @@ def layer_case(shape, T, device, reps, backward):
     if T <= 64:  # decode: CUDA-graph replay (how decode runs), bandwidth on the weights of the experts routed to
         active = int(torch.unique(ids[ids >= 0]).numel())
         rec["weight_bytes"] = active * 3 * H * I * 2
+        # One layer per graph (as a single layer is replayed: includes the graph launch, ~4 us on the H200), and
+        # per layer of a graph of L layers with their own weights and routings (as a decode step runs a model).
+        layer_bytes = (w1.numel() + w2.numel()) * 2
+        L = max(1, min(8, int(0.3 * torch.cuda.mem_get_info(device)[0] // layer_bytes)))
+        stack = [(x, weights, ids, w1, w2)] + [_setup(T, H, I, E, K, device) for _ in range(L - 1)]
+        rec["graph_layers"] = L
         graphs = {}
-        for key, fn in (("keye", lambda: ops.moe(x, weights, ids, w1, w2)),
-                        ("torch", lambda: _torch_layer(x, weights, ids, w1, w2)),
-                        ("gemv", lambda: ops.moe_decode_down(ops.moe_decode_gate_up(x, ids, w1), ids, weights, w2))):
-            with torch.no_grad():
-                fn()
-                graphs[key] = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graphs[key]):
-                    fn()
+        for key, layer in (("keye", ops.moe), ("torch", _torch_layer)):
+            for tag, args in (("graph", stack[:1]), ("graphL", stack)):
+                with torch.no_grad():
+                    for a in args:
+                        layer(*a)
+                    graphs[f"{key}_{tag}"] = g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g):
+                        for a in args:
+                            layer(*a)
         ms = median_ms_interleaved({k: g.replay for k, g in graphs.items()}, device, reps)
-        for key in graphs:
-            rec[f"{key}_graph_ms"] = ms[key]
-            rec[f"{key}_GBps"] = rec["weight_bytes"] / ms[key] / 1e6
+        for key, t in ms.items():
+            per_layer = t / (L if key.endswith("graphL") else 1)
+            rec[f"{key}_ms"] = per_layer
+            rec[f"{key}_GBps"] = rec["weight_bytes"] / per_layer / 1e6
+        del graphs, stack
     if backward:
         leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2)]
         g = torch.randn(T, H, device=device, dtype=torch.bfloat16)
@@ -190,10 +199,11 @@ def _layer_line(r: dict, copy_gbps: float | None) -> str:
           f"{r['torch_fwdbwd_TFLOPs']:9.0f} {r['x_torch_fwdbwd']:8.2f}" if "keye_fwdbwd_ms" in r else
           f"{'-':>9} {'-':>10} {'-':>8} {'-':>9} {'-':>8}")
     pct = lambda v: f"{100 * v / copy_gbps:.0f}%" if copy_gbps else "-"
-    bw = (f"{r['keye_GBps']:7.0f} {pct(r['keye_GBps']):>7}  graph replay keye {r['keye_graph_ms'] * 1e3:.1f} us, torch "
-          f"{r['torch_graph_ms'] * 1e3:.1f} us ({r['torch_GBps']:.0f} GB/s); expert kernels alone "
-          f"{r['gemv_graph_ms'] * 1e3:.1f} us ({r['gemv_GBps']:.0f} GB/s, {pct(r['gemv_GBps'])})"
-          if "keye_GBps" in r else f"{'-':>7} {'-':>7}")
+    bw = (f"{r['keye_graph_GBps']:7.0f} {pct(r['keye_graph_GBps']):>7}  graph of 1 layer: keye "
+          f"{r['keye_graph_ms'] * 1e3:.1f} us, torch {r['torch_graph_ms'] * 1e3:.1f} us ({r['torch_graph_GBps']:.0f} GB/s); "
+          f"per layer in a graph of {r['graph_layers']}: keye {r['keye_graphL_ms'] * 1e3:.1f} us "
+          f"({r['keye_graphL_GBps']:.0f} GB/s, {pct(r['keye_graphL_GBps'])}), torch {r['torch_graphL_ms'] * 1e3:.1f} us "
+          f"({r['torch_graphL_GBps']:.0f} GB/s)" if "keye_graph_GBps" in r else f"{'-':>7} {'-':>7}")
     return (f"{r['shape']:<6}{r['tokens']:>7} {r['check']:>6} {r['keye_fwd_ms']:9.4f} {r['torch_fwd_ms']:10.4f} "
             f"{r['keye_fwd_TFLOPs']:8.0f} {r['torch_fwd_TFLOPs']:9.0f} {r['x_torch_fwd']:8.2f} {fb} {bw}")
 
