@@ -10,7 +10,11 @@ Two workloads, both sampled at 2 fps with keye.video.sampling (Keye-VL-2.0 rule)
          every split must give the first split's frames bit for bit. The CPU baselines split it at key frames
          over their worker processes and decode every frame.
   clips: a batch of short videos (15 s pieces cut from the film without re-encoding, plus the given clips); DALI
-         gets each clip without its unwanted disposable frames (DaliDecoder.decode), and once as it is.
+         gets each clip without its unwanted disposable frames (DaliDecoder.decode), and once as it is; then, at
+         --clip-streams streams, with the pieces cut in worker processes (--cut-processes), with every piece cut
+         beforehand (the NVDEC side alone: the ceiling of this design), and through VideoLoader (index, sample,
+         decode, preprocess per file). Each DALI clip row says where its time went (cutting, decoding, idle
+         streams, preprocessing).
 CPU baselines return only a checksum from each worker (frames stay in the worker), which flatters them: their
 frames would still have to be resized, normalised and copied to the GPU.
 Reported: frames/s (sampled frames delivered), videos/min, wall seconds, and NVDEC utilisation sampled with NVML
@@ -157,12 +161,16 @@ def cut_clips(film: str, film_index, out_dir: str, count: int, seconds: float) -
 
 def run_clips(decoder, requests, drop_disposable=True):
     """requests: [(path, index, selection)]. Decode concurrently + preprocess each video to model inputs on the
-    GPU."""
+    GPU. Returns (frames, tokens, frames tensors, phases: where the wall time went)."""
     import torch
 
     from keye.video.preprocess import to_model_inputs
 
-    outs = decoder.decode_many([(p, s.frames, ix) for p, ix, s in requests], drop_disposable=drop_disposable)
+    profile = []
+    t0 = time.perf_counter()
+    outs = decoder.decode_many([(p, s.frames, ix) for p, ix, s in requests], drop_disposable=drop_disposable,
+                               profile=profile)
+    t1 = time.perf_counter()
     bad = [o for o in outs if isinstance(o, Exception)]
     if bad:
         raise bad[0]
@@ -170,7 +178,51 @@ def run_clips(decoder, requests, drop_disposable=True):
     for (path, index, sel), frames in zip(requests, outs):
         tokens += to_model_inputs(frames, sel.timestamps).num_tokens
     torch.cuda.synchronize()
-    return sum(len(s.frames) for _, _, s in requests), tokens, outs
+    t2 = time.perf_counter()
+    return (sum(len(s.frames) for _, _, s in requests), tokens, outs,
+            clip_phases(profile, decoder.num_streams, t0, t1, t2))
+
+
+def clip_phases(profile, streams, t0, t1, t2):
+    """Where decode_many's wall time went (seconds from the call's start), from its per-clip profiles."""
+    rel = lambda key: [p[key] - t0 for p in profile]
+    starts, ends = rel("decode_start"), rel("decode_end")
+    busy = sum(e - s for s, e in zip(starts, ends))
+    decoded = sum(p["frames_decoded"] for p in profile)
+    return {"clips": len(profile), "frames_decoded": decoded, "piece_mb": round(sum(p["bytes"] for p in profile) / 1e6, 1),
+            "cut_busy_s": round(sum(p["cut_end"] - p["start"] for p in profile), 3),
+            "first_decode_start_s": round(min(starts), 3), "last_decode_start_s": round(max(starts), 3),
+            "first_decode_end_s": round(min(ends), 3), "last_decode_end_s": round(max(ends), 3),
+            "decode_busy_stream_s": round(busy, 3), "stream_idle_s": round(streams * max(ends) - busy, 3),
+            "decoded_frames_per_busy_stream_s": round(decoded / busy, 1),
+            "decoded_frames_per_s_while_decoding": round(decoded / (max(ends) - min(starts)), 1),
+            "decode_many_s": round(t1 - t0, 3), "preprocess_s": round(t2 - t1, 3)}
+
+
+def run_precut(decoder, pieces):
+    """The NVDEC side alone: pieces cut beforehand [(data, local frames, index)], decoded over the streams."""
+    import torch
+
+    futures = [decoder._pool.submit(decoder._decode_sorted, data, local, ix) for data, local, ix in pieces]
+    outs = [f.result() for f in futures]
+    torch.cuda.synchronize()
+    return outs
+
+
+def run_loader(decoder, paths, streams):
+    """keye.video.VideoLoader over the clips as a user runs it: index, sample, decode, preprocess per file in
+    worker threads, everything in flight at once."""
+    import torch
+
+    from keye.video import VideoLoader
+
+    frames = tokens = 0
+    for sample in VideoLoader(paths, fps=2, backend="gpu", device="cuda", decoder=decoder, num_workers=streams,
+                              prefetch=len(paths)):
+        frames += len(sample.selection.frames)
+        tokens += sample.inputs.num_tokens
+    torch.cuda.synchronize()
+    return frames, tokens
 
 
 def run_film(decoder, film, parts: int, drop_disposable: bool):
@@ -247,6 +299,10 @@ def main():
                     help="film pieces per DALI stream to try (more than 1: a work queue over the streams)")
     ap.add_argument("--compare-undropped", action=argparse.BooleanOptionalAction, default=True,
                     help="also time the film and the clips at the first stream count with every frame decoded")
+    ap.add_argument("--clip-streams", type=int, default=16,
+                    help="stream count for the clip variants: pieces cut in processes, NVDEC alone, VideoLoader")
+    ap.add_argument("--cut-processes", type=int, nargs="+", default=[0, 8],
+                    help="DaliDecoder(cut_processes=...) values to time on the clips (0: cut in the decode threads)")
     ap.add_argument("--cpu-workers", type=int, default=os.cpu_count())
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--workdir", default="/tmp/keye_video_bench")
@@ -313,7 +369,7 @@ def main():
             thinned = None
             for drop in (True, False) if streams == args.streams[0] and args.compare_undropped else (True,):
                 with sampler:
-                    best, med, (n, tokens, outs) = timed(lambda: run_clips(dec, batch, drop), args.repeat)
+                    best, med, (n, tokens, outs, phases) = timed(lambda: run_clips(dec, batch, drop), args.repeat)
                 what, same = "", None
                 if drop:
                     thinned = outs
@@ -325,7 +381,8 @@ def main():
                        median_s=round(med, 3), frames_per_s=round(n / best, 1),
                        videos_per_min=round(len(batch) / best * 60, 1),
                        end_to_end_s_incl_index=round(best + clips_index_s, 3),
-                       **({} if same is None else {"bit_equal_to_thinned": same}), **sampler.summary())
+                       **({} if same is None else {"bit_equal_to_thinned": same}), clip_phases=phases,
+                       **sampler.summary())
                 del outs
             del thinned
             configs = [(streams * k, True) for k in args.pieces_per_stream]
@@ -354,6 +411,8 @@ def main():
                     film_gpu_frames = (at, dec.decode(film_path, film_sel.frames[at], film_ix,
                                                       drop_disposable=False).cpu())
                 del split_frames
+    if not args.skip_dali:
+        clip_variants(args, batch, sampler, record)
     if reference is not None:
         # Are the split's frames the right ones? 24 of them against PyAV: a frame mislabelled by the decoder
         # differs by far more than the ~1-2 levels of colour conversion. (Every other split equals this one.)
@@ -419,6 +478,59 @@ def main():
     print_table(report)
 
 
+def clip_variants(args, batch, sampler, record):
+    """The clips at --clip-streams streams: pieces cut in worker processes (each --cut-processes value), the NVDEC
+    side alone (pieces cut beforehand: what decoding costs without cutting and preprocessing), and VideoLoader
+    (index + sample + decode + preprocess per file, as a user runs it). Frames must equal the first variant's."""
+    import torch
+
+    from keye.video.dali import DaliDecoder, _thinned_piece, decode_cost
+    from keye.video.index import read_source
+
+    streams, first = args.clip_streams, None
+    n_frames = sum(len(s.frames) for *_, s in batch)
+    for cp in args.cut_processes:
+        with DaliDecoder(num_streams=streams, cut_processes=cp) as dec:
+            run_clips(dec, batch[:2])
+            with sampler:
+                best, med, (n, tokens, outs, phases) = timed(lambda: run_clips(dec, batch), args.repeat)
+            first = outs if first is None else first
+            record(workload="clips", method=f"DALI NVDEC x{streams} streams, pieces cut in "
+                                            f"{f'{cp} processes' if cp else 'the decode threads'} -> model-ready GPU tensors",
+                   streams=streams, cut_processes=cp, frames=n, tokens=tokens, best_s=round(best, 3),
+                   median_s=round(med, 3), frames_per_s=round(n / best, 1),
+                   videos_per_min=round(len(batch) / best * 60, 1),
+                   bit_equal_to_first_variant=all(torch.equal(a, b) for a, b in zip(outs, first)),
+                   clip_phases=phases, **sampler.summary())
+            del outs
+    with DaliDecoder(num_streams=streams) as dec:
+        pieces = []
+        for path, ix, sel in batch:
+            wanted = np.unique(sel.frames)
+            piece = _thinned_piece(path, ix, wanted)
+            data, local = (np.frombuffer(read_source(path), dtype=np.uint8), wanted) if piece is None else \
+                (np.frombuffer(piece[0], dtype=np.uint8), piece[1])
+            pieces.append((data, local, ix))
+        run_precut(dec, pieces[:2])
+        with sampler:
+            best, med, _ = timed(lambda: run_precut(dec, pieces), args.repeat)
+        decoded = sum(decode_cost(ix, np.unique(sel.frames)) for _, ix, sel in batch)
+        record(workload="clips", method=f"DALI NVDEC x{streams} streams, pieces cut beforehand (decode only, no "
+                                        "preprocessing: the NVDEC side's ceiling)",
+               streams=streams, frames=n_frames, frames_decoded=decoded, best_s=round(best, 3),
+               median_s=round(med, 3), frames_per_s=round(n_frames / best, 1),
+               decoded_frames_per_s=round(decoded / best, 1), videos_per_min=round(len(batch) / best * 60, 1),
+               **sampler.summary())
+        paths = [p for p, _, _ in batch]
+        run_loader(dec, paths[:2], streams)
+        with sampler:
+            best, med, (n, tokens) = timed(lambda: run_loader(dec, paths, streams), args.repeat)
+        record(workload="clips", method=f"VideoLoader (gpu, {streams} workers; index + sample + decode + preprocess "
+                                        "per file) -> model-ready GPU tensors",
+               streams=streams, frames=n, tokens=tokens, best_s=round(best, 3), median_s=round(med, 3),
+               frames_per_s=round(n / best, 1), videos_per_min=round(len(batch) / best * 60, 1), **sampler.summary())
+
+
 def print_table(report):
     print(f"\n{report.get('gpu')}, {report['cpus']} CPUs; DALI {report.get('dali')}, PyAV {report.get('pyav')}, "
           f"OpenCV {report.get('opencv')}")
@@ -435,6 +547,15 @@ def print_table(report):
           [r["bit_equal_to_thinned"] for r in report["results"] if "bit_equal_to_thinned" in r])
     print("film splits bit-equal to the first:",
           [r.get("bit_equal_to_first_split") for r in report["results"] if "bit_equal_to_first_split" in r])
+    print("| clips method | best s | frames decoded | cut busy s | last decode start s | first / last decode end s | "
+          "stream idle s | decoded frames/s while decoding | preprocess s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in report["results"]:
+        ph = r.get("clip_phases")
+        if ph:
+            print(f"| {r['method']} | {r['best_s']} | {ph['frames_decoded']} | {ph['cut_busy_s']} | "
+                  f"{ph['last_decode_start_s']} | {ph['first_decode_end_s']} / {ph['last_decode_end_s']} | "
+                  f"{ph['stream_idle_s']} | {ph['decoded_frames_per_s_while_decoding']} | {ph['preprocess_s']} |")
     print("| film method | best s | pieces | frames decoded | largest piece | all cut by s | last decode start s | "
           "first / last decode end s | stream idle s | join s | preprocess s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")

@@ -54,7 +54,7 @@ FILM="${KEYE_VIDEO_FILM:-$STAGE/bbb_video.mp4}"
 # disposable frames buys); every split is checked bit for bit against the first. --streams 1 times the whole film
 # in one stream (~12 s per run).
 BENCH=(python3 bench/video_bench.py --film "$FILM" --num-clips 32 --clip-seconds 15 --repeat 2 --streams 12 7 16 24
-       --pieces-per-stream 1 2)
+       --pieces-per-stream 1 2 --clip-streams 16 --cut-processes 0 8)
 # shellcheck disable=SC2206
 BENCH+=(${KEYE_VIDEO_BENCH_EXTRA:-})  # e.g. "--num-clips 4 --repeat 1" for a quick try
 

@@ -108,6 +108,17 @@ def test_builtin_exception_types(files):
     assert issubclass(VideoTimeoutError, TimeoutError)
 
 
+@pytest.mark.parametrize("error", [CorruptVideoError, EmptyVideoError, NoVideoStreamError, TruncatedVideoError,
+                                   UnsupportedCodecError, VideoNotFoundError, VideoTimeoutError])
+def test_errors_survive_pickling(error):
+    """Raised in worker processes (DaliDecoder(cut_processes=...)), they must arrive whole: type, file, cause."""
+    import pickle
+
+    back = pickle.loads(pickle.dumps(error("clip.mp4", "its moov atom is cut short")))
+    assert type(back) is error and back.source == "clip.mp4" and back.cause == "its moov atom is cut short"
+    assert str(back) == str(error("clip.mp4", "its moov atom is cut short"))
+
+
 def test_bytes_sources(files):
     with pytest.raises(EmptyVideoError, match="<bytes>"):
         build_index(b"")

@@ -135,6 +135,35 @@ def test_decode_split_work_queue_and_disposable_frames_bit_exact(decoder, clips)
         assert all(p["cut"] and p["decode_end_s"] >= p["decode_start_s"] >= p["cut_end_s"] for p in profile)
 
 
+def test_decode_many_with_cut_processes_and_profile(clips, tmp_path):
+    """Pieces cut in worker processes give the same frames as pieces cut in the calling thread; a bad file comes
+    back as its error, the others still decode; the profile says what each call did."""
+    from keye.video.dali import DaliDecoder
+
+    bad = tmp_path / "garbage.mp4"
+    bad.write_bytes(b"\x00\x00\x00\x18ftypisom" + bytes(range(256)) * 40)
+    requests = []
+    for key in (("h264", "mp4", False), ("h264", "mkv", True), ("hevc", "mp4", False)):
+        path, _ = clips[key]
+        index = build_index(path)
+        requests.append((path, np.arange(2, index.num_frames, 5), index))
+    with DaliDecoder(num_streams=2) as plain, DaliDecoder(num_streams=2, cut_processes=2) as procs:
+        profile = []
+        a = plain.decode_many(requests + [(str(bad), [0], None)])
+        b = procs.decode_many(requests + [(str(bad), [0], None)], profile=profile)
+    for (path, want, _), x, y in zip(requests, a, b):
+        assert torch.equal(x, y) and (read_barcode(y) == want).all(), path
+    # No 'moov' box: the index names it a truncated file, with either decoder.
+    assert isinstance(a[-1], TruncatedVideoError) and type(b[-1]) is type(a[-1])
+    assert b[-1].source == str(bad) and str(b[-1]) == str(a[-1])
+    assert len(profile) == 4 and profile[-1] == {}  # the bad file failed before decoding
+    for p, (path, want, index) in zip(profile, requests):
+        assert p["start"] <= p["cut_end"] <= p["decode_start"] <= p["decode_end"]
+        assert p["bytes"] > 0 and len(want) <= p["frames_decoded"] <= index.num_frames
+    assert profile[0]["cut"] and profile[0]["frames_decoded"] < requests[0][1][-1] + 1  # h264: disposables left out
+    assert not profile[2]["cut"]  # HEVC: no disposable frames known, the file as it is
+
+
 def test_decode_split_real_footage_bit_exact(decoder):
     """Real x264 footage (bikes.mp4: 115 of 250 frames are non-reference pictures): thinned piece(s), same frames
     as the file decoded as it is."""

@@ -20,6 +20,9 @@ class VideoError(Exception):
         self.cause = cause
         super().__init__(f"{self.source}: {self.kind} video: {cause}")
 
+    def __reduce__(self):  # picklable (raised in worker processes, e.g. DaliDecoder(cut_processes=...))
+        return self.__class__, (self.source, self.cause)
+
 
 class VideoNotFoundError(VideoError, FileNotFoundError):
     kind = "missing"
