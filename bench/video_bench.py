@@ -547,25 +547,30 @@ def print_table(report):
           [r["bit_equal_to_thinned"] for r in report["results"] if "bit_equal_to_thinned" in r])
     print("film splits bit-equal to the first:",
           [r.get("bit_equal_to_first_split") for r in report["results"] if "bit_equal_to_first_split" in r])
-    print("| clips method | best s | frames decoded | cut busy s | last decode start s | first / last decode end s | "
-          "stream idle s | decoded frames/s while decoding | preprocess s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for r in report["results"]:
-        ph = r.get("clip_phases")
+    first_last = lambda r, ph: f"{ph['first_decode_end_s']} / {ph['last_decode_end_s']}"
+    phase_table(report["results"], "clip_phases", [
+        ("clips method", lambda r, ph: r["method"]), ("best s", lambda r, ph: r["best_s"]),
+        ("frames decoded", "frames_decoded"), ("cut busy s", "cut_busy_s"),
+        ("last decode start s", "last_decode_start_s"), ("first / last decode end s", first_last),
+        ("stream idle s", "stream_idle_s"), ("decoded frames/s while decoding", "decoded_frames_per_s_while_decoding"),
+        ("preprocess s", "preprocess_s")])
+    phase_table(report["results"], "phases", [
+        ("film method", lambda r, ph: r["method"]), ("best s", lambda r, ph: r["best_s"]), ("pieces", "pieces"),
+        ("frames decoded", "frames_decoded"), ("largest piece", "largest_piece_frames"),
+        ("all cut by s", "all_pieces_cut_s"), ("last decode start s", "last_decode_start_s"),
+        ("first / last decode end s", first_last), ("stream idle s", "stream_idle_s"), ("join s", "join_s"),
+        ("preprocess s", "preprocess_s")])
+
+
+def phase_table(results, key, columns):
+    """A markdown table of the rows that have `key` (their phases dict); columns: (header, phases key or
+    fn(row, phases))."""
+    print("| " + " | ".join(h for h, _ in columns) + " |")
+    print("|" + "---|" * len(columns))
+    for r in results:
+        ph = r.get(key)
         if ph:
-            print(f"| {r['method']} | {r['best_s']} | {ph['frames_decoded']} | {ph['cut_busy_s']} | "
-                  f"{ph['last_decode_start_s']} | {ph['first_decode_end_s']} / {ph['last_decode_end_s']} | "
-                  f"{ph['stream_idle_s']} | {ph['decoded_frames_per_s_while_decoding']} | {ph['preprocess_s']} |")
-    print("| film method | best s | pieces | frames decoded | largest piece | all cut by s | last decode start s | "
-          "first / last decode end s | stream idle s | join s | preprocess s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in report["results"]:
-        ph = r.get("phases")
-        if ph:
-            print(f"| {r['method']} | {r['best_s']} | {ph['pieces']} | {ph['frames_decoded']} | "
-                  f"{ph['largest_piece_frames']} | {ph['all_pieces_cut_s']} | {ph['last_decode_start_s']} | "
-                  f"{ph['first_decode_end_s']} / {ph['last_decode_end_s']} | {ph['stream_idle_s']} | {ph['join_s']} | "
-                  f"{ph['preprocess_s']} |")
+            print("| " + " | ".join(str(c(r, ph) if callable(c) else ph[c]) for _, c in columns) + " |")
 
 
 if __name__ == "__main__":
