@@ -119,6 +119,28 @@ def test_errors_survive_pickling(error):
     assert str(back) == str(error("clip.mp4", "its moov atom is cut short"))
 
 
+def test_cut_processes_survive_a_dying_worker():
+    """DaliDecoder(cut_processes=...)'s pool (no DALI needed): a worker that dies fails only the call that killed
+    it, with an error naming its file; a call in flight at the time is retried on a new pool and succeeds."""
+    import operator
+    from concurrent.futures import ThreadPoolExecutor
+
+    from keye.video.dali import CutProcesses
+
+    pool = CutProcesses(2)
+    try:
+        assert pool.run("a.mp4", operator.add, 1, 2) == 3
+        with ThreadPoolExecutor(2) as threads:
+            innocent = threads.submit(pool.run, "ok.mp4", time.sleep, 1.0)
+            time.sleep(0.2)  # the innocent call is running in a worker when the other one kills its own
+            with pytest.raises(CorruptVideoError, match="bad.mp4.*worker process died"):
+                pool.run("bad.mp4", os._exit, 3)
+            assert innocent.result() is None
+        assert pool.run("a.mp4", operator.mul, 2, 5) == 10
+    finally:
+        pool.shutdown()
+
+
 def test_bytes_sources(files):
     with pytest.raises(EmptyVideoError, match="<bytes>"):
         build_index(b"")

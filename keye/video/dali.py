@@ -151,20 +151,14 @@ class DaliDecoder:
         self._pool = ThreadPoolExecutor(num_streams, thread_name_prefix="keye-dali")
         self._cutter = ThreadPoolExecutor(1, thread_name_prefix="keye-dali-cut")  # decode_split's pieces
         # decode's pieces: cut in the calling thread (PyAV holds the GIL for much of it, so concurrent decode calls
-        # cut one at a time), or in `cut_processes` worker processes, started (spawn: this process has CUDA
-        # threads) and warmed up here, not at the first call.
-        self._cut_pool = None
-        if cut_processes:
-            import multiprocessing
-
-            self._cut_pool = ProcessPoolExecutor(cut_processes, mp_context=multiprocessing.get_context("spawn"))
-            list(self._cut_pool.map(_warm_cut_worker, range(2 * cut_processes)))
+        # cut one at a time), or in `cut_processes` worker processes, started and warmed up here.
+        self._cut_pool = CutProcesses(cut_processes) if cut_processes else None
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._cutter.shutdown(wait=True)
         if self._cut_pool is not None:
-            self._cut_pool.shutdown(wait=True)
+            self._cut_pool.shutdown()
 
     def __enter__(self):
         return self
@@ -206,7 +200,7 @@ class DaliDecoder:
         piece = None
         if drop_disposable:
             piece = (_thinned_piece(source, index, wanted) if self._cut_pool is None else
-                     self._cut_pool.submit(_thinned_piece, source, index, wanted).result())
+                     self._cut_pool.run(index.source, _thinned_piece, source, index, wanted))
         if piece is None:
             data, local = np.frombuffer(read_source(source), dtype=np.uint8), wanted
         else:
@@ -325,6 +319,47 @@ def check_nvdec_start(index: VideoIndex) -> None:
         raise UnsupportedCodecError(index.source, f"its {index.codec} stream starts at a key frame that is not an "
                                                   "IDR/IRAP picture; DALI (NVDEC) would return mislabelled frames "
                                                   "until the first IDR, so it is left to the CPU decoder")
+
+
+class CutProcesses:
+    """Worker processes for cutting pieces, each its own one-process pool (spawned: the parent has CUDA threads),
+    warmed up at construction. A call takes a free worker, so a worker that dies (a native crash inside FFmpeg)
+    fails only the call that was running in it: that call raises CorruptVideoError naming its file, and the
+    worker is replaced. Nothing is cut in the parent, where such a crash would take the process down."""
+
+    def __init__(self, processes: int):
+        pools = [self._spawn() for _ in range(processes)]
+        for warm in [pool.submit(_warm_cut_worker, 0) for pool in pools]:
+            warm.result()
+        self._free: queue.Queue[ProcessPoolExecutor] = queue.Queue()
+        for pool in pools:
+            self._free.put(pool)
+        self.processes = processes
+
+    @staticmethod
+    def _spawn() -> ProcessPoolExecutor:
+        import multiprocessing
+
+        return ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+
+    def run(self, name: str, fn, *args):
+        """fn(*args) in a free worker; CorruptVideoError naming `name` if the worker dies running it."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._free.get()
+        try:
+            return pool.submit(fn, *args).result()
+        except BrokenProcessPool as e:
+            pool.shutdown(wait=False)
+            pool = self._spawn()
+            raise CorruptVideoError(name, "a worker process died while cutting it (a crash inside FFmpeg/PyAV)") \
+                from e
+        finally:
+            self._free.put(pool)
+
+    def shutdown(self) -> None:
+        for _ in range(self.processes):
+            self._free.get().shutdown(wait=True)
 
 
 def _warm_cut_worker(_) -> None:
