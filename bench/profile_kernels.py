@@ -16,6 +16,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from keye import ops
+from keye.bench.timing import capture_graph
 
 
 def kernel_times(fn, iters):
@@ -97,12 +98,7 @@ def attn_decode_workloads(B, ctx=131072):
 
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return single_ms(graph.replay, iters)
+    return single_ms(capture_graph(fn).replay, iters)
 
 
 def attn_workloads(T):

@@ -12,7 +12,6 @@ keye_vl = pytest.importorskip("keye.model.keye_vl", reason="keye.model not avail
 from keye.processor import KeyeProcessor, VideoBudget  # noqa: E402
 
 
-
 @pytest.fixture(scope="module")
 def setup(qwen3_tokenizer):
     tok = qwen3_tokenizer

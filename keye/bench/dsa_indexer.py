@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import median_ms
+from keye.bench.timing import capture_graph, median_ms
 from keye.ops.dsa_indexer import _CHUNK_BYTES, score_chunk_rows, score_coefficients
 from keye.ops.reference import dsa_indexer as ref
 
@@ -150,9 +150,7 @@ def decode_cases(batches: list[int], contexts: list[int], device: torch.device, 
                 ok = _check_rows(idx[0], q8[0], qs[0], w[0], keys, kscale, torch.zeros(1, dtype=torch.long,
                                  device=device), torch.full((1,), ctx, device=device))
                 ms = median_ms(lambda: ops.indexer_topk_decode(*args), device, reps)
-                graph = torch.cuda.CUDAGraph()  # the same op without per-launch host cost
-                with torch.cuda.graph(graph):
-                    ops.indexer_topk_decode(*args)
+                graph = capture_graph(lambda: ops.indexer_topk_decode(*args))  # without per-launch host cost
                 graph_ms = median_ms(graph.replay, device, reps)
                 coef = score_coefficients(w, qs, D_I)
                 buf = torch.empty(B, ctx, device=device)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import median_ms_interleaved, rel_err
+from keye.bench.timing import capture_graph, layers_that_fit, median_ms_interleaved, rel_err
 
 SHAPES = {"keye": (2048, 768, 128, 8), "dsv3": (7168, 2048, 256, 8), "e64": (2048, 1408, 64, 8)}
 TOKENS = {"keye": (1, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384), "e64": (1, 64, 4096, 16384, 65536)}
@@ -122,20 +122,14 @@ def layer_case(shape, T, device, reps, backward):
         rec["weight_bytes"] = active * 3 * H * I * 2
         # One layer per graph (as a single layer is replayed: includes the graph launch, ~4 us on the H200), and
         # per layer of a graph of L layers with their own weights and routings (as a decode step runs a model).
-        layer_bytes = (w1.numel() + w2.numel()) * 2
-        L = max(1, min(8, int(0.3 * torch.cuda.mem_get_info(device)[0] // layer_bytes)))
+        L = layers_that_fit((w1.numel() + w2.numel()) * 2, 8, device)
         stack = [(x, weights, ids, w1, w2)] + [_setup(T, H, I, E, K, device) for _ in range(L - 1)]
         rec["graph_layers"] = L
         graphs = {}
-        for key, layer in (("keye", ops.moe), ("torch", _torch_layer)):
-            for tag, args in (("graph", stack[:1]), ("graphL", stack)):
-                with torch.no_grad():
-                    for a in args:
-                        layer(*a)
-                    graphs[f"{key}_{tag}"] = g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g):
-                        for a in args:
-                            layer(*a)
+        with torch.no_grad():
+            for key, layer in (("keye", ops.moe), ("torch", _torch_layer)):
+                for tag, args in (("graph", stack[:1]), ("graphL", stack)):
+                    graphs[f"{key}_{tag}"] = capture_graph(*[lambda a=a: layer(*a) for a in args])
         ms = median_ms_interleaved({k: g.replay for k, g in graphs.items()}, device, reps)
         for key, t in ms.items():
             per_layer = t / (L if key.endswith("graphL") else 1)

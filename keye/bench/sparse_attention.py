@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import median_ms, rel_err
+from keye.bench.timing import capture_graph, layers_that_fit, median_ms, rel_err
 from keye.ops.reference import sparse_attention as ref
 
 Q_HEADS, KV_HEADS, HEAD_DIM, TOPK = 32, 4, 128, 2048
@@ -200,16 +200,13 @@ def decode_cases(batches, contexts, device, reps) -> list[dict]:
             q, cache, slots = layer_inputs()
             # One call per graph (includes the graph launch, ~4 us), and per layer of a graph of L layers with their
             # own caches and selections (as a decode step runs a model).
-            L = max(1, min(4, int(0.3 * torch.cuda.mem_get_info(device)[0] // (2 * cache[0].numel() * 2))))
+            L = layers_that_fit(2 * cache[0].numel() * 2, 4, device)
             stack = [(q, cache, slots)] + [layer_inputs() for _ in range(L - 1)]
             with ops.index_checks(False):
                 o, lse = ops.sparse_attention_decode(q, *cache, slots)
-                graph, graph_l = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    ops.sparse_attention_decode(q, *cache, slots)
-                with torch.cuda.graph(graph_l):
-                    for qq, cc, ss in stack:
-                        ops.sparse_attention_decode(qq, *cc, ss)
+                graph = capture_graph(lambda: ops.sparse_attention_decode(q, *cache, slots))
+                graph_l = capture_graph(*[lambda qq=qq, cc=cc, ss=ss: ops.sparse_attention_decode(qq, *cc, ss)
+                                          for qq, cc, ss in stack])
             ms = median_ms(graph.replay, device, reps)
             ms_l = median_ms(graph_l.replay, device, reps) / L
             del stack, graph_l

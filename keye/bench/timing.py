@@ -65,6 +65,24 @@ def median_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.de
     return {name: statistics.median(s.elapsed_time(e) for s, e in ev) for name, ev in events.items()}
 
 
+def capture_graph(*calls: Callable[[], object]) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of the calls in order; each runs once first, outside the graph (warm-up, lazy allocations)."""
+    for call in calls:
+        call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    return graph
+
+
+def layers_that_fit(layer_bytes: int, most: int, device: torch.device, share: float = 0.3) -> int:
+    """How many layers' worth of inputs (1..most) fit in `share` of the free device memory: the depth of a
+    graph of decode layers with their own weights or caches."""
+    return max(1, min(most, int(share * torch.cuda.mem_get_info(device)[0] // layer_bytes)))
+
+
 def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)

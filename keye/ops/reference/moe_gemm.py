@@ -131,12 +131,8 @@ def moe_decode_gate_up(x, ids, w) -> torch.Tensor:
     _check_decode_weights(w, x, "x", x.shape[1], op, "[E, H, 2I]")
     _check_decode_ids(ids, x, "x", w.shape[0], op)
     check_size(ids, 0, x.shape[0], op, "ids", "the token count (x.size(0))")
-    T, K = ids.shape
-    a = torch.zeros(T * K, w.shape[2] // 2, dtype=torch.float32, device=x.device)
-    flat = ids.reshape(-1).long()
-    for e in torch.unique(flat[flat >= 0]).tolist():
-        slots = (flat == e).nonzero(as_tuple=True)[0]
-        a[slots] = _swiglu_fp32(x[slots // K].float() @ w[e].float())
+    K = ids.shape[1]
+    a = _per_expert(ids, w.shape[2] // 2, lambda e, slots: _swiglu_fp32(x[slots // K].float() @ w[e].float()))
     return a.to(x.dtype)
 
 
@@ -154,9 +150,15 @@ def moe_decode_down(a, ids, weights, w) -> torch.Tensor:
     if weights.shape != ids.shape:
         _fail(op, f"argument 'weights' must have the shape of 'ids' {list(ids.shape)}, got {list(weights.shape)}")
     T, K = ids.shape
-    y = torch.zeros(T * K, w.shape[2], dtype=torch.float32, device=a.device)
+    y = _per_expert(ids, w.shape[2], lambda e, slots: a[slots].float() @ w[e].float())
+    return (y.view(T, K, -1) * weights.unsqueeze(2)).sum(1).to(a.dtype)
+
+
+def _per_expert(ids, cols: int, rows_of) -> torch.Tensor:
+    """fp32 [T*K, cols]: rows_of(e, slots) for the flat slots routed to each expert e; zero rows for unrouted ones."""
     flat = ids.reshape(-1).long()
+    out = torch.zeros(flat.numel(), cols, dtype=torch.float32, device=ids.device)
     for e in torch.unique(flat[flat >= 0]).tolist():
         slots = (flat == e).nonzero(as_tuple=True)[0]
-        y[slots] = a[slots].float() @ w[e].float()
-    return (y.view(T, K, -1) * weights.unsqueeze(2)).sum(1).to(a.dtype)
+        out[slots] = rows_of(e, slots)
+    return out
