@@ -97,9 +97,12 @@ def test_logits_match_reference(H, D):
     assert_scores_close(out[rows, cols], q8, qs, w, k8, ks, rows, cols)
 
 
-def test_topk_rows_exact_on_ties_nan_and_long_rows():
+@pytest.mark.parametrize("path", ["split rows", "one CTA per row"])
+def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
+    """Few long rows are split over many CTAs (three kernels); with more than two rows per SM each row gets one
+    CTA. Both paths: exact indices and scores, ties to the lower column, candidate-list overflow."""
     topk = 256
-    lens = [0, 1, topk - 1, topk, topk + 1, 3000, 60000, 60000, 100000]
+    lens = [0, 1, topk - 1, topk, topk + 1, 3000, 60000, 60001, 100000, 90003]
     L = max(lens)
     s = torch.randn(len(lens), L, device=DEV)
     s[4] = s[4].round()  # many exact ties
@@ -111,6 +114,11 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows():
     s[7, 12345] = 2.0
     s[8, 99999] = float("inf")
     s[8, 5] = float("-inf")
+    s[9] = torch.linspace(-1, 1, L, device=DEV)  # every selected element in the row's last segment
+    if path == "one CTA per row":
+        extra = 2 * torch.cuda.get_device_properties(DEV).multi_processor_count + 1
+        s = torch.cat([s, torch.randn(extra, L, device=DEV)])
+        lens = lens + [random.randint(topk + 1, L) for _ in range(extra)]
     lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
     poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
     idx = torch.empty(len(lens), topk, dtype=torch.int32, device=DEV)
@@ -119,6 +127,8 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows():
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert torch.equal(idx, want)
     assert torch.equal(sc, want_sc)  # -0.0 == 0.0 compares equal
+    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)  # the split path's workspace starts from zero each call
+    assert torch.equal(idx, want)
 
 
 @pytest.mark.parametrize("H,D", list(itertools.product(ref.HEADS, ref.HEAD_DIMS)))
@@ -217,8 +227,32 @@ def test_decode_matches_reference(H, D, n):
         assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
 
 
+@pytest.mark.parametrize("H,D,n", [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4),
+                                   (4, 32, 3)])
+def test_paged_logits_narrow_match_reference(H, D, n):
+    """The streaming decode kernel (n * H_I <= 16: keys straight into wgmma registers, permuted D order) against
+    the reference scores, every visible key of every sequence; uneven lengths, sequences longer than one CTA's
+    run of pages, padding queries in the 16-column block."""
+    lens = [n, 63, 64 * 70 + 5, 64 * 300, 1000]
+    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
+    coef = (w * qs * D ** -0.5).contiguous()
+    cols = block_table.shape[1] * 64
+    poison_next_alloc(len(lens) * n * cols * 4)
+    out = torch.empty(len(lens) * n, cols, device=DEV)
+    torch.ops.keye.indexer_logits_paged(q8, coef, k_cache, k_scale_cache, block_table, seq_lens, out)
+    for b, L in enumerate(lens):
+        pages = block_table[b, : math.ceil(L / 64)].long()
+        keys = k_cache[pages].reshape(-1, D)[:L]
+        kscale = k_scale_cache[pages].reshape(-1)[:L]
+        vis = torch.arange(L, device=DEV) <= (L - n + torch.arange(n, device=DEV)).unsqueeze(1)
+        rows, cols_ = vis.nonzero(as_tuple=True)
+        assert_scores_close(out[b * n + rows, cols_], q8[b], qs[b], w[b], keys, kscale, rows, cols_)
+
+
 def test_decode_is_graph_capturable():
-    args = _paged_case([700, 2000], 1, 16, 64)
+    """Whole op captured and replayed; the 70000-token sequence takes the split-row top-k (zeroed workspace
+    allocated inside the capture)."""
+    args = _paged_case([700, 70000], 1, 16, 64)
     with ops.index_checks(False):
         ops.indexer_topk_decode(*args, 256)  # warm-up (kernel attributes, allocator)
         torch.cuda.synchronize()
@@ -261,6 +295,13 @@ def test_errors_name_the_argument():
     args[5] = args[5].clone()
     args[5][0, 0] = 10_000
     with pytest.raises(ValueError, match="'block_table' must hold values in"):
+        ops.indexer_topk_decode(*args, 16)
+    args = list(_paged_case([100], 1, 16, 64))
+    k_cache = args[3]
+    shifted = torch.empty(k_cache.numel() + 8, dtype=torch.uint8, device=DEV)[8:]
+    shifted.copy_(k_cache.view(torch.uint8).reshape(-1))
+    args[3] = shifted.view(ref.FP8).view(k_cache.shape)  # contiguous, but 8 bytes off a 16-byte boundary
+    with pytest.raises(ValueError, match="'k_cache' must start on a 16-byte boundary"):
         ops.indexer_topk_decode(*args, 16)
 
 

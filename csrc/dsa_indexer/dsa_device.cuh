@@ -25,6 +25,15 @@ __device__ __forceinline__ uint64_t smem_desc(const void* tile) {
          (static_cast<uint64_t>((8 * kRowBytes) >> 4) << 32) | (kMode << 62);
 }
 
+// Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] K-major tile with the swizzle smem_desc<D>
+// describes.
+template <int D>
+__device__ __forceinline__ int swz(int row, int chunk) {
+  constexpr int C = D / 16;
+  constexpr int RS = (C == 8) ? 0 : (C == 4 ? 1 : 2);
+  return row * D + ((chunk ^ ((row >> RS) & (C - 1))) << 4);
+}
+
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 // Wait until at most N committed wgmma groups of this warpgroup are still running.
@@ -48,19 +57,52 @@ __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// d[8] (+)= A (64 x 32 e4m3, K-major smem descriptor) * B (16 x 32 e4m3, K-major smem descriptor).
-__device__ __forceinline__ void wgmma_m64n16k32(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int accumulate) {
+// d[8] (+)= A (64 x 32 e4m3 from registers) * B (16 x 32 e4m3, K-major smem descriptor). Thread (warp w, lane
+// 4g + t) supplies rows 16w + g (a[0], a[2]) and 16w + g + 8 (a[1], a[3]), columns 4t..4t+3 (a[0], a[1]) and
+// 16 + 4t..16 + 4t + 3 (a[2], a[3]) of A, one byte per column, lowest column in the lowest byte.
+__device__ __forceinline__ void wgmma_m64n16k32_rs(float (&d)[8], const uint32_t (&a)[4], uint64_t desc_b,
+                                                   int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1;\n}\n"
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %13, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7}, {%8, %9, %10, %11}, "
+      "%12, p, 1, 1;\n}\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-template <int N>
-__device__ __forceinline__ void wgmma_fp8(float (&d)[N / 2], uint64_t desc_a, uint64_t desc_b, int accumulate) {
-  if constexpr (N == 128) wgmma_m64n128k32(d, desc_a, desc_b, accumulate);
-  else wgmma_m64n16k32(d, desc_a, desc_b, accumulate);
+// mbarrier + bulk copy (TMA without a tensor map): one thread moves a contiguous block global -> shared and the
+// barrier's transaction count tracks its arrival.
+__device__ __forceinline__ void mbarrier_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))),
+               "r"(count));
+}
+// Makes initialised barriers visible to the async proxy (the bulk copies' completion).
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(
+                   static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait_parity(uint64_t* bar, uint32_t parity) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(bar));
+  asm volatile(
+      "{\n.reg .pred done;\nwait_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_%=;\n}\n" ::"r"(a), "r"(parity) : "memory");
+}
+// An L2 policy that evicts these lines first: streamed data that should not push out what is read next.
+__device__ __forceinline__ uint64_t l2_evict_first_policy() {
+  uint64_t policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+// bytes (a multiple of 16; both addresses 16-byte aligned) from src to dst; completes on bar.
+__device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32_t bytes, uint64_t* bar,
+                                              uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+          static_cast<uint32_t>(__cvta_generic_to_shared(dst))),
+      "l"(src), "r"(bytes), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "l"(policy)
+      : "memory");
 }
 
 }  // namespace keye

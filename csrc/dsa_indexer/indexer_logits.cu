@@ -11,8 +11,8 @@
 // (relative 2^-9 per term).
 //
 // CTA: one warpgroup; a key tile is 64 keys (one wgmma M tile, one cache page), the column block N = 128
-// (query, head) columns (prefill and wide decode) or 16 (decode with few queries per sequence). Four CTAs per
-// SM run independent pipelines. The query block is loaded once; key tiles stream through a five-stage
+// (query, head) columns: prefill, and decode with more than 16 columns per sequence (with at most 16 the op
+// runs the streaming kernel of indexer_logits_decode.cu instead). Four CTAs per SM run independent pipelines. The query block is loaded once; key tiles stream through a five-stage
 // cp.async ring; scores go straight from registers to global memory, each store covering whole 32-byte
 // sectors. Keys come from a contiguous [N, D] array (prefill) or through a page table from the paged cache
 // (decode). Versions and measurements: NOTES.md (v1 used mma.sync m16n8k32 e4m3, which sm_90 emulates).
@@ -26,6 +26,7 @@
 #include "dsa_indexer/dsa_indexer.h"
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_device.cuh"
+#include "dsa_indexer/indexer_logits_decode.h"
 
 namespace keye {
 namespace {
@@ -54,16 +55,9 @@ struct LogitsParams {
   int64_t out_cols;
 };
 
-template <int D>
-__device__ __forceinline__ int swz(int row, int chunk) {  // byte offset of 16-byte chunk `chunk` of row `row`
-  constexpr int C = D / 16;
-  constexpr int RS = (C == 8) ? 0 : (C == 4 ? 1 : 2);
-  return row * D + ((chunk ^ ((row >> RS) & (C - 1))) << 4);
-}
-
-template <int D, int H, int N>
+template <int D, int H>
 __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const LogitsParams p) {
-  constexpr int NT = N / 8;   // 8-column groups of the accumulator
+  constexpr int N = 128;      // (query, head) columns of the CTA
   constexpr int QB = N / H;   // queries of the CTA
   constexpr int KS = D / 32;  // k-steps of one wgmma
   constexpr int C = D / 16;   // 16-byte chunks of one row
@@ -173,7 +167,7 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
     const uint64_t desc_k = smem_desc<D>(k_s + ((tile - tile_begin) % kStages) * kTileKeys * D);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) wgmma_fp8<N>(acc, desc_k + 2 * ks, desc_q + 2 * ks, ks);
+    for (int ks = 0; ks < KS; ++ks) wgmma_m64n128k32(acc, desc_k + 2 * ks, desc_q + 2 * ks, ks);
     wgmma_commit();
     fence_operands(acc);
   };
@@ -236,13 +230,14 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   cp_async_wait_all();
 }
 
-template <int D, int H, int N>
+template <int D, int H>
 void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t stream) {
+  constexpr int N = 128;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
   constexpr int QB = N / H;
   const size_t smem = 1024 + N * D + kStages * kTileKeys * D + (kStages * kTileKeys + N) * sizeof(float);
-  auto kernel = indexer_logits_kernel<D, H, N>;
+  auto kernel = indexer_logits_kernel<D, H>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   LogitsParams q = p;
   q.row_groups = (p.rows_per_seq + QB - 1) / QB;
@@ -257,32 +252,22 @@ void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t str
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Wide blocks (128 columns) for prefill and decode with many (query, head) columns per sequence; narrow ones
-// (16 columns) when a decode sequence has at most 16, so no tensor-core work is spent on padding.
-template <int D, int H>
-void dispatch_width(const LogitsParams& p, int num_tiles, int num_seqs, bool narrow, cudaStream_t stream) {
-  if constexpr (H <= 16) {
-    if (narrow) return launch<D, H, 16>(p, num_tiles, num_seqs, stream);
-  }
-  launch<D, H, 128>(p, num_tiles, num_seqs, stream);
-}
-
 template <int D>
-void dispatch_heads(int H, const LogitsParams& p, int num_tiles, int num_seqs, bool narrow, cudaStream_t stream) {
+void dispatch_heads(int H, const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t stream) {
   switch (H) {
-    case 4: return dispatch_width<D, 4>(p, num_tiles, num_seqs, narrow, stream);
-    case 8: return dispatch_width<D, 8>(p, num_tiles, num_seqs, narrow, stream);
-    case 16: return dispatch_width<D, 16>(p, num_tiles, num_seqs, narrow, stream);
-    case 32: return dispatch_width<D, 32>(p, num_tiles, num_seqs, narrow, stream);
-    case 64: return dispatch_width<D, 64>(p, num_tiles, num_seqs, narrow, stream);
+    case 4: return launch<D, 4>(p, num_tiles, num_seqs, stream);
+    case 8: return launch<D, 8>(p, num_tiles, num_seqs, stream);
+    case 16: return launch<D, 16>(p, num_tiles, num_seqs, stream);
+    case 32: return launch<D, 32>(p, num_tiles, num_seqs, stream);
+    case 64: return launch<D, 64>(p, num_tiles, num_seqs, stream);
   }
 }
 
-void dispatch(int H, int D, const LogitsParams& p, int num_tiles, int num_seqs, bool narrow, cudaStream_t stream) {
+void dispatch(int H, int D, const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t stream) {
   switch (D) {
-    case 32: return dispatch_heads<32>(H, p, num_tiles, num_seqs, narrow, stream);
-    case 64: return dispatch_heads<64>(H, p, num_tiles, num_seqs, narrow, stream);
-    case 128: return dispatch_heads<128>(H, p, num_tiles, num_seqs, narrow, stream);
+    case 32: return dispatch_heads<32>(H, p, num_tiles, num_seqs, stream);
+    case 64: return dispatch_heads<64>(H, p, num_tiles, num_seqs, stream);
+    case 128: return dispatch_heads<128>(H, p, num_tiles, num_seqs, stream);
   }
 }
 
@@ -312,6 +297,8 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at:
              q_pos0 + R, ") but there are only ", k8.size(0), " keys ('q_pos0' must be >= 0 and q_pos0 + q8.size(0) "
              "<= k8.size(0))");
   check_out(out, R, q_pos0 + R, q8, op);
+  check_aligned16(q8, op, "q8");
+  check_aligned16(k8, op, "k8");
   if (R == 0) return;
   const at::cuda::CUDAGuard guard(q8.device());
   LogitsParams p{};
@@ -326,7 +313,7 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at:
   p.ld = out.stride(0);
   p.out_cols = out.size(1);
   const int num_tiles = static_cast<int>((q_pos0 + R + kTileKeys - 1) / kTileKeys);
-  dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, 1, false, at::cuda::getCurrentCUDAStream());
+  dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, 1, at::cuda::getCurrentCUDAStream());
 }
 
 void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k_cache,
@@ -340,10 +327,33 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, con
   check_int32_batch(seq_lens, 1, B, q8, op, "seq_lens", "[B]");
   const int64_t max_pages = block_table.size(1);
   check_out(out, B * n, max_pages * 64, q8, op);
+  check_aligned16(q8, op, "q8");
+  check_aligned16(k_cache, op, "k_cache");
+  check_aligned16(k_scale_cache, op, "k_scale_cache");
   check_index_range(seq_lens, n, max_pages * 64, op, "seq_lens");
   check_index_range(block_table, 0, k_cache.size(0) - 1, op, "block_table");
   if (B == 0 || n == 0 || max_pages == 0) return;
   const at::cuda::CUDAGuard guard(q8.device());
+  const int num_tiles = static_cast<int>(max_pages);
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (n * H <= 16) {  // the streaming kernel of indexer_logits_decode.cu: whole pages by bulk copy
+    DecodeLogitsArgs d{};
+    d.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
+    d.coef = coef.data_ptr<float>();
+    d.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
+    d.k_scale = k_scale_cache.data_ptr<float>();
+    d.block_table = block_table.data_ptr<int>();
+    d.seq_lens = seq_lens.data_ptr<int>();
+    d.bt_stride = block_table.stride(0);
+    d.max_pages = static_cast<int>(max_pages);
+    d.num_pages = static_cast<int>(k_cache.size(0));
+    d.rows_per_seq = static_cast<int>(n);
+    d.out = out.data_ptr<float>();
+    d.ld = out.stride(0);
+    d.out_cols = out.size(1);
+    return indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), d, num_tiles, static_cast<int>(B),
+                                        stream);
+  }
   LogitsParams p{};
   p.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
   p.coef = coef.data_ptr<float>();
@@ -358,9 +368,7 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, con
   p.out = out.data_ptr<float>();
   p.ld = out.stride(0);
   p.out_cols = out.size(1);
-  const int num_tiles = static_cast<int>((max_pages * 64 + kTileKeys - 1) / kTileKeys);
-  dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, static_cast<int>(B), n * H <= 16,
-           at::cuda::getCurrentCUDAStream());
+  dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, static_cast<int>(B), stream);
 }
 
 }  // namespace keye

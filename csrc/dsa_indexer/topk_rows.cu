@@ -1,4 +1,5 @@
-// Exact per-row top-k by radix select (one 512-thread CTA per row), deterministic, output in column order.
+// Exact per-row top-k by radix select (one 512-thread CTA per row; few long rows are split over many CTAs, see
+// topk_split_*), deterministic, output in column order.
 //
 // Scores become order-preserving 32-bit keys (NaN -> -inf, -0.0 -> +0.0, as the reference sorts them). Three
 // histogram steps of 13, 10 and 9 bits narrow down the key of the k-th largest element ("threshold") and how
@@ -130,21 +131,10 @@ struct Threshold {
   bool done = false;
 };
 
-// One histogram step over bits [shift, shift + bits) of the elements whose key matches the threshold so far.
-template <typename Src>
-__device__ void radix_step(const Src& src, int n, int shift, int bits, Threshold& th, Shared& sh) {
+// Narrows the threshold by one digit given the histogram of that digit in sh.hist (bins of the elements whose
+// key matches the threshold so far): finds the bin where the count from the top reaches need.
+__device__ void select_bin(int shift, int bits, Threshold& th, Shared& sh) {
   const int bins = 1 << bits;
-  for (int b = threadIdx.x; b < bins; b += kThreads) sh.hist[b] = 0;
-  __syncthreads();
-  for (int base = 0; base < n; base += kThreads * kItems) {
-    const int i0 = base + threadIdx.x * kItems;
-    uint32_t k[kItems];
-    load_items(src, i0, n, k);
-#pragma unroll
-    for (int e = 0; e < kItems; ++e)
-      if (i0 + e < n && (k[e] & th.mask) == th.prefix) atomicAdd(&sh.hist[(k[e] >> shift) & (bins - 1)], 1u);
-  }
-  __syncthreads();
   // Bins from the top: thread t owns bins bins-1-t*per ... ; find the bin where the count from above reaches need.
   const int per = (bins + kThreads - 1) / kThreads;
   int local = 0;
@@ -171,6 +161,32 @@ __device__ void radix_step(const Src& src, int n, int shift, int bits, Threshold
   th.mask |= static_cast<uint32_t>(bins - 1) << shift;
   th.done = sh.sel_count == th.need;  // the whole bin is taken: no finer digit needed
   __syncthreads();
+}
+
+// Adds to sh.hist (zeroed by the caller) bits [shift, shift + bits) of the elements [begin, end) whose key
+// matches the threshold so far.
+template <typename Src>
+__device__ void count_digits(const Src& src, int begin, int end, int shift, int bits, const Threshold& th,
+                             Shared& sh) {
+  const int bins = 1 << bits;
+  for (int base = begin; base < end; base += kThreads * kItems) {
+    const int i0 = base + threadIdx.x * kItems;
+    uint32_t k[kItems];
+    load_items(src, i0, end, k);
+#pragma unroll
+    for (int e = 0; e < kItems; ++e)
+      if (i0 + e < end && (k[e] & th.mask) == th.prefix) atomicAdd(&sh.hist[(k[e] >> shift) & (bins - 1)], 1u);
+  }
+}
+
+// One histogram step over bits [shift, shift + bits) of the elements whose key matches the threshold so far.
+template <typename Src>
+__device__ void radix_step(const Src& src, int n, int shift, int bits, Threshold& th, Shared& sh) {
+  for (int b = threadIdx.x; b < (1 << bits); b += kThreads) sh.hist[b] = 0;
+  __syncthreads();
+  count_digits(src, 0, n, shift, bits, th, sh);
+  __syncthreads();
+  select_bin(shift, bits, th, sh);
 }
 
 template <typename Src>
@@ -217,6 +233,14 @@ __device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int
   }
 }
 
+// A row with at most topk visible elements: all of them, then -1.
+__device__ void emit_all(const float* row, int n, int topk, int* out_idx, float* out_sc, int offset) {
+  for (int i = threadIdx.x; i < topk; i += kThreads) {
+    out_idx[i] = i < n ? i + offset : -1;
+    if (out_sc) out_sc[i] = i < n ? key_value(order_key(row[i])) : -INFINITY;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols,
                                                              const int* __restrict__ lengths, int topk,
                                                              int offset, int* __restrict__ indices,
@@ -231,13 +255,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   float* out_sc = out_scores ? out_scores + r * topk : nullptr;
   const int n = min(max(lengths[r], 0), cols);
 
-  if (n <= topk) {  // everything visible is selected
-    for (int i = threadIdx.x; i < topk; i += kThreads) {
-      out_idx[i] = i < n ? i + offset : -1;
-      if (out_sc) out_sc[i] = i < n ? key_value(order_key(row[i])) : -INFINITY;
-    }
-    return;
-  }
+  if (n <= topk) return emit_all(row, n, topk, out_idx, out_sc, offset);
   Threshold th;
   th.need = topk;
   if (n <= cap_keys) {  // the row fits in shared memory: one global read
@@ -299,6 +317,147 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   emit(list, len, th, sh, topk, out_idx, out_sc, offset);
 }
 
+
+// ---- Few long rows (decode): each row split over many CTAs, three kernels. ----
+// One CTA per row leaves most SMs idle when there are fewer rows than SMs, and one CTA alone cannot keep enough
+// loads in flight to read a 128K-element row fast (v4 of the one-CTA kernel: 0.09 ms for 64 such rows).
+//   topk_split_histogram (segments x rows): each CTA counts the first digit of its segment in shared memory
+//     and adds the non-zero bins to the row's histogram in global memory; the row's last CTA (atomic ticket,
+//     after a fence) reads the whole histogram and records the row's threshold bin and how many of that bin
+//     are still needed.
+//   topk_split_collect (segments x rows): each CTA writes the columns at or above the threshold bin, in column
+//     order, to its segment's slice of the candidate list.
+//   topk_split_finish (rows): concatenates the slices (segment order = column order), fetches their keys, and
+//     finishes exactly as the one-CTA kernel does on its candidate list; if the candidates do not fit in shared
+//     memory, it falls back to that kernel's global path for the row.
+constexpr int kMaxSegments = kThreads - 1;  // one scan over the segment counts
+
+struct SplitRows {
+  const float* scores;
+  int64_t ld;
+  int cols;
+  const int* lengths;
+  int topk;
+  int offset;
+  int* indices;
+  float* out_scores;
+  int seg_len;       // a multiple of kThreads * kItems
+  int segments;      // ceil(cols / seg_len) <= kMaxSegments
+  uint32_t* hist;    // [R, kBins], zeroed
+  int* ticket;       // [R], zeroed
+  int4* row_info;    // [R]: threshold prefix (first digit), need, done
+  int* seg_count;    // [R, segments]
+  int* seg_cols;     // [R, segments, seg_len]
+  int cap_keys;
+};
+
+__device__ __forceinline__ int split_row_length(const SplitRows& a, int r) { return min(max(a.lengths[r], 0), a.cols); }
+
+__global__ void __launch_bounds__(kThreads) topk_split_histogram(const SplitRows a) {
+  __shared__ Shared sh;
+  const int r = blockIdx.y;
+  const int n = split_row_length(a, r);
+  if (n <= a.topk) return;  // topk_split_finish takes the whole row
+  const int begin = min(static_cast<int>(blockIdx.x) * a.seg_len, n), end = min(begin + a.seg_len, n);
+  for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
+  __syncthreads();
+  Threshold th;
+  th.need = a.topk;
+  count_digits(GlobalRow{a.scores + r * a.ld}, begin, end, 32 - kFirstBits, kFirstBits, th, sh);
+  __syncthreads();
+  uint32_t* row_hist = a.hist + static_cast<int64_t>(r) * kBins;
+  for (int b = threadIdx.x; b < kBins; b += kThreads)
+    if (sh.hist[b]) atomicAdd(row_hist + b, sh.hist[b]);
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) sh.list_len = atomicAdd(a.ticket + r, 1);
+  __syncthreads();
+  if (sh.list_len != a.segments - 1) return;
+  __threadfence();  // the last CTA of the row: every other CTA's bins are in row_hist
+  for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = __ldcg(row_hist + b);
+  __syncthreads();
+  select_bin(32 - kFirstBits, kFirstBits, th, sh);
+  if (threadIdx.x == 0) a.row_info[r] = make_int4(static_cast<int>(th.prefix), th.need, th.done, 0);
+}
+
+__global__ void __launch_bounds__(kThreads) topk_split_collect(const SplitRows a) {
+  __shared__ Shared sh;
+  const int r = blockIdx.y, seg = blockIdx.x;
+  const int n = split_row_length(a, r);
+  if (n <= a.topk) return;
+  const int begin = min(seg * a.seg_len, n), end = min(begin + a.seg_len, n);
+  const uint32_t prefix = static_cast<uint32_t>(a.row_info[r].x), mask = ~0u << (32 - kFirstBits);
+  int* list = a.seg_cols + (static_cast<int64_t>(r) * a.segments + seg) * a.seg_len;
+  const GlobalRow grow{a.scores + r * a.ld};
+  int len = 0;
+  for (int base = begin; base < end; base += kThreads * kItems) {
+    const int i0 = base + threadIdx.x * kItems;
+    uint32_t k[kItems];
+    load_items(grow, i0, end, k);
+    int c = 0;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) c += (i0 + e < end) && (k[e] & mask) >= prefix;
+    int total;
+    int pos = len + block_exclusive_scan(c, sh, &total);
+#pragma unroll
+    for (int e = 0; e < kItems; ++e)
+      if (i0 + e < end && (k[e] & mask) >= prefix) list[pos++] = i0 + e;
+    len += total;
+  }
+  if (threadIdx.x == 0) a.seg_count[r * a.segments + seg] = len;
+}
+
+__global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a) {
+  extern __shared__ __align__(16) uint8_t smem_raw[];
+  Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
+  uint8_t* data = smem_raw + ((sizeof(Shared) + 15) / 16) * 16;
+  __shared__ int seg_off[kMaxSegments + 1];
+
+  const int r = blockIdx.x;
+  const float* row = a.scores + r * a.ld;
+  int* out_idx = a.indices + static_cast<int64_t>(r) * a.topk;
+  float* out_sc = a.out_scores ? a.out_scores + static_cast<int64_t>(r) * a.topk : nullptr;
+  const int n = split_row_length(a, r);
+  if (n <= a.topk) return emit_all(row, n, a.topk, out_idx, out_sc, a.offset);
+
+  const int4 info = a.row_info[r];
+  Threshold th;
+  th.prefix = static_cast<uint32_t>(info.x);
+  th.mask = ~0u << (32 - kFirstBits);
+  th.need = info.y;
+  th.done = info.z != 0;
+  int len;
+  const int off = block_exclusive_scan(threadIdx.x < a.segments ? a.seg_count[r * a.segments + threadIdx.x] : 0, sh,
+                                       &len);
+  if (threadIdx.x <= a.segments) seg_off[threadIdx.x] = off;
+  __syncthreads();
+  const int cap_pairs = a.cap_keys / 2;
+  const GlobalRow grow{row};
+  if (len > cap_pairs) {  // many exact ties around the threshold: the one-CTA kernel's global path
+    finish_threshold(grow, n, th, sh);
+    return emit(grow, n, th, sh, a.topk, out_idx, out_sc, a.offset);
+  }
+  uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
+  int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
+  // One flat pass over the whole list (a loop over segments would wait out one load latency per segment).
+  for (int j = threadIdx.x; j < len; j += kThreads) {
+    int lo = 0, hi = a.segments - 1;  // the segment holding list entry j: last seg with seg_off[seg] <= j
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (seg_off[mid] <= j) lo = mid; else hi = mid - 1;
+    }
+    const int col = a.seg_cols[(static_cast<int64_t>(r) * a.segments + lo) * a.seg_len + (j - seg_off[lo])];
+    lcols[j] = col;
+    lkeys[j] = grow.key(col);
+  }
+  __syncthreads();
+  SmemList list;
+  list.keys = lkeys;
+  list.cols = lcols;
+  finish_threshold(list, len, th, sh);
+  emit(list, len, th, sh, a.topk, out_idx, out_sc, a.offset);
+}
+
 }  // namespace
 
 void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t topk, int64_t index_offset,
@@ -328,11 +487,56 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   check_index_range(lengths, 0, cols, op, "lengths");
   if (R == 0) return;
   const at::cuda::CUDAGuard guard(scores.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
   const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + static_cast<size_t>(cap_keys) * 4;
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, scores.get_device()));
+  // Few long rows: split each over several CTAs, about one wave of them (three 512-thread CTAs per SM), unless
+  // the candidate workspace (one int per element) would pass 512 MB. Measured (NOTES.md): at 128K columns the
+  // split path wins from 1 to 64 rows (0.031 vs 0.078 ms for one row, 0.068 vs 0.085 ms for 64) and loses at
+  // 128 rows, and at 32K columns it loses already at 64 rows (three launches and a grid-wide handoff).
+  constexpr int kPass = kThreads * kItems;
+  if (2 * R <= sms && cols >= 16 * kPass && R * cols <= (int64_t{1} << 27)) {
+    int64_t seg_len = std::max<int64_t>(kPass, (R * cols / (3 * sms) + kPass - 1) / kPass * kPass);
+    if ((cols + seg_len - 1) / seg_len > kMaxSegments) seg_len = ((cols + kMaxSegments - 1) / kMaxSegments + kPass - 1) / kPass * kPass;
+    const int segments = static_cast<int>((cols + seg_len - 1) / seg_len);
+    const auto opts = scores.options().dtype(at::kInt);
+    const at::Tensor zeroed = at::zeros({R * (kBins + 1)}, opts);  // histograms, then tickets
+    const at::Tensor row_info = at::empty({R, 4}, opts);
+    const at::Tensor seg_count = at::empty({R, segments}, opts);
+    const at::Tensor seg_cols = at::empty({R * segments * seg_len}, opts);
+    SplitRows a{};
+    a.scores = scores.data_ptr<float>();
+    a.ld = scores.stride(0);
+    a.cols = static_cast<int>(cols);
+    a.lengths = lengths.data_ptr<int>();
+    a.topk = static_cast<int>(topk);
+    a.offset = static_cast<int>(index_offset);
+    a.indices = indices.data_ptr<int>();
+    a.out_scores = sc_ptr;
+    a.seg_len = static_cast<int>(seg_len);
+    a.segments = segments;
+    a.hist = reinterpret_cast<uint32_t*>(zeroed.data_ptr<int>());
+    a.ticket = zeroed.data_ptr<int>() + R * kBins;
+    a.row_info = reinterpret_cast<int4*>(row_info.data_ptr<int>());
+    a.seg_count = seg_count.data_ptr<int>();
+    a.seg_cols = seg_cols.data_ptr<int>();
+    a.cap_keys = cap_keys;
+    const dim3 grid(segments, static_cast<unsigned>(R));
+    topk_split_histogram<<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    topk_split_collect<<<grid, kThreads, 0, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    C10_CUDA_CHECK(cudaFuncSetAttribute(topk_split_finish, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    topk_split_finish<<<static_cast<unsigned>(R), kThreads, smem, stream>>>(a);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
   C10_CUDA_CHECK(
       cudaFuncSetAttribute(topk_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  topk_rows_kernel<<<static_cast<unsigned>(R), kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+  topk_rows_kernel<<<static_cast<unsigned>(R), kThreads, smem, stream>>>(
       scores.data_ptr<float>(), scores.stride(0), static_cast<int>(cols), lengths.data_ptr<int>(),
       static_cast<int>(topk), static_cast<int>(index_offset), indices.data_ptr<int>(), sc_ptr, cap_keys);
   C10_CUDA_KERNEL_LAUNCH_CHECK();

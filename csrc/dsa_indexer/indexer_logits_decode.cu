@@ -1,0 +1,260 @@
+// Paged decode scores when a sequence brings at most 16 (query, head) columns (Keye: one query x 16 heads).
+//
+// There the op is a stream over the index-key cache (D_I + 4 bytes per token, 68 B for Keye) with little math
+// per byte, so the kernel is built to keep HBM busy. Per CTA (one warpgroup): one thread moves whole pages
+// (64 keys x D bytes, then their 64 fp32 scales) with bulk copies (TMA without a tensor map) into a ring of
+// kStages shared-memory stages, kStages - 1 pages ahead, completion tracked by one mbarrier per stage; every
+// thread reads its A fragment of the current page into registers and runs wgmma in the RS form (keys = M from
+// registers, the 16 columns = N from shared memory). The head sum runs in fp32 on CUDA cores (4 columns per
+// thread, two shuffles), cheap at N = 16 and exact up to fp32 rounding.
+//
+// Why a thread can read contiguous bytes: the A fragment of lane 4g + t holds columns 4t..4t+3 and 16+4t..16+4t+3
+// of each 32-byte k-step, i.e. 4-byte pieces 16 bytes apart in a key row. A dot product does not depend on the
+// order of D, so the kernel gives lane t the contiguous bytes [t * D/4, (t + 1) * D/4) of its two rows (one
+// 16-byte shared load per row for D = 64, conflict-free: a warp reads 8 whole consecutive rows) and presents
+// them to the tensor core as the fragment's columns; the query block in shared memory is permuted the same way
+// (physical 4-byte group t * D/16 + 2 * ks + h  <->  logical group 8 * ks + 4 * h + t), so each product still
+// pairs a q byte with the k byte of the same original index. The cache keeps its natural layout.
+//
+// Measured (H200, B = 64, 128K context, NOTES.md): loading the fragments straight from global memory into
+// registers, three pages ahead, reached 66% of copy bandwidth; this ring 83-85%. The register version's
+// wgmma.fence likely waits for every load still in flight into registers, so its prefetch did not overlap.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
+
+#include <cstdint>
+
+#include "common/check.h"
+#include "dsa_indexer/dsa_device.cuh"
+#include "dsa_indexer/indexer_logits_decode.h"
+
+namespace keye {
+namespace {
+
+constexpr int kThreads = 128;  // one warpgroup
+constexpr int kTileKeys = 64;  // one wgmma M tile = one cache page
+constexpr int kColumns = 16;   // (query, head) columns: the wgmma N
+constexpr int kStages = 6;     // pages in shared memory: kStages - 1 in flight while one is read
+
+// This thread's D / 4 bytes of one key row (D / 16 words); zero when the row is not visible.
+template <int D>
+struct KeySlice {
+  uint32_t w[D / 16];
+};
+
+// The CTA's sequence, query rows and run of pages.
+struct CtaWork {
+  int seq, nq, tile_begin, ntiles;
+  int64_t row0, seq_keys;
+};
+
+__device__ __forceinline__ CtaWork cta_work(const DecodeLogitsArgs& p) {
+  CtaWork w;
+  w.seq = blockIdx.y;
+  w.nq = p.rows_per_seq;
+  w.row0 = static_cast<int64_t>(w.seq) * w.nq;
+  w.seq_keys = min(static_cast<int64_t>(max(p.seq_lens[w.seq], 0)), static_cast<int64_t>(p.max_pages) * 64);
+  const int64_t visible_end = min(w.seq_keys, p.out_cols);
+  w.tile_begin = blockIdx.x * p.tiles_per_cta;
+  w.ntiles = static_cast<int>(min(static_cast<int64_t>(p.tiles_per_cta),
+                                  (visible_end + kTileKeys - 1) / kTileKeys - w.tile_begin));
+  return w;
+}
+
+// The sequence's query block (permuted, see the header comment) and its coefficients into shared memory, and
+// the CTA's page ids (-1 for ids out of range: read as zeros).
+template <int D, int H>
+__device__ __forceinline__ void stage_queries(const DecodeLogitsArgs& p, const CtaWork& w, uint8_t* q_s,
+                                              float* coef_s, int* page_s) {
+  constexpr int G = D / 4;  // 4-byte groups of one row
+  const int tid = threadIdx.x;
+  for (int i = tid; i < kColumns * G; i += kThreads) {
+    const int col = i / G, lg = i % G;          // logical group lg = 8 * ks + 4 * h + tt
+    const int ks = lg / 8, h = (lg / 4) & 1, tt = lg & 3;
+    const int pg = tt * (D / 16) + 2 * ks + h;  // where that group sits in memory
+    uint32_t v = 0;
+    if (col < w.nq * H) v = *reinterpret_cast<const uint32_t*>(p.q + (w.row0 * H + col) * D + 4 * pg);
+    *reinterpret_cast<uint32_t*>(q_s + swz<D>(col, lg / 4) + 4 * (lg % 4)) = v;
+  }
+  if (tid < kColumns) coef_s[tid] = tid < w.nq * H ? p.coef[w.row0 * H + tid] : 0.f;
+  for (int i = tid; i < w.ntiles; i += kThreads) {
+    const int page = p.block_table[w.seq * p.bt_stride + w.tile_begin + i];
+    page_s[i] = page >= 0 && page < p.num_pages ? page : -1;
+  }
+}
+
+// The head sum of one 64-key tile and its store. acc[4 * cb + 2 * hf + e]: key row r0 + 8 * hf, column
+// 8 * cb + 2t + e; cf / cq: this thread's four columns' coefficients and query slots.
+template <int H>
+__device__ __forceinline__ void head_sum_store(const DecodeLogitsArgs& p, const CtaWork& w, const float (&acc)[8],
+                                               const float (&cf)[4], const int (&cq)[4], const float (&ksc)[2],
+                                               int64_t key_r0, int t) {
+  constexpr int QB = kColumns / H;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float part[QB];
+#pragma unroll
+    for (int q = 0; q < QB; ++q) part[q] = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float v = cf[c] * fmaxf(acc[4 * (c / 2) + 2 * hf + (c & 1)], 0.f);
+#pragma unroll
+      for (int q = 0; q < QB; ++q) part[q] += cq[c] == q ? v : 0.f;
+    }
+    const int64_t key = key_r0 + 8 * hf;
+#pragma unroll
+    for (int q = 0; q < QB; ++q) {
+      part[q] += __shfl_xor_sync(0xffffffffu, part[q], 1);
+      part[q] += __shfl_xor_sync(0xffffffffu, part[q], 2);
+      if (q < w.nq && t == (q & 3) && key < p.out_cols) p.out[(w.row0 + q) * p.ld + key] = part[q] * ksc[hf];
+    }
+  }
+}
+
+template <int H>
+__device__ __forceinline__ void my_columns(const float* coef_s, int t, float (&cf)[4], int (&cq)[4]) {
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int col = 8 * (c / 2) + 2 * t + (c & 1);
+    cf[c] = coef_s[col];
+    cq[c] = col / H;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void tile_wgmma(float (&acc)[8], const KeySlice<D>& lo, const KeySlice<D>& hi,
+                                           uint64_t desc_q) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 32; ++ks) {
+    const uint32_t a[4] = {lo.w[2 * ks], hi.w[2 * ks], lo.w[2 * ks + 1], hi.w[2 * ks + 1]};
+    wgmma_m64n16k32_rs(acc, a, desc_q + 2 * ks, ks);
+  }
+  wgmma_commit();
+  wgmma_wait<0>();
+  fence_operands(acc);
+}
+
+template <int D>
+constexpr int stage_bytes() { return kTileKeys * D + kTileKeys * 4; }
+template <int D>
+constexpr size_t smem_bytes() {
+  return 1024 + kColumns * D + kStages * stage_bytes<D>() + kStages * 8 + kColumns * 4 + kMaxDecodeTilesPerCta * 4;
+}
+
+template <int D, int H>
+__global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const DecodeLogitsArgs p) {
+  constexpr int kPageBytes = kTileKeys * D;
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* q_s = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
+  uint8_t* ring = q_s + kColumns * D;
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * stage_bytes<D>());
+  float* coef_s = reinterpret_cast<float*>(full + kStages);
+  int* page_s = reinterpret_cast<int*>(coef_s + kColumns);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const CtaWork w = cta_work(p);
+  if (w.ntiles <= 0) return;
+  stage_queries<D, H>(p, w, q_s, coef_s, page_s);
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) mbarrier_init(full + st, 1);
+    fence_mbarrier_init();
+  }
+  fence_async_shared();
+  __syncthreads();
+  const uint64_t policy = l2_evict_first_policy();
+  auto issue = [&](int i) {  // thread 0 only
+    const int st = i % kStages, page = page_s[i];
+    uint8_t* dst = ring + st * stage_bytes<D>();
+    if (page < 0) return mbarrier_arrive_expect_tx(full + st, 0);
+    mbarrier_arrive_expect_tx(full + st, stage_bytes<D>());
+    bulk_copy_g2s(dst, p.k + static_cast<int64_t>(page) * kPageBytes, kPageBytes, full + st, policy);
+    bulk_copy_g2s(dst + kPageBytes, p.k_scale + static_cast<int64_t>(page) * kTileKeys, kTileKeys * 4, full + st,
+                  policy);
+  };
+  if (tid == 0)
+    for (int s = 0; s < kStages - 1 && s < w.ntiles; ++s) issue(s);
+  float cf[4];
+  int cq[4];
+  my_columns<H>(coef_s, t, cf, cq);
+  const uint64_t desc_q = smem_desc<D>(q_s);
+  const int r0 = 16 * warp + g;
+  for (int i = 0; i < w.ntiles; ++i) {
+    if (tid == 0 && i + kStages - 1 < w.ntiles) issue(i + kStages - 1);
+    const int st = i % kStages;
+    mbarrier_wait_parity(full + st, (i / kStages) & 1);
+    const uint8_t* tile = ring + st * stage_bytes<D>();
+    const bool page_ok = page_s[i] >= 0;
+    const int64_t key0 = static_cast<int64_t>(w.tile_begin + i) * kTileKeys;
+    KeySlice<D> ka[2];
+    float ksc[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = r0 + 8 * hf;
+      const bool valid = page_ok && key0 + r < w.seq_keys;
+      const uint8_t* src = tile + r * D + t * (D / 4);
+#pragma unroll
+      for (int k = 0; k < D / 16; k += (D == 32 ? 2 : 4)) {
+        if constexpr (D == 32) {
+          const uint2 v = *reinterpret_cast<const uint2*>(src);
+          ka[hf].w[0] = valid ? v.x : 0u, ka[hf].w[1] = valid ? v.y : 0u;
+        } else {
+          const uint4 v = *reinterpret_cast<const uint4*>(src + 4 * k);
+          ka[hf].w[k] = valid ? v.x : 0u, ka[hf].w[k + 1] = valid ? v.y : 0u;
+          ka[hf].w[k + 2] = valid ? v.z : 0u, ka[hf].w[k + 3] = valid ? v.w : 0u;
+        }
+      }
+      ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kPageBytes)[r] : 0.f;
+    }
+    __syncthreads();  // every thread has its registers: stage st can be refilled (next iteration's issue)
+    float acc[8];
+    tile_wgmma<D>(acc, ka[0], ka[1], desc_q);
+    head_sum_store<H>(p, w, acc, cf, cq, ksc, key0 + r0, t);
+  }
+}
+
+template <int D, int H>
+void launch(const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t stream) {
+  DecodeLogitsArgs q = p;
+  q.tiles_per_cta = decode_tiles_per_cta(num_tiles, num_seqs);
+  const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, num_seqs);
+  constexpr size_t smem = smem_bytes<D>();
+  C10_CUDA_CHECK(cudaFuncSetAttribute(indexer_logits_decode_kernel<D, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
+  indexer_logits_decode_kernel<D, H><<<grid, kThreads, smem, stream>>>(q);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <int D>
+void dispatch_heads(int H, const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t stream) {
+  switch (H) {
+    case 4: return launch<D, 4>(p, num_tiles, num_seqs, stream);
+    case 8: return launch<D, 8>(p, num_tiles, num_seqs, stream);
+    case 16: return launch<D, 16>(p, num_tiles, num_seqs, stream);
+  }
+  KEYE_CHECK(false, "keye.indexer_logits_paged: the narrow decode kernel takes H_I in {4, 8, 16}, got ", H);
+}
+
+}  // namespace
+
+int decode_tiles_per_cta(int num_tiles, int num_seqs) {
+  // About 64 CTAs per SM in all, 8 to kMaxDecodeTilesPerCta (16) pages each (measured at B = 64/128 and 32K/128K
+  // context: 16 pages per CTA beat 32 and 64 by 2-12%; below 8 a CTA spends much of its run filling the ring),
+  // but fewer pages when that would leave SMs without a CTA (one short sequence).
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t total = static_cast<int64_t>(num_tiles) * num_seqs;
+  const int64_t tiles = std::min<int64_t>(kMaxDecodeTilesPerCta, std::max<int64_t>(8, total / (int64_t{sms} * 64)));
+  return static_cast<int>(std::min<int64_t>(tiles, std::max<int64_t>(1, total / sms)));
+}
+
+void indexer_logits_decode_narrow(int H, int D, const DecodeLogitsArgs& p, int num_tiles, int num_seqs,
+                                  cudaStream_t stream) {
+  switch (D) {
+    case 32: return dispatch_heads<32>(H, p, num_tiles, num_seqs, stream);
+    case 64: return dispatch_heads<64>(H, p, num_tiles, num_seqs, stream);
+    case 128: return dispatch_heads<128>(H, p, num_tiles, num_seqs, stream);
+  }
+  KEYE_CHECK(false, "keye.indexer_logits_paged: D_I must be 32, 64 or 128, got ", D);
+}
+
+}  // namespace keye
