@@ -112,7 +112,10 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     seq_lens32 = seq_lens.to(torch.int32).contiguous()
     buf = torch.empty(B * n, block_table.shape[1] * ref.PAGE_SIZE, dtype=torch.float32, device=dev)
     torch.ops.keye.indexer_logits_paged(q8.contiguous(), coef, k_cache, k_scale_cache, block_table, seq_lens32, buf)
-    lengths = (seq_lens32.view(B, 1) - n + 1 + torch.arange(n, dtype=torch.int32, device=dev)).view(-1)
+    # Query j of a sequence sees its first seq_len - n + 1 + j keys (no small kernels at all for n = 1: in a CUDA
+    # graph each costs ~1 us, a few percent of the op).
+    lengths = seq_lens32 if n == 1 else (
+        seq_lens32.view(B, 1) + torch.arange(1 - n, 1, dtype=torch.int32, device=dev)).view(-1)
     indices = torch.empty(B * n, topk, dtype=torch.int32, device=dev)
     scores = torch.empty(B * n, topk, dtype=torch.float32, device=dev) if return_scores else None
     torch.ops.keye.topk_rows(buf, lengths, topk, 0, indices, scores)
