@@ -12,10 +12,11 @@
 //
 // CTA: one warpgroup; a key tile is 64 keys (one wgmma M tile, one cache page), the column block N = 128
 // (query, head) columns: prefill, and decode with more than 16 columns per sequence (with at most 16 the op
-// runs the streaming kernel of indexer_logits_decode.cu instead). Four CTAs per SM run independent pipelines. The query block is loaded once; key tiles stream through a five-stage
-// cp.async ring; scores go straight from registers to global memory, each store covering whole 32-byte
-// sectors. Keys come from a contiguous [N, D] array (prefill) or through a page table from the paged cache
-// (decode). Versions and measurements: NOTES.md (v1 used mma.sync m16n8k32 e4m3, which sm_90 emulates).
+// runs the streaming kernel of indexer_logits_decode.cu instead). Four CTAs per SM run independent pipelines.
+// The query block is loaded once; key tiles stream through a five-stage cp.async ring; scores go straight
+// from registers to global memory, each store covering whole 32-byte sectors. Keys come from a contiguous
+// [N, D] array (prefill) or through a page table from the paged cache (decode). Versions and measurements:
+// NOTES.md (v1 used mma.sync m16n8k32 e4m3, which sm_90 emulates).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -336,39 +337,28 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, con
   const at::cuda::CUDAGuard guard(q8.device());
   const int num_tiles = static_cast<int>(max_pages);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  if (n * H <= 16) {  // the streaming kernel of indexer_logits_decode.cu: whole pages by bulk copy
-    DecodeLogitsArgs d{};
-    d.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
-    d.coef = coef.data_ptr<float>();
-    d.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
-    d.k_scale = k_scale_cache.data_ptr<float>();
-    d.block_table = block_table.data_ptr<int>();
-    d.seq_lens = seq_lens.data_ptr<int>();
-    d.bt_stride = block_table.stride(0);
-    d.max_pages = static_cast<int>(max_pages);
-    d.num_pages = static_cast<int>(k_cache.size(0));
-    d.rows_per_seq = static_cast<int>(n);
-    d.out = out.data_ptr<float>();
-    d.ld = out.stride(0);
-    d.out_cols = out.size(1);
-    return indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), d, num_tiles, static_cast<int>(B),
-                                        stream);
-  }
-  LogitsParams p{};
-  p.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
-  p.coef = coef.data_ptr<float>();
-  p.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
-  p.k_scale = k_scale_cache.data_ptr<float>();
-  p.block_table = block_table.data_ptr<int>();
-  p.seq_lens = seq_lens.data_ptr<int>();
-  p.bt_stride = block_table.stride(0);
-  p.max_pages = static_cast<int>(max_pages);
-  p.num_pages = static_cast<int>(k_cache.size(0));
-  p.rows_per_seq = static_cast<int>(n);
-  p.out = out.data_ptr<float>();
-  p.ld = out.stride(0);
-  p.out_cols = out.size(1);
-  dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, static_cast<int>(B), stream);
+  // Both kernels' argument structs name the paged-cache fields alike.
+  auto paged_args = [&](auto args) {
+    args.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
+    args.coef = coef.data_ptr<float>();
+    args.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
+    args.k_scale = k_scale_cache.data_ptr<float>();
+    args.block_table = block_table.data_ptr<int>();
+    args.seq_lens = seq_lens.data_ptr<int>();
+    args.bt_stride = block_table.stride(0);
+    args.max_pages = static_cast<int>(max_pages);
+    args.num_pages = static_cast<int>(k_cache.size(0));
+    args.rows_per_seq = static_cast<int>(n);
+    args.out = out.data_ptr<float>();
+    args.ld = out.stride(0);
+    args.out_cols = out.size(1);
+    return args;
+  };
+  if (n * H <= 16)  // the streaming kernel of indexer_logits_decode.cu: whole pages by bulk copy
+    return indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), paged_args(DecodeLogitsArgs{}),
+                                        num_tiles, static_cast<int>(B), stream);
+  dispatch(static_cast<int>(H), static_cast<int>(D), paged_args(LogitsParams{}), num_tiles, static_cast<int>(B),
+           stream);
 }
 
 }  // namespace keye

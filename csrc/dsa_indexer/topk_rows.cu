@@ -499,7 +499,8 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   constexpr int kPass = kThreads * kItems;
   if (2 * R <= sms && cols >= 16 * kPass && R * cols <= (int64_t{1} << 27)) {
     int64_t seg_len = std::max<int64_t>(kPass, (R * cols / (3 * sms) + kPass - 1) / kPass * kPass);
-    if ((cols + seg_len - 1) / seg_len > kMaxSegments) seg_len = ((cols + kMaxSegments - 1) / kMaxSegments + kPass - 1) / kPass * kPass;
+    if ((cols + seg_len - 1) / seg_len > kMaxSegments)
+      seg_len = ((cols + kMaxSegments - 1) / kMaxSegments + kPass - 1) / kPass * kPass;
     const int segments = static_cast<int>((cols + seg_len - 1) / seg_len);
     const auto opts = scores.options().dtype(at::kInt);
     const at::Tensor zeroed = at::zeros({R * (kBins + 1)}, opts);  // histograms, then tickets
