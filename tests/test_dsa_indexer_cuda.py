@@ -127,7 +127,8 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert torch.equal(idx, want)
     assert torch.equal(sc, want_sc)  # -0.0 == 0.0 compares equal
-    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)  # the split path's workspace starts from zero each call
+    idx.fill_(-7)  # again on overwritten outputs: the split path's workspace must start from zero each call
+    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)
     assert torch.equal(idx, want)
 
 
@@ -230,9 +231,9 @@ def test_decode_matches_reference(H, D, n):
 @pytest.mark.parametrize("H,D,n", [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4),
                                    (4, 32, 3)])
 def test_paged_logits_narrow_match_reference(H, D, n):
-    """The streaming decode kernel (n * H_I <= 16: keys straight into wgmma registers, permuted D order) against
-    the reference scores, every visible key of every sequence; uneven lengths, sequences longer than one CTA's
-    run of pages, padding queries in the 16-column block."""
+    """The streaming decode kernel (n * H_I <= 16: pages by bulk copy, keys to wgmma from registers in a permuted
+    D order) against the reference scores, every visible key of every sequence; uneven lengths, sequences longer
+    than one CTA's run of pages (ring wrap-around), padding queries in the 16-column block."""
     lens = [n, 63, 64 * 70 + 5, 64 * 300, 1000]
     q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
     coef = (w * qs * D ** -0.5).contiguous()
