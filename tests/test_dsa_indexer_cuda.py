@@ -304,6 +304,13 @@ def test_errors_name_the_argument():
     args[3] = shifted.view(ref.FP8).view(k_cache.shape)  # contiguous, but 8 bytes off a 16-byte boundary
     with pytest.raises(ValueError, match="'k_cache' must start on a 16-byte boundary"):
         ops.indexer_topk_decode(*args, 16)
+    B = 65536  # one sequence more than the streaming kernel's grid holds
+    q8 = torch.zeros(B, 1, 16, 64, dtype=ref.FP8, device=DEV)
+    cache = torch.zeros(1, 64, 64, dtype=ref.FP8, device=DEV), torch.ones(1, 64, device=DEV)
+    table, lens = torch.zeros(B, 1, dtype=torch.int32, device=DEV), torch.ones(B, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="65536 sequences in one call exceed the grid limit"):
+        torch.ops.keye.indexer_logits_paged(q8, torch.ones(B, 1, 16, device=DEV), *cache, table, lens,
+                                            torch.empty(B, 64, device=DEV))
 
 
 # opcheck's test_schema (mutation detection) compares tensors with ops CUDA lacks for float8 ("mul_cuda not

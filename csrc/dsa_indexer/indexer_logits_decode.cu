@@ -215,6 +215,8 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
 template <int D, int H>
 void launch(const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t stream) {
   DecodeLogitsArgs q = p;
+  KEYE_CHECK(num_seqs <= 65535, "keye.indexer_logits_paged: ", num_seqs, " sequences in one call exceed the grid "
+             "limit of 65535; pass fewer sequences per call");
   q.tiles_per_cta = decode_tiles_per_cta(num_tiles, num_seqs);
   const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, num_seqs);
   constexpr size_t smem = smem_bytes<D>();
