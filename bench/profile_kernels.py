@@ -4,6 +4,7 @@
     python3 bench/profile_kernels.py attn [--tokens 32768]   # keye.ops.sparse_attention forward, realistic indices
     python3 bench/profile_kernels.py moe-decode [--tokens 1]       # keye.ops.moe without grad (the decode kernels)
     python3 bench/profile_kernels.py attn-decode [--tokens 32]     # sparse_attention_decode, batch = tokens, 128K
+    python3 bench/profile_kernels.py indexer-decode [--tokens 64]  # indexer_topk_decode, batch = tokens, 128K
 --plain runs each workload --iters times and nothing else, as a driver for Nsight Compute, e.g.
     ncu --clock-control none -k regex:block_plan -c 1 --section SpeedOfLight --section WarpStateStats \
         python3 bench/profile_kernels.py attn --plain --iters 1
@@ -96,6 +97,17 @@ def attn_decode_workloads(B, ctx=131072):
     return {f"sparse attention decode, batch {B}, context {ctx}": lambda: ops.sparse_attention_decode(q, *cache, slots)}
 
 
+def indexer_decode_workloads(B, ctx=131072):
+    from keye.bench.dsa_indexer import D_I, H_I, TOPK, paged_cache
+
+    k_cache, k_scale_cache, block_table = paged_cache(B, ctx, torch.device("cuda"))
+    q8, qs = ops.indexer_rotate_quantize(torch.randn(B, 1, H_I, D_I, device="cuda", dtype=torch.bfloat16))
+    w = torch.randn(B, 1, H_I, device="cuda")
+    seq_lens = torch.full((B,), ctx, dtype=torch.int32, device="cuda")
+    args = (q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, TOPK)
+    return {f"indexer decode, batch {B}, context {ctx}": lambda: ops.indexer_topk_decode(*args)}
+
+
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
     return single_ms(capture_graph(fn).replay, iters)
@@ -113,15 +125,15 @@ def attn_workloads(T):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("layer", choices=("moe", "attn", "moe-decode", "attn-decode"))
+    p.add_argument("layer", choices=("moe", "attn", "moe-decode", "attn-decode", "indexer-decode"))
     p.add_argument("--tokens", type=int)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--plain", action="store_true", help="only run the workloads (a driver for ncu)")
     a = p.parse_args()
     torch.manual_seed(0)
-    T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32}[a.layer]
+    T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32, "indexer-decode": 64}[a.layer]
     make = {"moe": moe_workloads, "attn": attn_workloads, "moe-decode": moe_decode_workloads,
-            "attn-decode": attn_decode_workloads}[a.layer]
+            "attn-decode": attn_decode_workloads, "indexer-decode": indexer_decode_workloads}[a.layer]
     workloads = make(T)
     decode = a.layer.endswith("decode")
     with ops.index_checks(False):

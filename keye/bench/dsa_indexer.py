@@ -124,7 +124,9 @@ def prefill_cases(tokens: list[int], device: torch.device, reps: int) -> list[di
     return records
 
 
-def _paged_cache(B: int, ctx: int, device: torch.device):
+def paged_cache(B: int, ctx: int, device: torch.device):
+    """A paged index-key cache of B sequences of ctx random keys, pages scattered: (k_cache, k_scale_cache,
+    block_table)."""
     pages = ctx // ref.PAGE_SIZE
     k8, ks = ops.indexer_rotate_quantize(torch.randn(B * ctx, D_I, device=device, dtype=torch.bfloat16))
     k_cache = k8.view(B * pages, ref.PAGE_SIZE, D_I)
@@ -137,7 +139,7 @@ def decode_cases(batches: list[int], contexts: list[int], device: torch.device, 
     records = []
     for ctx in contexts:
         for B in batches:
-            k_cache, k_scale_cache, block_table = _paged_cache(B, ctx, device)
+            k_cache, k_scale_cache, block_table = paged_cache(B, ctx, device)
             q8, qs = ops.indexer_rotate_quantize(torch.randn(B, 1, H_I, D_I, device=device, dtype=torch.bfloat16))
             w = torch.randn(B, 1, H_I, device=device)
             seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
