@@ -35,6 +35,7 @@ constexpr int kThreads = 128;  // one warpgroup
 constexpr int kTileKeys = 64;  // one wgmma M tile = one cache page
 constexpr int kColumns = 16;   // (query, head) columns: the wgmma N
 constexpr int kStages = 6;     // pages in shared memory: kStages - 1 in flight while one is read
+constexpr int kMaxDecodeTilesPerCta = 16;  // pages one CTA walks (their ids are staged in shared memory)
 
 // This thread's D / 4 bytes of one key row (D / 16 words); zero when the row is not visible.
 template <int D>
@@ -212,11 +213,21 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
   }
 }
 
+// Pages per CTA for num_seqs sequences of num_tiles pages each.
+int decode_tiles_per_cta(int num_tiles, int num_seqs) {
+  // About 64 CTAs per SM in all, 8 to kMaxDecodeTilesPerCta (16) pages each (measured at B = 64/128 and 32K/128K
+  // context: 16 pages per CTA beat 32 and 64 by 2-12%; below 8 a CTA spends much of its run filling the ring),
+  // but fewer pages when that would leave SMs without a CTA (one short sequence).
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int64_t total = static_cast<int64_t>(num_tiles) * num_seqs;
+  const int64_t tiles = std::min<int64_t>(kMaxDecodeTilesPerCta, std::max<int64_t>(8, total / (int64_t{sms} * 64)));
+  return static_cast<int>(std::min<int64_t>(tiles, std::max<int64_t>(1, total / sms)));
+}
+
 template <int D, int H>
 void launch(const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t stream) {
   DecodeLogitsArgs q = p;
-  KEYE_CHECK(num_seqs <= 65535, "keye.indexer_logits_paged: ", num_seqs, " sequences in one call exceed the grid "
-             "limit of 65535; pass fewer sequences per call");
   q.tiles_per_cta = decode_tiles_per_cta(num_tiles, num_seqs);
   const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, num_seqs);
   constexpr size_t smem = smem_bytes<D>();
@@ -238,19 +249,10 @@ void dispatch_heads(int H, const DecodeLogitsArgs& p, int num_tiles, int num_seq
 
 }  // namespace
 
-int decode_tiles_per_cta(int num_tiles, int num_seqs) {
-  // About 64 CTAs per SM in all, 8 to kMaxDecodeTilesPerCta (16) pages each (measured at B = 64/128 and 32K/128K
-  // context: 16 pages per CTA beat 32 and 64 by 2-12%; below 8 a CTA spends much of its run filling the ring),
-  // but fewer pages when that would leave SMs without a CTA (one short sequence).
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  const int64_t total = static_cast<int64_t>(num_tiles) * num_seqs;
-  const int64_t tiles = std::min<int64_t>(kMaxDecodeTilesPerCta, std::max<int64_t>(8, total / (int64_t{sms} * 64)));
-  return static_cast<int>(std::min<int64_t>(tiles, std::max<int64_t>(1, total / sms)));
-}
-
 void indexer_logits_decode_narrow(int H, int D, const DecodeLogitsArgs& p, int num_tiles, int num_seqs,
                                   cudaStream_t stream) {
+  KEYE_CHECK(num_seqs <= 65535, "keye.indexer_logits_paged: ", num_seqs, " sequences in one call exceed the grid "
+             "limit of 65535; pass fewer sequences per call");
   switch (D) {
     case 32: return dispatch_heads<32>(H, p, num_tiles, num_seqs, stream);
     case 64: return dispatch_heads<64>(H, p, num_tiles, num_seqs, stream);

@@ -9,8 +9,6 @@
 
 namespace keye {
 
-constexpr int kMaxDecodeTilesPerCta = 16;  // pages one CTA walks (their ids are staged in shared memory)
-
 struct DecodeLogitsArgs {
   const uint8_t* q;          // [B, n, H, D] fp8 bytes
   const float* coef;         // [B, n, H]
@@ -27,9 +25,6 @@ struct DecodeLogitsArgs {
   int64_t ld;
   int64_t out_cols;
 };
-
-// Pages per CTA for num_seqs sequences of num_tiles pages each.
-int decode_tiles_per_cta(int num_tiles, int num_seqs);
 
 void indexer_logits_decode_narrow(int H, int D, const DecodeLogitsArgs& p, int num_tiles, int num_seqs,
                                   cudaStream_t stream);

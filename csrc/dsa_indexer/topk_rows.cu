@@ -233,6 +233,19 @@ __device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int
   }
 }
 
+// The digits still open, then the selection: what every path does once its candidates are in `src`.
+template <typename Src>
+__device__ void finish_and_emit(const Src& src, int n, Threshold& th, Shared& sh, int topk, int* out_idx,
+                                float* out_scores, int offset) {
+  finish_threshold(src, n, th, sh);
+  emit(src, n, th, sh, topk, out_idx, out_scores, offset);
+}
+
+// Visible elements of row r: its length clamped to [0, cols].
+__device__ __forceinline__ int row_length(const int* lengths, int64_t r, int cols) {
+  return min(max(lengths[r], 0), cols);
+}
+
 // A row with at most topk visible elements: all of them, then -1.
 __device__ void emit_all(const float* row, int n, int topk, int* out_idx, float* out_sc, int offset) {
   for (int i = threadIdx.x; i < topk; i += kThreads) {
@@ -253,7 +266,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   const float* row = scores + r * ld;
   int* out_idx = indices + r * topk;
   float* out_sc = out_scores ? out_scores + r * topk : nullptr;
-  const int n = min(max(lengths[r], 0), cols);
+  const int n = row_length(lengths, r, cols);
 
   if (n <= topk) return emit_all(row, n, topk, out_idx, out_sc, offset);
   Threshold th;
@@ -274,16 +287,14 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
     __syncthreads();
     const SmemKeys src{keys};
     radix_step(src, n, 32 - kFirstBits, kFirstBits, th, sh);
-    finish_threshold(src, n, th, sh);
-    emit(src, n, th, sh, topk, out_idx, out_sc, offset);
+    finish_and_emit(src, n, th, sh, topk, out_idx, out_sc, offset);
     return;
   }
   const GlobalRow grow{row};
   radix_step(grow, n, 32 - kFirstBits, kFirstBits, th, sh);
   const int cap_pairs = cap_keys / 2;
   if (th.done || topk - th.need + sh.hist[sh.sel_bin] > cap_pairs) {  // list would not fit: stay in global
-    finish_threshold(grow, n, th, sh);
-    emit(grow, n, th, sh, topk, out_idx, out_sc, offset);
+    finish_and_emit(grow, n, th, sh, topk, out_idx, out_sc, offset);
     return;
   }
   // Collect the elements at or above the threshold bin, in column order, as (key, column) pairs.
@@ -310,11 +321,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
     len += total;
   }
   __syncthreads();
-  SmemList list;
-  list.keys = lkeys;
-  list.cols = lcols;
-  finish_threshold(list, len, th, sh);
-  emit(list, len, th, sh, topk, out_idx, out_sc, offset);
+  finish_and_emit(SmemList{{lkeys}, lcols}, len, th, sh, topk, out_idx, out_sc, offset);
 }
 
 
@@ -351,12 +358,11 @@ struct SplitRows {
   int cap_keys;
 };
 
-__device__ __forceinline__ int split_row_length(const SplitRows& a, int r) { return min(max(a.lengths[r], 0), a.cols); }
 
 __global__ void __launch_bounds__(kThreads) topk_split_histogram(const SplitRows a) {
   __shared__ Shared sh;
   const int r = blockIdx.y;
-  const int n = split_row_length(a, r);
+  const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return;  // topk_split_finish takes the whole row
   const int begin = min(static_cast<int>(blockIdx.x) * a.seg_len, n), end = min(begin + a.seg_len, n);
   for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
@@ -383,7 +389,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_histogram(const SplitRows
 __global__ void __launch_bounds__(kThreads) topk_split_collect(const SplitRows a) {
   __shared__ Shared sh;
   const int r = blockIdx.y, seg = blockIdx.x;
-  const int n = split_row_length(a, r);
+  const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return;
   const int begin = min(seg * a.seg_len, n), end = min(begin + a.seg_len, n);
   const uint32_t prefix = static_cast<uint32_t>(a.row_info[r].x), mask = ~0u << (32 - kFirstBits);
@@ -417,7 +423,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
   const float* row = a.scores + r * a.ld;
   int* out_idx = a.indices + static_cast<int64_t>(r) * a.topk;
   float* out_sc = a.out_scores ? a.out_scores + static_cast<int64_t>(r) * a.topk : nullptr;
-  const int n = split_row_length(a, r);
+  const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return emit_all(row, n, a.topk, out_idx, out_sc, a.offset);
 
   const int4 info = a.row_info[r];
@@ -434,8 +440,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
   const int cap_pairs = a.cap_keys / 2;
   const GlobalRow grow{row};
   if (len > cap_pairs) {  // many exact ties around the threshold: the one-CTA kernel's global path
-    finish_threshold(grow, n, th, sh);
-    return emit(grow, n, th, sh, a.topk, out_idx, out_sc, a.offset);
+    return finish_and_emit(grow, n, th, sh, a.topk, out_idx, out_sc, a.offset);
   }
   uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
   int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
@@ -451,11 +456,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
     lkeys[j] = grow.key(col);
   }
   __syncthreads();
-  SmemList list;
-  list.keys = lkeys;
-  list.cols = lcols;
-  finish_threshold(list, len, th, sh);
-  emit(list, len, th, sh, a.topk, out_idx, out_sc, a.offset);
+  finish_and_emit(SmemList{{lkeys}, lcols}, len, th, sh, a.topk, out_idx, out_sc, a.offset);
 }
 
 }  // namespace
