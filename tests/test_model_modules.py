@@ -391,7 +391,12 @@ def test_bf16_model_runs_and_tracks_fp32():
         dense = m16(ids, attention_mode="dense")
         cached = cached_logits(m16, ids, [40], "dense")
     assert dense.dtype == torch.float32 and torch.isfinite(dense).all()
-    assert rel_err(dense, ref) < 0.1
+    # Per token: bf16 tracks fp32 closely (median ~0.006), except at the few tokens whose MoE router sees a near
+    # tie and picks another expert in bf16 (errors 0.3-0.5 there). Over 301 seeds: median <= 0.013 and at most
+    # 4 of 40 tokens past 0.05; a norm-wise bound over all tokens (0.1 before) failed ~0.5% of seeds for that.
+    per_token = (dense - ref).norm(dim=-1) / ref.norm(dim=-1)
+    assert per_token.median() < 0.03
+    assert int((per_token > 0.05).sum()) <= 6
     assert rel_err(cached, dense) < 0.05
 
 
