@@ -1,22 +1,23 @@
-// DSA lightning-indexer scores on Hopper FP8 tensor cores (wgmma m64nNk32 e4m3 -> fp32).
+// DSA lightning-indexer scores on Hopper FP8 tensor cores (wgmma m64n128k32 e4m3 -> fp32): prefill (keys from a
+// contiguous [N, D] array) and decode with more than 16 (query, head) columns per sequence (keys from the paged
+// cache; with at most 16 the op runs the streaming kernel of indexer_logits_decode.cu instead).
 //
 // Operand order (as DeepGEMM's fp8_mqa_logits): keys are the M operand and the CTA's (query, head) block the N
-// operand, so an accumulator row is one key and its columns are (query, head) pairs. Both operands are K-major
-// in memory ([key][D], [query][head][D]), the only major-ness wgmma accepts for 8-bit types; tiles sit in
-// shared memory in the 32/64/128-byte swizzle that matches D bytes per row.
+// operand, so an accumulator row is one key and its columns are (query, head) pairs.
+//
+// CTA: one warpgroup, four per SM; a key tile is 64 keys (one wgmma M tile, one cache page), the column block
+// N = 128 (query, head) columns, loaded once into swizzled shared memory. One thread moves whole key tiles (64 x
+// D contiguous bytes, then their fp32 scales) with bulk copies into a ring of shared-memory stages, completion
+// tracked by one mbarrier per stage; every thread reads its A fragment of the current tile into registers (keys
+// in a permuted D order, rs_logical_group in dsa_device.cuh) and runs wgmma in the RS form. The earlier version
+// (v4 in NOTES.md) loaded tiles with per-thread cp.async into swizzled smem: its per-tile address math (key rows,
+// page lookups, predicates) was ~500 of the ~1000 instructions of its loop.
 //
 // The head sum sum_h coef[q, h] * ReLU(dot) runs on tensor cores too, as a bf16 m16n8k16 GEMM against the
 // block-diagonal coefficient matrix: with D_I = 64 a CUDA-core epilogue (ReLU, multiply-add, shuffles) costs as
 // much as the FP8 GEMM itself. The ReLU'd per-head dots and the coefficients are rounded to bf16 there
-// (relative 2^-9 per term).
-//
-// CTA: one warpgroup; a key tile is 64 keys (one wgmma M tile, one cache page), the column block N = 128
-// (query, head) columns: prefill, and decode with more than 16 columns per sequence (with at most 16 the op
-// runs the streaming kernel of indexer_logits_decode.cu instead). Four CTAs per SM run independent pipelines.
-// The query block is loaded once; key tiles stream through a five-stage cp.async ring; scores go straight
-// from registers to global memory, each store covering whole 32-byte sectors. Keys come from a contiguous
-// [N, D] array (prefill) or through a page table from the paged cache (decode). Versions and measurements:
-// NOTES.md (v1 used mma.sync m16n8k32 e4m3, which sm_90 emulates).
+// (relative 2^-9 per term). Scores go straight from registers to global memory, each store covering whole
+// 32-byte sectors.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -32,9 +33,22 @@
 namespace keye {
 namespace {
 
-constexpr int kThreads = 128;  // one warpgroup: CTAs on an SM run independent pipelines
+constexpr int kThreads = 128;  // one warpgroup: four CTAs per SM run independent pipelines
 constexpr int kTileKeys = 64;  // one wgmma M tile = one cache page
-constexpr int kStages = 5;  // key tiles in shared memory: 3 in flight, the current one and the one before
+constexpr int kColumns = 128;  // (query, head) columns of the CTA: the wgmma N
+constexpr int kMaxTilesPerCta = 32;  // key tiles one CTA walks (page ids staged in shared memory)
+
+// Key tiles in shared memory: kStages - 1 in flight while one is read (D = 128: fewer, to keep 3 CTAs per SM).
+template <int D>
+constexpr int stages() { return D == 128 ? 4 : 6; }
+// One stage: the tile's keys, then its scales; 16 bytes of slack because an unaligned scale run is copied from
+// the 16-byte boundary below it.
+template <int D>
+constexpr int stage_bytes() { return kTileKeys * D + kTileKeys * 4 + 16; }
+template <int D>
+constexpr size_t smem_bytes() {
+  return 1024 + kColumns * D + stages<D>() * stage_bytes<D>() + stages<D>() * 8 + kColumns * 4 + kMaxTilesPerCta * 4;
+}
 
 struct LogitsParams {
   const uint8_t* q;      // [rows, H, D] fp8 bytes
@@ -58,30 +72,29 @@ struct LogitsParams {
 
 template <int D, int H>
 __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const LogitsParams p) {
-  constexpr int N = 128;      // (query, head) columns of the CTA
-  constexpr int QB = N / H;   // queries of the CTA
-  constexpr int KS = D / 32;  // k-steps of one wgmma
-  constexpr int C = D / 16;   // 16-byte chunks of one row
-  static_assert(N % H == 0 && N % 16 == 0, "the column block must hold whole queries");
+  constexpr int QB = kColumns / H;  // queries of the CTA
+  constexpr int S = stages<D>();
+  constexpr int kKeyBytes = kTileKeys * D;
+  static_assert(kColumns % H == 0, "the column block must hold whole queries");
 
   extern __shared__ uint8_t smem_raw[];
-  // Swizzled tiles must start on a multiple of 8 rows * D bytes: align the carve-up to 1024 bytes.
-  uint8_t* smem = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
-  uint8_t* q_s = smem;                                                    // [N][D]
-  uint8_t* k_s = q_s + N * D;                                             // [kStages][kTileKeys][D]
-  float* ks_s = reinterpret_cast<float*>(k_s + kStages * kTileKeys * D);  // [kStages][kTileKeys]
-  float* coef_s = ks_s + kStages * kTileKeys;                             // [N]
+  // The swizzled query block must start on a multiple of 8 rows * D bytes: align the carve-up to 1024 bytes.
+  uint8_t* q_s = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
+  uint8_t* ring = q_s + kColumns * D;  // [S][stage_bytes]
+  uint64_t* full = reinterpret_cast<uint64_t*>(ring + S * stage_bytes<D>());  // [S]: the tile landed
+  float* coef_s = reinterpret_cast<float*>(full + S);  // [kColumns]
+  int* page_s = reinterpret_cast<int*>(coef_s + kColumns);  // [kMaxTilesPerCta], paged only
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wq = warp;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int seq = blockIdx.y / p.row_groups;
   const int j0 = (blockIdx.y % p.row_groups) * QB;  // first query of the CTA within its sequence
   const int nq = min(QB, p.rows_per_seq - j0);
   const int64_t row0 = static_cast<int64_t>(seq) * p.rows_per_seq + j0;
+  const bool paged = p.block_table != nullptr;
 
   // Key limit of the sequence and position of the CTA's first query.
   int64_t seq_keys, pos0;
-  if (p.block_table) {
+  if (paged) {
     seq_keys = min(static_cast<int64_t>(max(p.seq_lens[seq], 0)), static_cast<int64_t>(p.max_pages) * 64);
     pos0 = seq_keys - p.rows_per_seq + j0;
   } else {
@@ -90,97 +103,118 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   }
   const int64_t visible_end = min(min(pos0 + nq, seq_keys), p.out_cols);  // keys any query of the CTA sees
   const int64_t tile_begin = static_cast<int64_t>(blockIdx.x) * p.tiles_per_cta;
-  const int64_t tile_end = min(tile_begin + p.tiles_per_cta, (visible_end + kTileKeys - 1) / kTileKeys);
-  if (nq <= 0 || tile_begin >= tile_end) return;
+  const int ntiles = static_cast<int>(
+      min(static_cast<int64_t>(p.tiles_per_cta), (visible_end + kTileKeys - 1) / kTileKeys - tile_begin));
+  if (nq <= 0 || ntiles <= 0) return;
 
-  // Query block and its coefficients (zero for missing queries, which then add nothing).
-  for (int i = tid; i < N * C; i += kThreads) {
-    const int col = i / C, chunk = i % C;
-    const bool ok = col < nq * H;
-    const uint8_t* src = p.q + ((row0 * H + (ok ? col : 0)) * D + chunk * 16);
-    cp_async16(q_s + swz<D>(col, chunk), src, ok);
-  }
-  for (int i = tid; i < N; i += kThreads) coef_s[i] = i < nq * H ? p.coef[row0 * H + i] : 0.f;
-
-  // Row of key s of this sequence in p.k / p.k_scale (a cache slot when paged), or -1 past the sequence or for a
-  // page id out of range (zero-filled, never read).
-  auto key_row = [&](int64_t s) -> int64_t {
-    if (s >= seq_keys) return -1;
-    if (!p.block_table) return s;
-    const int page = p.block_table[seq * p.bt_stride + (s >> 6)];
-    return page >= 0 && page < p.num_pages ? static_cast<int64_t>(page) * 64 + (s & 63) : -1;
-  };
-  auto load_tile = [&](int64_t tile, int stage_idx) {
-    uint8_t* dst = k_s + stage_idx * kTileKeys * D;
-    const int64_t key0 = tile * kTileKeys;
-    for (int i = tid; i < kTileKeys * C; i += kThreads) {
-      const int r = i / C, chunk = i % C;
-      const int64_t row = key_row(key0 + r);
-      cp_async16(dst + swz<D>(r, chunk), p.k + (row < 0 ? 0 : row * D + chunk * 16), row >= 0);
+  if (paged)
+    for (int i = tid; i < ntiles; i += kThreads) {
+      const int page = p.block_table[seq * p.bt_stride + tile_begin + i];
+      page_s[i] = page >= 0 && page < p.num_pages ? page : -1;
     }
-    for (int r = tid; r < kTileKeys; r += kThreads) {
-      const int64_t row = key_row(key0 + r);
-      cp_async4(ks_s + stage_idx * kTileKeys + r, p.k_scale + (row < 0 ? 0 : row), row >= 0);
-    }
-  };
-
-  // Ring of kStages key tiles: tile t lives in stage t % kStages; the refill issued with tile t goes to tile
-  // t - 2's stage, kStages - 2 tiles ahead.
-  constexpr int kAhead = kStages - 2;  // tiles loaded before the first wait
-#pragma unroll
-  for (int st = 0; st < kAhead; ++st) {
-    if (tile_begin + st < tile_end) load_tile(tile_begin + st, st);
-    cp_async_commit();
+  if (tid == 0) {
+    for (int st = 0; st < S; ++st) mbarrier_init(full + st, 1);
+    fence_mbarrier_init();
   }
-  __syncthreads();  // coef_s
-  const int g = lane >> 2, tig = lane & 3;
-  // B fragments of the head-sum GEMM (K = the N (query, head) columns, one output column per query): block
-  // diagonal, B[c][q] = coef[c] if column c belongs to query q. K-step m covers columns 16m..16m+15, whose queries
-  // all fall in output tile nt_of(m); this thread's entries are rows 2tig, 2tig+1 (+8) and output column g.
-  constexpr int KM = N / 16;            // k-steps of the head-sum GEMM
-  constexpr int NO = (QB + 7) / 8;      // its 8-query output tiles
+  __syncthreads();  // page ids and barriers
+  // Prefill keys are read again by every query block of the chunk: keep them in L2 (evict_first there ran at
+  // 484 instead of 521 TFLOP/s at 128K, the score stream pushing keys out). Decode pages are streamed.
+  const uint64_t policy = paged ? l2_evict_first_policy() : l2_evict_last_policy();
+  auto issue = [&](int i) {  // thread 0 only: tile tile_begin + i into stage i % S
+    const int st = i % S;
+    uint8_t* dst = ring + st * stage_bytes<D>();
+    if (paged) {
+      const int page = page_s[i];
+      if (page < 0) return mbarrier_arrive_expect_tx(full + st, 0);
+      mbarrier_arrive_expect_tx(full + st, kKeyBytes + kTileKeys * 4);
+      bulk_copy_g2s(dst, p.k + static_cast<int64_t>(page) * kKeyBytes, kKeyBytes, full + st, policy);
+      bulk_copy_g2s(dst + kKeyBytes, p.k_scale + static_cast<int64_t>(page) * kTileKeys, kTileKeys * 4, full + st,
+                    policy);
+      return;
+    }
+    // Contiguous scales are copied from the 16-byte boundary at or below the tile's first one (bulk copies need
+    // 16-byte addresses and sizes; the bytes around the run lie in the same 16-byte pieces of the same
+    // allocation), so the tile's scale r sits at float shift + r of its stage (the same shift for every tile:
+    // they start 256 bytes apart).
+    const int64_t key0 = (tile_begin + i) * kTileKeys;
+    const int rows = static_cast<int>(min(static_cast<int64_t>(kTileKeys), seq_keys - key0));
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p.k_scale + key0);
+    const uintptr_t lo = a & ~uintptr_t{15}, hi = (a + 4 * rows + 15) & ~uintptr_t{15};
+    mbarrier_arrive_expect_tx(full + st, rows * D + static_cast<uint32_t>(hi - lo));
+    bulk_copy_g2s(dst, p.k + key0 * D, rows * D, full + st, policy);
+    bulk_copy_g2s(dst + kKeyBytes, reinterpret_cast<const void*>(lo), static_cast<uint32_t>(hi - lo), full + st,
+                  policy);
+  };
+  if (tid == 0)
+    for (int i = 0; i < S && i < ntiles; ++i) issue(i);
+
+  // Query block (permuted for the RS fragments; zero for missing queries, which then add nothing) and its
+  // coefficients.
+  const int shift = paged ? 0 : static_cast<int>((reinterpret_cast<uintptr_t>(p.k_scale) & 15) >> 2);
+  stage_rs_queries<D, kColumns, kThreads>(p.q + row0 * H * D, nq * H, q_s, tid);
+  for (int i = tid; i < kColumns; i += kThreads) coef_s[i] = i < nq * H ? p.coef[row0 * H + i] : 0.f;
+  fence_async_shared();  // the query block is read by wgmma (async proxy)
+  __syncthreads();
+  // B fragments of the head-sum GEMM (K = the kColumns (query, head) columns, one output column per query):
+  // block diagonal, B[c][q] = coef[c] if column c belongs to query q. K-step m covers columns 16m..16m+15, whose
+  // queries all fall in output tile (16m / H) / 8; this thread's entries are rows 2t, 2t+1 (+8) and output column g.
+  constexpr int KM = kColumns / 16;  // k-steps of the head-sum GEMM
+  constexpr int NO = (QB + 7) / 8;   // its 8-query output tiles
   uint32_t bcoef[KM][2];
 #pragma unroll
   for (int m = 0; m < KM; ++m) {
     const int q = ((16 * m) / H / 8) * 8 + g;  // output column of this thread
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-      const int c = 16 * m + 8 * half + 2 * tig;
+      const int c = 16 * m + 8 * half + 2 * t;
       const float lo = c / H == q ? coef_s[c] : 0.f, hi = (c + 1) / H == q ? coef_s[c + 1] : 0.f;
       bcoef[m][half] = pack_bf16x2(lo, hi);
     }
   }
+  // One wgmma chain per tile, then the head sum. Measured and not kept (NOTES.md): splitting the block into 2 or
+  // 4 chains so the head sum of one overlaps the next (no gain), a producer warp with two consumer warpgroups
+  // sharing the key tiles (no gain; one CTA per SM), a pipeline across tiles (ptxas serialised every wgmma).
   const uint64_t desc_q = smem_desc<D>(q_s);
-  // Each tile: wgmma, wait, epilogue. Overlapping tile t's wgmma with tile t-1's epilogue (two accumulator
-  // sets, v5) needed 210 registers, halved the CTAs per SM and ran at 263 instead of 449 TFLOP/s (NOTES.md).
-  float acc[N / 2];
-#pragma unroll
-  for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+  const int r0 = 16 * warp + g;  // this thread's key rows in a tile: r0 and r0 + 8
+  constexpr int P = (KM / NO >= 4 && NO == 1) ? 4 : (KM / NO >= 2 ? 2 : 1);  // partial sums per output tile
 
-  // Waits for tile `tile`, refills the stage of tile - 2 (tile - 1's is free too; kept simple), issues the wgmma.
-  auto issue = [&](int64_t tile) {
-    cp_async_wait_group<kAhead - 1>();
-    fence_async_shared();
-    __syncthreads();  // tile `tile` landed; tile - 2's wgmma and epilogue are done in every warp
-    const int64_t next = tile + kAhead;
-    if (next < tile_end) load_tile(next, static_cast<int>((next - tile_begin) % kStages));
-    cp_async_commit();
-    const uint64_t desc_k = smem_desc<D>(k_s + ((tile - tile_begin) % kStages) * kTileKeys * D);
+  for (int i = 0; i < ntiles; ++i) {
+    const int st = i % S;
+    mbarrier_wait_parity(full + st, (i / S) & 1);
+    const uint8_t* tile = ring + st * stage_bytes<D>();
+    const int64_t key0 = (tile_begin + i) * kTileKeys;
+    const bool page_ok = !paged || page_s[i] >= 0;
+    KeySlice<D> ka[2];
+    float ksc[2];
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = r0 + 8 * hf;
+      const bool valid = page_ok && key0 + r < seq_keys;
+      load_key_slice(ka[hf], tile + r * D, t, valid);
+      ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kKeyBytes)[shift + r] : 0.f;
+    }
+    __syncthreads();  // every thread has its registers: stage st can be refilled
+    if (tid == 0 && i + S < ntiles) issue(i + S);
+
+    float acc[kColumns / 2];
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < KS; ++ks) wgmma_m64n128k32(acc, desc_k + 2 * ks, desc_q + 2 * ks, ks);
+    for (int k = 0; k < D / 32; ++k) {
+      uint32_t a[4];
+      rs_fragment(a, ka[0], ka[1], k);
+      if (k == 0)
+        wgmma_m64n128k32_rs<false>(acc, a, desc_q);
+      else
+        wgmma_m64n128k32_rs<true>(acc, a, desc_q + 2 * k);
+    }
     wgmma_commit();
+    wgmma_wait<0>();
     fence_operands(acc);
-  };
 
-  auto epilogue = [&](int64_t tile) {
-    const int st = static_cast<int>((tile - tile_begin) % kStages);
-    // Epilogue: the head sum sum_h coef[q, h] * ReLU(dot[key, (q, h)]) as a bf16 tensor-core GEMM over this warp's
-    // 16 keys: the wgmma accumulator of two adjacent 8-column groups is exactly an m16n8k16 A fragment, so one
-    // cvt.rn.relu.bf16x2 per two values prepares it (the ReLU comes free with the conversion).
-    // KM / NO k-steps feed each output tile; P independent partial accumulators per tile keep the mma.sync
-    // dependency chains short (one accumulator made a chain of 8 mma latencies per tile for H_I = 16).
-    constexpr int P = (KM / NO >= 4 && NO == 1) ? 4 : (KM / NO >= 2 ? 2 : 1);
+    // Head sum as a bf16 tensor-core GEMM over this warp's 16 keys: the wgmma accumulator of two adjacent
+    // 8-column groups is exactly an m16n8k16 A fragment, so one cvt.rn.relu.bf16x2 per two values prepares it (the
+    // ReLU comes free with the conversion). P independent partial sums per output tile keep the mma.sync
+    // dependency chains short.
     float part[NO][P][4];
 #pragma unroll
     for (int o = 0; o < NO; ++o)
@@ -190,54 +224,38 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
         for (int e = 0; e < 4; ++e) part[o][pp][e] = 0.f;
 #pragma unroll
     for (int m = 0; m < KM; ++m) {
-      const uint32_t a[4] = {relu_bf16x2(acc[8 * m + 0], acc[8 * m + 1]), relu_bf16x2(acc[8 * m + 2], acc[8 * m + 3]),
-                             relu_bf16x2(acc[8 * m + 4], acc[8 * m + 5]), relu_bf16x2(acc[8 * m + 6], acc[8 * m + 7])};
+      const float* v = acc + 8 * m;
+      const uint32_t a[4] = {relu_bf16x2(v[0], v[1]), relu_bf16x2(v[2], v[3]), relu_bf16x2(v[4], v[5]),
+                             relu_bf16x2(v[6], v[7])};
       mma_bf16_m16n8k16(part[(16 * m) / H / 8][m % P], a, bcoef[m]);
     }
-    float out_acc[NO][4];
-#pragma unroll
-    for (int o = 0; o < NO; ++o)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        out_acc[o][e] = part[o][0][e];
-#pragma unroll
-        for (int pp = 1; pp < P; ++pp) out_acc[o][e] += part[o][pp][e];
-      }
+
     // Scale by the key's k_scale and store: one instruction writes 8 consecutive keys of 4 queries (4 sectors).
-    const float* kscale = ks_s + st * kTileKeys;
-    const int64_t key0 = tile * kTileKeys;
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int key = wq * 16 + hf * 8 + g;
-      const float sk = kscale[key];
-      if (key0 + key >= p.out_cols) continue;
-      float* out_col = p.out + row0 * p.ld + key0 + key;
+      const int64_t key = key0 + r0 + 8 * hf;
+      if (key >= p.out_cols) continue;
+      float* out_col = p.out + row0 * p.ld + key;
 #pragma unroll
       for (int o = 0; o < NO; ++o)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int qi = o * 8 + 2 * tig + e;
-          if (qi < nq) out_col[qi * p.ld] = out_acc[o][2 * hf + e] * sk;
+          const int qi = o * 8 + 2 * t + e;
+          float v = part[o][0][2 * hf + e];
+#pragma unroll
+          for (int pp = 1; pp < P; ++pp) v += part[o][pp][2 * hf + e];
+          if (qi < nq) out_col[qi * p.ld] = v * ksc[hf];
         }
     }
-  };
-
-  for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
-    issue(tile);
-    wgmma_wait<0>();
-    fence_operands(acc);
-    epilogue(tile);
   }
-  cp_async_wait_all();
 }
 
 template <int D, int H>
 void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t stream) {
-  constexpr int N = 128;
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
-  constexpr int QB = N / H;
-  const size_t smem = 1024 + N * D + kStages * kTileKeys * D + (kStages * kTileKeys + N) * sizeof(float);
+  constexpr int QB = kColumns / H;
+  constexpr size_t smem = smem_bytes<D>();
   auto kernel = indexer_logits_kernel<D, H>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   LogitsParams q = p;
@@ -245,7 +263,7 @@ void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t str
   // Enough CTAs to fill the GPU several times over, each walking a run of key tiles.
   const int64_t ctas_per_tile = static_cast<int64_t>(q.row_groups) * num_seqs;
   q.tiles_per_cta = static_cast<int>(std::max<int64_t>(
-      1, std::min<int64_t>(32, static_cast<int64_t>(num_tiles) * ctas_per_tile / (sms * 32))));
+      1, std::min<int64_t>(kMaxTilesPerCta, static_cast<int64_t>(num_tiles) * ctas_per_tile / (sms * 32))));
   const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, q.row_groups * num_seqs);
   KEYE_CHECK(ctas_per_tile <= 65535, "keye.indexer_logits: ", ctas_per_tile, " query blocks of ", QB,
              " queries in one call exceed the grid limit of 65535; pass fewer query rows per call");

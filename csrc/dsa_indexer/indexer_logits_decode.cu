@@ -8,13 +8,8 @@
 // registers, the 16 columns = N from shared memory). The head sum runs in fp32 on CUDA cores (4 columns per
 // thread, two shuffles), cheap at N = 16 and exact up to fp32 rounding.
 //
-// Why a thread can read contiguous bytes: the A fragment of lane 4g + t holds columns 4t..4t+3 and 16+4t..16+4t+3
-// of each 32-byte k-step, i.e. 4-byte pieces 16 bytes apart in a key row. A dot product does not depend on the
-// order of D, so the kernel gives lane t the contiguous bytes [t * D/4, (t + 1) * D/4) of its two rows (one
-// 16-byte shared load per row for D = 64, conflict-free: a warp reads 8 whole consecutive rows) and presents
-// them to the tensor core as the fragment's columns; the query block in shared memory is permuted the same way
-// (physical 4-byte group t * D/16 + 2 * ks + h  <->  logical group 8 * ks + 4 * h + t), so each product still
-// pairs a q byte with the k byte of the same original index. The cache keeps its natural layout.
+// Keys reach the tensor core as the register operand in a permuted D order (rs_logical_group in
+// dsa_device.cuh): 16-byte, conflict-free shared loads, and the cache keeps its natural layout.
 //
 // Measured (H200, B = 64, 128K context, NOTES.md): loading the fragments straight from global memory into
 // registers, three pages ahead, reached 66% of copy bandwidth; this ring 83-85%. The register version's
@@ -36,12 +31,6 @@ constexpr int kTileKeys = 64;  // one wgmma M tile = one cache page
 constexpr int kColumns = 16;   // (query, head) columns: the wgmma N
 constexpr int kStages = 6;     // pages in shared memory: kStages - 1 in flight while one is read
 constexpr int kMaxDecodeTilesPerCta = 16;  // pages one CTA walks (their ids are staged in shared memory)
-
-// This thread's D / 4 bytes of one key row (D / 16 words); zero when the row is not visible.
-template <int D>
-struct KeySlice {
-  uint32_t w[D / 16];
-};
 
 // The CTA's sequence, query rows and run of pages.
 struct CtaWork {
@@ -67,16 +56,8 @@ __device__ __forceinline__ CtaWork cta_work(const DecodeLogitsArgs& p) {
 template <int D, int H>
 __device__ __forceinline__ void stage_queries(const DecodeLogitsArgs& p, const CtaWork& w, uint8_t* q_s,
                                               float* coef_s, int* page_s) {
-  constexpr int G = D / 4;  // 4-byte groups of one row
   const int tid = threadIdx.x;
-  for (int i = tid; i < kColumns * G; i += kThreads) {
-    const int col = i / G, lg = i % G;          // logical group lg = 8 * ks + 4 * h + tt
-    const int ks = lg / 8, h = (lg / 4) & 1, tt = lg & 3;
-    const int pg = tt * (D / 16) + 2 * ks + h;  // where that group sits in memory
-    uint32_t v = 0;
-    if (col < w.nq * H) v = *reinterpret_cast<const uint32_t*>(p.q + (w.row0 * H + col) * D + 4 * pg);
-    *reinterpret_cast<uint32_t*>(q_s + swz<D>(col, lg / 4) + 4 * (lg % 4)) = v;
-  }
+  stage_rs_queries<D, kColumns, kThreads>(p.q + w.row0 * H * D, w.nq * H, q_s, tid);
   if (tid < kColumns) coef_s[tid] = tid < w.nq * H ? p.coef[w.row0 * H + tid] : 0.f;
   for (int i = tid; i < w.ntiles; i += kThreads) {
     const int page = p.block_table[w.seq * p.bt_stride + w.tile_begin + i];
@@ -128,7 +109,8 @@ __device__ __forceinline__ void tile_wgmma(float (&acc)[8], const KeySlice<D>& l
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < D / 32; ++ks) {
-    const uint32_t a[4] = {lo.w[2 * ks], hi.w[2 * ks], lo.w[2 * ks + 1], hi.w[2 * ks + 1]};
+    uint32_t a[4];
+    rs_fragment(a, lo, hi, ks);
     wgmma_m64n16k32_rs(acc, a, desc_q + 2 * ks, ks);
   }
   wgmma_commit();
@@ -192,18 +174,7 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
     for (int hf = 0; hf < 2; ++hf) {
       const int r = r0 + 8 * hf;
       const bool valid = page_ok && key0 + r < w.seq_keys;
-      const uint8_t* src = tile + r * D + t * (D / 4);
-#pragma unroll
-      for (int k = 0; k < D / 16; k += (D == 32 ? 2 : 4)) {
-        if constexpr (D == 32) {
-          const uint2 v = *reinterpret_cast<const uint2*>(src);
-          ka[hf].w[0] = valid ? v.x : 0u, ka[hf].w[1] = valid ? v.y : 0u;
-        } else {
-          const uint4 v = *reinterpret_cast<const uint4*>(src + 4 * k);
-          ka[hf].w[k] = valid ? v.x : 0u, ka[hf].w[k + 1] = valid ? v.y : 0u;
-          ka[hf].w[k + 2] = valid ? v.z : 0u, ka[hf].w[k + 3] = valid ? v.w : 0u;
-        }
-      }
+      load_key_slice(ka[hf], tile + r * D, t, valid);
       ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kPageBytes)[r] : 0.f;
     }
     __syncthreads();  // every thread has its registers: stage st can be refilled (next iteration's issue)
