@@ -159,6 +159,12 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     s[8, 99999] = float("inf")
     s[8, 5] = float("-inf")
     s[9] = torch.linspace(-1, 1, L, device=DEV)  # every selected element in the row's last segment
+    # A sample that misleads the one-CTA kernel's first try: its 32 sample chunks (stride (n / 32) & ~3, 128 long)
+    # see 60 elements of 5.0, but topk elements of 4.0 lie outside them, so the collected list is too short.
+    s[10] = torch.randn(L, device=DEV) * 0.1
+    stride = (lens[10] // 32) & ~3
+    s[10, 5 * stride: 5 * stride + 60] = 5.0
+    s[10, lens[10] - 1000: lens[10] - 1000 + topk + 44] = 4.0
     if path == "one CTA per row":
         extra = 2 * torch.cuda.get_device_properties(DEV).multi_processor_count + 1
         s = torch.cat([s, torch.randn(extra, L, device=DEV)])

@@ -9,10 +9,14 @@
 // column, identically on every run.
 // Where the row lives:
 //   rows up to `cap_keys` long are read from global memory once, into shared memory, and selected there;
-//   longer rows get the first histogram from global memory, then the elements at or above its threshold bin
-//   (usually a few thousand) are collected, in column order, into shared memory as (key, column) pairs, and the
-//   remaining steps run on that list (two reads of the row in all); if even that list does not fit, every step
-//   reads the row from global memory (correct, slower: many exact ties near the threshold).
+//   rows of kSampleMinLength or more: a sample of the row (kSampleChunks contiguous chunks spread over it, 4096
+//   elements) gives a first-digit bin that about 2 * topk elements of the row should reach; one pass collects
+//   the elements at or above it, in column order, into shared memory as (key, column) pairs, and if at least
+//   topk and at most the list's capacity were found, the exact selection runs on that list (one read of the
+//   row). Otherwise (a sample that misled, or too many elements in that bin), and for rows between the two
+//   lengths, the first histogram is taken over the whole row and the elements at or above its threshold bin are
+//   collected (two reads); if even that list does not fit, every step reads the row from global memory (correct,
+//   slower: many exact ties near the threshold).
 // The first step's 13 bits (sign, exponent, 4 mantissa bits) matter: with v1's 11 bits the scores of a row crowd
 // into a handful of quarter-octave bins (same-address atomics, and a threshold bin that can overflow the list;
 // going to 14 bits cut the 128K layer from 74 to 43 ms, NOTES.md).
@@ -36,6 +40,11 @@ constexpr int kFirstBits = 13;  // 1/16-octave bins (estimate for Gaussian-like 
 constexpr int kBins = 1 << kFirstBits;
 constexpr int kItems = 8;                 // consecutive elements per thread and pass
 constexpr int kMaxSmemData = 80 * 1024;  // row cache / candidate list (with the 32 KB histogram: ~113 KB)
+constexpr int kSampleChunks = 32;        // the sample of a long row: chunks of kSampleChunkLen elements
+constexpr int kSampleChunkLen = kThreads * kItems / kSampleChunks;  // 128: one pass of the block
+// Rows at least this long try the sample first. Measured on the H200 (prefill, every row over 20K columns trying
+// it): 128K layer 33.8 -> 30.2 ms of top-k, but 32K 3.3 -> 3.9 ms and 64K 9.8 -> 10.6 ms.
+constexpr int kSampleMinLength = 65536;
 
 __device__ __forceinline__ uint32_t order_key(float x) {
   if (x != x) x = -INFINITY;
@@ -109,6 +118,16 @@ struct SmemKeys {
     }
   }
   __device__ int col(int i) const { return i; }
+};
+// The sample of a long row: element i is element (i / kSampleChunkLen) * stride + i % kSampleChunkLen of the row
+// (stride a multiple of 4, so 4 consecutive sample elements are one aligned vector).
+struct RowSample {
+  const float* row;
+  int stride;
+  __device__ void load4(int i0, int, uint32_t (&k)[4]) const {  // every sample element lies inside the row
+    const int pos = (i0 / kSampleChunkLen) * stride + i0 % kSampleChunkLen;
+    GlobalRow{row}.load4(pos, pos + 4, k);
+  }
 };
 struct SmemList : SmemKeys {
   const int* cols;
@@ -254,6 +273,33 @@ __device__ void emit_all(const float* row, int n, int topk, int* out_idx, float*
   }
 }
 
+// Collects the elements at or above th's bin, in column order, as (key, column) pairs: at most cap of them are
+// stored; returns how many there are (all of them, stored or not).
+__device__ int collect(const GlobalRow& src, int n, const Threshold& th, int cap, Shared& sh, uint32_t* lkeys,
+                       int* lcols) {
+  int len = 0;
+  for (int base = 0; base < n; base += kThreads * kItems) {
+    const int i0 = base + threadIdx.x * kItems;
+    uint32_t k[kItems];
+    load_items(src, i0, n, k);
+    int c = 0;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) c += (i0 + e < n) && (k[e] & th.mask) >= th.prefix;
+    int total;
+    int pos = len + block_exclusive_scan(c, sh, &total);
+#pragma unroll
+    for (int e = 0; e < kItems; ++e) {
+      if (i0 + e < n && (k[e] & th.mask) >= th.prefix) {
+        if (pos < cap) lkeys[pos] = k[e], lcols[pos] = i0 + e;
+        ++pos;
+      }
+    }
+    len += total;
+  }
+  __syncthreads();
+  return len;
+}
+
 __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols,
                                                              const int* __restrict__ lengths, int topk,
                                                              int offset, int* __restrict__ indices,
@@ -291,39 +337,32 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
     return;
   }
   const GlobalRow grow{row};
-  radix_step(grow, n, 32 - kFirstBits, kFirstBits, th, sh);
   const int cap_pairs = cap_keys / 2;
+  uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
+  int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
+  // First try: the first-digit bin that ~2 * topk elements reach in a sample (rank scaled to the sample's size),
+  // and one pass that collects every element at or above it.
+  if (n >= kSampleMinLength) {
+    constexpr int kSample = kSampleChunks * kSampleChunkLen;
+    Threshold est;
+    est.need = min(kSample, static_cast<int>((2LL * topk * kSample + n - 1) / n) + 32);
+    radix_step(RowSample{row, (n / kSampleChunks) & ~3}, kSample, 32 - kFirstBits, kFirstBits, est, sh);
+    const int len = collect(grow, n, est, cap_pairs, sh, lkeys, lcols);
+    if (len >= topk && len <= cap_pairs) {
+      const SmemList list{{lkeys}, lcols};
+      radix_step(list, len, 32 - kFirstBits, kFirstBits, th, sh);
+      finish_and_emit(list, len, th, sh, topk, out_idx, out_sc, offset);
+      return;
+    }
+  }
+  radix_step(grow, n, 32 - kFirstBits, kFirstBits, th, sh);
   if (th.done || topk - th.need + sh.hist[sh.sel_bin] > cap_pairs) {  // list would not fit: stay in global
     finish_and_emit(grow, n, th, sh, topk, out_idx, out_sc, offset);
     return;
   }
-  // Collect the elements at or above the threshold bin, in column order, as (key, column) pairs.
-  uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
-  int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
-  int len = 0;
-  for (int base = 0; base < n; base += kThreads * kItems) {
-    const int i0 = base + threadIdx.x * kItems;
-    uint32_t k[kItems];
-    load_items(grow, i0, n, k);
-    int c = 0;
-#pragma unroll
-    for (int e = 0; e < kItems; ++e) c += (i0 + e < n) && (k[e] & th.mask) >= th.prefix;
-    int total;
-    int pos = len + block_exclusive_scan(c, sh, &total);
-#pragma unroll
-    for (int e = 0; e < kItems; ++e) {
-      if (i0 + e < n && (k[e] & th.mask) >= th.prefix) {
-        lkeys[pos] = k[e];
-        lcols[pos] = i0 + e;
-        ++pos;
-      }
-    }
-    len += total;
-  }
-  __syncthreads();
+  const int len = collect(grow, n, th, cap_pairs, sh, lkeys, lcols);
   finish_and_emit(SmemList{{lkeys}, lcols}, len, th, sh, topk, out_idx, out_sc, offset);
 }
-
 
 // ---- Few long rows (decode): each row split over many CTAs, three kernels. ----
 // One CTA per row leaves most SMs idle when there are fewer rows than SMs, and one CTA alone cannot keep enough
