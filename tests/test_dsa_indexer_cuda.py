@@ -80,13 +80,9 @@ def test_rotate_quantize_is_bit_exact(D, dtype):
     assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8))
 
 
-@pytest.mark.parametrize("H,D", list(itertools.product(ref.HEADS, ref.HEAD_DIMS)))
-def test_logits_match_reference(H, D):
-    N = random.choice([130, 257, 300])
-    q_pos0 = random.choice([0, 37])
-    R = N - q_pos0
-    q8, qs, w, k8, ks = make_inputs(N, H, D)
-    q8, qs, w = q8[q_pos0:], qs[q_pos0:], w[q_pos0:]
+def _check_logits(q8, qs, w, k8, ks, q_pos0):
+    """indexer_logits for queries at positions q_pos0.. against the reference, every visible (query, key)."""
+    N, R, D = k8.shape[0], q8.shape[0], k8.shape[1]
     coef = (w * qs * D ** -0.5).contiguous()
     ld = (N + 3) // 4 * 4 + 4
     poison_next_alloc(R * ld * 4)
@@ -97,48 +93,25 @@ def test_logits_match_reference(H, D):
     assert_scores_close(out[rows, cols], q8, qs, w, k8, ks, rows, cols)
 
 
+@pytest.mark.parametrize("H,D", list(itertools.product(ref.HEADS, ref.HEAD_DIMS)))
+def test_logits_match_reference(H, D):
+    N = random.choice([130, 257, 300])
+    q_pos0 = random.choice([0, 37])
+    q8, qs, w, k8, ks = make_inputs(N, H, D)
+    _check_logits(q8[q_pos0:], qs[q_pos0:], w[q_pos0:], k8, ks, q_pos0)
+
+
 @pytest.mark.parametrize("H,D", [(16, 64), (4, 32), (64, 128)])
 @pytest.mark.parametrize("scale_offset", [0, 1, 3])
 def test_logits_long_rows_and_unaligned_scales(H, D, scale_offset):
     """Rows over many key tiles (several CTAs per row, each wrapping its ring of stages), a last tile holding one
     key, and k_scale views 4 or 12 bytes off a 16-byte boundary (the kernel copies scales in 16-byte pieces)."""
     N = 64 * 75 + 1
-    R = random.choice([40, 130])
-    q_pos0 = N - R
+    q_pos0 = N - random.choice([40, 130])
     q8, qs, w, k8, ks = make_inputs(N, H, D)
-    q8, qs, w = q8[q_pos0:], qs[q_pos0:], w[q_pos0:]
     ks = torch.cat([torch.full((scale_offset,), float("nan"), device=DEV), ks])[scale_offset:]
     assert (ks.data_ptr() % 16 == 0) == (scale_offset == 0)
-    coef = (w * qs * D ** -0.5).contiguous()
-    ld = (N + 3) // 4 * 4
-    poison_next_alloc(R * ld * 4)
-    out = torch.empty(R, ld, device=DEV)
-    torch.ops.keye.indexer_logits(q8, coef, k8, ks, q_pos0, out)
-    vis = torch.arange(N, device=DEV) <= (q_pos0 + torch.arange(R, device=DEV)).unsqueeze(1)
-    rows, cols = vis.nonzero(as_tuple=True)
-    assert_scores_close(out[rows, cols], q8, qs, w, k8, ks, rows, cols)
-
-
-@pytest.mark.parametrize("H,D,n", [(16, 64, 2), (64, 32, 1), (4, 128, 40)])
-def test_paged_logits_wide_match_reference(H, D, n):
-    """More than 16 (query, head) columns per sequence: the 128-column kernel over the paged cache; sequences
-    longer than one CTA's run of pages, a page id out of range past the sequence, padding queries."""
-    lens = [n, 63 + n, 64 * 70 + 5, 64 * 33]
-    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
-    block_table[-1, -1] = k_cache.shape[0] + 5  # past the last sequence's pages: never read
-    coef = (w * qs * D ** -0.5).contiguous()
-    cols = block_table.shape[1] * 64
-    poison_next_alloc(len(lens) * n * cols * 4)
-    out = torch.empty(len(lens) * n, cols, device=DEV)
-    with ops.index_checks(False):
-        torch.ops.keye.indexer_logits_paged(q8, coef, k_cache, k_scale_cache, block_table, seq_lens, out)
-    for b, L in enumerate(lens):
-        pages = block_table[b, : math.ceil(L / 64)].long()
-        keys = k_cache[pages].reshape(-1, D)[:L]
-        kscale = k_scale_cache[pages].reshape(-1)[:L]
-        vis = torch.arange(L, device=DEV) <= (L - n + torch.arange(n, device=DEV)).unsqueeze(1)
-        rows, cols_ = vis.nonzero(as_tuple=True)
-        assert_scores_close(out[b * n + rows, cols_], q8[b], qs[b], w[b], keys, kscale, rows, cols_)
+    _check_logits(q8[q_pos0:], qs[q_pos0:], w[q_pos0:], k8, ks, q_pos0)
 
 
 @pytest.mark.parametrize("path", ["split rows", "one CTA per row"])
@@ -278,19 +251,24 @@ def test_decode_matches_reference(H, D, n):
         assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
 
 
-@pytest.mark.parametrize("H,D,n", [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4),
-                                   (4, 32, 3)])
-def test_paged_logits_narrow_match_reference(H, D, n):
-    """The streaming decode kernel (n * H_I <= 16: pages by bulk copy, keys to wgmma from registers in a permuted
-    D order) against the reference scores, every visible key of every sequence; uneven lengths, sequences longer
-    than one CTA's run of pages (ring wrap-around), padding queries in the 16-column block."""
-    lens = [n, 63, 64 * 70 + 5, 64 * 300, 1000]
+NARROW = [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4), (4, 32, 3)]
+WIDE = [(16, 64, 2), (64, 32, 1), (4, 128, 40)]
+
+
+@pytest.mark.parametrize("H,D,n", NARROW + WIDE)
+def test_paged_logits_match_reference(H, D, n):
+    """Paged scores against the reference, every visible key of every sequence: n * H_I <= 16 runs the streaming
+    decode kernel, more columns the 128-column kernel; uneven lengths, sequences longer than one CTA's run of
+    pages (ring wrap-around), padding queries, a page id out of range past the last sequence (never read)."""
+    lens = [n, 63 + n, 64 * 70 + 5, 64 * 300, 1000]
     q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
+    block_table[-1, -1] = k_cache.shape[0] + 5
     coef = (w * qs * D ** -0.5).contiguous()
     cols = block_table.shape[1] * 64
     poison_next_alloc(len(lens) * n * cols * 4)
     out = torch.empty(len(lens) * n, cols, device=DEV)
-    torch.ops.keye.indexer_logits_paged(q8, coef, k_cache, k_scale_cache, block_table, seq_lens, out)
+    with ops.index_checks(False):
+        torch.ops.keye.indexer_logits_paged(q8, coef, k_cache, k_scale_cache, block_table, seq_lens, out)
     for b, L in enumerate(lens):
         pages = block_table[b, : math.ceil(L / 64)].long()
         keys = k_cache[pages].reshape(-1, D)[:L]
