@@ -30,7 +30,8 @@ inline void check_float4_rows(const at::Tensor& t, const char* op, const char* n
              dims_str(t.strides()));
 }
 
-// The kernels move q and key rows in 16-byte pieces (cp.async, bulk copies): a view at an odd offset would fault.
+// The kernels move q and key rows in 16-byte pieces (vector loads, bulk copies): a view at an odd offset would
+// fault.
 inline void check_aligned16(const at::Tensor& t, const char* op, const char* name) {
   KEYE_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "keye.", op, ": argument '", name,
              "' must start on a 16-byte boundary (the kernels copy it in 16-byte pieces); it is a view at an "

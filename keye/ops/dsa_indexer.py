@@ -9,8 +9,8 @@ Semantics (scores, tie rule, output order, index conventions): keye/ops/referenc
 scores come from FP8 tensor cores with the head sum as a bf16 tensor-core GEMM (prefill, and decode with more
 than 16 (query, head) columns per sequence): each head's term is rounded to bf16, so a score is within ~6e-3 of
 the sum of its |terms| of the reference's (exact float64 sums rounded once); decode with at most 16 columns
-(Keye: one query x 16 heads) sums heads in fp32. Near-tied keys may therefore swap at the selection boundary. The selection itself is exact on the kernel's
-scores (ties to lower positions) and identical run to run.
+(Keye: one query x 16 heads) sums heads in fp32. Near-tied keys may therefore swap at the selection boundary.
+The selection itself is exact on the kernel's scores (ties to lower positions) and identical run to run.
 
 Prefill works through the sequences in query chunks: the chunk's scores [rows, keys] (fp32, at most
 max_chunk_bytes) are written by the score kernel and read by the top-k kernel; no T x T matrix exists.
