@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 _FLUSH_BYTES = 256 << 20  # > 4x the H200's 60 MB L2
+_QUEUE_AHEAD_CYCLES = 2_000_000  # ~1 ms at the H200's ~2 GHz: longer than the host takes to launch a layer
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 50, warmup: int = 5) -> float:
@@ -41,10 +42,15 @@ def median_ms(fn: Callable[[], object], device: torch.device, reps: int = 50, wa
 
 
 def median_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, reps: int = 50,
-                          warmup: int = 3) -> dict[str, float]:
+                          warmup: int = 3, queue_ahead: bool = False) -> dict[str, float]:
     """Median time in ms of each fn, measured round-robin: every round calls each fn once (L2 flushed before each
     call), so clock and power drift over a long run weigh on every contender alike. On the H200, back-to-back
-    blocks of one kernel then the other differed by up to 17% for the same kernel depending on its position."""
+    blocks of one kernel then the other differed by up to 17% for the same kernel depending on its position.
+
+    queue_ahead: the GPU spins ~1 ms (torch.cuda._sleep) before the start event, so the host has enqueued all of
+    fn's kernels before the GPU reaches them: the time fn takes inside a model, where the previous layer's kernels
+    keep the GPU busy while the host launches this one. Without it, the host's launch latency up to fn's first
+    kernels is part of the time (the 'one call' figure)."""
     if device.type != "cuda":
         return {name: median_ms(fn, device, reps, warmup) for name, fn in fns.items()}
     for fn in fns.values():
@@ -57,6 +63,8 @@ def median_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.de
     for i in range(reps):
         for name, fn in fns.items():
             flush.zero_()
+            if queue_ahead:
+                torch.cuda._sleep(_QUEUE_AHEAD_CYCLES)
             start, end = events[name][i]
             start.record()
             fn()

@@ -50,6 +50,8 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torc
     if (not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]
             and ids.shape[1] * down.shape[1] <= DECODE_MAX_ACTIVATIONS):
         return _decode(x, weights, ids, gate_up, down)
+    if not needs_grad:  # no autograd bookkeeping (host time before the first kernel: the GPU waits for it)
+        return _forward(x, weights, ids, gate_up, down)[0]
     return _MoeLayer.apply(x, weights, ids, gate_up, down)
 
 
@@ -59,15 +61,20 @@ def _decode(x, weights, ids, gate_up, down):
     return keye.moe_decode_down(keye.moe_decode_gate_up(x, ids, gate_up), ids, weights, down)
 
 
+def _forward(x, weights, ids, gate_up, down):
+    """out and what the backward needs: route -> permute -> gate_up -> SwiGLU -> down -> weighted combine."""
+    keye = torch.ops.keye
+    dest, src, offsets = keye.moe_route(ids, gate_up.shape[0], 1)
+    xs = keye.moe_permute(x, dest, src, None)
+    h = keye.moe_grouped_mm(xs, gate_up, offsets, False, -1)
+    y = keye.moe_grouped_mm(keye.moe_swiglu(h), down, offsets, False, -1)
+    return keye.moe_unpermute(y, dest, weights), dest, src, offsets, h, y
+
+
 class _MoeLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, ids, gate_up, down):
-        keye = torch.ops.keye
-        dest, src, offsets = keye.moe_route(ids, gate_up.shape[0], 1)
-        xs = keye.moe_permute(x, dest, src, None)
-        h = keye.moe_grouped_mm(xs, gate_up, offsets, False, -1)
-        y = keye.moe_grouped_mm(keye.moe_swiglu(h), down, offsets, False, -1)
-        out = keye.moe_unpermute(y, dest, weights)
+        out, dest, src, offsets, h, y = _forward(x, weights, ids, gate_up, down)
         # xs and the SwiGLU output are recomputed in backward (cheap) instead of kept; h and y are kept.
         ctx.save_for_backward(x, weights, dest, src, offsets, h, y, gate_up, down)
         return out
