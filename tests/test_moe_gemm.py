@@ -193,7 +193,8 @@ def test_swiglu_and_backward(R, I):
 @pytest.mark.parametrize("T,K,E,H,I,one", [(1, 8, 128, 2048, 768, False), (7, 8, 128, 2048, 768, False),
                                            (64, 8, 128, 2048, 768, False), (20, 2, 8, 64, 32, True),
                                            (3, 8, 64, 2048, 1408, False), (3, 4, 8, 256, 64, False),
-                                           (2, 8, 256, 7168, 2048, False), (5, 1, 4, 4160, 96, True)])
+                                           (2, 8, 256, 7168, 2048, False), (5, 1, 4, 4160, 96, True),
+                                           (1, 3, 8, 4160, 96, False), (600, 1, 8, 64, 32, False)])
 def test_decode_kernels(T, K, E, H, I, one):
     x = bf16(T, H)
     ids = random_topk_ids(T, K, E, unrouted=0.1, device="cuda")

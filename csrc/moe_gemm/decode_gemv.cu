@@ -13,14 +13,19 @@
 //   expert id and routing weight read a batch ahead), each row times weights[t, k] * a[t*K + k]: the down GEMM and
 //   the weighted combine in one fixed-order fp32 sum (deterministic, no atomics). Slots whose expert another token
 //   also uses read the weights again.
+//   Where the token's 64-column tiles are at least as many as the SMs (Keye from T = 5), down runs the stream-K
+//   kernel of decode_streamk.cu instead (equal row shares per CTA; 3-6% faster there).
 // Unrouted slots (id -1) give zero rows of a and add nothing to out; so do ids >= E, which only index checks
 // (on by default) report.
 //
-// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 17.0 us, down 12.0 us; one layer 29.8 us inside a CUDA graph
-// of 8 layers. Tried and measured slower (NOTES.md): gate_up's reduction split over a cluster of 4 CTAs (26.6 us:
-// short CTAs spend their life in barriers, prologue and epilogue), down as a cluster of K CTAs adding partial sums
-// through DSMEM (18.2 us), gate_up with three batches in flight in a cp.async ring in shared memory (22.6 us),
-// 16-column gate_up CTAs three per SM (18.9 us), and down launched as a programmatic dependent of gate_up (no gain).
+// Measured (H200, Keye shape, T = 1; NOTES.md): gate_up 16.8 us, down 11.6-12.0 us; one layer 29.8-30.6 us inside a
+// CUDA graph of 8 layers. Tried and measured slower (NOTES.md): gate_up's reduction split over a cluster of 4 CTAs
+// (26.6 us: short CTAs spend their life in barriers, prologue and epilogue), down as a cluster of K CTAs adding
+// partial sums through DSMEM (18.2 us), gate_up with three batches in flight in a cp.async ring in shared memory
+// (22.6 us), 16-column gate_up CTAs three per SM (18.9 us), down launched as a programmatic dependent of gate_up (no
+// gain), down prefetching its weights into shared memory while gate_up runs (gate_up at 45 us with the L1 that
+// leaves; branch decode-down-prefetch), and stream-K shares at T = 1 (gate_up 23.3 us, down 13.2 us: sibling CTAs
+// no longer read whole weight rows together; branch decode-streamk).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -32,15 +37,20 @@
 #include <climits>
 
 #include "common/check.h"
+#include "moe_gemm/decode_common.cuh"
+#include "moe_gemm/decode_streamk.h"
 #include "moe_gemm/grouped_gemm.h"
 
 namespace keye {
 namespace {
 
+using decode::fma_vec;
+using decode::kVecCols;
+using decode::reduce_rows;
+
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kCols = 32;       // output columns per CTA
-constexpr int kVecCols = 8;     // bf16 columns per 16-byte load
 constexpr int kStageRows = 2048;  // gate_up: reduction rows of activations staged at a time (fp32, per row of a group)
 
 // gate_up: 8 lanes per weight row (4 x 8 gate columns, 4 x 8 up columns), 32 rows per load round, batches of 8
@@ -65,38 +75,6 @@ struct DecodeParams {
   int n_out;               // I or H
   int num_experts;         // E
 };
-
-__device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const uint4& raw) {
-  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float2 f = __bfloat1622float2(h[i]);
-    acc[2 * i] = fmaf(xv, f.x, acc[2 * i]);
-    acc[2 * i + 1] = fmaf(xv, f.y, acc[2 * i + 1]);
-  }
-}
-
-// Sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in index
-// order) into part[c] for the CTA's kLaneVecs * kVecCols columns. Fixed order: deterministic. (gate_up and down)
-template <int kLaneVecs, int kNumWarps>
-__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kLaneVecs * kVecCols], float* part) {
-#pragma unroll
-  for (int off = kLaneVecs; off < 32; off <<= 1)
-#pragma unroll
-    for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  if (lane < kLaneVecs)
-#pragma unroll
-    for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
-  __syncthreads();
-  if (threadIdx.x < kLaneVecs * kVecCols) {
-    float s = 0.0f;
-#pragma unroll
-    for (int w = 0; w < kNumWarps; ++w) s += red[w][threadIdx.x];
-    part[threadIdx.x] = s;
-  }
-  __syncthreads();
-}
 
 // gate_up: one batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as
 // zero).
@@ -398,6 +376,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   if (T == 0) return out;
   if (a.size(1) == 0) return out.zero_();
   const c10::cuda::CUDAGuard guard(a.device());
+  if (decode_down_streamk(a, ids, weights, w, out)) return out;  // at least as many 64-column tiles as SMs
   DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), ids.data_ptr<int>(), weights.data_ptr<float>(),
                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  static_cast<int>(T * K), static_cast<int>(K), static_cast<int>(a.size(1)), static_cast<int>(N),

@@ -1,0 +1,44 @@
+// Device helpers shared by the decode GEMV kernels (decode_gemv.cu, decode_streamk.cu).
+#pragma once
+
+#include <cuda_bf16.h>
+
+namespace keye {
+namespace decode {
+
+constexpr int kVecCols = 8;  // bf16 columns per 16-byte load
+
+__device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const uint4& raw) {
+  const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(h[i]);
+    acc[2 * i] = fmaf(xv, f.x, acc[2 * i]);
+    acc[2 * i + 1] = fmaf(xv, f.y, acc[2 * i + 1]);
+  }
+}
+
+// Sum this thread's kVecCols columns over all weight rows of the CTA (lanes with the same vec, then warps in index
+// order) into part[c] for the CTA's kLaneVecs * kVecCols columns. Fixed order: deterministic. (gate_up and down)
+template <int kLaneVecs, int kNumWarps>
+__device__ void reduce_rows(float (&acc)[kVecCols], float (*red)[kLaneVecs * kVecCols], float* part) {
+#pragma unroll
+  for (int off = kLaneVecs; off < 32; off <<= 1)
+#pragma unroll
+    for (int j = 0; j < kVecCols; ++j) acc[j] += __shfl_xor_sync(0xffffffffu, acc[j], off);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  if (lane < kLaneVecs)
+#pragma unroll
+    for (int j = 0; j < kVecCols; ++j) red[warp][lane * kVecCols + j] = acc[j];
+  __syncthreads();
+  if (threadIdx.x < kLaneVecs * kVecCols) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kNumWarps; ++w) s += red[w][threadIdx.x];
+    part[threadIdx.x] = s;
+  }
+  __syncthreads();
+}
+
+}  // namespace decode
+}  // namespace keye
