@@ -12,7 +12,7 @@ Layer (route -> permute -> gate_up -> SwiGLU -> down -> weighted combine), forwa
   torch       the same keye routing/permutation ops with torch._grouped_mm and F.silu(g) * u (autograd backward)
 FLOPs: GEMM 2*rows*K*N; layer forward 6*T*k*H*I, forward + backward 18*T*k*H*I. The forward is timed twice from
 4096 tokens: one call (the host's launch latency before the first kernels included) and queued (the GPU busy
-until the host has launched the whole layer, as inside a model). Decode (T = 1, 64): CUDA-graph replay of the
+until the host has launched the whole layer, as inside a model). Decode (T <= 64): CUDA-graph replay of the
 layer, GB/s on the weights of the experts actually routed to, against the measured copy rate.
 Contenders are timed round-robin (keye.bench.timing.median_ms_interleaved). Each comparison is preceded by a self-check of keye's output against torch's (relative error < 1e-2). Index checks
 are off for the timings (keye.ops.index_checks(False)), as in production.
@@ -27,7 +27,7 @@ from keye import ops
 from keye.bench.timing import capture_graph, layers_that_fit, median_ms_interleaved, rel_err
 
 SHAPES = {"keye": (2048, 768, 128, 8), "dsv3": (7168, 2048, 256, 8), "e64": (2048, 1408, 64, 8)}
-TOKENS = {"keye": (1, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384), "e64": (1, 64, 4096, 16384, 65536)}
+TOKENS = {"keye": (1, 8, 16, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384), "e64": (1, 8, 64, 4096, 16384, 65536)}
 
 
 def _setup(T, H, I, E, K, device):
