@@ -8,6 +8,16 @@ namespace decode {
 
 constexpr int kVecCols = 8;  // bf16 columns per 16-byte load
 
+// The row-streaming layout of the 256-thread kernels: 8 lanes per weight row (64 columns, 128 bytes), 32 rows per
+// load round, batches of 8 rounds (one 16-byte load per thread each), the next batch's loads issued before the
+// current batch is used.
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kVecs = 8;                          // lanes per weight row
+constexpr int kRowLanes = kThreads / kVecs;       // rows per load round
+constexpr int kDepth = 8;                         // 16-byte weight loads per thread per batch
+constexpr int kBatchRows = kRowLanes * kDepth;    // reduction rows one batch of loads covers
+
 __device__ __forceinline__ void fma_vec(float (&acc)[kVecCols], float xv, const uint4& raw) {
   const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&raw);
 #pragma unroll

@@ -44,21 +44,13 @@
 namespace keye {
 namespace {
 
-using decode::fma_vec;
-using decode::kVecCols;
-using decode::reduce_rows;
+using namespace decode;  // NOLINT: the row-streaming layout and helpers shared with decode_streamk.cu
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
 constexpr int kCols = 32;       // output columns per CTA
 constexpr int kStageRows = 2048;  // gate_up: reduction rows of activations staged at a time (fp32, per row of a group)
 
-// gate_up: 8 lanes per weight row (4 x 8 gate columns, 4 x 8 up columns), 32 rows per load round, batches of 8
-// loads per thread, two batches in flight.
-constexpr int kVecs = 2 * kCols / kVecCols;
-constexpr int kRowLanes = kThreads / kVecs;
-constexpr int kDepth = 8;                         // 16-byte weight loads per thread per batch
-constexpr int kBatchRows = kRowLanes * kDepth;    // reduction rows one batch of loads covers
+// gate_up: the 8 lanes of a weight row read 4 x 8 gate columns and the 4 x 8 matching up columns.
+static_assert(kVecs == 2 * kCols / kVecCols, "gate_up: one 16-byte load per lane covers the CTA's columns");
 constexpr int kOut = 2 * kCols;                   // partial sums per row of a group: gate, then up
 static_assert(kStageRows % kBatchRows == 0, "a staged chunk of activations covers whole batches");
 

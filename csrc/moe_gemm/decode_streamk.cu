@@ -26,17 +26,9 @@
 namespace keye {
 namespace {
 
-using decode::fma_vec;
-using decode::kVecCols;
-using decode::reduce_rows;
+using namespace decode;  // NOLINT: the row-streaming layout and helpers shared with decode_gemv.cu
 
-constexpr int kThreads = 256;
-constexpr int kWarps = kThreads / 32;
-constexpr int kTileCols = 64;
-constexpr int kVecs = kTileCols / kVecCols;      // lanes per weight row
-constexpr int kRowLanes = kThreads / kVecs;      // rows per load round
-constexpr int kDepth = 8;                        // loads per thread per batch
-constexpr int kBatchRows = kRowLanes * kDepth;
+constexpr int kTileCols = kVecs * kVecCols;      // 64 output columns per tile
 constexpr int kMaxStagedSlots = 256;             // ids (and routing weights) of the slots a CTA's share touches
 constexpr int kMaxStagedBytes = 64 << 10;        // activations staged in shared memory per CTA
 
