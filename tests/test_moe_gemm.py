@@ -222,7 +222,9 @@ def test_layer_forward_keye_shape_and_graph_capture():
     w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
     want = ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())
     assert rel_err(ops.moe(x, w, ids, w1, w2), want) < 1e-2
-    for t in (1, 64, 4096):  # decode kernels (1 token) and grouped GEMMs (64, 4096), each captured in a CUDA graph
+    # decode kernels (1 token; 8: stream-K down with its per-tile counters) and grouped GEMMs (64, 4096), each
+    # captured in a CUDA graph and replayed twice
+    for t in (1, 8, 64, 4096):
         with ops.index_checks(False):
             args = (x[:t].clone(), w[:t].clone(), ids[:t].clone(), w1, w2)
             ops.moe(*args)
@@ -231,6 +233,9 @@ def test_layer_forward_keye_shape_and_graph_capture():
                 out = ops.moe(*args)
             args[0].copy_(bf16(t, H))
             g.replay()
+            first = out.clone()
+            g.replay()
+        assert torch.equal(out, first), "a replay must give the same result"
         assert rel_err(out, ops.reference.moe(args[0].float(), args[1], args[2], w1.float(), w2.float())) < 1e-2
 
 
