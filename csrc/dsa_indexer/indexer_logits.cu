@@ -25,6 +25,7 @@
 #include <cstdint>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "dsa_indexer/dsa_indexer.h"
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_device.cuh"
@@ -252,8 +253,7 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
 
 template <int D, int H>
 void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t stream) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int sms = sm_count(c10::cuda::current_device());
   constexpr int QB = kColumns / H;
   constexpr size_t smem = smem_bytes<D>();
   auto kernel = indexer_logits_kernel<D, H>;

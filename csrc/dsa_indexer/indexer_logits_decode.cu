@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "dsa_indexer/dsa_device.cuh"
 #include "dsa_indexer/indexer_logits_decode.h"
 
@@ -189,8 +190,7 @@ int decode_tiles_per_cta(int num_tiles, int num_seqs) {
   // About 64 CTAs per SM in all, 8 to kMaxDecodeTilesPerCta (16) pages each (measured at B = 64/128 and 32K/128K
   // context: 16 pages per CTA beat 32 and 64 by 2-12%; below 8 a CTA spends much of its run filling the ring),
   // but fewer pages when that would leave SMs without a CTA (one short sequence).
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, c10::cuda::current_device()));
+  const int sms = sm_count(c10::cuda::current_device());
   const int64_t total = static_cast<int64_t>(num_tiles) * num_seqs;
   const int64_t tiles = std::min<int64_t>(kMaxDecodeTilesPerCta, std::max<int64_t>(8, total / (int64_t{sms} * 64)));
   return static_cast<int>(std::min<int64_t>(tiles, std::max<int64_t>(1, total / sms)));

@@ -28,6 +28,7 @@
 #include <cstdint>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_indexer.h"
 
@@ -530,8 +531,7 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
   const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + static_cast<size_t>(cap_keys) * 4;
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, scores.get_device()));
+  const int sms = sm_count(scores.get_device());
   // Few long rows: split each over several CTAs, about one wave of them (three 512-thread CTAs per SM), unless
   // the candidate workspace (one int per element) would pass 512 MB. Measured (NOTES.md): at 128K columns the
   // split path wins from 1 to 64 rows (0.031 vs 0.078 ms for one row, 0.068 vs 0.085 ms for 64) and loses at

@@ -37,6 +37,7 @@
 #include <climits>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "moe_gemm/decode_common.cuh"
 #include "moe_gemm/decode_streamk.h"
 #include "moe_gemm/grouped_gemm.h"
@@ -374,9 +375,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
                  static_cast<int>(T * K), static_cast<int>(K), static_cast<int>(a.size(1)), static_cast<int>(N),
                  static_cast<int>(N), static_cast<int>(E)};
   // 32 columns per CTA when that already gives every SM a CTA, else 16 (twice the CTAs).
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, a.get_device()));
-  const int cols = N % 32 == 0 && T * (N / 32) >= sms ? 32 : 16;
+  const int cols = N % 32 == 0 && T * (N / 32) >= sm_count(a.get_device()) ? 32 : 16;
   const dim3 grid(static_cast<unsigned>(N / cols), static_cast<unsigned>(T));
   auto stream = c10::cuda::getCurrentCUDAStream();
   if (cols == 32) decode_down_kernel<32><<<grid, kDownThreads, 0, stream>>>(p);

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 
+#include "common/device.h"
 #include "moe_gemm/decode_common.cuh"
 #include "moe_gemm/decode_streamk.h"
 
@@ -172,21 +173,17 @@ void split_rows(int64_t total, int sms, int& ctas, int& chunk) {
   ctas = static_cast<int>((total + chunk - 1) / chunk);
 }
 
-int sm_count(const at::Tensor& t) {
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, t.get_device()));
-  return sms;
-}
-
 void launch(StreamParams p, int64_t tiles, const at::Tensor& like, size_t act_bytes, int ctas) {
   p.max_pieces = static_cast<int>((p.tile_rows + p.chunk - 1) / p.chunk + 1);
   at::Tensor partial = at::empty({tiles * p.max_pieces * kTileCols}, like.options().dtype(at::kFloat));
   at::Tensor arrived = at::zeros({tiles}, like.options().dtype(at::kInt));
   p.partial = partial.data_ptr<float>();
   p.arrived = arrived.data_ptr<int>();
-  // Dynamic shared memory past 48 KB (static included) must be allowed explicitly.
-  C10_CUDA_CHECK(cudaFuncSetAttribute(decode_down_streamk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      kMaxStagedBytes));
+  // Dynamic shared memory past 48 KB (static, ~4 KB, included) must be allowed explicitly; below 32 KB it never is
+  // (Keye: 12-24 KB), so the common case makes no attribute call.
+  if (act_bytes > (32 << 10))
+    C10_CUDA_CHECK(cudaFuncSetAttribute(decode_down_streamk_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        kMaxStagedBytes));
   decode_down_streamk_kernel<<<ctas, kThreads, act_bytes, c10::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -198,7 +195,7 @@ bool decode_down_streamk(const at::Tensor& a, const at::Tensor& ids, const at::T
   const int64_t T = ids.size(0), K = ids.size(1), E = w.size(0), I = a.size(1), H = w.size(2);
   if (H % kTileCols != 0 || I % kVecCols != 0 || reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 != 0) return false;
   const int64_t tiles = T * (H / kTileCols), tile_rows = K * I, total = tiles * tile_rows;
-  const int sms = sm_count(a);
+  const int sms = sm_count(a.get_device());
   if (total >= INT32_MAX || tiles < sms) return false;  // fewer tiles than SMs: pieces lose row locality (above)
   int ctas = 0, chunk = 0;
   split_rows(total, sms, ctas, chunk);

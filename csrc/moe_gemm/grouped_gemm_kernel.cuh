@@ -22,6 +22,7 @@
 #include <string>
 
 #include "common/check.h"
+#include "common/device.h"
 #include "moe_gemm/grouped_gemm_args.h"
 
 namespace keye::grouped {
@@ -173,13 +174,6 @@ __global__ void prepare_groups(GroupArrays<G> arrays, const int* __restrict__ of
     arrays.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(n, k, 1));
     arrays.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(rows, n, 1));
   }
-}
-
-inline int sm_count(int device) {
-  static int cached[64] = {0};
-  int& c = cached[device & 63];
-  if (c == 0) C10_CUDA_CHECK(cudaDeviceGetAttribute(&c, cudaDevAttrMultiProcessorCount, device));
-  return c;
 }
 
 template <GroupedKind kKind, int kConfig>

@@ -27,7 +27,8 @@ from keye import ops
 from keye.bench.timing import capture_graph, layers_that_fit, median_ms_interleaved, rel_err
 
 SHAPES = {"keye": (2048, 768, 128, 8), "dsv3": (7168, 2048, 256, 8), "e64": (2048, 1408, 64, 8)}
-TOKENS = {"keye": (1, 8, 16, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384), "e64": (1, 8, 64, 4096, 16384, 65536)}
+TOKENS = {"keye": (1, 8, 16, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384),
+          "e64": (1, 8, 64, 4096, 16384, 65536)}
 
 
 def _setup(T, H, I, E, K, device):
@@ -113,13 +114,11 @@ def layer_case(shape, T, device, reps, backward):
     rec = {"shape": shape, "tokens": T}
     with torch.no_grad():
         rec["check"] = _check(ops.moe(x, weights, ids, w1, w2), _torch_layer(x, weights, ids, w1, w2))
-        ms = median_ms_interleaved({"keye": lambda: ops.moe(x, weights, ids, w1, w2),
-                                    "torch": lambda: _torch_layer(x, weights, ids, w1, w2)}, device, reps)
+        fwd = {"keye": lambda: ops.moe(x, weights, ids, w1, w2), "torch": lambda: _torch_layer(x, weights, ids, w1, w2)}
+        ms = median_ms_interleaved(fwd, device, reps)
         rec["keye_fwd_ms"], rec["torch_fwd_ms"] = ms["keye"], ms["torch"]
         if T >= 4096:  # the same, with the host's launches ahead of the GPU (as inside a model)
-            ms = median_ms_interleaved({"keye": lambda: ops.moe(x, weights, ids, w1, w2),
-                                        "torch": lambda: _torch_layer(x, weights, ids, w1, w2)}, device, reps,
-                                       queue_ahead=True)
+            ms = median_ms_interleaved(fwd, device, reps, queue_ahead=True)
             rec["keye_fwd_queued_ms"], rec["torch_fwd_queued_ms"] = ms["keye"], ms["torch"]
     flops = 6 * T * K * H * I
     for key in ("keye_fwd", "torch_fwd", "keye_fwd_queued", "torch_fwd_queued"):
