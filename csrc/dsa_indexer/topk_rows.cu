@@ -91,43 +91,52 @@ __device__ int block_exclusive_scan(int v, Shared& sh, int* total) {
 }
 
 // Element sources: a global fp32 row, the row's keys in shared memory, or a (key, column) list in shared memory.
-// load4(i0, n, k) reads elements i0 .. i0+3 (i0 a multiple of 4) with one vector load when all are in range;
-// elements at or past n read as key 0 (callers mask them by index).
+// A pass reads kItems consecutive elements per thread in two steps, so that the loads of the next pass can be in
+// flight while the current one is used: raw(i0, n) issues the loads of elements i0 .. i0+kItems-1 (i0 a multiple
+// of 4; 16-byte vectors where all four are in range) and keys() turns them into order keys. Elements at or past
+// n read as some key that callers mask by index.
 struct GlobalRow {
   const float* row;
+  struct Raw { float4 a, b; };
   __device__ uint32_t key(int i) const { return order_key(__ldg(row + i)); }
-  __device__ void load4(int i0, int n, uint32_t (&k)[4]) const {
-    if (i0 + 3 < n) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(row + i0));
-      k[0] = order_key(v.x), k[1] = order_key(v.y), k[2] = order_key(v.z), k[3] = order_key(v.w);
-    } else {
+  __device__ float4 raw4(int i0, int n) const {
+    if (i0 + 3 < n) return __ldg(reinterpret_cast<const float4*>(row + i0));
+    float v[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) k[e] = i0 + e < n ? key(i0 + e) : 0u;
-    }
+    for (int e = 0; e < 4; ++e) v[e] = i0 + e < n ? __ldg(row + i0 + e) : 0.f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+  }
+  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + 4, n)}; }
+  __device__ static void keys(const Raw& r, uint32_t (&k)[kItems]) {
+    k[0] = order_key(r.a.x), k[1] = order_key(r.a.y), k[2] = order_key(r.a.z), k[3] = order_key(r.a.w);
+    k[4] = order_key(r.b.x), k[5] = order_key(r.b.y), k[6] = order_key(r.b.z), k[7] = order_key(r.b.w);
   }
   __device__ int col(int i) const { return i; }
 };
 struct SmemKeys {
-  const uint32_t* keys;
-  __device__ void load4(int i0, int n, uint32_t (&k)[4]) const {
-    if (i0 + 3 < n) {
-      const uint4 v = *reinterpret_cast<const uint4*>(keys + i0);
-      k[0] = v.x, k[1] = v.y, k[2] = v.z, k[3] = v.w;
-    } else {
+  const uint32_t* keys_;
+  struct Raw { uint4 a, b; };
+  __device__ uint4 raw4(int i0, int n) const {
+    if (i0 + 3 < n) return *reinterpret_cast<const uint4*>(keys_ + i0);
+    uint32_t v[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) k[e] = i0 + e < n ? keys[i0 + e] : 0u;
-    }
+    for (int e = 0; e < 4; ++e) v[e] = i0 + e < n ? keys_[i0 + e] : 0u;
+    return make_uint4(v[0], v[1], v[2], v[3]);
+  }
+  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + 4, n)}; }
+  __device__ static void keys(const Raw& r, uint32_t (&k)[kItems]) {
+    k[0] = r.a.x, k[1] = r.a.y, k[2] = r.a.z, k[3] = r.a.w, k[4] = r.b.x, k[5] = r.b.y, k[6] = r.b.z, k[7] = r.b.w;
   }
   __device__ int col(int i) const { return i; }
 };
 // The sample of a long row: element i is element (i / kSampleChunkLen) * stride + i % kSampleChunkLen of the row
-// (stride a multiple of 4, so 4 consecutive sample elements are one aligned vector).
-struct RowSample {
-  const float* row;
+// (stride a multiple of 4, and kItems divides kSampleChunkLen, so a thread's kItems sample elements are
+// consecutive in the row).
+struct RowSample : GlobalRow {
   int stride;
-  __device__ void load4(int i0, int, uint32_t (&k)[4]) const {  // every sample element lies inside the row
+  __device__ Raw raw(int i0, int) const {  // every sample element lies inside the row
     const int pos = (i0 / kSampleChunkLen) * stride + i0 % kSampleChunkLen;
-    GlobalRow{row}.load4(pos, pos + 4, k);
+    return GlobalRow::raw(pos, pos + kItems);
   }
 };
 struct SmemList : SmemKeys {
@@ -135,14 +144,23 @@ struct SmemList : SmemKeys {
   __device__ int col(int i) const { return cols[i]; }
 };
 
-// kItems consecutive elements per thread and pass: two 16-byte loads in flight per thread before any use.
-template <typename Src>
-__device__ __forceinline__ void load_items(const Src& src, int i0, int n, uint32_t (&k)[kItems]) {
-  uint32_t a[4], b[4];
-  src.load4(i0, n, a);
-  src.load4(i0 + 4, n, b);
-#pragma unroll
-  for (int e = 0; e < 4; ++e) k[e] = a[e], k[e + 4] = b[e];
+// Calls body(i0, keys) for the passes over elements [begin, end) (i0 = this thread's first element; the body
+// masks elements at or past end) until it returns false; the block must call it together (the body may hold
+// barriers). The loads of pass p + 1 are issued before pass p is used: with one pass in flight at a time a CTA
+// waited out a load latency per pass (NOTES.md, top-k v5).
+template <typename Src, typename Body>
+__device__ __forceinline__ void for_each_pass(const Src& src, int begin, int end, Body&& body) {
+  constexpr int kPass = kThreads * kItems;
+  if (begin >= end) return;
+  int i0 = begin + threadIdx.x * kItems;
+  typename Src::Raw next = src.raw(i0, end);
+  for (int base = begin; base < end; base += kPass, i0 += kPass) {
+    const typename Src::Raw cur = next;
+    if (base + kPass < end) next = src.raw(i0 + kPass, end);
+    uint32_t k[kItems];
+    Src::keys(cur, k);
+    if (!body(i0, k)) break;
+  }
 }
 
 struct Threshold {
@@ -189,14 +207,12 @@ template <typename Src>
 __device__ void count_digits(const Src& src, int begin, int end, int shift, int bits, const Threshold& th,
                              Shared& sh) {
   const int bins = 1 << bits;
-  for (int base = begin; base < end; base += kThreads * kItems) {
-    const int i0 = base + threadIdx.x * kItems;
-    uint32_t k[kItems];
-    load_items(src, i0, end, k);
+  for_each_pass(src, begin, end, [&](int i0, const uint32_t (&k)[kItems]) {
 #pragma unroll
     for (int e = 0; e < kItems; ++e)
       if (i0 + e < end && (k[e] & th.mask) == th.prefix) atomicAdd(&sh.hist[(k[e] >> shift) & (bins - 1)], 1u);
-  }
+    return true;
+  });
 }
 
 // One histogram step over bits [shift, shift + bits) of the elements whose key matches the threshold so far.
@@ -220,10 +236,7 @@ template <typename Src>
 __device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int topk, int* out_idx,
                      float* out_scores, int offset) {
   int taken = 0, eq_seen = 0;
-  for (int base = 0; base < n && taken < topk; base += kThreads * kItems) {
-    const int i0 = base + threadIdx.x * kItems;
-    uint32_t k[kItems];
-    load_items(src, i0, n, k);
+  for_each_pass(src, 0, n, [&](int i0, const uint32_t (&k)[kItems]) {
     int n_eq = 0;
 #pragma unroll
     for (int e = 0; e < kItems; ++e) n_eq += (i0 + e < n) && (k[e] & th.mask) == th.prefix;
@@ -250,7 +263,8 @@ __device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int
     }
     taken += sel_total;
     eq_seen += eq_total;
-  }
+    return taken < topk;  // block-uniform: every selected element written
+  });
 }
 
 // The digits still open, then the selection: what every path does once its candidates are in `src`.
@@ -274,31 +288,33 @@ __device__ void emit_all(const float* row, int n, int topk, int* out_idx, float*
   }
 }
 
-// Collects the elements at or above th's bin, in column order, as (key, column) pairs: at most cap of them are
-// stored; returns how many there are (all of them, stored or not).
-__device__ int collect(const GlobalRow& src, int n, const Threshold& th, int cap, Shared& sh, uint32_t* lkeys,
-                       int* lcols) {
+// Passes the elements of [begin, end) at or above th's bin to store(position, key, column) in column order
+// (positions from 0); returns how many there are. The caller bounds what it keeps.
+template <typename Store>
+__device__ int collect(const GlobalRow& src, int begin, int end, const Threshold& th, Shared& sh, Store&& store) {
   int len = 0;
-  for (int base = 0; base < n; base += kThreads * kItems) {
-    const int i0 = base + threadIdx.x * kItems;
-    uint32_t k[kItems];
-    load_items(src, i0, n, k);
+  for_each_pass(src, begin, end, [&](int i0, const uint32_t (&k)[kItems]) {
     int c = 0;
 #pragma unroll
-    for (int e = 0; e < kItems; ++e) c += (i0 + e < n) && (k[e] & th.mask) >= th.prefix;
+    for (int e = 0; e < kItems; ++e) c += (i0 + e < end) && (k[e] & th.mask) >= th.prefix;
     int total;
     int pos = len + block_exclusive_scan(c, sh, &total);
 #pragma unroll
-    for (int e = 0; e < kItems; ++e) {
-      if (i0 + e < n && (k[e] & th.mask) >= th.prefix) {
-        if (pos < cap) lkeys[pos] = k[e], lcols[pos] = i0 + e;
-        ++pos;
-      }
-    }
+    for (int e = 0; e < kItems; ++e)
+      if (i0 + e < end && (k[e] & th.mask) >= th.prefix) store(pos++, k[e], i0 + e);
     len += total;
-  }
+    return true;
+  });
   __syncthreads();
   return len;
+}
+
+// The one-CTA kernel's candidate list: (key, column) pairs in shared memory, at most cap of them stored.
+__device__ int collect_pairs(const GlobalRow& src, int n, const Threshold& th, int cap, Shared& sh, uint32_t* lkeys,
+                             int* lcols) {
+  return collect(src, 0, n, th, sh, [&](int pos, uint32_t key, int col) {
+    if (pos < cap) lkeys[pos] = key, lcols[pos] = col;
+  });
 }
 
 __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols,
@@ -321,16 +337,15 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   if (n <= cap_keys) {  // the row fits in shared memory: one global read
     uint32_t* keys = reinterpret_cast<uint32_t*>(data);
     const GlobalRow grow{row};
-    for (int i0 = threadIdx.x * kItems; i0 < n; i0 += kThreads * kItems) {
-      uint32_t k[kItems];
-      load_items(grow, i0, n, k);
+    for_each_pass(grow, 0, n, [&](int i0, const uint32_t (&k)[kItems]) {
       if (i0 + kItems <= n) {
         *reinterpret_cast<uint4*>(keys + i0) = make_uint4(k[0], k[1], k[2], k[3]);
         *reinterpret_cast<uint4*>(keys + i0 + 4) = make_uint4(k[4], k[5], k[6], k[7]);
       } else {
         for (int e = 0; e < kItems && i0 + e < n; ++e) keys[i0 + e] = k[e];
       }
-    }
+      return true;
+    });
     __syncthreads();
     const SmemKeys src{keys};
     radix_step(src, n, 32 - kFirstBits, kFirstBits, th, sh);
@@ -347,8 +362,8 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
     constexpr int kSample = kSampleChunks * kSampleChunkLen;
     Threshold est;
     est.need = min(kSample, static_cast<int>((2LL * topk * kSample + n - 1) / n) + 32);
-    radix_step(RowSample{row, (n / kSampleChunks) & ~3}, kSample, 32 - kFirstBits, kFirstBits, est, sh);
-    const int len = collect(grow, n, est, cap_pairs, sh, lkeys, lcols);
+    radix_step(RowSample{{row}, (n / kSampleChunks) & ~3}, kSample, 32 - kFirstBits, kFirstBits, est, sh);
+    const int len = collect_pairs(grow, n, est, cap_pairs, sh, lkeys, lcols);
     if (len >= topk && len <= cap_pairs) {
       const SmemList list{{lkeys}, lcols};
       radix_step(list, len, 32 - kFirstBits, kFirstBits, th, sh);
@@ -361,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
     finish_and_emit(grow, n, th, sh, topk, out_idx, out_sc, offset);
     return;
   }
-  const int len = collect(grow, n, th, cap_pairs, sh, lkeys, lcols);
+  const int len = collect_pairs(grow, n, th, cap_pairs, sh, lkeys, lcols);
   finish_and_emit(SmemList{{lkeys}, lcols}, len, th, sh, topk, out_idx, out_sc, offset);
 }
 
@@ -432,24 +447,12 @@ __global__ void __launch_bounds__(kThreads) topk_split_collect(const SplitRows a
   const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return;
   const int begin = min(seg * a.seg_len, n), end = min(begin + a.seg_len, n);
-  const uint32_t prefix = static_cast<uint32_t>(a.row_info[r].x), mask = ~0u << (32 - kFirstBits);
+  Threshold th;
+  th.prefix = static_cast<uint32_t>(a.row_info[r].x);
+  th.mask = ~0u << (32 - kFirstBits);
   int* list = a.seg_cols + (static_cast<int64_t>(r) * a.segments + seg) * a.seg_len;
-  const GlobalRow grow{a.scores + r * a.ld};
-  int len = 0;
-  for (int base = begin; base < end; base += kThreads * kItems) {
-    const int i0 = base + threadIdx.x * kItems;
-    uint32_t k[kItems];
-    load_items(grow, i0, end, k);
-    int c = 0;
-#pragma unroll
-    for (int e = 0; e < kItems; ++e) c += (i0 + e < end) && (k[e] & mask) >= prefix;
-    int total;
-    int pos = len + block_exclusive_scan(c, sh, &total);
-#pragma unroll
-    for (int e = 0; e < kItems; ++e)
-      if (i0 + e < end && (k[e] & mask) >= prefix) list[pos++] = i0 + e;
-    len += total;
-  }
+  const int len = collect(GlobalRow{a.scores + r * a.ld}, begin, end, th, sh,
+                          [&](int pos, uint32_t, int col) { list[pos] = col; });
   if (threadIdx.x == 0) a.seg_count[r * a.segments + seg] = len;
 }
 
