@@ -59,36 +59,44 @@ __device__ __forceinline__ float key_value(uint32_t k) {
 
 struct Shared {
   uint32_t hist[kBins];
-  int warp_sums[kWarps];
+  int warp_sums[2][kWarps];
   int sel_bin, sel_above, sel_count, list_len;
 };
 
-// Exclusive prefix sum of v over the block (thread order); *total gets the block's sum.
-__device__ int block_exclusive_scan(int v, Shared& sh, int* total) {
-  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
-  if (lane == 31) sh.warp_sums[w] = x;
-  __syncthreads();
-  if (w == 0) {
-    int s = lane < kWarps ? sh.warp_sums[lane] : 0;
+// Exclusive prefix sums over the block (thread order) with one barrier per call: the warps' totals go to the two
+// buffers of sh.warp_sums in turn and every warp scans them itself, so a buffer is written again only two calls
+// later, after every thread has passed the barrier of the call between. The constructor's barrier keeps a new
+// BlockScan from writing a buffer that an earlier one's threads may still read. All threads call together.
+struct BlockScan {
+  Shared& sh;
+  int phase = 0;
+  __device__ explicit BlockScan(Shared& s) : sh(s) { __syncthreads(); }
+  // v's exclusive prefix; *total gets the block's sum.
+  __device__ int exclusive(int v, int* total) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    int x = v;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, x, o);
+      if (lane >= o) x += y;
+    }
+    int* sums = sh.warp_sums[phase];
+    phase ^= 1;
+    if (lane == 31) sums[w] = x;
+    __syncthreads();
+    int s = lane < kWarps ? sums[lane] : 0;
+#pragma unroll
+    for (int o = 1; o < kWarps; o <<= 1) {
       const int y = __shfl_up_sync(0xffffffffu, s, o);
       if (lane >= o) s += y;
     }
-    if (lane < kWarps) sh.warp_sums[lane] = s;
+    const int before = __shfl_sync(0xffffffffu, s, (w + 31) & 31);  // inclusive sum of the warps before w
+    *total = __shfl_sync(0xffffffffu, s, kWarps - 1);
+    return x - v + (w > 0 ? before : 0);
   }
-  __syncthreads();
-  const int excl = x - v + (w > 0 ? sh.warp_sums[w - 1] : 0);
-  *total = sh.warp_sums[kWarps - 1];
-  __syncthreads();
-  return excl;
-}
+};
+
+__device__ int block_exclusive_scan(int v, Shared& sh, int* total) { return BlockScan(sh).exclusive(v, total); }
 
 // Element sources: a global fp32 row, the row's keys in shared memory, or a (key, column) list in shared memory.
 // A pass reads kItems consecutive elements per thread in two steps, so that the loads of the next pass can be in
@@ -144,8 +152,8 @@ struct SmemList : SmemKeys {
   __device__ int col(int i) const { return cols[i]; }
 };
 
-// Calls body(i0, keys) for the passes over elements [begin, end) (i0 = this thread's first element; the body
-// masks elements at or past end) until it returns false; the block must call it together (the body may hold
+// Calls body(i0, raw) for the passes over elements [begin, end) (i0 = this thread's first element, raw its
+// kItems elements as loaded; the body masks elements at or past end) until it returns false; the block must call it together (the body may hold
 // barriers). The loads of pass p + 1 are issued before pass p is used: with one pass in flight at a time a CTA
 // waited out a load latency per pass (NOTES.md, top-k v5).
 template <typename Src, typename Body>
@@ -157,9 +165,7 @@ __device__ __forceinline__ void for_each_pass(const Src& src, int begin, int end
   for (int base = begin; base < end; base += kPass, i0 += kPass) {
     const typename Src::Raw cur = next;
     if (base + kPass < end) next = src.raw(i0 + kPass, end);
-    uint32_t k[kItems];
-    Src::keys(cur, k);
-    if (!body(i0, k)) break;
+    if (!body(i0, cur)) break;
   }
 }
 
@@ -207,7 +213,9 @@ template <typename Src>
 __device__ void count_digits(const Src& src, int begin, int end, int shift, int bits, const Threshold& th,
                              Shared& sh) {
   const int bins = 1 << bits;
-  for_each_pass(src, begin, end, [&](int i0, const uint32_t (&k)[kItems]) {
+  for_each_pass(src, begin, end, [&](int i0, const typename Src::Raw& raw) {
+    uint32_t k[kItems];
+    Src::keys(raw, k);
 #pragma unroll
     for (int e = 0; e < kItems; ++e)
       if (i0 + e < end && (k[e] & th.mask) == th.prefix) atomicAdd(&sh.hist[(k[e] >> shift) & (bins - 1)], 1u);
@@ -236,12 +244,15 @@ template <typename Src>
 __device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int topk, int* out_idx,
                      float* out_scores, int offset) {
   int taken = 0, eq_seen = 0;
-  for_each_pass(src, 0, n, [&](int i0, const uint32_t (&k)[kItems]) {
+  BlockScan scan(sh);
+  for_each_pass(src, 0, n, [&](int i0, const typename Src::Raw& raw) {
+    uint32_t k[kItems];
+    Src::keys(raw, k);
     int n_eq = 0;
 #pragma unroll
     for (int e = 0; e < kItems; ++e) n_eq += (i0 + e < n) && (k[e] & th.mask) == th.prefix;
     int eq_total;
-    int eq_rank = eq_seen + block_exclusive_scan(n_eq, sh, &eq_total);
+    int eq_rank = eq_seen + scan.exclusive(n_eq, &eq_total);
     bool sel[kItems];
     int n_sel = 0;
 #pragma unroll
@@ -253,7 +264,7 @@ __device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int
       n_sel += sel[e];
     }
     int sel_total;
-    int pos = taken + block_exclusive_scan(n_sel, sh, &sel_total);
+    int pos = taken + scan.exclusive(n_sel, &sel_total);
 #pragma unroll
     for (int e = 0; e < kItems; ++e) {
       if (!sel[e]) continue;
@@ -290,18 +301,29 @@ __device__ void emit_all(const float* row, int n, int topk, int* out_idx, float*
 
 // Passes the elements of [begin, end) at or above th's bin to store(position, key, column) in column order
 // (positions from 0); returns how many there are. The caller bounds what it keeps.
+// The test is on values, not keys: key(x) >= prefix (the bin's low bits are 0) exactly when x >= key_value(prefix)
+// for x not NaN (-0 equal to +0, as in order_key), if the prefix is at least key(-FLT_MAX); a lower prefix (the bin
+// of -inf and NaN) takes every element. So only the few collected elements are turned into keys.
 template <typename Store>
 __device__ int collect(const GlobalRow& src, int begin, int end, const Threshold& th, Shared& sh, Store&& store) {
+  const bool all = th.prefix < 0x00800000u;
+  const float lo = key_value(th.prefix);
+  BlockScan scan(sh);
   int len = 0;
-  for_each_pass(src, begin, end, [&](int i0, const uint32_t (&k)[kItems]) {
+  for_each_pass(src, begin, end, [&](int i0, const GlobalRow::Raw& raw) {
+    const float x[kItems] = {raw.a.x, raw.a.y, raw.a.z, raw.a.w, raw.b.x, raw.b.y, raw.b.z, raw.b.w};
+    bool sel[kItems];
     int c = 0;
 #pragma unroll
-    for (int e = 0; e < kItems; ++e) c += (i0 + e < end) && (k[e] & th.mask) >= th.prefix;
+    for (int e = 0; e < kItems; ++e) {
+      sel[e] = i0 + e < end && (all || x[e] >= lo);
+      c += sel[e];
+    }
     int total;
-    int pos = len + block_exclusive_scan(c, sh, &total);
+    int pos = len + scan.exclusive(c, &total);
 #pragma unroll
     for (int e = 0; e < kItems; ++e)
-      if (i0 + e < end && (k[e] & th.mask) >= th.prefix) store(pos++, k[e], i0 + e);
+      if (sel[e]) store(pos++, order_key(x[e]), i0 + e);
     len += total;
     return true;
   });
@@ -337,7 +359,9 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   if (n <= cap_keys) {  // the row fits in shared memory: one global read
     uint32_t* keys = reinterpret_cast<uint32_t*>(data);
     const GlobalRow grow{row};
-    for_each_pass(grow, 0, n, [&](int i0, const uint32_t (&k)[kItems]) {
+    for_each_pass(grow, 0, n, [&](int i0, const GlobalRow::Raw& raw) {
+      uint32_t k[kItems];
+      GlobalRow::keys(raw, k);
       if (i0 + kItems <= n) {
         *reinterpret_cast<uint4*>(keys + i0) = make_uint4(k[0], k[1], k[2], k[3]);
         *reinterpret_cast<uint4*>(keys + i0 + 4) = make_uint4(k[4], k[5], k[6], k[7]);
