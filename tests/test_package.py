@@ -82,7 +82,7 @@ def test_cli_bench_runs_and_self_checks(tmp_path, capsys):
     from keye.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--tokens", "64", "--reps", "1", "--json", str(out)]) == 0
+    assert main(["bench", "--suite", "moe", "--tokens", "64", "--reps", "1", "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "moe_permute" in text and "FAIL" not in text
     import json

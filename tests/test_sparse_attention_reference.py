@@ -210,3 +210,21 @@ def test_traces_under_torch_compile_fullgraph():
             grads.append([x.grad for x in xs])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("T", [1, 63, 2048, 2049, 3001])
+def test_bench_index_patterns_are_causal_at_any_length(T):
+    """The benchmark's index patterns at lengths below, at and above k (`keye bench --tokens 64` once crashed in
+    realistic_indices: an empty arange(k, T) for T < k): shape [T, k], every entry -1 or an earlier position, and
+    every query of a sequence no longer than k selects exactly its whole past."""
+    from keye.bench.sparse_attention import realistic_indices, uniform_indices
+
+    K = 2048
+    pos = torch.arange(T)[:, None]
+    for make in (realistic_indices, uniform_indices):
+        idx = make(T, K, "cpu")
+        assert idx.shape == (T, K) and idx.dtype == torch.int32, make.__name__
+        assert torch.all((idx == -1) | ((idx >= 0) & (idx <= pos))), make.__name__
+        head = min(T, K)
+        want = torch.where(torch.arange(K) <= pos[:head], torch.arange(K), -1).int()
+        assert torch.equal(idx[:head], want), make.__name__

@@ -33,9 +33,9 @@ def _dense_prefix(T: int, K: int, device) -> torch.Tensor:
 
 def realistic_indices(T: int, K: int, device) -> torch.Tensor:
     head = _dense_prefix(T, K, device)
-    t = torch.arange(K, T, device=device)
-    if t.numel() == 0:
+    if T <= K:  # every query selects its whole past
         return head
+    t = torch.arange(K, T, device=device)
     window = t[:, None] - torch.arange(WINDOW, device=device)[None, :]
     older = (t - WINDOW).clamp(min=1)  # positions [0, older) are not in the window
     region_start = (t // REGION) * REGION
@@ -56,6 +56,8 @@ def realistic_indices(T: int, K: int, device) -> torch.Tensor:
 
 def uniform_indices(T: int, K: int, device) -> torch.Tensor:
     head = _dense_prefix(T, K, device)
+    if T <= K:
+        return head
     t = torch.arange(K, T, device=device)
     rows = (torch.rand(t.numel(), K, device=device) * (t[:, None] + 1)).long().sort(dim=1).values.int()
     return torch.cat([head, rows])
