@@ -5,6 +5,8 @@
     python3 bench/profile_kernels.py moe-decode [--tokens 1]       # keye.ops.moe without grad (the decode kernels)
     python3 bench/profile_kernels.py attn-decode [--tokens 32]     # sparse_attention_decode, batch = tokens, 128K
     python3 bench/profile_kernels.py indexer-decode [--tokens 64]  # indexer_topk_decode, batch = tokens, 128K
+    python3 bench/profile_kernels.py indexer-topk [--tokens 131072]  # topk_rows on the prefill layer's last
+                                                                     # 1024 query rows (scores made once)
 --plain runs each workload --iters times and nothing else, as a driver for Nsight Compute, e.g.
     ncu --clock-control none -k regex:block_plan -c 1 --section SpeedOfLight --section WarpStateStats \
         python3 bench/profile_kernels.py attn --plain --iters 1
@@ -108,6 +110,23 @@ def indexer_decode_workloads(B, ctx=131072):
     return {f"indexer decode, batch {B}, context {ctx}": lambda: ops.indexer_topk_decode(*args)}
 
 
+def indexer_topk_workloads(T, rows=1024):
+    """The top-k kernel alone on the score rows of the last `rows` queries of a T-token prefill layer (the rows
+    that take the one-read sampled path from 64K columns on); the scores are computed once, outside."""
+    from keye.bench.dsa_indexer import D_I, TOPK, _inputs
+    from keye.ops.dsa_indexer import score_coefficients
+
+    q8, qs, w, k8, ks = _inputs(T, torch.device("cuda"))
+    a = max(T - rows, 0)
+    ld = (T + 127) // 128 * 128
+    scores = torch.empty(T - a, ld, device="cuda")
+    torch.ops.keye.indexer_logits(q8[a:], score_coefficients(w[a:], qs[a:], D_I), k8, ks, a, scores)
+    lengths = torch.arange(a + 1, T + 1, dtype=torch.int32, device="cuda")
+    idx = torch.empty(T - a, TOPK, dtype=torch.int32, device="cuda")
+    return {f"indexer top-k, rows {a + 1}..{T} of a {T}-token layer":
+            lambda: torch.ops.keye.topk_rows(scores, lengths, TOPK, 0, idx, None)}
+
+
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
     return single_ms(capture_graph(fn).replay, iters)
@@ -125,15 +144,17 @@ def attn_workloads(T):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("layer", choices=("moe", "attn", "moe-decode", "attn-decode", "indexer-decode"))
+    p.add_argument("layer", choices=("moe", "attn", "moe-decode", "attn-decode", "indexer-decode", "indexer-topk"))
     p.add_argument("--tokens", type=int)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--plain", action="store_true", help="only run the workloads (a driver for ncu)")
     a = p.parse_args()
     torch.manual_seed(0)
-    T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32, "indexer-decode": 64}[a.layer]
+    T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32, "indexer-decode": 64,
+                     "indexer-topk": 131072}[a.layer]
     make = {"moe": moe_workloads, "attn": attn_workloads, "moe-decode": moe_decode_workloads,
-            "attn-decode": attn_decode_workloads, "indexer-decode": indexer_decode_workloads}[a.layer]
+            "attn-decode": attn_decode_workloads, "indexer-decode": indexer_decode_workloads,
+            "indexer-topk": indexer_topk_workloads}[a.layer]
     workloads = make(T)
     decode = a.layer.endswith("decode")
     with ops.index_checks(False):
