@@ -153,9 +153,9 @@ struct SmemList : SmemKeys {
 };
 
 // Calls body(i0, raw) for the passes over elements [begin, end) (i0 = this thread's first element, raw its
-// kItems elements as loaded; the body masks elements at or past end) until it returns false; the block must call it together (the body may hold
-// barriers). The loads of pass p + 1 are issued before pass p is used: with one pass in flight at a time a CTA
-// waited out a load latency per pass (NOTES.md, top-k v5).
+// kItems elements as loaded; the body masks elements at or past end) until it returns false. The whole block
+// calls it together (the body may hold barriers). The loads of pass p + 1 are issued before pass p is used:
+// with one pass in flight at a time a CTA waited out a load latency per pass (NOTES.md, top-k v5).
 template <typename Src, typename Body>
 __device__ __forceinline__ void for_each_pass(const Src& src, int begin, int end, Body&& body) {
   constexpr int kPass = kThreads * kItems;
