@@ -155,6 +155,35 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     assert torch.equal(idx, want)
 
 
+@pytest.mark.parametrize("path", ["split rows", "one CTA per row"])
+def test_topk_rows_ties_across_bitmap_windows(path):
+    """Rows longer than the emit step's bitmap window (262,144 columns, read back one window at a time), with
+    exact ties at the threshold whose lowest-column cut lies in the second window: from a candidate list (row 0)
+    and from global memory (row 1, too many tied candidates for the list)."""
+    topk, L = 4096, 400_000
+    s = torch.randn(3, L, device=DEV) * 0.1
+    s[0, 50::90] = 1.0  # 4,444 ties; the 3,896 taken end near column 350,690
+    big = torch.randperm(L, device=DEV)[:200]
+    s[0, big] = 2.0 + torch.rand(200, device=DEV)
+    s[1, :262_144] = 0.0
+    s[1, 262_144:] = 1.0  # 137,856 ties, all in the second window
+    s[1, 7] = 3.0
+    lens = [L, L, 300_001]
+    if path == "one CTA per row":
+        extra = 2 * torch.cuda.get_device_properties(DEV).multi_processor_count + 1
+        s = torch.cat([s, torch.randn(extra, L, device=DEV)])
+        lens = lens + [random.randint(262_000, L) for _ in range(extra)]
+    lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
+    idx = torch.empty(len(lens), topk, dtype=torch.int32, device=DEV)
+    sc = torch.empty(len(lens), topk, device=DEV)
+    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)
+    want, want_sc = ref.select_topk(s, lengths, topk)
+    assert int(want[0, -1]) > 262_144 and int(want[1, -1]) > 262_144  # the cut is in the second window
+    assert torch.equal(idx, want)
+    assert torch.equal(sc, want_sc)
+
+
 @pytest.mark.parametrize("H,D", list(itertools.product(ref.HEADS, ref.HEAD_DIMS)))
 def test_prefill_matches_reference(H, D):
     topk = random.choice([512, 1024])

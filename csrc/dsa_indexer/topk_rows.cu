@@ -4,19 +4,21 @@
 // Scores become order-preserving 32-bit keys (NaN -> -inf, -0.0 -> +0.0, as the reference sorts them). Three
 // histogram steps of 13, 10 and 9 bits narrow down the key of the k-th largest element ("threshold") and how
 // many elements equal to it must still be taken ("need"); a step stops early once its threshold bin is taken
-// whole. The emit pass then walks the row in column order with block-wide prefix sums, taking every element
-// above the threshold and the first `need` equal to it, so ties go to lower columns and the output is sorted by
-// column, identically on every run.
+// whole. The emit step marks the selected columns in a bitmap (every element above the threshold, and of those
+// equal to it the `need` of lowest column) and reads the bitmap back in column order, so ties go to lower
+// columns, the output is sorted by column, identically on every run, and no pass depends on the order in which
+// it meets the elements: candidate lists are filled in any order (one shared-memory atomic per warp and pass,
+// no block-wide scan), and a pass gives each thread the columns that make its loads coalesced.
 // Where the row lives:
 //   rows up to `cap_keys` long are read from global memory once, into shared memory, and selected there;
 //   rows of kSampleMinLength or more: a sample of the row (kSampleChunks contiguous chunks spread over it, 4096
 //   elements) gives a first-digit bin that about 2 * topk elements of the row should reach; one pass collects
-//   the elements at or above it, in column order, into shared memory as (key, column) pairs, and if at least
-//   topk and at most the list's capacity were found, the exact selection runs on that list (one read of the
-//   row). Otherwise (a sample that misled, or too many elements in that bin), and for rows between the two
-//   lengths, the first histogram is taken over the whole row and the elements at or above its threshold bin are
-//   collected (two reads); if even that list does not fit, every step reads the row from global memory (correct,
-//   slower: many exact ties near the threshold).
+//   the elements at or above it into shared memory as (value, column) pairs, and if at least topk and at most
+//   the list's capacity were found, the exact selection runs on that list (one read of the row). Otherwise (a
+//   sample that misled, or too many elements in that bin), and for rows between the two lengths, the first
+//   histogram is taken over the whole row and the elements at or above its threshold bin are collected (two
+//   reads); if even that list does not fit, every step reads the row from global memory (correct, slower: many
+//   exact ties near the threshold).
 // The first step's 13 bits (sign, exponent, 4 mantissa bits) matter: with v1's 11 bits the scores of a row crowd
 // into a handful of quarter-octave bins (same-address atomics, and a threshold bin that can overflow the list;
 // going to 14 bits cut the 128K layer from 74 to 43 ms, NOTES.md).
@@ -24,6 +26,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
@@ -39,13 +42,21 @@ constexpr int kThreads = 512;  // with <= 64 registers and ~113 KB of shared mem
 constexpr int kWarps = kThreads / 32;
 constexpr int kFirstBits = 13;  // 1/16-octave bins (estimate for Gaussian-like scores: ~2K keys in the 128K bin)
 constexpr int kBins = 1 << kFirstBits;
-constexpr int kItems = 8;                 // consecutive elements per thread and pass
+// A pass gives each thread kItems elements in two runs of four: elements i0 .. i0+3 and i0+kHalf .. i0+kHalf+3
+// with i0 = pass start + 4 * thread, so a warp's 16-byte loads cover 512 contiguous bytes (v6 gave each thread 8
+// consecutive elements: two loads per 32-byte sector, 51% excess sectors in ncu).
+constexpr int kItems = 8;
+constexpr int kHalf = kThreads * 4;
+constexpr int kPass = kThreads * kItems;
 constexpr int kMaxSmemData = 80 * 1024;  // row cache / candidate list (with the 32 KB histogram: ~113 KB)
+constexpr int kListCap = kMaxSmemData / 8;  // (value, column) pairs of a candidate list
+constexpr int kBitmapCols = kBins * 32;  // columns one bitmap window covers (the histogram's 32 KB as bits)
 constexpr int kSampleChunks = 32;        // the sample of a long row: chunks of kSampleChunkLen elements
-constexpr int kSampleChunkLen = kThreads * kItems / kSampleChunks;  // 128: one pass of the block
-// Rows at least this long try the sample first. Measured on the H200 (prefill, every row over 20K columns trying
-// it): 128K layer 33.8 -> 30.2 ms of top-k, but 32K 3.3 -> 3.9 ms and 64K 9.8 -> 10.6 ms.
-constexpr int kSampleMinLength = 65536;
+constexpr int kSampleChunkLen = kPass / kSampleChunks;  // 128: one pass of the block
+// Rows at least this long try the sample first. Measured on the H200 with this kernel (ms of top-k in a prefill
+// layer of 32K / 64K / 128K tokens): from 65536 columns on 3.3 / 8.0 / 19.2, from 32768 3.1 / 7.1 / 18.1, from
+// 20481 3.3 / 7.4 / 18.9 (with v4's ordered candidate pass the sample lost below 64K: NOTES.md).
+constexpr int kSampleMinLength = 32768;
 
 __device__ __forceinline__ uint32_t order_key(float x) {
   if (x != x) x = -INFINITY;
@@ -56,11 +67,13 @@ __device__ __forceinline__ uint32_t order_key(float x) {
 __device__ __forceinline__ float key_value(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
 }
+// Element e (0 .. kItems-1) of the thread whose pass elements start at i0.
+__device__ __forceinline__ int item_index(int i0, int e) { return i0 + (e < 4 ? e : kHalf + e - 4); }
 
 struct Shared {
-  uint32_t hist[kBins];
+  alignas(16) uint32_t hist[kBins];  // histograms; the emit step's column bitmap
   int warp_sums[2][kWarps];
-  int sel_bin, sel_above, sel_count, list_len;
+  int sel_bin, sel_above, sel_count, list_len, cut;
 };
 
 // Exclusive prefix sums over the block (thread order) with one barrier per call: the warps' totals go to the two
@@ -98,23 +111,25 @@ struct BlockScan {
 
 __device__ int block_exclusive_scan(int v, Shared& sh, int* total) { return BlockScan(sh).exclusive(v, total); }
 
-// Element sources: a global fp32 row, the row's keys in shared memory, or a (key, column) list in shared memory.
-// A pass reads kItems consecutive elements per thread in two steps, so that the loads of the next pass can be in
-// flight while the current one is used: raw(i0, n) issues the loads of elements i0 .. i0+kItems-1 (i0 a multiple
-// of 4; 16-byte vectors where all four are in range) and keys() turns them into order keys. Elements at or past
-// n read as some key that callers mask by index.
+// Element sources: a global fp32 row, the row's keys in shared memory, or a (value, column) list in shared
+// memory. raw(i0, n) issues the loads of a thread's kItems elements of the pass at i0 (16-byte vectors where all
+// four are in range; elements at or past n read as something callers mask by index), raw_full(i0) the same when
+// the whole pass lies in range, and keys() turns them into order keys: a pass loads first and converts at use,
+// so that the loads of the next pass can be in flight while the current one is used.
 struct GlobalRow {
   const float* row;
   struct Raw { float4 a, b; };
-  __device__ uint32_t key(int i) const { return order_key(__ldg(row + i)); }
-  __device__ float4 raw4(int i0, int n) const {
-    if (i0 + 3 < n) return __ldg(reinterpret_cast<const float4*>(row + i0));
+  __device__ float4 raw4(int i, int n) const {
+    if (i + 3 < n) return __ldg(reinterpret_cast<const float4*>(row + i));
     float v[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = i0 + e < n ? __ldg(row + i0 + e) : 0.f;
+    for (int e = 0; e < 4; ++e) v[e] = i + e < n ? __ldg(row + i + e) : 0.f;
     return make_float4(v[0], v[1], v[2], v[3]);
   }
-  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + 4, n)}; }
+  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + kHalf, n)}; }
+  __device__ Raw raw_full(int i0) const {
+    return {__ldg(reinterpret_cast<const float4*>(row + i0)), __ldg(reinterpret_cast<const float4*>(row + i0 + kHalf))};
+  }
   __device__ static void keys(const Raw& r, uint32_t (&k)[kItems]) {
     k[0] = order_key(r.a.x), k[1] = order_key(r.a.y), k[2] = order_key(r.a.z), k[3] = order_key(r.a.w);
     k[4] = order_key(r.b.x), k[5] = order_key(r.b.y), k[6] = order_key(r.b.z), k[7] = order_key(r.b.w);
@@ -124,48 +139,68 @@ struct GlobalRow {
 struct SmemKeys {
   const uint32_t* keys_;
   struct Raw { uint4 a, b; };
-  __device__ uint4 raw4(int i0, int n) const {
-    if (i0 + 3 < n) return *reinterpret_cast<const uint4*>(keys_ + i0);
+  __device__ uint4 raw4(int i, int n) const {
+    if (i + 3 < n) return *reinterpret_cast<const uint4*>(keys_ + i);
     uint32_t v[4];
 #pragma unroll
-    for (int e = 0; e < 4; ++e) v[e] = i0 + e < n ? keys_[i0 + e] : 0u;
+    for (int e = 0; e < 4; ++e) v[e] = i + e < n ? keys_[i + e] : 0u;
     return make_uint4(v[0], v[1], v[2], v[3]);
   }
-  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + 4, n)}; }
+  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + kHalf, n)}; }
+  __device__ Raw raw_full(int i0) const {
+    return {*reinterpret_cast<const uint4*>(keys_ + i0), *reinterpret_cast<const uint4*>(keys_ + i0 + kHalf)};
+  }
   __device__ static void keys(const Raw& r, uint32_t (&k)[kItems]) {
     k[0] = r.a.x, k[1] = r.a.y, k[2] = r.a.z, k[3] = r.a.w, k[4] = r.b.x, k[5] = r.b.y, k[6] = r.b.z, k[7] = r.b.w;
   }
   __device__ int col(int i) const { return i; }
 };
 // The sample of a long row: element i is element (i / kSampleChunkLen) * stride + i % kSampleChunkLen of the row
-// (stride a multiple of 4, and kItems divides kSampleChunkLen, so a thread's kItems sample elements are
-// consecutive in the row).
+// (stride a multiple of 4; a thread's runs of four never straddle a chunk). Exactly one pass, all in range.
 struct RowSample : GlobalRow {
   int stride;
-  __device__ Raw raw(int i0, int) const {  // every sample element lies inside the row
-    const int pos = (i0 / kSampleChunkLen) * stride + i0 % kSampleChunkLen;
-    return GlobalRow::raw(pos, pos + kItems);
+  __device__ int pos(int i) const { return (i / kSampleChunkLen) * stride + i % kSampleChunkLen; }
+  __device__ Raw raw_full(int i0) const {
+    return {__ldg(reinterpret_cast<const float4*>(row + pos(i0))),
+            __ldg(reinterpret_cast<const float4*>(row + pos(i0 + kHalf)))};
   }
+  __device__ Raw raw(int i0, int) const { return raw_full(i0); }
 };
-struct SmemList : SmemKeys {
+// A candidate list: values (as read from the row) and their columns, in no particular order.
+struct SmemList {
+  const float* vals;
   const int* cols;
+  using Raw = GlobalRow::Raw;
+  __device__ float4 raw4(int i, int n) const {
+    if (i + 3 < n) return *reinterpret_cast<const float4*>(vals + i);
+    float v[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) v[e] = i + e < n ? vals[i + e] : 0.f;
+    return make_float4(v[0], v[1], v[2], v[3]);
+  }
+  __device__ Raw raw(int i0, int n) const { return {raw4(i0, n), raw4(i0 + kHalf, n)}; }
+  __device__ Raw raw_full(int i0) const {
+    return {*reinterpret_cast<const float4*>(vals + i0), *reinterpret_cast<const float4*>(vals + i0 + kHalf)};
+  }
+  __device__ static void keys(const Raw& r, uint32_t (&k)[kItems]) { GlobalRow::keys(r, k); }
   __device__ int col(int i) const { return cols[i]; }
 };
 
-// Calls body(i0, raw) for the passes over elements [begin, end) (i0 = this thread's first element, raw its
-// kItems elements as loaded; the body masks elements at or past end) until it returns false. The whole block
-// calls it together (the body may hold barriers). The loads of pass p + 1 are issued before pass p is used:
-// with one pass in flight at a time a CTA waited out a load latency per pass (NOTES.md, top-k v5).
+// Calls body(i0, raw, full) for the passes over elements [begin, end) (begin a multiple of 4; i0 = this thread's
+// first element, raw its kItems elements as loaded, full whether the whole pass lies below end: otherwise the
+// body masks elements at or past end by item_index). The whole block calls it together (the body may hold
+// barriers). The loads of pass p + 1 are issued before pass p is used: with one pass in flight at a time a CTA
+// waited out a load latency per pass (NOTES.md, top-k v5).
 template <typename Src, typename Body>
 __device__ __forceinline__ void for_each_pass(const Src& src, int begin, int end, Body&& body) {
-  constexpr int kPass = kThreads * kItems;
   if (begin >= end) return;
-  int i0 = begin + threadIdx.x * kItems;
-  typename Src::Raw next = src.raw(i0, end);
+  auto load = [&](int base, int i0) { return base + kPass <= end ? src.raw_full(i0) : src.raw(i0, end); };
+  int i0 = begin + threadIdx.x * 4;
+  typename Src::Raw next = load(begin, i0);
   for (int base = begin; base < end; base += kPass, i0 += kPass) {
     const typename Src::Raw cur = next;
-    if (base + kPass < end) next = src.raw(i0 + kPass, end);
-    if (!body(i0, cur)) break;
+    if (base + kPass < end) next = load(base + kPass, i0 + kPass);
+    body(i0, cur, base + kPass <= end);
   }
 }
 
@@ -175,29 +210,40 @@ struct Threshold {
   bool done = false;
 };
 
-// Narrows the threshold by one digit given the histogram of that digit in sh.hist (bins of the elements whose
-// key matches the threshold so far): finds the bin where the count from the top reaches need.
-__device__ void select_bin(int shift, int bits, Threshold& th, Shared& sh) {
-  const int bins = 1 << bits;
-  // Bins from the top: thread t owns bins bins-1-t*per ... ; find the bin where the count from above reaches need.
-  const int per = (bins + kThreads - 1) / kThreads;
-  int local = 0;
-  for (int j = 0; j < per; ++j) {
-    const int b = bins - 1 - (threadIdx.x * per + j);
-    if (b >= 0) local += sh.hist[b];
+// Narrows the threshold by one digit of Bits bits given the histogram of that digit in sh.hist (bins of the
+// elements whose key matches the threshold so far): finds the bin where the count from the top reaches need.
+// Thread t owns the `per` bins below bins - per * t and reads them as 16-byte vectors where it can (v6 read them
+// one word at a time at a 16-word stride between lanes: 16-way bank conflicts).
+template <int Bits>
+__device__ void select_bin(int shift, Threshold& th, Shared& sh) {
+  constexpr int bins = 1 << Bits, per = bins / kThreads;
+  static_assert(per >= 1 && bins % kThreads == 0, "whole bins per thread");
+  const int lo = bins - per * (threadIdx.x + 1);
+  uint32_t c[per];
+  if constexpr (per % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < per / 4; ++v) {
+      const uint4 x = reinterpret_cast<const uint4*>(sh.hist + lo)[v];
+      c[4 * v] = x.x, c[4 * v + 1] = x.y, c[4 * v + 2] = x.z, c[4 * v + 3] = x.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < per; ++j) c[j] = sh.hist[lo + j];
   }
+  int local = 0;
+#pragma unroll
+  for (int j = 0; j < per; ++j) local += c[j];
   int total;
   int running = block_exclusive_scan(local, sh, &total);
-  for (int j = 0; j < per; ++j) {
-    const int b = bins - 1 - (threadIdx.x * per + j);
-    if (b < 0) break;
-    const int c = sh.hist[b];
-    if (running < th.need && running + c >= th.need) {
-      sh.sel_bin = b;
+#pragma unroll
+  for (int j = per - 1; j >= 0; --j) {  // from the top
+    const int n = static_cast<int>(c[j]);
+    if (running < th.need && running + n >= th.need) {
+      sh.sel_bin = lo + j;
       sh.sel_above = running;
-      sh.sel_count = c;
+      sh.sel_count = n;
     }
-    running += c;
+    running += n;
   }
   __syncthreads();
   th.need -= sh.sel_above;
@@ -212,78 +258,134 @@ __device__ void select_bin(int shift, int bits, Threshold& th, Shared& sh) {
 template <typename Src>
 __device__ void count_digits(const Src& src, int begin, int end, int shift, int bits, const Threshold& th,
                              Shared& sh) {
-  const int bins = 1 << bits;
-  for_each_pass(src, begin, end, [&](int i0, const typename Src::Raw& raw) {
+  const uint32_t digit = (1u << bits) - 1;
+  for_each_pass(src, begin, end, [&](int i0, const typename Src::Raw& raw, bool full) {
     uint32_t k[kItems];
     Src::keys(raw, k);
 #pragma unroll
     for (int e = 0; e < kItems; ++e)
-      if (i0 + e < end && (k[e] & th.mask) == th.prefix) atomicAdd(&sh.hist[(k[e] >> shift) & (bins - 1)], 1u);
-    return true;
+      if ((full || item_index(i0, e) < end) && (k[e] & th.mask) == th.prefix)
+        atomicAdd(&sh.hist[(k[e] >> shift) & digit], 1u);
   });
 }
 
-// One histogram step over bits [shift, shift + bits) of the elements whose key matches the threshold so far.
-template <typename Src>
-__device__ void radix_step(const Src& src, int n, int shift, int bits, Threshold& th, Shared& sh) {
-  for (int b = threadIdx.x; b < (1 << bits); b += kThreads) sh.hist[b] = 0;
+// One histogram step over bits [shift, shift + Bits) of the elements whose key matches the threshold so far.
+template <int Bits, typename Src>
+__device__ void radix_step(const Src& src, int n, int shift, Threshold& th, Shared& sh) {
+  for (int b = threadIdx.x; b < (1 << Bits); b += kThreads) sh.hist[b] = 0;
   __syncthreads();
-  count_digits(src, 0, n, shift, bits, th, sh);
+  count_digits(src, 0, n, shift, Bits, th, sh);
   __syncthreads();
-  select_bin(shift, bits, th, sh);
+  select_bin<Bits>(shift, th, sh);
 }
 
 template <typename Src>
 __device__ void finish_threshold(const Src& src, int n, Threshold& th, Shared& sh) {
-  if (!th.done) radix_step(src, n, 9, 10, th, sh);
-  if (!th.done) radix_step(src, n, 0, 9, th, sh);
+  if (!th.done) radix_step<10>(src, n, 9, th, sh);
+  if (!th.done) radix_step<9>(src, n, 0, th, sh);
 }
 
-// Writes the selected elements in element order: all above the threshold, the first `need` equal to it.
+// Sets in sh.hist (as a bitmap of the kBitmapCols columns from w0) the columns of the elements of src that
+// belong to the selection: keys above the threshold, and keys equal to it up to column `cut` (equal_only: only
+// those equal to it).
 template <typename Src>
-__device__ void emit(const Src& src, int n, const Threshold& th, Shared& sh, int topk, int* out_idx,
-                     float* out_scores, int offset) {
-  int taken = 0, eq_seen = 0;
-  BlockScan scan(sh);
-  for_each_pass(src, 0, n, [&](int i0, const typename Src::Raw& raw) {
+__device__ void mark_columns(const Src& src, int n, int w0, const Threshold& th, int cut, bool equal_only,
+                             Shared& sh) {
+  uint4* words = reinterpret_cast<uint4*>(sh.hist);
+  for (int i = threadIdx.x; i < kBins / 4; i += kThreads) words[i] = make_uint4(0, 0, 0, 0);
+  __syncthreads();
+  for_each_pass(src, 0, n, [&](int i0, const typename Src::Raw& raw, bool full) {
     uint32_t k[kItems];
     Src::keys(raw, k);
-    int n_eq = 0;
-#pragma unroll
-    for (int e = 0; e < kItems; ++e) n_eq += (i0 + e < n) && (k[e] & th.mask) == th.prefix;
-    int eq_total;
-    int eq_rank = eq_seen + scan.exclusive(n_eq, &eq_total);
-    bool sel[kItems];
-    int n_sel = 0;
 #pragma unroll
     for (int e = 0; e < kItems; ++e) {
-      const bool live = i0 + e < n;
+      const int i = item_index(i0, e);
       const uint32_t m = k[e] & th.mask;
-      sel[e] = live && (m > th.prefix || (m == th.prefix && eq_rank < th.need));
-      eq_rank += live && m == th.prefix;
-      n_sel += sel[e];
+      if (!(full || i < n) || m < th.prefix || (equal_only && m != th.prefix)) continue;
+      const int c = src.col(i);
+      if ((m == th.prefix && c > cut) || c < w0 || c - w0 >= kBitmapCols) continue;
+      atomicOr(&sh.hist[(c - w0) >> 5], 1u << ((c - w0) & 31));
     }
-    int sel_total;
-    int pos = taken + scan.exclusive(n_sel, &sel_total);
-#pragma unroll
-    for (int e = 0; e < kItems; ++e) {
-      if (!sel[e]) continue;
-      out_idx[pos] = src.col(i0 + e) + offset;
-      if (out_scores) out_scores[pos] = key_value(k[e]);
-      ++pos;
-    }
-    taken += sel_total;
-    eq_seen += eq_total;
-    return taken < topk;  // block-uniform: every selected element written
   });
+  __syncthreads();
+}
+
+// The marked columns of the window at w0: thread t's 16 consecutive bitmap words (512 columns), how many are set,
+// and their block-wide exclusive prefix.
+struct MarkedWords {
+  static constexpr int kWords = kBins / kThreads;
+  uint32_t w[kWords];
+  int count = 0, before, total;
+  __device__ explicit MarkedWords(Shared& sh) {
+#pragma unroll
+    for (int v = 0; v < kWords / 4; ++v) {
+      const uint4 x = reinterpret_cast<const uint4*>(sh.hist + kWords * threadIdx.x)[v];
+      w[4 * v] = x.x, w[4 * v + 1] = x.y, w[4 * v + 2] = x.z, w[4 * v + 3] = x.w;
+    }
+#pragma unroll
+    for (int j = 0; j < kWords; ++j) count += __popc(w[j]);
+    before = block_exclusive_scan(count, sh, &total);
+  }
+  __device__ int column(int w0, int j, int bit) const { return w0 + 32 * (kWords * threadIdx.x + j) + bit; }
+};
+
+// Ties at the threshold: the column of the need-th lowest-column element equal to it.
+template <typename Src>
+__device__ int tie_cut(const Src& src, int n, int cols, const Threshold& th, Shared& sh) {
+  int left = th.need;
+  for (int w0 = 0; w0 < cols; w0 += kBitmapCols) {
+    mark_columns(src, n, w0, th, INT_MAX, true, sh);
+    const MarkedWords mw(sh);
+    if (mw.before < left && mw.before + mw.count >= left) {
+      int r = left - mw.before;  // the r-th set bit of this thread's words
+#pragma unroll
+      for (int j = 0; j < MarkedWords::kWords; ++j) {
+        uint32_t b = mw.w[j];
+        const int pc = __popc(b);
+        if (r > 0 && r <= pc) {
+          for (int s = 1; s < r; ++s) b &= b - 1;
+          sh.cut = mw.column(w0, j, __ffs(b) - 1);
+        }
+        r -= pc;
+      }
+    }
+    __syncthreads();
+    if (mw.total >= left) return sh.cut;
+    left -= mw.total;
+  }
+  return INT_MAX;  // unreachable: the elements equal to the threshold number at least need
+}
+
+// Writes the selected elements in ascending column order: all above the threshold, the `need` of lowest column
+// equal to it; the scores (optional) from the row in global memory. Every source holds the selection whole.
+template <typename Src>
+__device__ void emit(const Src& src, int n, int cols, const Threshold& th, Shared& sh, const float* row, int topk,
+                     int* out_idx, float* out_scores, int offset) {
+  const int cut = th.done ? INT_MAX : tie_cut(src, n, cols, th, sh);
+  int written = 0;
+  for (int w0 = 0; w0 < cols && written < topk; w0 += kBitmapCols) {
+    mark_columns(src, n, w0, th, cut, false, sh);
+    const MarkedWords mw(sh);
+    int pos = written + mw.before;
+#pragma unroll
+    for (int j = 0; j < MarkedWords::kWords; ++j)
+      for (uint32_t b = mw.w[j]; b; b &= b - 1, ++pos) {
+        const int c = mw.column(w0, j, __ffs(b) - 1);
+        if (pos >= topk) continue;
+        out_idx[pos] = c + offset;
+        if (out_scores) out_scores[pos] = key_value(order_key(__ldg(row + c)));
+      }
+    written += mw.total;
+    __syncthreads();  // the bitmap is cleared for the next window
+  }
 }
 
 // The digits still open, then the selection: what every path does once its candidates are in `src`.
 template <typename Src>
-__device__ void finish_and_emit(const Src& src, int n, Threshold& th, Shared& sh, int topk, int* out_idx,
-                                float* out_scores, int offset) {
+__device__ void finish_and_emit(const Src& src, int n, int cols, Threshold& th, Shared& sh, const float* row,
+                                int topk, int* out_idx, float* out_scores, int offset) {
   finish_threshold(src, n, th, sh);
-  emit(src, n, th, sh, topk, out_idx, out_scores, offset);
+  emit(src, n, cols, th, sh, row, topk, out_idx, out_scores, offset);
 }
 
 // Visible elements of row r: its length clamped to [0, cols].
@@ -299,44 +401,55 @@ __device__ void emit_all(const float* row, int n, int topk, int* out_idx, float*
   }
 }
 
-// Passes the elements of [begin, end) at or above th's bin to store(position, key, column) in column order
-// (positions from 0); returns how many there are. The caller bounds what it keeps.
-// The test is on values, not keys: key(x) >= prefix (the bin's low bits are 0) exactly when x >= key_value(prefix)
-// for x not NaN (-0 equal to +0, as in order_key), if the prefix is at least key(-FLT_MAX); a lower prefix (the bin
-// of -inf and NaN) takes every element. So only the few collected elements are turned into keys.
-template <typename Store>
-__device__ int collect(const GlobalRow& src, int begin, int end, const Threshold& th, Shared& sh, Store&& store) {
-  const bool all = th.prefix < 0x00800000u;
-  const float lo = key_value(th.prefix);
-  BlockScan scan(sh);
-  int len = 0;
-  for_each_pass(src, begin, end, [&](int i0, const GlobalRow::Raw& raw) {
-    const float x[kItems] = {raw.a.x, raw.a.y, raw.a.z, raw.a.w, raw.b.x, raw.b.y, raw.b.z, raw.b.w};
-    bool sel[kItems];
-    int c = 0;
-#pragma unroll
-    for (int e = 0; e < kItems; ++e) {
-      sel[e] = i0 + e < end && (all || x[e] >= lo);
-      c += sel[e];
-    }
-    int total;
-    int pos = len + scan.exclusive(c, &total);
-#pragma unroll
-    for (int e = 0; e < kItems; ++e)
-      if (sel[e]) store(pos++, order_key(x[e]), i0 + e);
-    len += total;
-    return true;
-  });
-  __syncthreads();
-  return len;
+// atomicAdd on a shared counter without the compiler's warp aggregation (the caller is one lane already, and the
+// aggregation nvcc adds around a lane-guarded atomicAdd costs a second warp scan).
+__device__ __forceinline__ int shared_fetch_add(int* p, int v) {
+  int old;
+  asm volatile("atom.shared.add.u32 %0, [%1], %2;\n"
+               : "=r"(old)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(v)
+               : "memory");
+  return old;
 }
 
-// The one-CTA kernel's candidate list: (key, column) pairs in shared memory, at most cap of them stored.
-__device__ int collect_pairs(const GlobalRow& src, int n, const Threshold& th, int cap, Shared& sh, uint32_t* lkeys,
-                             int* lcols) {
-  return collect(src, 0, n, th, sh, [&](int pos, uint32_t key, int col) {
-    if (pos < cap) lkeys[pos] = key, lcols[pos] = col;
+// Passes the elements of [begin, end) at or above th's bin to store(position, value, column), positions from 0
+// in no particular order (each warp takes a run of positions per pass with one shared-memory atomic), and only
+// while the positions stay below cap; returns how many elements there are (more than cap: the list is
+// incomplete). The test is on values, not keys: key(x) >= prefix (the bin's low bits are 0) exactly when
+// x >= key_value(prefix) for x not NaN (-0 equal to +0, as in order_key), if the prefix is at least
+// key(-FLT_MAX); a lower prefix (the bin of -inf and NaN) takes every element.
+template <typename Store>
+__device__ int collect(const GlobalRow& src, int begin, int end, const Threshold& th, int cap, Shared& sh,
+                       Store&& store) {
+  const bool all = th.prefix < 0x00800000u;
+  const float lo = key_value(th.prefix);
+  const int lane = threadIdx.x & 31;
+  if (threadIdx.x == 0) sh.list_len = 0;
+  __syncthreads();
+  for_each_pass(src, begin, end, [&](int i0, const GlobalRow::Raw& raw, bool full) {
+    const float x[kItems] = {raw.a.x, raw.a.y, raw.a.z, raw.a.w, raw.b.x, raw.b.y, raw.b.z, raw.b.w};
+    uint32_t sel = 0;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e)
+      if ((full || item_index(i0, e) < end) && (all || x[e] >= lo)) sel |= 1u << e;
+    const int c = __popc(sel);
+    int incl = c;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += y;
+    }
+    int base = 0;
+    if (lane == 31) base = shared_fetch_add(&sh.list_len, incl);
+    base = __shfl_sync(0xffffffffu, base, 31);
+    if (base + __shfl_sync(0xffffffffu, incl, 31) > cap) return;  // warp-uniform: the list is full
+    int pos = base + incl - c;
+#pragma unroll
+    for (int e = 0; e < kItems; ++e)
+      if (sel & (1u << e)) store(pos++, x[e], item_index(i0, e));
   });
+  __syncthreads();
+  return sh.list_len;
 }
 
 __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols,
@@ -356,52 +469,50 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
   if (n <= topk) return emit_all(row, n, topk, out_idx, out_sc, offset);
   Threshold th;
   th.need = topk;
+  const GlobalRow grow{row};
   if (n <= cap_keys) {  // the row fits in shared memory: one global read
     uint32_t* keys = reinterpret_cast<uint32_t*>(data);
-    const GlobalRow grow{row};
-    for_each_pass(grow, 0, n, [&](int i0, const GlobalRow::Raw& raw) {
+    for_each_pass(grow, 0, n, [&](int i0, const GlobalRow::Raw& raw, bool full) {
       uint32_t k[kItems];
       GlobalRow::keys(raw, k);
-      if (i0 + kItems <= n) {
-        *reinterpret_cast<uint4*>(keys + i0) = make_uint4(k[0], k[1], k[2], k[3]);
-        *reinterpret_cast<uint4*>(keys + i0 + 4) = make_uint4(k[4], k[5], k[6], k[7]);
-      } else {
-        for (int e = 0; e < kItems && i0 + e < n; ++e) keys[i0 + e] = k[e];
-      }
-      return true;
+      if (full || i0 + 3 < n) *reinterpret_cast<uint4*>(keys + i0) = make_uint4(k[0], k[1], k[2], k[3]);
+      else for (int e = 0; e < 4 && i0 + e < n; ++e) keys[i0 + e] = k[e];
+      if (full || i0 + kHalf + 3 < n) *reinterpret_cast<uint4*>(keys + i0 + kHalf) = make_uint4(k[4], k[5], k[6], k[7]);
+      else for (int e = 4; e < kItems && i0 + kHalf + e - 4 < n; ++e) keys[i0 + kHalf + e - 4] = k[e];
     });
     __syncthreads();
     const SmemKeys src{keys};
-    radix_step(src, n, 32 - kFirstBits, kFirstBits, th, sh);
-    finish_and_emit(src, n, th, sh, topk, out_idx, out_sc, offset);
+    radix_step<kFirstBits>(src, n, 32 - kFirstBits, th, sh);
+    finish_and_emit(src, n, n, th, sh, row, topk, out_idx, out_sc, offset);
     return;
   }
-  const GlobalRow grow{row};
-  const int cap_pairs = cap_keys / 2;
-  uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
+  // Rows past cap_keys only get here, so cap_keys is the whole data area: kListCap pairs.
+  constexpr int cap_pairs = kListCap;
+  float* lvals = reinterpret_cast<float*>(data);
   int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
+  auto store = [&](int pos, float x, int col) { lvals[pos] = x, lcols[pos] = col; };
+  const SmemList list{lvals, lcols};
   // First try: the first-digit bin that ~2 * topk elements reach in a sample (rank scaled to the sample's size),
   // and one pass that collects every element at or above it.
   if (n >= kSampleMinLength) {
     constexpr int kSample = kSampleChunks * kSampleChunkLen;
     Threshold est;
     est.need = min(kSample, static_cast<int>((2LL * topk * kSample + n - 1) / n) + 32);
-    radix_step(RowSample{{row}, (n / kSampleChunks) & ~3}, kSample, 32 - kFirstBits, kFirstBits, est, sh);
-    const int len = collect_pairs(grow, n, est, cap_pairs, sh, lkeys, lcols);
+    radix_step<kFirstBits>(RowSample{{row}, (n / kSampleChunks) & ~3}, kSample, 32 - kFirstBits, est, sh);
+    const int len = collect(grow, 0, n, est, cap_pairs, sh, store);
     if (len >= topk && len <= cap_pairs) {
-      const SmemList list{{lkeys}, lcols};
-      radix_step(list, len, 32 - kFirstBits, kFirstBits, th, sh);
-      finish_and_emit(list, len, th, sh, topk, out_idx, out_sc, offset);
+      radix_step<kFirstBits>(list, len, 32 - kFirstBits, th, sh);
+      finish_and_emit(list, len, n, th, sh, row, topk, out_idx, out_sc, offset);
       return;
     }
   }
-  radix_step(grow, n, 32 - kFirstBits, kFirstBits, th, sh);
+  radix_step<kFirstBits>(grow, n, 32 - kFirstBits, th, sh);
   if (th.done || topk - th.need + sh.hist[sh.sel_bin] > cap_pairs) {  // list would not fit: stay in global
-    finish_and_emit(grow, n, th, sh, topk, out_idx, out_sc, offset);
+    finish_and_emit(grow, n, n, th, sh, row, topk, out_idx, out_sc, offset);
     return;
   }
-  const int len = collect_pairs(grow, n, th, cap_pairs, sh, lkeys, lcols);
-  finish_and_emit(SmemList{{lkeys}, lcols}, len, th, sh, topk, out_idx, out_sc, offset);
+  const int len = collect(grow, 0, n, th, cap_pairs, sh, store);
+  finish_and_emit(list, len, n, th, sh, row, topk, out_idx, out_sc, offset);
 }
 
 // ---- Few long rows (decode): each row split over many CTAs, three kernels. ----
@@ -411,11 +522,11 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
 //     and adds the non-zero bins to the row's histogram in global memory; the row's last CTA (atomic ticket,
 //     after a fence) reads the whole histogram and records the row's threshold bin and how many of that bin
 //     are still needed.
-//   topk_split_collect (segments x rows): each CTA writes the columns at or above the threshold bin, in column
-//     order, to its segment's slice of the candidate list.
-//   topk_split_finish (rows): concatenates the slices (segment order = column order), fetches their keys, and
-//     finishes exactly as the one-CTA kernel does on its candidate list; if the candidates do not fit in shared
-//     memory, it falls back to that kernel's global path for the row.
+//   topk_split_collect (segments x rows): each CTA writes the columns at or above the threshold bin to its
+//     segment's slice of the candidate list.
+//   topk_split_finish (rows): concatenates the slices, fetches their values, and finishes exactly as the one-CTA
+//     kernel does on its candidate list; if the candidates do not fit in shared memory, it falls back to that
+//     kernel's global path for the row.
 constexpr int kMaxSegments = kThreads - 1;  // one scan over the segment counts
 
 struct SplitRows {
@@ -461,7 +572,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_histogram(const SplitRows
   __threadfence();  // the last CTA of the row: every other CTA's bins are in row_hist
   for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = __ldcg(row_hist + b);
   __syncthreads();
-  select_bin(32 - kFirstBits, kFirstBits, th, sh);
+  select_bin<kFirstBits>(32 - kFirstBits, th, sh);
   if (threadIdx.x == 0) a.row_info[r] = make_int4(static_cast<int>(th.prefix), th.need, th.done, 0);
 }
 
@@ -475,8 +586,8 @@ __global__ void __launch_bounds__(kThreads) topk_split_collect(const SplitRows a
   th.prefix = static_cast<uint32_t>(a.row_info[r].x);
   th.mask = ~0u << (32 - kFirstBits);
   int* list = a.seg_cols + (static_cast<int64_t>(r) * a.segments + seg) * a.seg_len;
-  const int len = collect(GlobalRow{a.scores + r * a.ld}, begin, end, th, sh,
-                          [&](int pos, uint32_t, int col) { list[pos] = col; });
+  const int len = collect(GlobalRow{a.scores + r * a.ld}, begin, end, th, a.seg_len, sh,
+                          [&](int pos, float, int col) { list[pos] = col; });
   if (threadIdx.x == 0) a.seg_count[r * a.segments + seg] = len;
 }
 
@@ -504,12 +615,12 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
                                        &len);
   if (threadIdx.x <= a.segments) seg_off[threadIdx.x] = off;
   __syncthreads();
-  const int cap_pairs = a.cap_keys / 2;
+  constexpr int cap_pairs = kListCap;  // split rows have 16+ passes of columns: the data area is kMaxSmemData
   const GlobalRow grow{row};
   if (len > cap_pairs) {  // many exact ties around the threshold: the one-CTA kernel's global path
-    return finish_and_emit(grow, n, th, sh, a.topk, out_idx, out_sc, a.offset);
+    return finish_and_emit(grow, n, n, th, sh, row, a.topk, out_idx, out_sc, a.offset);
   }
-  uint32_t* lkeys = reinterpret_cast<uint32_t*>(data);
+  float* lvals = reinterpret_cast<float*>(data);
   int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
   // One flat pass over the whole list (a loop over segments would wait out one load latency per segment).
   for (int j = threadIdx.x; j < len; j += kThreads) {
@@ -520,10 +631,10 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
     }
     const int col = a.seg_cols[(static_cast<int64_t>(r) * a.segments + lo) * a.seg_len + (j - seg_off[lo])];
     lcols[j] = col;
-    lkeys[j] = grow.key(col);
+    lvals[j] = __ldg(row + col);
   }
   __syncthreads();
-  finish_and_emit(SmemList{{lkeys}, lcols}, len, th, sh, a.topk, out_idx, out_sc, a.offset);
+  finish_and_emit(SmemList{lvals, lcols}, len, n, th, sh, row, a.topk, out_idx, out_sc, a.offset);
 }
 
 }  // namespace
