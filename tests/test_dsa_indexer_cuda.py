@@ -114,6 +114,22 @@ def test_logits_long_rows_and_unaligned_scales(H, D, scale_offset):
     _check_logits(q8[q_pos0:], qs[q_pos0:], w[q_pos0:], k8, ks, q_pos0)
 
 
+def _topk_rows_on_path(s, lens, topk, path, min_extra_len):
+    """topk_rows on rows s with visible lengths lens, into poisoned outputs. Few rows take the split path; for
+    "one CTA per row" random rows (lengths from min_extra_len to the row width) are appended first, enough that
+    the kernel gives every row its own CTA. Returns (rows, lengths, indices, scores)."""
+    if path == "one CTA per row":
+        extra = 2 * torch.cuda.get_device_properties(DEV).multi_processor_count + 1
+        s = torch.cat([s, torch.randn(extra, s.shape[1], device=DEV)])
+        lens = lens + [random.randint(min_extra_len, s.shape[1]) for _ in range(extra)]
+    lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
+    idx = torch.empty(len(lens), topk, dtype=torch.int32, device=DEV)
+    sc = torch.empty(len(lens), topk, device=DEV)
+    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)
+    return s, lengths, idx, sc
+
+
 @pytest.mark.parametrize("path", ["split rows", "one CTA per row"])
 def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     """Few long rows are split over many CTAs (three kernels); with more than two rows per SM each row gets one
@@ -138,15 +154,7 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     stride = (lens[10] // 32) & ~3
     s[10, 5 * stride: 5 * stride + 60] = 5.0
     s[10, lens[10] - 1000: lens[10] - 1000 + topk + 44] = 4.0
-    if path == "one CTA per row":
-        extra = 2 * torch.cuda.get_device_properties(DEV).multi_processor_count + 1
-        s = torch.cat([s, torch.randn(extra, L, device=DEV)])
-        lens = lens + [random.randint(topk + 1, L) for _ in range(extra)]
-    lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
-    idx = torch.empty(len(lens), topk, dtype=torch.int32, device=DEV)
-    sc = torch.empty(len(lens), topk, device=DEV)
-    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)
+    s, lengths, idx, sc = _topk_rows_on_path(s, lens, topk, path, min_extra_len=topk + 1)
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert torch.equal(idx, want)
     assert torch.equal(sc, want_sc)  # -0.0 == 0.0 compares equal
@@ -168,16 +176,7 @@ def test_topk_rows_ties_across_bitmap_windows(path):
     s[1, :262_144] = 0.0
     s[1, 262_144:] = 1.0  # 137,856 ties, all in the second window
     s[1, 7] = 3.0
-    lens = [L, L, 300_001]
-    if path == "one CTA per row":
-        extra = 2 * torch.cuda.get_device_properties(DEV).multi_processor_count + 1
-        s = torch.cat([s, torch.randn(extra, L, device=DEV)])
-        lens = lens + [random.randint(262_000, L) for _ in range(extra)]
-    lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
-    poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
-    idx = torch.empty(len(lens), topk, dtype=torch.int32, device=DEV)
-    sc = torch.empty(len(lens), topk, device=DEV)
-    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc)
+    s, lengths, idx, sc = _topk_rows_on_path(s, [L, L, 300_001], topk, path, min_extra_len=262_000)
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert int(want[0, -1]) > 262_144 and int(want[1, -1]) > 262_144  # the cut is in the second window
     assert torch.equal(idx, want)
