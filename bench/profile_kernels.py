@@ -112,7 +112,7 @@ def indexer_decode_workloads(B, ctx=131072):
 
 def indexer_topk_workloads(T, rows=1024):
     """The top-k kernel alone on the score rows of the last `rows` queries of a T-token prefill layer (the rows
-    that take the one-read sampled path from 64K columns on); the scores are computed once, outside."""
+    that take the one-read sampled path from 32K columns on); the scores are computed once, outside."""
     from keye.bench.dsa_indexer import D_I, TOPK, _inputs
     from keye.ops.dsa_indexer import score_coefficients
 

@@ -72,44 +72,34 @@ __device__ __forceinline__ int item_index(int i0, int e) { return i0 + (e < 4 ? 
 
 struct Shared {
   alignas(16) uint32_t hist[kBins];  // histograms; the emit step's column bitmap
-  int warp_sums[2][kWarps];
+  int warp_sums[kWarps];
   int sel_bin, sel_above, sel_count, list_len, cut;
 };
 
-// Exclusive prefix sums over the block (thread order) with one barrier per call: the warps' totals go to the two
-// buffers of sh.warp_sums in turn and every warp scans them itself, so a buffer is written again only two calls
-// later, after every thread has passed the barrier of the call between. The constructor's barrier keeps a new
-// BlockScan from writing a buffer that an earlier one's threads may still read. All threads call together.
-struct BlockScan {
-  Shared& sh;
-  int phase = 0;
-  __device__ explicit BlockScan(Shared& s) : sh(s) { __syncthreads(); }
-  // v's exclusive prefix; *total gets the block's sum.
-  __device__ int exclusive(int v, int* total) {
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-    int x = v;
+// Exclusive prefix sum of v over the block (thread order); *total gets the block's sum. All threads call
+// together. Two barriers: the first keeps this call's warp totals from overwriting those an earlier call's
+// threads may still read, the second publishes them; every warp then scans the totals itself.
+__device__ int block_exclusive_scan(int v, Shared& sh, int* total) {
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int x = v;
 #pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, x, o);
-      if (lane >= o) x += y;
-    }
-    int* sums = sh.warp_sums[phase];
-    phase ^= 1;
-    if (lane == 31) sums[w] = x;
-    __syncthreads();
-    int s = lane < kWarps ? sums[lane] : 0;
-#pragma unroll
-    for (int o = 1; o < kWarps; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, s, o);
-      if (lane >= o) s += y;
-    }
-    const int before = __shfl_sync(0xffffffffu, s, (w + 31) & 31);  // inclusive sum of the warps before w
-    *total = __shfl_sync(0xffffffffu, s, kWarps - 1);
-    return x - v + (w > 0 ? before : 0);
+  for (int o = 1; o < 32; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, x, o);
+    if (lane >= o) x += y;
   }
-};
-
-__device__ int block_exclusive_scan(int v, Shared& sh, int* total) { return BlockScan(sh).exclusive(v, total); }
+  __syncthreads();
+  if (lane == 31) sh.warp_sums[w] = x;
+  __syncthreads();
+  int s = lane < kWarps ? sh.warp_sums[lane] : 0;
+#pragma unroll
+  for (int o = 1; o < kWarps; o <<= 1) {
+    const int y = __shfl_up_sync(0xffffffffu, s, o);
+    if (lane >= o) s += y;
+  }
+  const int before = __shfl_sync(0xffffffffu, s, (w + 31) & 31);  // inclusive sum of the warps before w
+  *total = __shfl_sync(0xffffffffu, s, kWarps - 1);
+  return x - v + (w > 0 ? before : 0);
+}
 
 // Element sources: a global fp32 row, the row's keys in shared memory, or a (value, column) list in shared
 // memory. raw(i0, n) issues the loads of a thread's kItems elements of the pass at i0 (16-byte vectors where all
@@ -401,17 +391,6 @@ __device__ void emit_all(const float* row, int n, int topk, int* out_idx, float*
   }
 }
 
-// atomicAdd on a shared counter without the compiler's warp aggregation (the caller is one lane already, and the
-// aggregation nvcc adds around a lane-guarded atomicAdd costs a second warp scan).
-__device__ __forceinline__ int shared_fetch_add(int* p, int v) {
-  int old;
-  asm volatile("atom.shared.add.u32 %0, [%1], %2;\n"
-               : "=r"(old)
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(p))), "r"(v)
-               : "memory");
-  return old;
-}
-
 // Passes the elements of [begin, end) at or above th's bin to store(position, value, column), positions from 0
 // in no particular order (each warp takes a run of positions per pass with one shared-memory atomic), and only
 // while the positions stay below cap; returns how many elements there are (more than cap: the list is
@@ -440,7 +419,7 @@ __device__ int collect(const GlobalRow& src, int begin, int end, const Threshold
       if (lane >= o) incl += y;
     }
     int base = 0;
-    if (lane == 31) base = shared_fetch_add(&sh.list_len, incl);
+    if (lane == 31) base = atomicAdd(&sh.list_len, incl);
     base = __shfl_sync(0xffffffffu, base, 31);
     if (base + __shfl_sync(0xffffffffu, incl, 31) > cap) return;  // warp-uniform: the list is full
     int pos = base + incl - c;
@@ -545,7 +524,6 @@ struct SplitRows {
   int4* row_info;    // [R]: threshold prefix (first digit), need, done
   int* seg_count;    // [R, segments]
   int* seg_cols;     // [R, segments, seg_len]
-  int cap_keys;
 };
 
 
@@ -615,13 +593,14 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
                                        &len);
   if (threadIdx.x <= a.segments) seg_off[threadIdx.x] = off;
   __syncthreads();
-  constexpr int cap_pairs = kListCap;  // split rows have 16+ passes of columns: the data area is kMaxSmemData
   const GlobalRow grow{row};
-  if (len > cap_pairs) {  // many exact ties around the threshold: the one-CTA kernel's global path
+  // Split rows have 16+ passes of columns, so the data area holds kListCap pairs. More candidates: many exact ties
+  // around the threshold, the one-CTA kernel's global path.
+  if (len > kListCap) {
     return finish_and_emit(grow, n, n, th, sh, row, a.topk, out_idx, out_sc, a.offset);
   }
   float* lvals = reinterpret_cast<float*>(data);
-  int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
+  int* lcols = reinterpret_cast<int*>(data) + kListCap;
   // One flat pass over the whole list (a loop over segments would wait out one load latency per segment).
   for (int j = threadIdx.x; j < len; j += kThreads) {
     int lo = 0, hi = a.segments - 1;  // the segment holding list entry j: last seg with seg_off[seg] <= j
@@ -701,7 +680,6 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
     a.row_info = reinterpret_cast<int4*>(row_info.data_ptr<int>());
     a.seg_count = seg_count.data_ptr<int>();
     a.seg_cols = seg_cols.data_ptr<int>();
-    a.cap_keys = cap_keys;
     const dim3 grid(segments, static_cast<unsigned>(R));
     topk_split_histogram<<<grid, kThreads, 0, stream>>>(a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
