@@ -275,14 +275,16 @@ __device__ void finish_threshold(const Src& src, int n, Threshold& th, Shared& s
   if (!th.done) radix_step<9>(src, n, 0, th, sh);
 }
 
+// Bitmap words of the window of columns [w0, min(w0 + kBitmapCols, cols)), rounded up to whole 16-byte vectors.
+__device__ __forceinline__ int window_words(int w0, int cols) { return (min(cols - w0, kBitmapCols) + 127) / 128 * 4; }
+
 // Sets in sh.hist (as a bitmap of the kBitmapCols columns from w0) the columns of the elements of src that
 // belong to the selection: keys above the threshold, and keys equal to it up to column `cut` (equal_only: only
 // those equal to it).
 template <typename Src>
-__device__ void mark_columns(const Src& src, int n, int w0, const Threshold& th, int cut, bool equal_only,
+__device__ void mark_columns(const Src& src, int n, int w0, int cols, const Threshold& th, int cut, bool equal_only,
                              Shared& sh) {
-  uint4* words = reinterpret_cast<uint4*>(sh.hist);
-  for (int i = threadIdx.x; i < kBins / 4; i += kThreads) words[i] = make_uint4(0, 0, 0, 0);
+  for (int i = threadIdx.x; i < window_words(w0, cols); i += kThreads) sh.hist[i] = 0;
   __syncthreads();
   for_each_pass(src, 0, n, [&](int i0, const typename Src::Raw& raw, bool full) {
     uint32_t k[kItems];
@@ -300,23 +302,35 @@ __device__ void mark_columns(const Src& src, int n, int w0, const Threshold& th,
   __syncthreads();
 }
 
-// The marked columns of the window at w0: thread t's 16 consecutive bitmap words (512 columns), how many are set,
-// and their block-wide exclusive prefix.
+// The marked columns of the window at w0: thread t's `per` consecutive bitmap words, how many are set, and their
+// block-wide exclusive prefix. `per` (a power of two up to 16) is the fewest words per thread that cover the
+// window, so a short row's marks are read and written out by many threads: with 16 words (512 columns) per
+// thread always, a 4K-column row left 8 threads writing ~256 indices each (v7: 8K-token layers 0.50 -> 0.8 ms).
 struct MarkedWords {
-  static constexpr int kWords = kBins / kThreads;
-  uint32_t w[kWords];
-  int count = 0, before, total;
-  __device__ explicit MarkedWords(Shared& sh) {
+  static constexpr int kMaxWords = kBins / kThreads;
+  uint32_t w[kMaxWords];
+  int per, count = 0, before, total;
+  __device__ MarkedWords(Shared& sh, int w0, int cols) {
+    const int words = window_words(w0, cols);
+    per = 1;
+    while (per * kThreads < words) per *= 2;
+    const int first = per * threadIdx.x;
+    if (per >= 4) {  // 16-byte reads (a lane stride of `per` words would be a per-way bank conflict)
 #pragma unroll
-    for (int v = 0; v < kWords / 4; ++v) {
-      const uint4 x = reinterpret_cast<const uint4*>(sh.hist + kWords * threadIdx.x)[v];
-      w[4 * v] = x.x, w[4 * v + 1] = x.y, w[4 * v + 2] = x.z, w[4 * v + 3] = x.w;
+      for (int v = 0; v < kMaxWords / 4; ++v) {
+        const uint4 x = 4 * v < per && first + 4 * v < words ? reinterpret_cast<const uint4*>(sh.hist + first)[v]
+                                                             : make_uint4(0, 0, 0, 0);
+        w[4 * v] = x.x, w[4 * v + 1] = x.y, w[4 * v + 2] = x.z, w[4 * v + 3] = x.w;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kMaxWords; ++j) w[j] = j < per && first + j < words ? sh.hist[first + j] : 0u;
     }
 #pragma unroll
-    for (int j = 0; j < kWords; ++j) count += __popc(w[j]);
+    for (int j = 0; j < kMaxWords; ++j) count += __popc(w[j]);
     before = block_exclusive_scan(count, sh, &total);
   }
-  __device__ int column(int w0, int j, int bit) const { return w0 + 32 * (kWords * threadIdx.x + j) + bit; }
+  __device__ int column(int w0, int j, int bit) const { return w0 + 32 * (per * threadIdx.x + j) + bit; }
 };
 
 // Ties at the threshold: the column of the need-th lowest-column element equal to it.
@@ -324,12 +338,12 @@ template <typename Src>
 __device__ int tie_cut(const Src& src, int n, int cols, const Threshold& th, Shared& sh) {
   int left = th.need;
   for (int w0 = 0; w0 < cols; w0 += kBitmapCols) {
-    mark_columns(src, n, w0, th, INT_MAX, true, sh);
-    const MarkedWords mw(sh);
+    mark_columns(src, n, w0, cols, th, INT_MAX, true, sh);
+    const MarkedWords mw(sh, w0, cols);
     if (mw.before < left && mw.before + mw.count >= left) {
       int r = left - mw.before;  // the r-th set bit of this thread's words
 #pragma unroll
-      for (int j = 0; j < MarkedWords::kWords; ++j) {
+      for (int j = 0; j < MarkedWords::kMaxWords; ++j) {
         uint32_t b = mw.w[j];
         const int pc = __popc(b);
         if (r > 0 && r <= pc) {
@@ -354,11 +368,11 @@ __device__ void emit(const Src& src, int n, int cols, const Threshold& th, Share
   const int cut = th.done ? INT_MAX : tie_cut(src, n, cols, th, sh);
   int written = 0;
   for (int w0 = 0; w0 < cols && written < topk; w0 += kBitmapCols) {
-    mark_columns(src, n, w0, th, cut, false, sh);
-    const MarkedWords mw(sh);
+    mark_columns(src, n, w0, cols, th, cut, false, sh);
+    const MarkedWords mw(sh, w0, cols);
     int pos = written + mw.before;
 #pragma unroll
-    for (int j = 0; j < MarkedWords::kWords; ++j)
+    for (int j = 0; j < MarkedWords::kMaxWords; ++j)
       for (uint32_t b = mw.w[j]; b; b &= b - 1, ++pos) {
         const int c = mw.column(w0, j, __ffs(b) - 1);
         if (pos >= topk) continue;
