@@ -1,4 +1,6 @@
-"""DSA lightning indexer references (keye.ops.reference.dsa_indexer*) against brute-force restatements, CPU."""
+"""DSA lightning indexer references (keye.ops.reference.dsa_indexer*) against brute-force restatements, CPU; and the
+indexer losses of keye.ops (keye/ops/dsa_indexer_loss.py, pure PyTorch) against the same restatements and the
+reference."""
 
 import itertools
 import math
@@ -9,6 +11,7 @@ import torch
 
 from keye.ops.reference import dsa_indexer as dsa
 from keye.ops.reference.dsa_indexer_loss import indexer_loss
+from keye.ops.dsa_indexer_loss import indexer_loss as fast_loss
 from conftest import rel_err
 
 
@@ -179,8 +182,12 @@ def brute_loss(q, w, k, qm, km, cu, indices=None):
     return total
 
 
+LOSSES = {"reference": indexer_loss, "keye": fast_loss}
+
+
+@pytest.mark.parametrize("impl", LOSSES)
 @pytest.mark.parametrize("sparse", [False, True])
-def test_loss_and_gradients_match_brute_force(sparse):
+def test_loss_and_gradients_match_brute_force(sparse, impl):
     cu = torch.tensor([0, 19, 20, 57])
     T, H, D = 57, 8, 32
     q, w, k = torch.randn(T, H, D), torch.randn(T, H), torch.randn(T, D)
@@ -191,7 +198,8 @@ def test_loss_and_gradients_match_brute_force(sparse):
         k8, ks = dsa.indexer_rotate_quantize(k)
         indices = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, 8)
     grads = []
-    for f in (lambda *a: indexer_loss(*a, indices=indices, max_chunk_bytes=random.choice([1, 1 << 30])),
+    chunk = random.choice([1, 3000, 1 << 30])  # one row, a few rows, whole sequences per chunk
+    for f in (lambda *a: LOSSES[impl](*a, indices=indices, max_chunk_bytes=chunk),
               lambda *a: brute_loss(*a, indices=indices)):
         qq, ww, kk = (t.clone().requires_grad_() for t in (q, w, k))
         loss = f(qq, ww, kk, qm, km, cu)
@@ -201,20 +209,67 @@ def test_loss_and_gradients_match_brute_force(sparse):
         assert rel_err(got, want) < 1e-4
 
 
-def test_sparse_loss_with_every_key_selected_equals_dense():
+@pytest.mark.parametrize("impl", LOSSES)
+def test_sparse_loss_with_every_key_selected_equals_dense(impl):
     cu = torch.tensor([0, 30])
     q, w, k = torch.randn(30, 4, 32), torch.randn(30, 4), torch.randn(30, 32)
     qm, km = torch.randn(30, 4, 8), torch.randn(30, 1, 8)
     allk = torch.arange(32).expand(30, 32).clone()
     allk[allk > torch.arange(30).unsqueeze(1)] = -1
-    dense = indexer_loss(q, w, k, qm, km, cu)
-    assert rel_err(indexer_loss(q, w, k, qm, km, cu, indices=allk.int()), dense) < 1e-5
+    allk = allk[:, torch.randperm(32)]  # in no particular order, -1 anywhere
+    dense = LOSSES[impl](q, w, k, qm, km, cu)
+    assert rel_err(LOSSES[impl](q, w, k, qm, km, cu, indices=allk.int()), dense) < 1e-5
 
 
-def test_loss_is_zero_when_indexer_matches_uniform_target():
+@pytest.mark.parametrize("impl", LOSSES)
+def test_loss_is_zero_when_indexer_matches_uniform_target(impl):
     q, k = torch.randn(25, 4, 32), torch.randn(25, 32)
-    loss = indexer_loss(q, torch.zeros(25, 4), k, torch.zeros(25, 4, 8), torch.randn(25, 2, 8), torch.tensor([0, 25]))
+    loss = LOSSES[impl](q, torch.zeros(25, 4), k, torch.zeros(25, 4, 8), torch.randn(25, 2, 8), torch.tensor([0, 25]))
     assert abs(float(loss)) < 1e-5
+
+
+def loss_and_grads(f, q, w, k, qm, km, cu, indices, **kw):
+    qq, ww, kk = (t.clone().requires_grad_() for t in (q, w, k))
+    loss = f(qq, ww, kk, qm, km, cu, indices, **kw)
+    loss.backward()
+    return [loss.detach()] + [t.grad for t in (qq, ww, kk)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keye_loss_matches_reference(dtype):
+    """Several sequences of odd lengths, selections with empty (-1) slots and a row with none at all, random chunk
+    sizes; gradients come back in the inputs' dtype."""
+    T, H, D = 150, 4, 64
+    cu = torch.tensor([0, 1, 40, 41, 150])
+    q, w, k = torch.randn(T, H, D), torch.randn(T, H), torch.randn(T, D)
+    qm, km = torch.randn(T, 12, 16), torch.randn(T, 3, 16)
+    q8, qs = dsa.indexer_rotate_quantize(q)
+    k8, ks = dsa.indexer_rotate_quantize(k)
+    sel = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, 16)
+    sel[100] = -1  # a row that selects nothing: no loss, no gradient
+    q, w, k, qm, km = (t.to(dtype) for t in (q, w, k, qm, km))
+    for indices in (None, sel):
+        want = loss_and_grads(indexer_loss, q, w, k, qm, km, cu, indices)
+        got = loss_and_grads(fast_loss, q, w, k, qm, km, cu, indices, max_chunk_bytes=random.choice([1, 20000, 1 << 30]))
+        assert [g.dtype for g in got[1:]] == [dtype] * 3
+        tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: both round their gradients to bf16 (2^-9)
+        for a, b in zip(got, want):
+            assert rel_err(a.float(), b.float()) < tol
+        if indices is not None:
+            assert float(got[1][100].abs().sum()) == 0 and float(got[2][100].abs().sum()) == 0
+
+
+def test_keye_loss_without_gradients_and_scaled_backward():
+    T = 40
+    q, w, k, qm, km = torch.randn(T, 4, 32), torch.randn(T, 4), torch.randn(T, 32), torch.randn(T, 4, 8), torch.randn(T, 2, 8)
+    cu = torch.tensor([0, T])
+    with torch.no_grad():
+        assert rel_err(fast_loss(q, w, k, qm, km, cu), indexer_loss(q, w, k, qm, km, cu)) < 1e-6
+    qq = q.clone().requires_grad_()  # gradient for q only
+    (3.0 * fast_loss(qq, w, k, qm, km, cu)).backward()
+    q2 = q.clone().requires_grad_()
+    (3.0 * indexer_loss(q2, w, k, qm, km, cu)).backward()
+    assert rel_err(qq.grad, q2.grad) < 1e-5
 
 
 @pytest.mark.parametrize("call,pattern", [
@@ -228,6 +283,13 @@ def test_loss_is_zero_when_indexer_matches_uniform_target():
                                       torch.tensor([3, 64])), r"'slot_mapping' must hold values in \[-1, 63\]"),
     (lambda: indexer_loss(torch.randn(5, 4, 32), torch.randn(5, 4), torch.randn(5, 32), torch.randn(5, 6, 8),
                           torch.randn(5, 4, 8), torch.tensor([0, 5])), r"must be a multiple of the KV heads"),
+    (lambda: fast_loss(torch.randn(5, 4, 32), torch.randn(5, 4), torch.randn(5, 32), torch.randn(5, 6, 8),
+                       torch.randn(5, 4, 8), torch.tensor([0, 5])), r"must be a multiple of the KV heads"),
+    (lambda: fast_loss(torch.randn(5, 4, 32), torch.randn(5, 4), torch.randn(5, 32), torch.randn(5, 4, 8),
+                       torch.randn(5, 2, 8), torch.tensor([0, 5]), torch.tensor([[0], [1], [3], [0], [0]])),
+     r"'indices' of rows 0..4 point outside \[-1, own position\]"),
+    (lambda: fast_loss(torch.randn(5, 4, 32), torch.randn(5, 3), torch.randn(5, 32), torch.randn(5, 4, 8),
+                       torch.randn(5, 2, 8), torch.tensor([0, 5])), r"'w'"),
 ])
 def test_bad_arguments(call, pattern):
     with pytest.raises(ValueError, match=pattern):
@@ -253,3 +315,22 @@ def test_reference_runs_on_cuda_like_on_cpu():
         b = indexer_loss(q.cuda(), w.cuda(), k.cuda(), qm.cuda(), km.cuda(), cu.cuda(),
                          indices=None if indices is None else indices.cuda())
         assert rel_err(b.cpu(), a) < 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keye_loss_on_cuda_matches_reference(dtype):
+    """Keye shapes (16 x 64 indexer, 32 / 4 x 128 main); bf16 runs the score GEMMs in TF32 (exact for bf16)."""
+    cu = torch.tensor([0, 700, 3000], device="cuda")
+    T = 3000
+    q, k, w = torch.randn(T, 16, 64), torch.randn(T, 64), torch.randn(T, 16)
+    q8, qs = dsa.indexer_rotate_quantize(q)
+    k8, ks = dsa.indexer_rotate_quantize(k)
+    sel = dsa.indexer_topk_prefill(q8.cuda(), qs.cuda(), w.cuda(), k8.cuda(), ks.cuda(), cu, 512)
+    q, k, w = (t.cuda().to(dtype) for t in (q, k, w))
+    qm, km = torch.randn(T, 32, 128, device="cuda", dtype=dtype), torch.randn(T, 4, 128, device="cuda", dtype=dtype)
+    for indices in (None, sel):
+        want = loss_and_grads(indexer_loss, q, w, k, qm, km, cu, indices)
+        got = loss_and_grads(fast_loss, q, w, k, qm, km, cu, indices, max_chunk_bytes=random.choice([1 << 24, 1 << 31]))
+        for a, b in zip(got, want):
+            assert rel_err(a.float(), b.float()) < (1e-4 if dtype == torch.float32 else 2e-2)

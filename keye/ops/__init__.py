@@ -18,8 +18,9 @@ from keye.ops.dsa_indexer import (
     indexer_cache_append, indexer_rotate_quantize, indexer_topk_decode, indexer_topk_prefill,
 )
 from keye.ops.sparse_attention import sparse_attention, sparse_attention_decode
-# The indexer's training losses: PyTorch (chunked) only so far.
-from keye.ops.reference.dsa_indexer_loss import indexer_loss
+# The indexer's training losses: restructured PyTorch (gradients computed chunk by chunk in the forward); no
+# hand-written kernel yet. keye.ops.reference.dsa_indexer_loss is their specification.
+from keye.ops.dsa_indexer_loss import indexer_loss
 
 __all__ = [
     "reference", "index_checks", "force_reference", "use_kernel",

@@ -70,16 +70,9 @@ def _sparse_chunk(q, w, k_sel, q_main, k_main_sel, valid, scale):
     return _kl(p, log_q.unsqueeze(1))
 
 
-def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torch.Tensor, k_main: torch.Tensor,
-                 cu_seqlens: torch.Tensor, indices: torch.Tensor | None = None, softmax_scale: float | None = None,
-                 max_chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
-    """Indexer KL loss (fp32 scalar): dense warm-up when indices is None, else the sparse stage.
-
-    q [T, H_I, D_I], w [T, H_I], k [T, D_I]: indexer activations (differentiable).
-    q_main [T, Hq, Dh], k_main [T, Hkv, Dh]: main attention queries/keys after RoPE (the target; detached).
-    indices [T, topk] int32: selected positions within each sequence (-1 = empty).
-    softmax_scale: the main attention's, default Dh^-0.5.
-    """
+def check_loss_args(q, w, k, q_main, k_main, cu_seqlens, indices, softmax_scale) -> tuple[list[int], float]:
+    """Validates indexer_loss's arguments (shared with the GPU path); returns the sequence bounds and the main
+    attention's softmax scale."""
     op = "indexer_loss"
     check_tensor(q, op, "q", FLOATS, 3, "[T, H_I, D_I]")
     T, H, D = q.shape
@@ -98,12 +91,37 @@ def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torc
                          f"of 'k_main' ({G})")
     check_size(k_main, 2, Dh, op, "k_main", "the head dim of q_main")
     bounds = check_cu_seqlens(cu_seqlens, T, op)
-    scale = Dh ** -0.5 if softmax_scale is None else float(softmax_scale)
-    q_main, k_main = q_main.detach(), k_main.detach()
     if indices is not None:
         check_tensor(indices, op, "indices", (torch.int32, torch.int64), 2, "[T, topk]")
         check_same_device(indices, q, op, "indices", "q")
         check_size(indices, 0, T, op, "indices", "the token count (q.size(0))")
+    return bounds, Dh ** -0.5 if softmax_scale is None else float(softmax_scale)
+
+
+def checked_rows(indices: torch.Tensor, a: int, b: int, s0: int) -> torch.Tensor:
+    """indices[a:b] as int64, after checking that every entry is -1 or a position at most its row's own (the rows
+    of the sequence starting at s0)."""
+    idx = indices[a:b].long()
+    pos = torch.arange(a - s0, b - s0, device=idx.device).unsqueeze(1)
+    if bool(((idx > pos) | (idx < -1)).any()):
+        raise ValueError(f"keye.indexer_loss: 'indices' of rows {a}..{b - 1} point outside [-1, own position]")
+    return idx
+
+
+def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torch.Tensor, k_main: torch.Tensor,
+                 cu_seqlens: torch.Tensor, indices: torch.Tensor | None = None, softmax_scale: float | None = None,
+                 max_chunk_bytes: int = _CHUNK_BYTES) -> torch.Tensor:
+    """Indexer KL loss (fp32 scalar): dense warm-up when indices is None, else the sparse stage.
+
+    q [T, H_I, D_I], w [T, H_I], k [T, D_I]: indexer activations (differentiable).
+    q_main [T, Hq, Dh], k_main [T, Hkv, Dh]: main attention queries/keys after RoPE (the target; detached).
+    indices [T, topk] int32: selected positions within each sequence (-1 = empty).
+    softmax_scale: the main attention's, default Dh^-0.5.
+    """
+    bounds, scale = check_loss_args(q, w, k, q_main, k_main, cu_seqlens, indices, softmax_scale)
+    H, D = q.shape[1:]
+    Hq, G, Dh = q_main.shape[1], k_main.shape[1], q_main.shape[2]
+    q_main, k_main = q_main.detach(), k_main.detach()
     total = q.new_zeros((), dtype=torch.float32)
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
         if indices is None:
@@ -116,10 +134,7 @@ def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torc
                 total = total + checkpoint(_dense_chunk, q[a:b], w[a:b], k[s0:b], q_main[a:b], k_main[s0:b],
                                            a - s0, scale, use_reentrant=False)
             else:
-                idx = indices[a:b].long()
-                pos = torch.arange(a - s0, b - s0, device=q.device).unsqueeze(1)
-                if bool(((idx > pos) | (idx < -1)).any()):
-                    raise ValueError(f"keye.{op}: 'indices' of rows {a}..{b - 1} point outside [-1, own position]")
+                idx = checked_rows(indices, a, b, s0)
                 valid = idx >= 0
                 rows = s0 + idx.clamp(min=0)
                 total = total + checkpoint(_sparse_chunk, q[a:b], w[a:b], k[rows], q_main[a:b], k_main[rows],
