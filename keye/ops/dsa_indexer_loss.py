@@ -10,8 +10,10 @@ computes, not in what:
   [rows, heads, keys] activations. backward() only scales the stored gradients (no double backward).
 * The target without a softmax per head over materialised probabilities: per head the row maximum and the sum of
   exp, then one batched matmul that sums the group's heads with weights 1 / (sum * heads per group).
-* The main attention's scores S = q_main . k_main as one batched GEMM per KV group; from bf16/fp16 inputs in TF32,
-  which is exact for them (10-bit mantissa), with fp32 accumulation.
+* The main attention's scores S = q_main . k_main as one batched GEMM per KV group. With bf16/fp16 inputs the GEMMs
+  run in TF32 (fp32 accumulation): exact for the score GEMMs (TF32 holds bf16/fp16 values exactly), and for the two
+  gradient GEMMs a rounding of the fp32 logit gradient to 11 bits, below the bf16/fp16 gradients they produce. The
+  memory-bound products (head sums, group sums) stay fp32. fp32 inputs: fp32 GEMMs (or the caller's TF32 setting).
 * Sparse stage: scores over the sequence prefix as in the dense stage, then the selected columns gathered (a
   gather of selected main keys, [rows, topk, groups, head dim], is what made the reference slow). The cost is that
   of the dense stage, O(rows x prefix); a kernel over the selected keys alone is the step after this one.
@@ -33,11 +35,11 @@ _CHUNK_BYTES = 2 << 30  # working memory of one query chunk
 
 
 @contextlib.contextmanager
-def _tf32(exact: bool):
-    """TF32 matmuls inside when `exact` (both operands straight from bf16/fp16, which TF32 holds exactly; fp32
-    accumulation either way); otherwise the caller's setting."""
+def _tf32(allow: bool):
+    """TF32 matmuls inside when `allow` (inputs came in bf16/fp16; see the module docstring); otherwise the caller's
+    setting."""
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = old or exact
+    torch.backends.cuda.matmul.allow_tf32 = old or allow
     try:
         yield
     finally:
@@ -65,7 +67,7 @@ def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, 
     q [R, H, D], w [R, H] (already times D^-0.5), k_pre [L, D]: fp32 indexer inputs over the sequence prefix;
     qm [R, Hq, Dh], km_pre [L, G, Dh]: the main attention's. Dense stage (cols None): row r sees prefix keys
     l <= causal_from + r. Sparse stage: row r sees columns cols[r] where valid[r]. exact: (indexer, main) inputs
-    came from bf16/fp16, so their score GEMMs may run in TF32.
+    came from bf16/fp16, so their GEMMs may run in TF32.
     Returns (loss, dq, dw, dk_pre) with None gradients when need_grad is False."""
     R, H, D = q.shape
     L, G, Dh = km_pre.shape
@@ -103,8 +105,9 @@ def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, 
         dlogits = torch.zeros(R, L, device=q.device).scatter_add_(1, cols, dlogits)
     dw = torch.bmm(A, dlogits.unsqueeze(-1)).squeeze(-1)  # [R, H]
     dA = torch.where(A > 0, w.unsqueeze(-1) * dlogits.unsqueeze(1), 0.0).view(R * H, L)
-    dq = torch.mm(dA, k_pre).view(R, H, D)
-    dk = torch.mm(dA.t(), q.reshape(R * H, D))
+    with _tf32(exact[0]):
+        dq = torch.mm(dA, k_pre).view(R, H, D)
+        dk = torch.mm(dA.t(), q.reshape(R * H, D))
     return loss, dq, dw, dk
 
 
