@@ -61,25 +61,25 @@ def _group_target(S: torch.Tensor) -> torch.Tensor:
     return torch.matmul(inv.transpose(-1, -2), S).squeeze(-2)  # [G, R, 1, J] @ [G, R, J, C]
 
 
-def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, exact):
+def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, tf32):
     """Loss of one query chunk of one sequence, and its gradients.
 
     q [R, H, D], w [R, H] (already times D^-0.5), k_pre [L, D]: fp32 indexer inputs over the sequence prefix;
     qm [R, Hq, Dh], km_pre [L, G, Dh]: the main attention's. Dense stage (cols None): row r sees prefix keys
-    l <= causal_from + r. Sparse stage: row r sees columns cols[r] where valid[r]. exact: (indexer, main) inputs
-    came from bf16/fp16, so their GEMMs may run in TF32.
+    l <= causal_from + r. Sparse stage: row r sees columns cols[r] where valid[r]. tf32: (indexer, main) inputs
+    came in bf16/fp16, so their GEMMs may run in TF32.
     Returns (loss, dq, dw, dk_pre) with None gradients when need_grad is False."""
     R, H, D = q.shape
     L, G, Dh = km_pre.shape
     J = qm.shape[1] // G
     # Indexer logits over the prefix: relu(q . k) per head, weighted sum over heads.
-    with _tf32(exact[0]):
+    with _tf32(tf32[0]):
         A = torch.mm(q.reshape(R * H, D), k_pre.t()).view(R, H, L).clamp_min_(0.0)  # A > 0 <=> relu'(A) = 1
     logits = torch.bmm(w.unsqueeze(1), A).squeeze(1)  # [R, L]
     # Main attention scores per KV group, [G, R, J, L]; the softmax scale applied in the GEMM (alpha), after the
     # exact products.
     qg = qm.view(R, G, J, Dh).permute(1, 0, 2, 3).reshape(G, R * J, Dh)
-    with _tf32(exact[1]):
+    with _tf32(tf32[1]):
         S = torch.baddbmm(qg.new_zeros(()), qg, km_pre.permute(1, 2, 0), beta=0, alpha=scale).view(G, R, J, L)
     if cols is None:
         tail = L - causal_from  # only the last columns can be past a row's position: column causal_from + j, row r
@@ -105,7 +105,7 @@ def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, 
         dlogits = torch.zeros(R, L, device=q.device).scatter_add_(1, cols, dlogits)
     dw = torch.bmm(A, dlogits.unsqueeze(-1)).squeeze(-1)  # [R, H]
     dA = torch.where(A > 0, w.unsqueeze(-1) * dlogits.unsqueeze(1), 0.0).view(R * H, L)
-    with _tf32(exact[0]):
+    with _tf32(tf32[0]):
         dq = torch.mm(dA, k_pre).view(R, H, D)
         dk = torch.mm(dA.t(), q.reshape(R * H, D))
     return loss, dq, dw, dk
@@ -125,7 +125,7 @@ class _IndexerLoss(torch.autograd.Function):
         # Bytes per (row, prefix key): scores and their exponentials (Hq), indexer products and gradient (3 H), the
         # group targets (G), logits and row temporaries.
         per_key = 4 * (Hq + 3 * H + G + 8)
-        exact = (_low_precision(q, k), _low_precision(q_main, k_main))
+        tf32 = (_low_precision(q, k), _low_precision(q_main, k_main))
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
             step = max(1, max_chunk_bytes // (per_key * max(1, s1 - s0)))
             kf, kmf = k[s0:s1].float(), k_main[s0:s1].float()
@@ -136,7 +136,7 @@ class _IndexerLoss(torch.autograd.Function):
                     idx = checked_rows(indices, a, b, s0)
                     valid, cols = idx >= 0, idx.clamp(min=0)
                 loss, gq, gw, gk = _chunk(q[a:b].float(), w[a:b].float() * wscale, kf[: b - s0], q_main[a:b].float(),
-                                          kmf[: b - s0], scale, a - s0, cols, valid, need_grad, exact)
+                                          kmf[: b - s0], scale, a - s0, cols, valid, need_grad, tf32)
                 total += loss
                 if need_grad:
                     dq[a:b] = gq
