@@ -247,6 +247,7 @@ def test_keye_loss_matches_reference(dtype):
     k8, ks = dsa.indexer_rotate_quantize(k)
     sel = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, 16)
     sel[100] = -1  # a row that selects nothing: no loss, no gradient
+    sel[120, 3] = sel[120, 0]  # a position listed twice counts twice (as in the reference)
     q, w, k, qm, km = (t.to(dtype) for t in (q, w, k, qm, km))
     for indices in (None, sel):
         want = loss_and_grads(indexer_loss, q, w, k, qm, km, cu, indices)
@@ -257,6 +258,23 @@ def test_keye_loss_matches_reference(dtype):
             assert rel_err(a.float(), b.float()) < tol
         if indices is not None:
             assert float(got[1][100].abs().sum()) == 0 and float(got[2][100].abs().sum()) == 0
+
+
+@pytest.mark.parametrize("gather_from", [0, 3, 10 ** 6])
+def test_keye_sparse_loss_paths_agree(gather_from, monkeypatch):
+    """Every row on the gathered path, a mix, every row on the prefix path: the same loss and gradients."""
+    import keye.ops.dsa_indexer_loss as fast
+    monkeypatch.setattr(fast, "GATHER_FROM_PREFIX", gather_from)
+    T, cu = 90, torch.tensor([0, 33, 90])
+    q, w, k = torch.randn(T, 4, 32), torch.randn(T, 4), torch.randn(T, 32)
+    qm, km = torch.randn(T, 8, 16), torch.randn(T, 2, 16)
+    q8, qs = dsa.indexer_rotate_quantize(q)
+    k8, ks = dsa.indexer_rotate_quantize(k)
+    sel = dsa.indexer_topk_prefill(q8, qs, w, k8, ks, cu, 8)
+    want = loss_and_grads(indexer_loss, q, w, k, qm, km, cu, sel)
+    got = loss_and_grads(fast_loss, q, w, k, qm, km, cu, sel, max_chunk_bytes=random.choice([1, 1 << 30]))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-5
 
 
 def test_keye_loss_without_gradients_and_scaled_backward():

@@ -14,13 +14,15 @@ computes, not in what:
   run in TF32 (fp32 accumulation): exact for the score GEMMs (TF32 holds bf16/fp16 values exactly), and for the two
   gradient GEMMs a rounding of the fp32 logit gradient to 11 bits, below the bf16/fp16 gradients they produce. The
   memory-bound products (head sums, group sums) stay fp32. fp32 inputs: fp32 GEMMs (or the caller's TF32 setting).
-* Sparse stage: scores over the sequence prefix as in the dense stage, then the selected columns gathered (a
-  gather of selected main keys, [rows, topk, groups, head dim], is what made the reference slow). The cost is that
-  of the dense stage, O(rows x prefix); a kernel over the selected keys alone is the step after this one.
+* Sparse stage, two ways by row: rows whose prefix is at most GATHER_FROM_PREFIX x topk long score the whole
+  prefix as in the dense stage and gather the selected columns (cost ~ prefix); longer rows gather their selected
+  keys of both attentions, per KV group, and score only those (cost ~ topk). The reference gathers
+  [rows, topk, groups, head dim] main keys for every row and keeps them for its recomputing backward.
 
-Every GEMM and reduction runs in a fixed order (no atomics), so results repeat bit for bit on the same device; the
-only scatter adds into distinct columns (selected positions of one row are distinct; repeated ones add in an
-unspecified order).
+The dense stage runs every GEMM and reduction in a fixed order (no atomics): results repeat bit for bit on the same
+device. In the sparse stage the gradient of k from gathered rows is added with index_add_, which uses atomics on
+CUDA (keys selected by several rows add in an unspecified order) unless torch.use_deterministic_algorithms(True)
+is on; the reference's autograd gather has the same property.
 """
 
 from __future__ import annotations
@@ -32,6 +34,10 @@ import torch
 from keye.ops.reference.dsa_indexer_loss import check_loss_args, checked_rows
 
 _CHUNK_BYTES = 2 << 30  # working memory of one query chunk
+# Sparse stage: rows whose prefix is longer than this many times topk gather their selected keys (cost ~ topk per
+# row) instead of scoring the whole prefix and gathering columns (cost ~ prefix). Estimated from the bytes each
+# path moves per row (~7.6 KB per selected key vs ~1.7 KB per prefix key); not tuned by measurement yet.
+GATHER_FROM_PREFIX = 4
 
 
 @contextlib.contextmanager
@@ -61,26 +67,67 @@ def _group_target(S: torch.Tensor) -> torch.Tensor:
     return torch.matmul(inv.transpose(-1, -2), S).squeeze(-2)  # [G, R, 1, J] @ [G, R, J, C]
 
 
-def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, tf32):
-    """Loss of one query chunk of one sequence, and its gradients.
-
-    q [R, H, D], w [R, H] (already times D^-0.5), k_pre [L, D]: fp32 indexer inputs over the sequence prefix;
-    qm [R, Hq, Dh], km_pre [L, G, Dh]: the main attention's. Dense stage (cols None): row r sees prefix keys
-    l <= causal_from + r. Sparse stage: row r sees columns cols[r] where valid[r]. tf32: (indexer, main) inputs
-    came in bf16/fp16, so their GEMMs may run in TF32.
-    Returns (loss, dq, dw, dk_pre) with None gradients when need_grad is False."""
+def _indexer_logits(q, w, keys, tf32):
+    """A = relu(q . key) [R, H, N] and logits = sum_h w * A [R, N], for keys [N, D] shared by the rows or [R, N, D]
+    gathered per row."""
     R, H, D = q.shape
-    L, G, Dh = km_pre.shape
-    J = qm.shape[1] // G
-    # Indexer logits over the prefix: relu(q . k) per head, weighted sum over heads.
-    with _tf32(tf32[0]):
-        A = torch.mm(q.reshape(R * H, D), k_pre.t()).view(R, H, L).clamp_min_(0.0)  # A > 0 <=> relu'(A) = 1
-    logits = torch.bmm(w.unsqueeze(1), A).squeeze(1)  # [R, L]
-    # Main attention scores per KV group, [G, R, J, L]; the softmax scale applied in the GEMM (alpha), after the
-    # exact products.
-    qg = qm.view(R, G, J, Dh).permute(1, 0, 2, 3).reshape(G, R * J, Dh)
-    with _tf32(tf32[1]):
-        S = torch.baddbmm(qg.new_zeros(()), qg, km_pre.permute(1, 2, 0), beta=0, alpha=scale).view(G, R, J, L)
+    with _tf32(tf32):
+        A = torch.mm(q.reshape(R * H, D), keys.t()).view(R, H, -1) if keys.dim() == 2 else torch.bmm(q, keys.mT)
+    A.clamp_min_(0.0)  # relu'd in place: A > 0 <=> relu'(A) = 1
+    return A, torch.bmm(w.unsqueeze(1), A).squeeze(1)
+
+
+def _indexer_grads(q, w, keys, A, dlogits, tf32):
+    """(dq [R, H, D], dw [R, H], dkeys shaped like keys) from the logits' gradient dlogits [R, N]."""
+    R, H, D = q.shape
+    dw = torch.bmm(A, dlogits.unsqueeze(-1)).squeeze(-1)
+    dA = torch.where(A > 0, w.unsqueeze(-1) * dlogits.unsqueeze(1), 0.0)
+    with _tf32(tf32):
+        if keys.dim() == 2:
+            dA = dA.view(R * H, -1)
+            return torch.mm(dA, keys).view(R, H, D), dw, torch.mm(dA.t(), q.reshape(R * H, D))
+        return torch.bmm(dA, keys), dw, torch.bmm(dA.mT, q)
+
+
+def _main_scores(qm, km, scale, tf32):
+    """S [G, R, J, N] = scale * q_main . k_main per KV group, for km [G, N, Dh] shared by the rows (any strides) or
+    [G, R, N, Dh] gathered per row. The scale is applied in the GEMM (alpha), after the exact products."""
+    R, Hq, Dh = qm.shape
+    G = km.shape[0]
+    J = Hq // G
+    qg = qm.view(R, G, J, Dh).permute(1, 0, 2, 3)  # [G, R, J, Dh]
+    zero = qm.new_zeros(())
+    with _tf32(tf32):
+        if km.dim() == 3:
+            S = torch.baddbmm(zero, qg.reshape(G, R * J, Dh), km.mT, beta=0, alpha=scale)
+        else:
+            S = torch.baddbmm(zero, qg.reshape(G * R, J, Dh), km.reshape(G * R, -1, Dh).mT, beta=0, alpha=scale)
+    return S.view(G, R, J, -1)
+
+
+def _loss_and_dlogits(logits, S, valid, need_grad):
+    """KL(target || softmax(logits)) summed over rows and groups, from masked logits [R, C] and main scores
+    S [G, R, J, C] (consumed); and the logits' gradient mass * softmax - p (None without need_grad)."""
+    log_q = torch.where(valid, torch.log_softmax(logits, -1), 0.0)
+    target = _group_target(S)  # [G, R, C]
+    p_sum = target.sum(0)  # [R, C]
+    loss = torch.xlogy(target, target).sum() - (p_sum * log_q).sum()
+    if not need_grad:
+        return loss, None
+    return loss, p_sum.sum(-1, keepdim=True) * torch.where(valid, log_q.exp(), 0.0) - p_sum
+
+
+def _prefix_chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, tf32):
+    """Loss of one query chunk over the sequence prefix, and its gradients (dk for the prefix keys).
+
+    q [R, H, D], w [R, H] (already times D^-0.5), k_pre [L, D]: fp32 indexer inputs; qm [R, Hq, Dh], km_pre
+    [G, L, Dh]: the main attention's. Dense stage (cols None): row r sees prefix keys l <= causal_from + r. Sparse
+    stage: row r sees columns cols[r] where valid[r] (scores over the prefix, then those columns gathered).
+    tf32: (indexer, main) inputs came in bf16/fp16. Returns (loss, dq, dw, dk_pre); None gradients without
+    need_grad."""
+    R, L = q.shape[0], k_pre.shape[0]
+    A, logits = _indexer_logits(q, w, k_pre, tf32[0])
+    S = _main_scores(qm, km_pre, scale, tf32[1])
     if cols is None:
         tail = L - causal_from  # only the last columns can be past a row's position: column causal_from + j, row r
         if tail > 0:
@@ -91,57 +138,78 @@ def _chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need_grad, 
     else:
         C = cols.shape[1]
         logits = logits.gather(1, cols).masked_fill_(~valid, float("-inf"))
-        S = S.gather(3, cols.view(1, R, 1, C).expand(G, R, J, C))
+        S = S.gather(3, cols.view(1, R, 1, C).expand(S.shape[0], R, S.shape[2], C))
         S.masked_fill_(~valid.view(1, R, 1, C), float("-inf"))
-    log_q = torch.where(valid, torch.log_softmax(logits, -1), 0.0)
-    target = _group_target(S)  # [G, R, C]
-    p_sum = target.sum(0)  # [R, C]
-    loss = torch.xlogy(target, target).sum() - (p_sum * log_q).sum()
+    loss, dlogits = _loss_and_dlogits(logits, S, valid, need_grad)
     if not need_grad:
         return loss, None, None, None
-    mass = p_sum.sum(-1, keepdim=True)
-    dlogits = mass * torch.where(valid, log_q.exp(), 0.0) - p_sum
     if cols is not None:  # back to prefix columns
         dlogits = torch.zeros(R, L, device=q.device).scatter_add_(1, cols, dlogits)
-    dw = torch.bmm(A, dlogits.unsqueeze(-1)).squeeze(-1)  # [R, H]
-    dA = torch.where(A > 0, w.unsqueeze(-1) * dlogits.unsqueeze(1), 0.0).view(R * H, L)
-    with _tf32(tf32[0]):
-        dq = torch.mm(dA, k_pre).view(R, H, D)
-        dk = torch.mm(dA.t(), q.reshape(R * H, D))
-    return loss, dq, dw, dk
+    return (loss,) + _indexer_grads(q, w, k_pre, A, dlogits, tf32[0])
+
+
+def _gathered_chunk(q, w, k_seq, qm, km_seq, scale, cols, valid, need_grad, tf32):
+    """Sparse stage over the selected keys only: k_seq [Ls, D] and km_seq [G, Ls, Dh] are the sequence's keys
+    (fp32), cols/valid [R, C] the rows' selections. Returns (loss, dq, dw, dk_sel [R, C, D]) as _prefix_chunk."""
+    R, C = cols.shape
+    k_sel = k_seq[cols]  # [R, C, D]
+    A, logits = _indexer_logits(q, w, k_sel, tf32[0])
+    logits.masked_fill_(~valid, float("-inf"))
+    S = _main_scores(qm, km_seq[:, cols], scale, tf32[1])  # keys gathered per group: [G, R, C, Dh]
+    S.masked_fill_(~valid.view(1, R, 1, C), float("-inf"))
+    loss, dlogits = _loss_and_dlogits(logits, S, valid, need_grad)
+    if not need_grad:
+        return loss, None, None, None
+    return (loss,) + _indexer_grads(q, w, k_sel, A, dlogits, tf32[0])
 
 
 class _IndexerLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, w, k, q_main, k_main, bounds, indices, scale, max_chunk_bytes):
         T, H, D = q.shape
-        Hq, G = q_main.shape[1], k_main.shape[1]
+        Hq, G, Dh = q_main.shape[1], k_main.shape[1], q_main.shape[2]
         need_grad = any(ctx.needs_input_grad[:3])
         dq = torch.zeros(T, H, D, device=q.device) if need_grad else None
         dw = torch.zeros(T, H, device=q.device) if need_grad else None
         dk = torch.zeros(T, D, device=q.device) if need_grad else None
         total = torch.zeros((), device=q.device)
         wscale = D ** -0.5
-        # Bytes per (row, prefix key): scores and their exponentials (Hq), indexer products and gradient (3 H), the
-        # group targets (G), logits and row temporaries.
+        # Working bytes per (row, prefix key) on the prefix path: scores (Hq), indexer products and gradient (3 H),
+        # group targets (G), logits and row temporaries; per (row, selected key) on the gathered path: the gathered
+        # keys of both attentions and their gradient (G Dh + 2 D) on top of that.
         per_key = 4 * (Hq + 3 * H + G + 8)
+        per_selected = per_key + 4 * (G * Dh + 2 * D)
         tf32 = (_low_precision(q, k), _low_precision(q_main, k_main))
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
-            step = max(1, max_chunk_bytes // (per_key * max(1, s1 - s0)))
-            kf, kmf = k[s0:s1].float(), k_main[s0:s1].float()
+            C = 0 if indices is None else indices.shape[1]
+            row_bytes = per_key * (s1 - s0) if indices is None or s1 - s0 <= GATHER_FROM_PREFIX * C else max(
+                per_key * GATHER_FROM_PREFIX * C, per_selected * C)  # only the gathered path's rows cost more
+            step = max(1, max_chunk_bytes // max(1, row_bytes))
+            k_seq, km_seq = k[s0:s1].float(), k_main[s0:s1].float().permute(1, 0, 2)  # km_seq [G, Ls, Dh]
             for a in range(s0, s1, step):
                 b = min(a + step, s1)
-                cols = valid = None
-                if indices is not None:
+                args = (q[a:b].float(), w[a:b].float() * wscale)
+                if indices is None:
+                    loss, gq, gw, gk = _prefix_chunk(*args, k_seq[: b - s0], q_main[a:b].float(), km_seq[:, : b - s0],
+                                                     scale, a - s0, None, None, need_grad, tf32)
+                else:
                     idx = checked_rows(indices, a, b, s0)
                     valid, cols = idx >= 0, idx.clamp(min=0)
-                loss, gq, gw, gk = _chunk(q[a:b].float(), w[a:b].float() * wscale, kf[: b - s0], q_main[a:b].float(),
-                                          kmf[: b - s0], scale, a - s0, cols, valid, need_grad, tf32)
+                    gathered = b - s0 > GATHER_FROM_PREFIX * C
+                    chunk = _gathered_chunk if gathered else _prefix_chunk
+                    keys = (k_seq, q_main[a:b].float(), km_seq) if gathered else (
+                        k_seq[: b - s0], q_main[a:b].float(), km_seq[:, : b - s0])
+                    extra = () if gathered else (a - s0,)
+                    loss, gq, gw, gk = chunk(*args, *keys, scale, *extra, cols, valid, need_grad, tf32)
                 total += loss
-                if need_grad:
-                    dq[a:b] = gq
-                    dw[a:b] = gw * wscale
+                if not need_grad:
+                    continue
+                dq[a:b] = gq
+                dw[a:b] = gw * wscale
+                if gk.dim() == 2:
                     dk[s0:b] += gk
+                else:  # per selected key: atomic adds on CUDA (see the module docstring)
+                    dk[s0:s1].index_add_(0, cols.reshape(-1), gk.reshape(-1, D))
         ctx.save_for_backward(*(t for t in (dq, dw, dk) if t is not None))
         ctx.dtypes = (q.dtype, w.dtype, k.dtype)
         return total
