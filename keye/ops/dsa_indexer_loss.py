@@ -188,19 +188,19 @@ class _IndexerLoss(torch.autograd.Function):
             k_seq, km_seq = k[s0:s1].float(), k_main[s0:s1].float().permute(1, 0, 2)  # km_seq [G, Ls, Dh]
             for a in range(s0, s1, step):
                 b = min(a + step, s1)
-                args = (q[a:b].float(), w[a:b].float() * wscale)
+                L = b - s0  # prefix of the chunk's last row
+                args, qm = (q[a:b].float(), w[a:b].float() * wscale), q_main[a:b].float()
+                prefix = (k_seq[:L], qm, km_seq[:, :L], scale, a - s0)
                 if indices is None:
-                    loss, gq, gw, gk = _prefix_chunk(*args, k_seq[: b - s0], q_main[a:b].float(), km_seq[:, : b - s0],
-                                                     scale, a - s0, None, None, need_grad, tf32)
+                    loss, gq, gw, gk = _prefix_chunk(*args, *prefix, None, None, need_grad, tf32)
                 else:
                     idx = checked_rows(indices, a, b, s0)
                     valid, cols = idx >= 0, idx.clamp(min=0)
-                    gathered = b - s0 > GATHER_FROM_PREFIX * C
-                    chunk = _gathered_chunk if gathered else _prefix_chunk
-                    keys = (k_seq, q_main[a:b].float(), km_seq) if gathered else (
-                        k_seq[: b - s0], q_main[a:b].float(), km_seq[:, : b - s0])
-                    extra = () if gathered else (a - s0,)
-                    loss, gq, gw, gk = chunk(*args, *keys, scale, *extra, cols, valid, need_grad, tf32)
+                    if L > GATHER_FROM_PREFIX * C:
+                        loss, gq, gw, gk = _gathered_chunk(*args, k_seq, qm, km_seq, scale, cols, valid, need_grad,
+                                                           tf32)
+                    else:
+                        loss, gq, gw, gk = _prefix_chunk(*args, *prefix, cols, valid, need_grad, tf32)
                 total += loss
                 if not need_grad:
                     continue
