@@ -251,7 +251,8 @@ def test_keye_loss_matches_reference(dtype):
     q, w, k, qm, km = (t.to(dtype) for t in (q, w, k, qm, km))
     for indices in (None, sel):
         want = loss_and_grads(indexer_loss, q, w, k, qm, km, cu, indices)
-        got = loss_and_grads(fast_loss, q, w, k, qm, km, cu, indices, max_chunk_bytes=random.choice([1, 20000, 1 << 30]))
+        chunk = random.choice([1, 20000, 1 << 30])
+        got = loss_and_grads(fast_loss, q, w, k, qm, km, cu, indices, max_chunk_bytes=chunk)
         assert [g.dtype for g in got[1:]] == [dtype] * 3
         tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: both round their gradients to bf16 (2^-9)
         for a, b in zip(got, want):
@@ -279,7 +280,8 @@ def test_keye_sparse_loss_paths_agree(gather_from, monkeypatch):
 
 def test_keye_loss_without_gradients_and_scaled_backward():
     T = 40
-    q, w, k, qm, km = torch.randn(T, 4, 32), torch.randn(T, 4), torch.randn(T, 32), torch.randn(T, 4, 8), torch.randn(T, 2, 8)
+    q, w, k = torch.randn(T, 4, 32), torch.randn(T, 4), torch.randn(T, 32)
+    qm, km = torch.randn(T, 4, 8), torch.randn(T, 2, 8)
     cu = torch.tensor([0, T])
     with torch.no_grad():
         assert rel_err(fast_loss(q, w, k, qm, km, cu), indexer_loss(q, w, k, qm, km, cu)) < 1e-6

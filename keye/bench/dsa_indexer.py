@@ -246,6 +246,6 @@ def table(report: dict, copy_gbps: float) -> str:
         if r["op"] == "indexer_loss":
             lines.append(f"indexer_loss {r['stage']:>6} {r['tokens']:>7} tokens {r['check']:>4}: forward + backward "
                          f"{r['fwd_bwd_ms']:.1f} ms, chunked reference {r['reference_ms']:.1f} ms "
-                         f"({r['reference_ms'] / r['fwd_bwd_ms']:.1f}x); max rel. err. vs the fp32 reference at {r['check_tokens']} tokens "
-                         f"{r['max_rel_err']:.1e}")
+                         f"({r['reference_ms'] / r['fwd_bwd_ms']:.1f}x); max rel. err. vs the fp32 reference at "
+                         f"{r['check_tokens']} tokens {r['max_rel_err']:.1e}")
     return "\n".join(lines)
