@@ -307,7 +307,10 @@ def test_keye_loss_without_gradients_and_scaled_backward():
                        torch.randn(5, 4, 8), torch.tensor([0, 5])), r"must be a multiple of the KV heads"),
     (lambda: fast_loss(torch.randn(5, 4, 32), torch.randn(5, 4), torch.randn(5, 32), torch.randn(5, 4, 8),
                        torch.randn(5, 2, 8), torch.tensor([0, 5]), torch.tensor([[0], [1], [3], [0], [0]])),
-     r"'indices' of rows 0..4 point outside \[-1, own position\]"),
+     r"'indices' row 2 points outside \[-1, 2\]"),
+    (lambda: indexer_loss(torch.randn(6, 4, 32), torch.randn(6, 4), torch.randn(6, 32), torch.randn(6, 4, 8),
+                          torch.randn(6, 2, 8), torch.tensor([0, 2, 6]), torch.tensor([[0], [1], [0], [-2], [0], [0]])),
+     r"'indices' row 3 points outside \[-1, 1\]"),
     (lambda: fast_loss(torch.randn(5, 4, 32), torch.randn(5, 3), torch.randn(5, 32), torch.randn(5, 4, 8),
                        torch.randn(5, 2, 8), torch.tensor([0, 5])), r"'w'"),
 ])

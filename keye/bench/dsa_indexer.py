@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import capture_graph, median_ms
+from keye.bench.timing import capture_graph, median_ms, rel_err
 from keye.ops.dsa_indexer import _CHUNK_BYTES, score_chunk_rows, score_coefficients
 from keye.ops.reference import dsa_indexer as ref
 
@@ -182,9 +182,6 @@ def loss_cases(tokens: list[int], device: torch.device, check_tokens: int = 4096
         loss.backward()
         return [loss.detach().float()] + [t.grad.float() for t in (q, w, k)]
 
-    def rel(a, b):
-        return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
     records = []
     for T in tokens:
         q = torch.randn(T, H_I, D_I, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -205,7 +202,7 @@ def loss_cases(tokens: list[int], device: torch.device, check_tokens: int = 4096
             check = (qm[:C], km[:C], torch.tensor([0, C]), None if indices is None else indices[:C])
             got = loss_and_grads(indexer_loss, *small, *check)
             want = loss_and_grads(reference_loss, *fp32, check[0].float(), check[1].float(), *check[2:])
-            errs = [rel(a, b) for a, b in zip(got, want)]  # loss, dq, dw, dk
+            errs = [rel_err(a, b) for a, b in zip(got, want)]  # loss, dq, dw, dk
             sane = all(bool(torch.isfinite(t).all()) for t in got) and max(errs) < 2e-2
             records.append({"op": "indexer_loss", "stage": stage, "tokens": T, "check": "ok" if sane else "FAIL",
                             "fwd_bwd_ms": ms, "reference_ms": ref_ms, "check_tokens": C, "max_rel_err": max(errs),

@@ -31,7 +31,7 @@ import contextlib
 
 import torch
 
-from keye.ops.reference.dsa_indexer_loss import check_loss_args, checked_rows
+from keye.ops.reference.dsa_indexer_loss import check_loss_args
 
 _CHUNK_BYTES = 2 << 30  # working memory of one query chunk
 # Sparse stage: rows whose prefix is longer than this many times topk gather their selected keys (cost ~ topk per
@@ -180,8 +180,8 @@ class _IndexerLoss(torch.autograd.Function):
         per_key = 4 * (Hq + 3 * H + G + 8)
         per_selected = per_key + 4 * (G * Dh + 2 * D)
         tf32 = (_low_precision(q, k), _low_precision(q_main, k_main))
+        C = 0 if indices is None else indices.shape[1]
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
-            C = 0 if indices is None else indices.shape[1]
             row_bytes = per_key * (s1 - s0) if indices is None or s1 - s0 <= GATHER_FROM_PREFIX * C else max(
                 per_key * GATHER_FROM_PREFIX * C, per_selected * C)  # only the gathered path's rows cost more
             step = max(1, max_chunk_bytes // max(1, row_bytes))
@@ -194,7 +194,7 @@ class _IndexerLoss(torch.autograd.Function):
                 if indices is None:
                     loss, gq, gw, gk = _prefix_chunk(*args, *prefix, None, None, need_grad, tf32)
                 else:
-                    idx = checked_rows(indices, a, b, s0)
+                    idx = indices[a:b].long()  # checked once for the batch by check_loss_args
                     valid, cols = idx >= 0, idx.clamp(min=0)
                     if L > GATHER_FROM_PREFIX * C:
                         loss, gq, gw, gk = _gathered_chunk(*args, k_seq, qm, km_seq, scale, cols, valid, need_grad,

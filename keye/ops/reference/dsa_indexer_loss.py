@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from keye.ops import _checks
 from keye.ops._checks import check_same_device, check_size, check_tensor
 from keye.ops.reference.dsa_indexer import check_cu_seqlens
 
@@ -71,8 +72,8 @@ def _sparse_chunk(q, w, k_sel, q_main, k_main_sel, valid, scale):
 
 
 def check_loss_args(q, w, k, q_main, k_main, cu_seqlens, indices, softmax_scale) -> tuple[list[int], float]:
-    """Validates indexer_loss's arguments (shared with the GPU path); returns the sequence bounds and the main
-    attention's softmax scale."""
+    """Validates indexer_loss's arguments (shared with keye/ops/dsa_indexer_loss.py); returns the sequence bounds
+    and the main attention's softmax scale."""
     op = "indexer_loss"
     check_tensor(q, op, "q", FLOATS, 3, "[T, H_I, D_I]")
     T, H, D = q.shape
@@ -95,17 +96,24 @@ def check_loss_args(q, w, k, q_main, k_main, cu_seqlens, indices, softmax_scale)
         check_tensor(indices, op, "indices", (torch.int32, torch.int64), 2, "[T, topk]")
         check_same_device(indices, q, op, "indices", "q")
         check_size(indices, 0, T, op, "indices", "the token count (q.size(0))")
+        check_selection(indices, bounds)
     return bounds, Dh ** -0.5 if softmax_scale is None else float(softmax_scale)
 
 
-def checked_rows(indices: torch.Tensor, a: int, b: int, s0: int) -> torch.Tensor:
-    """indices[a:b] as int64, after checking that every entry is -1 or a position at most its row's own (the rows
-    of the sequence starting at s0)."""
-    idx = indices[a:b].long()
-    pos = torch.arange(a - s0, b - s0, device=idx.device).unsqueeze(1)
-    if bool(((idx > pos) | (idx < -1)).any()):
-        raise ValueError(f"keye.indexer_loss: 'indices' of rows {a}..{b - 1} point outside [-1, own position]")
-    return idx
+def check_selection(indices: torch.Tensor, bounds: list[int]) -> None:
+    """Every entry of indices is -1 or a position at most its own row's within its sequence: one check over the
+    whole batch (one device sync), skipped with keye.ops.index_checks(False) or during CUDA graph capture."""
+    if not _checks._index_checks or indices.numel() == 0 or _checks._capturing(indices):
+        return
+    dev = indices.device
+    starts = torch.tensor(bounds[:-1], device=dev)
+    lengths = torch.tensor([b - a for a, b in zip(bounds[:-1], bounds[1:])], device=dev)
+    pos = (torch.arange(indices.shape[0], device=dev) - torch.repeat_interleave(starts, lengths)).unsqueeze(1)
+    bad = ((indices > pos) | (indices < -1)).any(1)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0])
+        _checks._fail("indexer_loss", f"'indices' row {r} points outside [-1, {int(pos[r])}] (-1 or a position "
+                                      "at most the row's own within its sequence)")
 
 
 def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torch.Tensor, k_main: torch.Tensor,
@@ -134,7 +142,7 @@ def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torc
                 total = total + checkpoint(_dense_chunk, q[a:b], w[a:b], k[s0:b], q_main[a:b], k_main[s0:b],
                                            a - s0, scale, use_reentrant=False)
             else:
-                idx = checked_rows(indices, a, b, s0)
+                idx = indices[a:b].long()
                 valid = idx >= 0
                 rows = s0 + idx.clamp(min=0)
                 total = total + checkpoint(_sparse_chunk, q[a:b], w[a:b], k[rows], q_main[a:b], k_main[rows],
