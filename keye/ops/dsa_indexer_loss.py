@@ -16,7 +16,8 @@ computes, not in what:
   memory-bound products (head sums, group sums) stay fp32. fp32 inputs: fp32 GEMMs (or the caller's TF32 setting).
 * Sparse stage, two ways by row: rows whose prefix is at most GATHER_FROM_PREFIX x topk long score the whole
   prefix as in the dense stage and gather the selected columns (cost ~ prefix); longer rows gather their selected
-  keys of both attentions, per KV group, and score only those (cost ~ topk). The reference gathers
+  keys of both attentions (the main keys once for all KV groups, in their own dtype) and score only those
+  (cost ~ topk). The reference gathers
   [rows, topk, groups, head dim] main keys for every row and keeps them for its recomputing backward.
 
 The dense stage runs every GEMM and reduction in a fixed order (no atomics): results repeat bit for bit on the same
@@ -148,14 +149,50 @@ def _prefix_chunk(q, w, k_pre, qm, km_pre, scale, causal_from, cols, valid, need
     return (loss,) + _indexer_grads(q, w, k_pre, A, dlogits, tf32[0])
 
 
-def _gathered_chunk(q, w, k_seq, qm, km_seq, scale, cols, valid, need_grad, tf32):
-    """Sparse stage over the selected keys only: k_seq [Ls, D] and km_seq [G, Ls, Dh] are the sequence's keys
-    (fp32), cols/valid [R, C] the rows' selections. Returns (loss, dq, dw, dk_sel [R, C, D]) as _prefix_chunk."""
+def _bmm_fp32(a, b, out, alpha):
+    """out = alpha * (a @ b) in fp32 for bf16/fp16 operands: on CUDA straight from the low-precision operands (fp32
+    accumulation of exact products, as the TF32 GEMMs of fp32 copies); elsewhere from fp32 copies."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        torch.bmm(a, b, out_dtype=torch.float32, out=out)
+    else:
+        torch.bmm(a.float(), b.float(), out=out)
+    out.mul_(alpha)
+
+
+class _KeyRows:
+    """A sequence's keys as one row of bytes per position: the indexer key, then the main keys of all KV groups, each
+    in its own dtype. The gathered path fetches a selected position with one row gather: torch's gather moves about
+    1.6 G rows/s on the H200 whether a row is 128 B or 1 KB (measured), so two gathers would cost twice one."""
+
+    def __init__(self, k, k_main):
+        self.k_dtype, self.km_dtype, self.km_shape = k.dtype, k_main.dtype, k_main.shape[1:]
+        self.split = k[0].numel() * k.element_size()
+        self.table = torch.cat([k.reshape(len(k), -1).view(torch.uint8),
+                                k_main.reshape(len(k_main), -1).view(torch.uint8)], 1)
+
+    def gather(self, cols):
+        """cols [R, C] -> (indexer keys fp32 [R, C, D], main keys [R, C, G, Dh] in their dtype)."""
+        rows = self.table.index_select(0, cols.reshape(-1)).view(*cols.shape, -1)
+        return (rows[..., :self.split].view(self.k_dtype).float(),
+                rows[..., self.split:].view(self.km_dtype).unflatten(-1, self.km_shape))
+
+
+def _gathered_chunk(q, w, keys, qm, scale, cols, valid, need_grad, tf32):
+    """Sparse stage over the selected keys only: keys the sequence's _KeyRows, qm [R, Hq, Dh] in the caller's dtype,
+    cols/valid [R, C] the rows' selections. Returns (loss, dq, dw, dk_sel [R, C, D]) as _prefix_chunk.
+    Each KV group's scores read the gathered main keys in place (strided batched GEMM, fp32 output)."""
     R, C = cols.shape
-    k_sel = k_seq[cols]  # [R, C, D]
+    k_sel, km_sel = keys.gather(cols)
     A, logits = _indexer_logits(q, w, k_sel, tf32[0])
     logits.masked_fill_(~valid, float("-inf"))
-    S = _main_scores(qm, km_seq[:, cols], scale, tf32[1])  # keys gathered per group: [G, R, C, Dh]
+    G, Dh = km_sel.shape[2], km_sel.shape[3]
+    J = qm.shape[1] // G
+    qg = qm.view(R, G, J, Dh)
+    S = torch.empty(G, R, J, C, device=q.device)
+    with _tf32(tf32[1]):
+        for g in range(G):
+            _bmm_fp32(qg[:, g], km_sel[:, :, g].mT, S[g], scale)
+    del km_sel
     S.masked_fill_(~valid.view(1, R, 1, C), float("-inf"))
     loss, dlogits = _loss_and_dlogits(logits, S, valid, need_grad)
     if not need_grad:
@@ -176,9 +213,9 @@ class _IndexerLoss(torch.autograd.Function):
         wscale = D ** -0.5
         # Working bytes per (row, prefix key) on the prefix path: scores (Hq), indexer products and gradient (3 H),
         # group targets (G), logits and row temporaries; per (row, selected key) on the gathered path: the gathered
-        # keys of both attentions and their gradient (G Dh + 2 D) on top of that.
+        # key rows (inputs' dtypes), the fp32 indexer keys and their gradient on top of that.
         per_key = 4 * (Hq + 3 * H + G + 8)
-        per_selected = per_key + 4 * (G * Dh + 2 * D)
+        per_selected = per_key + G * Dh * k_main.element_size() + D * k.element_size() + 4 * 2 * D
         tf32 = (_low_precision(q, k), _low_precision(q_main, k_main))
         C = 0 if indices is None else indices.shape[1]
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
@@ -186,6 +223,8 @@ class _IndexerLoss(torch.autograd.Function):
                 per_key * GATHER_FROM_PREFIX * C, per_selected * C)  # only the gathered path's rows cost more
             step = max(1, max_chunk_bytes // max(1, row_bytes))
             k_seq, km_seq = k[s0:s1].float(), k_main[s0:s1].float().permute(1, 0, 2)  # km_seq [G, Ls, Dh]
+            gathered = indices is not None and s1 - s0 > GATHER_FROM_PREFIX * C  # rows on the gathered path
+            keys = _KeyRows(k[s0:s1], k_main[s0:s1]) if gathered else None
             for a in range(s0, s1, step):
                 b = min(a + step, s1)
                 L = b - s0  # prefix of the chunk's last row
@@ -197,7 +236,7 @@ class _IndexerLoss(torch.autograd.Function):
                     idx = indices[a:b].long()  # checked once for the batch by check_loss_args
                     valid, cols = idx >= 0, idx.clamp(min=0)
                     if L > GATHER_FROM_PREFIX * C:
-                        loss, gq, gw, gk = _gathered_chunk(*args, k_seq, qm, km_seq, scale, cols, valid, need_grad,
+                        loss, gq, gw, gk = _gathered_chunk(*args, keys, q_main[a:b], scale, cols, valid, need_grad,
                                                            tf32)
                     else:
                         loss, gq, gw, gk = _prefix_chunk(*args, *prefix, cols, valid, need_grad, tf32)
