@@ -113,14 +113,13 @@ def indexer_decode_workloads(B, ctx=131072):
 def indexer_topk_workloads(T, rows=1024):
     """The top-k kernel alone on the score rows of the last `rows` queries of a T-token prefill layer (the rows
     that take the one-read sampled path from 32K columns on); the scores are computed once, outside."""
-    from keye.bench.dsa_indexer import D_I, TOPK, _inputs
-    from keye.ops.dsa_indexer import score_coefficients
+    from keye.bench.dsa_indexer import TOPK, _inputs
 
     q8, qs, w, k8, ks = _inputs(T, torch.device("cuda"))
     a = max(T - rows, 0)
     ld = (T + 127) // 128 * 128
     scores = torch.empty(T - a, ld, device="cuda")
-    torch.ops.keye.indexer_logits(q8[a:], score_coefficients(w[a:], qs[a:], D_I), k8, ks, a, scores)
+    torch.ops.keye.indexer_logits(q8[a:], qs[a:], w[a:], k8, ks, a, scores)
     lengths = torch.arange(a + 1, T + 1, dtype=torch.int32, device="cuda")
     idx = torch.empty(T - a, TOPK, dtype=torch.int32, device="cuda")
     return {f"indexer top-k, rows {a + 1}..{T} of a {T}-token layer":

@@ -28,10 +28,12 @@ TORCH_LIBRARY(keye, m) {
   m.def("moe_decode_down(Tensor a, Tensor ids, Tensor weights, Tensor w) -> Tensor");
   // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
   m.def("indexer_rotate_quantize(Tensor x) -> (Tensor x8, Tensor scale)");
-  m.def("indexer_logits(Tensor q8, Tensor coef, Tensor k8, Tensor k_scale, int q_pos0, Tensor(a!) out) -> ()");
   m.def(
-      "indexer_logits_paged(Tensor q8, Tensor coef, Tensor k_cache, Tensor k_scale_cache, Tensor block_table, "
-      "Tensor seq_lens, Tensor(a!) out) -> ()");
+      "indexer_logits(Tensor q8, Tensor q_scale, Tensor w, Tensor k8, Tensor k_scale, int q_pos0, Tensor(a!) out) "
+      "-> ()");
+  m.def(
+      "indexer_logits_paged(Tensor q8, Tensor q_scale, Tensor w, Tensor k_cache, Tensor k_scale_cache, "
+      "Tensor block_table, Tensor seq_lens, Tensor(a!) out) -> ()");
   m.def(
       "topk_rows(Tensor scores, Tensor lengths, int topk, int index_offset, Tensor(a!) indices, "
       "Tensor(b!)? out_scores=None) -> ()");

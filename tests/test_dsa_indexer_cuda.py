@@ -83,11 +83,10 @@ def test_rotate_quantize_is_bit_exact(D, dtype):
 def _check_logits(q8, qs, w, k8, ks, q_pos0):
     """indexer_logits for queries at positions q_pos0.. against the reference, every visible (query, key)."""
     N, R, D = k8.shape[0], q8.shape[0], k8.shape[1]
-    coef = (w * qs * D ** -0.5).contiguous()
     ld = (N + 3) // 4 * 4 + 4
     poison_next_alloc(R * ld * 4)
     out = torch.empty(R, ld, device=DEV)
-    torch.ops.keye.indexer_logits(q8, coef, k8, ks, q_pos0, out)
+    torch.ops.keye.indexer_logits(q8, qs, w, k8, ks, q_pos0, out)
     vis = torch.arange(N, device=DEV) <= (q_pos0 + torch.arange(R, device=DEV)).unsqueeze(1)
     rows, cols = vis.nonzero(as_tuple=True)
     assert_scores_close(out[rows, cols], q8, qs, w, k8, ks, rows, cols)
@@ -99,6 +98,37 @@ def test_logits_match_reference(H, D):
     q_pos0 = random.choice([0, 37])
     q8, qs, w, k8, ks = make_inputs(N, H, D)
     _check_logits(q8[q_pos0:], qs[q_pos0:], w[q_pos0:], k8, ks, q_pos0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_w_gives_the_scores_of_its_fp32_copy(dtype):
+    """The score kernels form w * D_I^-0.5 * q_scale from w in its own dtype: bit-equal to passing w.float(), in
+    prefill and in both decode kernels (n * H_I <= 16 and more)."""
+    N, H, D = 300, 16, 64
+    q8, qs, w, k8, ks = make_inputs(N, H, D)
+    w = w.to(dtype)
+    outs = [torch.full((N, N + 4), float("nan"), device=DEV) for _ in range(2)]
+    for ww, out in zip((w, w.float()), outs):
+        torch.ops.keye.indexer_logits(q8, qs, ww, k8, ks, 0, out)
+    vis = torch.arange(N + 4, device=DEV) <= torch.arange(N, device=DEV).unsqueeze(1)
+    assert torch.isfinite(outs[0][vis]).all(), "unwritten (NaN-poisoned) or non-finite prefill scores"
+    assert torch.equal(outs[0][vis], outs[1][vis]), "prefill scores differ between w and w.float()"
+    for n in (1, 2):  # 16 (query, head) columns: the streaming kernel; 32: the 128-column kernel
+        lens = [70, 700]
+        q8d, qsd, wd, *cache = _paged_case(lens, n, H, D)
+        wd = wd.to(dtype)
+        outs = [torch.full((2 * n, cache[2].shape[1] * 64), float("nan"), device=DEV) for _ in range(2)]
+        for ww, out in zip((wd, wd.float()), outs):
+            torch.ops.keye.indexer_logits_paged(q8d, qsd, ww, *cache, out)
+        limit = torch.tensor([L - n + 1 + j for L in lens for j in range(n)], device=DEV)  # keys row r sees
+        vis = torch.arange(outs[0].shape[1], device=DEV) < limit.unsqueeze(1)
+        assert torch.isfinite(outs[0][vis]).all(), f"n = {n}: unwritten or non-finite decode scores"
+        assert torch.equal(outs[0][vis], outs[1][vis]), f"n = {n}: decode scores differ between w and w.float()"
+    out = torch.empty(N, N + 4, device=DEV)
+    with pytest.raises(ValueError, match="'w' must have dtype"):
+        torch.ops.keye.indexer_logits(q8, qs, w.int(), k8, ks, 0, out)
+    with pytest.raises(ValueError, match="'q_scale' must have shape"):
+        torch.ops.keye.indexer_logits(q8, qs[:, :8].contiguous(), w, k8, ks, 0, out)
 
 
 @pytest.mark.parametrize("H,D", [(16, 64), (4, 32), (64, 128)])
@@ -296,12 +326,11 @@ def test_paged_logits_match_reference(H, D, n):
     lens = [n, 63 + n, 64 * 70 + 5, 64 * 300, 1000]
     q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
     block_table[-1, -1] = k_cache.shape[0] + 5
-    coef = (w * qs * D ** -0.5).contiguous()
     cols = block_table.shape[1] * 64
     poison_next_alloc(len(lens) * n * cols * 4)
     out = torch.empty(len(lens) * n, cols, device=DEV)
     with ops.index_checks(False):
-        torch.ops.keye.indexer_logits_paged(q8, coef, k_cache, k_scale_cache, block_table, seq_lens, out)
+        torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out)
     for b, L in enumerate(lens):
         pages = block_table[b, : math.ceil(L / 64)].long()
         keys = k_cache[pages].reshape(-1, D)[:L]
@@ -349,7 +378,7 @@ def test_errors_name_the_argument():
         ops.indexer_topk_prefill(q8, qs, w, k8, ks, torch.tensor([0, 60]), 16)
     out = torch.empty(64, 16, device=DEV)
     with pytest.raises(ValueError, match="'out' must have at least 64 columns"):
-        torch.ops.keye.indexer_logits(q8, (w * qs).contiguous(), k8, ks, 0, out)
+        torch.ops.keye.indexer_logits(q8, qs, w, k8, ks, 0, out)
     with pytest.raises(ValueError, match="'lengths' must hold values in"):
         idx = torch.empty(2, 4, dtype=torch.int32, device=DEV)
         torch.ops.keye.topk_rows(out[:2], torch.tensor([3, 17], dtype=torch.int32, device=DEV), 4, 0, idx)
@@ -370,8 +399,8 @@ def test_errors_name_the_argument():
     cache = torch.zeros(1, 64, 64, dtype=ref.FP8, device=DEV), torch.ones(1, 64, device=DEV)
     table, lens = torch.zeros(B, 1, dtype=torch.int32, device=DEV), torch.ones(B, dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="65536 sequences in one call exceed the grid limit"):
-        torch.ops.keye.indexer_logits_paged(q8, torch.ones(B, 1, 16, device=DEV), *cache, table, lens,
-                                            torch.empty(B, 64, device=DEV))
+        ones = torch.ones(B, 1, 16, device=DEV)
+        torch.ops.keye.indexer_logits_paged(q8, ones, ones, *cache, table, lens, torch.empty(B, 64, device=DEV))
 
 
 # opcheck's test_schema (mutation detection) compares tensors with ops CUDA lacks for float8 ("mul_cuda not
@@ -383,19 +412,17 @@ def test_opcheck():
     """Schemas (declared mutations), fake implementations and dispatch of every DSA op."""
     H, D, N = 16, 64, 200
     q8, qs, w, k8, ks = make_inputs(N, H, D)
-    coef = (w * qs * D ** -0.5).contiguous()
     out = torch.empty(N, 256, device=DEV)
-    torch.library.opcheck(torch.ops.keye.indexer_logits.default, (q8, coef, k8, ks, 0, out), test_utils=FP8_OPCHECK)
+    torch.library.opcheck(torch.ops.keye.indexer_logits.default, (q8, qs, w, k8, ks, 0, out), test_utils=FP8_OPCHECK)
     lengths = torch.arange(1, N + 1, dtype=torch.int32, device=DEV)
     idx = torch.empty(N, 32, dtype=torch.int32, device=DEV)
     sc = torch.empty(N, 32, device=DEV)
     torch.library.opcheck(torch.ops.keye.topk_rows.default, (out, lengths, 32, 0, idx, sc))
     args = _paged_case([130, 70], 2, H, D)
     q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens = args
-    coefd = (wd * qsd * D ** -0.5).contiguous()
     outd = torch.empty(4, block_table.shape[1] * 64, device=DEV)
     torch.library.opcheck(torch.ops.keye.indexer_logits_paged.default,
-                          (q8d, coefd, k_cache, k_scale_cache, block_table, seq_lens, outd), test_utils=FP8_OPCHECK)
+                          (q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens, outd), test_utils=FP8_OPCHECK)
     slots = torch.arange(5, dtype=torch.int32, device=DEV)
     torch.library.opcheck(torch.ops.keye.indexer_cache_append.default,
                           (k8[:5], ks[:5], k_cache.clone(), k_scale_cache.clone(), slots), test_utils=FP8_OPCHECK)

@@ -41,8 +41,10 @@ inline void check_aligned16(const at::Tensor& t, const char* op, const char* nam
 inline bool indexer_heads_ok(int64_t h) { return h == 4 || h == 8 || h == 16 || h == 32 || h == 64; }
 inline bool indexer_dim_ok(int64_t d) { return d == 32 || d == 64 || d == 128; }
 
-// q8 [..., H_I, D_I] fp8 contiguous (dim = 3 for prefill rows, 4 for [B, n, ...]) and coef [..., H_I] fp32.
-inline void check_indexer_queries(const at::Tensor& q8, const at::Tensor& coef, int64_t dim, const char* op) {
+// q8 [..., H_I, D_I] fp8 contiguous (dim = 3 for prefill rows, 4 for [B, n, ...]), q_scale [..., H_I] fp32 and
+// w [..., H_I] fp32/bf16/fp16, contiguous.
+inline void check_indexer_queries(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w, int64_t dim,
+                                  const char* op) {
   check_cuda(q8, op, "q8");
   check_dtype(q8, {at::kFloat8_e4m3fn}, op, "q8");
   check_dim(q8, dim, op, "q8", dim == 3 ? "[T, H_I, D_I]" : "[B, n, H_I, D_I]");
@@ -51,12 +53,16 @@ inline void check_indexer_queries(const at::Tensor& q8, const at::Tensor& coef, 
              H);
   KEYE_CHECK(indexer_dim_ok(D), "keye.", op, ": D_I (q8.size(", dim - 1, ")) must be one of (32, 64, 128), got ", D);
   check_contiguous(q8, op, "q8");
-  check_cuda(coef, op, "coef");
-  check_same_device(coef, q8, op, "coef", "q8");
-  check_dtype(coef, {at::kFloat}, op, "coef");
-  KEYE_CHECK(coef.sizes() == q8.sizes().slice(0, dim - 1), "keye.", op, ": argument 'coef' must have shape ",
-             dims_str(q8.sizes().slice(0, dim - 1)), ", got ", dims_str(coef.sizes()));
-  check_contiguous(coef, op, "coef");
+  auto per_head = [&](const at::Tensor& t, const char* name, std::initializer_list<at::ScalarType> dtypes) {
+    check_cuda(t, op, name);
+    check_same_device(t, q8, op, name, "q8");
+    check_dtype(t, dtypes, op, name);
+    KEYE_CHECK(t.sizes() == q8.sizes().slice(0, dim - 1), "keye.", op, ": argument '", name, "' must have shape ",
+               dims_str(q8.sizes().slice(0, dim - 1)), ", got ", dims_str(t.sizes()));
+    check_contiguous(t, op, name);
+  };
+  per_head(q_scale, "q_scale", {at::kFloat});
+  per_head(w, "w", {at::kFloat, at::kBFloat16, at::kHalf});
 }
 
 // k_cache [pages, 64, D_I] fp8 and k_scale_cache [pages, 64] fp32, contiguous, on ref's device, D_I matching.

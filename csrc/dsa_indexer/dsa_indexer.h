@@ -9,18 +9,19 @@
 
 namespace keye {
 
-// out[r, s] = k_scale[s] * sum_h coef[r, h] * ReLU(q8[r, h] . k8[s]) for every key s <= q_pos0 + r (query row r
-// sits at position q_pos0 + r of the keys' sequence); entries right of that are left unspecified.
-// q8 [R, H, D] fp8, coef [R, H] fp32 (= w * D^-0.5 * q_scale), k8 [N, D] fp8, k_scale [N] fp32, out [R, >= q_pos0+R].
-void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k8, const at::Tensor& k_scale,
-                         int64_t q_pos0, const at::Tensor& out);
+// out[r, s] = k_scale[s] * sum_h coef[r, h] * ReLU(q8[r, h] . k8[s]) with coef = w * D^-0.5 * q_scale (fp32), for
+// every key s <= q_pos0 + r (query row r sits at position q_pos0 + r of the keys' sequence); entries right of that
+// are left unspecified. q8 [R, H, D] fp8, q_scale [R, H] fp32, w [R, H] fp32/bf16/fp16, k8 [N, D] fp8, k_scale [N]
+// fp32, out [R, >= q_pos0 + R].
+void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w, const at::Tensor& k8,
+                         const at::Tensor& k_scale, int64_t q_pos0, const at::Tensor& out);
 
 // The same against the paged cache: query (b, j) of q8 [B, n, H, D] sits at position seq_lens[b] - n + j and row
 // b * n + j of out [B * n, >= max_pages * 64]. k_cache [P, 64, D] fp8, k_scale_cache [P, 64] fp32, block_table
 // [B, max_pages] int32, seq_lens [B] int32.
-void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k_cache,
-                               const at::Tensor& k_scale_cache, const at::Tensor& block_table,
-                               const at::Tensor& seq_lens, const at::Tensor& out);
+void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
+                               const at::Tensor& k_cache, const at::Tensor& k_scale_cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out);
 
 // Per row r of scores [R, ld] fp32: the min(topk, lengths[r]) highest of its first lengths[r] entries (ties to the
 // lower column, NaN counts as -inf, -0.0 as +0.0), written in ascending column order (+ index_offset) to

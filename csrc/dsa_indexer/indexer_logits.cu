@@ -22,6 +22,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cmath>
 #include <cstdint>
 
 #include "common/check.h"
@@ -53,7 +54,7 @@ constexpr size_t smem_bytes() {
 
 struct LogitsParams {
   const uint8_t* q;      // [rows, H, D] fp8 bytes
-  const float* coef;     // [rows, H]
+  ScoreCoefficients coef;  // [rows, H]
   const uint8_t* k;      // contiguous keys [num_keys, D], or the paged cache [P, 64, D]
   const float* k_scale;  // [num_keys] or [P, 64]
   const int* block_table;  // paged only: [B, max_pages]
@@ -290,6 +291,13 @@ void dispatch(int H, int D, const LogitsParams& p, int num_tiles, int num_seqs, 
   }
 }
 
+ScoreCoefficients score_coefficients(const at::Tensor& q_scale, const at::Tensor& w, int64_t D) {
+  const WeightType type = w.scalar_type() == at::kBFloat16 ? WeightType::kBFloat16
+                          : w.scalar_type() == at::kHalf   ? WeightType::kFloat16
+                                                           : WeightType::kFloat32;
+  return {w.data_ptr(), q_scale.data_ptr<float>(), type, static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)))};
+}
+
 void check_out(const at::Tensor& out, int64_t rows, int64_t min_cols, const at::Tensor& ref, const char* op) {
   check_cuda(out, op, "out");
   check_same_device(out, ref, op, "out", "q8");
@@ -303,10 +311,10 @@ void check_out(const at::Tensor& out, int64_t rows, int64_t min_cols, const at::
 
 }  // namespace
 
-void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k8, const at::Tensor& k_scale,
-                         int64_t q_pos0, const at::Tensor& out) {
+void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w, const at::Tensor& k8,
+                         const at::Tensor& k_scale, int64_t q_pos0, const at::Tensor& out) {
   const char* op = "indexer_logits";
-  check_indexer_queries(q8, coef, 3, op);
+  check_indexer_queries(q8, q_scale, w, 3, op);
   const int64_t R = q8.size(0), H = q8.size(1), D = q8.size(2);
   check_dense(k8, q8, "q8", {at::kFloat8_e4m3fn}, 2, op, "k8", "[N, D_I]");
   check_size(k8, 1, D, op, "k8", "D_I (q8.size(2))");
@@ -322,7 +330,7 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at:
   const at::cuda::CUDAGuard guard(q8.device());
   LogitsParams p{};
   p.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
-  p.coef = coef.data_ptr<float>();
+  p.coef = score_coefficients(q_scale, w, D);
   p.k = reinterpret_cast<const uint8_t*>(k8.data_ptr());
   p.k_scale = k_scale.data_ptr<float>();
   p.num_keys = k8.size(0);
@@ -335,11 +343,11 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& coef, const at:
   dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, 1, at::cuda::getCurrentCUDAStream());
 }
 
-void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, const at::Tensor& k_cache,
-                               const at::Tensor& k_scale_cache, const at::Tensor& block_table,
-                               const at::Tensor& seq_lens, const at::Tensor& out) {
+void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
+                               const at::Tensor& k_cache, const at::Tensor& k_scale_cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out) {
   const char* op = "indexer_logits_paged";
-  check_indexer_queries(q8, coef, 4, op);
+  check_indexer_queries(q8, q_scale, w, 4, op);
   const int64_t B = q8.size(0), n = q8.size(1), H = q8.size(2), D = q8.size(3);
   check_indexer_cache(k_cache, k_scale_cache, q8, "q8", op);
   check_int32_batch(block_table, 2, B, q8, op, "block_table", "[B, max_pages]");
@@ -358,7 +366,7 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& coef, con
   // Both kernels' argument structs name the paged-cache fields alike.
   auto paged_args = [&](auto args) {
     args.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
-    args.coef = coef.data_ptr<float>();
+    args.coef = score_coefficients(q_scale, w, D);
     args.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
     args.k_scale = k_scale_cache.data_ptr<float>();
     args.block_table = block_table.data_ptr<int>();

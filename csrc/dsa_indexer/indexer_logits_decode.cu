@@ -21,6 +21,7 @@
 
 #include "common/check.h"
 #include "common/device.h"
+#include "common/pdl.cuh"
 #include "dsa_indexer/dsa_device.cuh"
 #include "dsa_indexer/indexer_logits_decode.h"
 
@@ -136,6 +137,8 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
   float* coef_s = reinterpret_cast<float*>(full + kStages);
   int* page_s = reinterpret_cast<int*>(coef_s + kColumns);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  grid_dependency_wait();  // launched as a programmatic dependent: inputs may come from the kernel before
+  allow_dependent_launch();
   const CtaWork w = cta_work(p);
   if (w.ntiles <= 0) return;
   stage_queries<D, H>(p, w, q_s, coef_s, page_s);
@@ -204,8 +207,7 @@ void launch(const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t
   constexpr size_t smem = smem_bytes<D>();
   C10_CUDA_CHECK(cudaFuncSetAttribute(indexer_logits_decode_kernel<D, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  indexer_logits_decode_kernel<D, H><<<grid, kThreads, smem, stream>>>(q);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(indexer_logits_decode_kernel<D, H>, grid, dim3(kThreads), smem, stream, q);
 }
 
 template <int D>

@@ -7,11 +7,13 @@
 
 #include <cstdint>
 
+#include "dsa_indexer/score_coefficients.cuh"
+
 namespace keye {
 
 struct DecodeLogitsArgs {
   const uint8_t* q;          // [B, n, H, D] fp8 bytes
-  const float* coef;         // [B, n, H]
+  ScoreCoefficients coef;    // [B, n, H]
   const uint8_t* k;          // paged cache [P, 64, D]
   const float* k_scale;      // [P, 64]
   const int* block_table;    // [B, max_pages]

@@ -32,6 +32,7 @@
 
 #include "common/check.h"
 #include "common/device.h"
+#include "common/pdl.cuh"
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_indexer.h"
 
@@ -544,10 +545,12 @@ struct SplitRows {
 __global__ void __launch_bounds__(kThreads) topk_split_histogram(const SplitRows a) {
   __shared__ Shared sh;
   const int r = blockIdx.y;
+  for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
+  allow_dependent_launch();
+  grid_dependency_wait();  // the split kernels are programmatic dependents (launch_dependent) of the one before
   const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return;  // topk_split_finish takes the whole row
   const int begin = min(static_cast<int>(blockIdx.x) * a.seg_len, n), end = min(begin + a.seg_len, n);
-  for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
   __syncthreads();
   Threshold th;
   th.need = a.topk;
@@ -571,6 +574,8 @@ __global__ void __launch_bounds__(kThreads) topk_split_histogram(const SplitRows
 __global__ void __launch_bounds__(kThreads) topk_split_collect(const SplitRows a) {
   __shared__ Shared sh;
   const int r = blockIdx.y, seg = blockIdx.x;
+  allow_dependent_launch();
+  grid_dependency_wait();
   const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return;
   const int begin = min(seg * a.seg_len, n), end = min(begin + a.seg_len, n);
@@ -590,6 +595,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
   __shared__ int seg_off[kMaxSegments + 1];
 
   const int r = blockIdx.x;
+  grid_dependency_wait();
   const float* row = a.scores + r * a.ld;
   int* out_idx = a.indices + static_cast<int64_t>(r) * a.topk;
   float* out_sc = a.out_scores ? a.out_scores + static_cast<int64_t>(r) * a.topk : nullptr;
@@ -695,14 +701,12 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
     a.seg_count = seg_count.data_ptr<int>();
     a.seg_cols = seg_cols.data_ptr<int>();
     const dim3 grid(segments, static_cast<unsigned>(R));
-    topk_split_histogram<<<grid, kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    topk_split_collect<<<grid, kThreads, 0, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    // Each kernel may start as the one before finishes (programmatic dependent launch; measured in NOTES.md).
+    launch_dependent(topk_split_histogram, grid, dim3(kThreads), 0, stream, a);
+    launch_dependent(topk_split_collect, grid, dim3(kThreads), 0, stream, a);
     C10_CUDA_CHECK(cudaFuncSetAttribute(topk_split_finish, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
-    topk_split_finish<<<static_cast<unsigned>(R), kThreads, smem, stream>>>(a);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(topk_split_finish, dim3(static_cast<unsigned>(R)), dim3(kThreads), smem, stream, a);
     return;
   }
   C10_CUDA_CHECK(

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from keye import ops
 from keye.bench.timing import capture_graph, median_ms, rel_err
-from keye.ops.dsa_indexer import _CHUNK_BYTES, score_chunk_rows, score_coefficients
+from keye.ops.dsa_indexer import _CHUNK_BYTES, score_chunk_rows
 from keye.ops.reference import dsa_indexer as ref
 
 H_I, D_I, TOPK = 16, 64, 2048
@@ -85,14 +85,13 @@ def _check_rows(idx, q8, qs, w, k8, ks, rows, visible) -> bool:
 def _score_chunks(q8, qs, w, k8, ks, max_chunk_bytes=_CHUNK_BYTES):
     """The score kernel alone over the causal triangle, in the same query chunks as the prefill op."""
     T, H, D = q8.shape
-    coef = score_coefficients(w, qs, D)
     ld, rows = score_chunk_rows(T, H, max_chunk_bytes)
     buf = torch.empty(min(rows, T) * ld, device=q8.device)
 
     def run():
         for a in range(0, T, rows):
             b = min(a + rows, T)
-            torch.ops.keye.indexer_logits(q8[a:b], coef[a:b], k8, ks, a, buf[: (b - a) * ld].view(b - a, ld))
+            torch.ops.keye.indexer_logits(q8[a:b], qs[a:b], w[a:b], k8, ks, a, buf[: (b - a) * ld].view(b - a, ld))
     return run
 
 
@@ -154,10 +153,9 @@ def decode_cases(batches: list[int], contexts: list[int], device: torch.device, 
                 ms = median_ms(lambda: ops.indexer_topk_decode(*args), device, reps)
                 graph = capture_graph(lambda: ops.indexer_topk_decode(*args))  # without per-launch host cost
                 graph_ms = median_ms(graph.replay, device, reps)
-                coef = score_coefficients(w, qs, D_I)
                 buf = torch.empty(B, ctx, device=device)
                 scores_ms = median_ms(lambda: torch.ops.keye.indexer_logits_paged(
-                    q8, coef, k_cache, k_scale_cache, block_table, seq_lens, buf), device, reps)
+                    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, buf), device, reps)
             nbytes = B * ctx * (D_I + 4)
             records.append({"op": "indexer_decode", "batch": B, "context": ctx, "check": "ok" if ok else "FAIL",
                             "decode_ms": ms, "graph_ms": graph_ms, "scores_ms": scores_ms, "bytes": nbytes,

@@ -28,11 +28,6 @@ _CHUNK_BYTES = 1 << 30
 _ROW_BLOCK = 128  # (query, head) columns of one score-kernel CTA: chunks hold whole CTAs of queries
 
 
-def score_coefficients(w: torch.Tensor, q_scale: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Per (query, head) factor w * D_I^-0.5 * q_scale (fp32, contiguous), the form the score kernels take."""
-    return (w.float() * q_scale * head_dim ** -0.5).contiguous()
-
-
 def score_chunk_rows(max_len: int, heads: int, max_chunk_bytes: int) -> tuple[int, int]:
     """(row stride, query rows per chunk) of the fp32 score buffer for sequences of up to max_len tokens: rows of
     whole score-kernel query blocks when possible, at least one row, at most max_chunk_bytes in all."""
@@ -71,8 +66,8 @@ def indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk: int, *, 
     bounds = ref.check_prefill_args(q8, q_scale, w, k8, k_scale, cu_seqlens, topk)
     T, H, D = q8.shape
     dev = q8.device
-    coef = score_coefficients(w, q_scale, D)
-    q8, k8, k_scale = q8.contiguous(), k8.contiguous(), k_scale.contiguous()
+    # The kernels form each (query, head) factor w * D_I^-0.5 * q_scale themselves (no elementwise kernels here).
+    q8, q_scale, w, k8, k_scale = (t.contiguous() for t in (q8, q_scale, w, k8, k_scale))
     indices = torch.empty(T, topk, dtype=torch.int32, device=dev)
     scores = torch.empty(T, topk, dtype=torch.float32, device=dev) if return_scores else None
     lens = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
@@ -84,7 +79,7 @@ def indexer_topk_prefill(q8, q_scale, w, k8, k_scale, cu_seqlens, topk: int, *, 
         for a in range(s0, s1, rows):
             b = min(a + rows, s1)
             out = buf[: (b - a) * ld].view(b - a, ld)
-            torch.ops.keye.indexer_logits(q8[a:b], coef[a:b], k8[s0:s1], k_scale[s0:s1], a - s0, out)
+            torch.ops.keye.indexer_logits(q8[a:b], q_scale[a:b], w[a:b], k8[s0:s1], k_scale[s0:s1], a - s0, out)
             lengths = torch.arange(a - s0 + 1, b - s0 + 1, dtype=torch.int32, device=dev)
             torch.ops.keye.topk_rows(out, lengths, topk, s0 if packed else 0, indices[a:b],
                                      scores[a:b] if scores is not None else None)
@@ -108,10 +103,10 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     ref.check_decode_args(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, topk, ranges=False)
     B, n, H, D = q8.shape
     dev = q8.device
-    coef = score_coefficients(w, q_scale, D)
     seq_lens32 = seq_lens.to(torch.int32).contiguous()
     buf = torch.empty(B * n, block_table.shape[1] * ref.PAGE_SIZE, dtype=torch.float32, device=dev)
-    torch.ops.keye.indexer_logits_paged(q8.contiguous(), coef, k_cache, k_scale_cache, block_table, seq_lens32, buf)
+    torch.ops.keye.indexer_logits_paged(q8.contiguous(), q_scale.contiguous(), w.contiguous(), k_cache, k_scale_cache,
+                                        block_table, seq_lens32, buf)
     # Query j of a sequence sees its first seq_len - n + 1 + j keys (no small kernels at all for n = 1: in a CUDA
     # graph each costs ~1 us, a few percent of the op).
     lengths = seq_lens32 if n == 1 else (
@@ -152,4 +147,4 @@ if kernels_available():
     _register()
 
 __all__ = ["indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append",
-           "score_coefficients", "score_chunk_rows"]
+           "score_chunk_rows"]
