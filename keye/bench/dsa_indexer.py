@@ -169,7 +169,7 @@ def loss_cases(tokens: list[int], device: torch.device, check_tokens: int = 4096
     keye.ops.indexer_loss against the chunked reference (its specification) in the same run, same inputs.
     Accuracy is checked against the issue's fp32 reference (the reference on fp32 copies of the inputs) on the first
     check_tokens tokens: the reference keeps every chunk's gathered main keys for its backward (4 MB per row in
-    fp32), and on bf16 inputs it accumulates k's gradient in bf16 across chunks, which is itself off by percents."""
+    fp32), which bounds the length it can be checked at."""
     from keye.ops import indexer_loss
     from keye.ops.reference.dsa_indexer_loss import indexer_loss as reference_loss
 
