@@ -79,15 +79,23 @@ def _indexer_logits(q, w, keys, tf32):
 
 
 def _indexer_grads(q, w, keys, A, dlogits, tf32):
-    """(dq [R, H, D], dw [R, H], dkeys shaped like keys) from the logits' gradient dlogits [R, N]."""
+    """(dq [R, H, D], dw [R, H], dkeys shaped like keys) from the logits' gradient dlogits [R, N]; consumes A.
+
+    The gradient of A is w[r, h] * relu'(A) * dlogits[r, n]; w is factored out of the GEMMs (dq = w * (M . keys),
+    dkeys = M^T . (w * q) with M = relu'(A) * dlogits), so M is made in place in A's memory by two passes instead of
+    a new [R, H, N] tensor built from a broadcast product."""
     R, H, D = q.shape
     dw = torch.bmm(A, dlogits.unsqueeze(-1)).squeeze(-1)
-    dA = torch.where(A > 0, w.unsqueeze(-1) * dlogits.unsqueeze(1), 0.0)
+    M = A.sign_().mul_(dlogits.unsqueeze(1))  # A >= 0 (relu'd): sign is relu'
+    wq = q * w.unsqueeze(-1)
     with _tf32(tf32):
         if keys.dim() == 2:
-            dA = dA.view(R * H, -1)
-            return torch.mm(dA, keys).view(R, H, D), dw, torch.mm(dA.t(), q.reshape(R * H, D))
-        return torch.bmm(dA, keys), dw, torch.bmm(dA.mT, q)
+            M = M.view(R * H, -1)
+            dq = torch.mm(M, keys).view(R, H, D)
+            dk = torch.mm(M.t(), wq.reshape(R * H, D))
+        else:
+            dq, dk = torch.bmm(M, keys), torch.bmm(M.mT, wq)
+    return dq.mul_(w.unsqueeze(-1)), dw, dk
 
 
 def _main_scores(qm, km, scale, tf32):
