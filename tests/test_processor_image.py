@@ -173,9 +173,11 @@ def test_gpu_matches_cpu():
     cpu, grid = image_to_patches(img, 84, 112)
     gpu, grid_gpu = image_to_patches(img, 84, 112, device="cuda")
     assert gpu.is_cuda and grid == grid_gpu
-    # Float rounding between the passes may flip a value by one uint8 level.
+    # Float rounding may flip a value of the first pass by one uint8 level; the second pass spreads that level with
+    # its weights (bicubic: sum of |weights| above 1) and rounds again, so an output may differ by two levels (seen
+    # on the H200 with KEYE_TEST_SEED=2202842661), rarely.
     diff = (gpu.cpu() - cpu).abs()
-    assert diff.max() <= 1 / 127.5 + 1e-6 and (diff > 1e-6).float().mean() < 0.01
+    assert diff.max() <= 2 / 127.5 + 1e-6 and (diff > 1e-6).float().mean() < 0.01
     frames = torch.randint(0, 256, (3, 40, 60, 3), dtype=torch.uint8)
     cpu, _ = video_to_patches(frames, 56, 84)
     gpu, _ = video_to_patches(frames, 56, 84, device="cuda")
