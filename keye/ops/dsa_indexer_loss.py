@@ -36,8 +36,8 @@ from keye.ops.reference.dsa_indexer_loss import check_loss_args
 
 _CHUNK_BYTES = 2 << 30  # working memory of one query chunk
 # Sparse stage: rows whose prefix is longer than this many times topk gather their selected keys (cost ~ topk per
-# row) instead of scoring the whole prefix and gathering columns (cost ~ prefix). Estimated from the bytes each
-# path moves per row (~7.6 KB per selected key vs ~1.7 KB per prefix key); not tuned by measurement yet.
+# row) instead of scoring the whole prefix and gathering columns (cost ~ prefix). Swept on the H200 (2, 3, 4, 6, 8
+# at 32K and 128K tokens, NOTES.md): 4 was fastest at both.
 GATHER_FROM_PREFIX = 4
 
 
@@ -99,18 +99,14 @@ def _indexer_grads(q, w, keys, A, dlogits, tf32):
 
 
 def _main_scores(qm, km, scale, tf32):
-    """S [G, R, J, N] = scale * q_main . k_main per KV group, for km [G, N, Dh] shared by the rows (any strides) or
-    [G, R, N, Dh] gathered per row. The scale is applied in the GEMM (alpha), after the exact products."""
+    """S [G, R, J, N] = scale * q_main . k_main per KV group, for the prefix keys km [G, N, Dh] shared by the rows
+    (any strides). The scale is applied in the GEMM (alpha), after the exact products."""
     R, Hq, Dh = qm.shape
     G = km.shape[0]
     J = Hq // G
     qg = qm.view(R, G, J, Dh).permute(1, 0, 2, 3)  # [G, R, J, Dh]
-    zero = qm.new_zeros(())
     with _tf32(tf32):
-        if km.dim() == 3:
-            S = torch.baddbmm(zero, qg.reshape(G, R * J, Dh), km.mT, beta=0, alpha=scale)
-        else:
-            S = torch.baddbmm(zero, qg.reshape(G * R, J, Dh), km.reshape(G * R, -1, Dh).mT, beta=0, alpha=scale)
+        S = torch.baddbmm(qm.new_zeros(()), qg.reshape(G, R * J, Dh), km.mT, beta=0, alpha=scale)
     return S.view(G, R, J, -1)
 
 
@@ -230,9 +226,11 @@ class _IndexerLoss(torch.autograd.Function):
             row_bytes = per_key * (s1 - s0) if indices is None or s1 - s0 <= GATHER_FROM_PREFIX * C else max(
                 per_key * GATHER_FROM_PREFIX * C, per_selected * C)  # only the gathered path's rows cost more
             step = max(1, max_chunk_bytes // max(1, row_bytes))
-            k_seq, km_seq = k[s0:s1].float(), k_main[s0:s1].float().permute(1, 0, 2)  # km_seq [G, Ls, Dh]
             gathered = indices is not None and s1 - s0 > GATHER_FROM_PREFIX * C  # rows on the gathered path
             keys = _KeyRows(k[s0:s1], k_main[s0:s1]) if gathered else None
+            # fp32 prefix keys, as far as the prefix path reads them (rows past GATHER_FROM_PREFIX * C gather theirs)
+            n_pre = GATHER_FROM_PREFIX * C if gathered else s1 - s0
+            k_seq, km_seq = k[s0:s0 + n_pre].float(), k_main[s0:s0 + n_pre].float().permute(1, 0, 2)  # [G, n, Dh]
             for a in range(s0, s1, step):
                 b = min(a + step, s1)
                 L = b - s0  # prefix of the chunk's last row

@@ -130,9 +130,9 @@ def indexer_loss(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, q_main: torc
     H, D = q.shape[1:]
     Hq, G, Dh = q_main.shape[1], k_main.shape[1], q_main.shape[2]
     q_main, k_main = q_main.detach(), k_main.detach()
-    # fp32 copies of the differentiable inputs: every chunk adds its gradient into k (and, across a sequence's
-    # chunks, nowhere else), and autograd accumulates in the leaf's dtype, so with bf16 leaves that sum was rounded
-    # to bf16 once per chunk (dk off by 8e-3 with 100 chunks, 4e-2 at 32K tokens); now it is rounded once.
+    # fp32 copies of the differentiable inputs: every chunk adds its gradient into k's prefix, and autograd
+    # accumulates in the leaf's dtype, so with bf16 leaves that sum was rounded to bf16 once per chunk (dk off by
+    # 8e-3 with ~100 chunks, 4e-2 at 32K tokens); now it is rounded once, by the copy's backward.
     q, w, k = q.float(), w.float(), k.float()
     total = q.new_zeros((), dtype=torch.float32)
     for s0, s1 in zip(bounds[:-1], bounds[1:]):
