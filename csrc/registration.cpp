@@ -46,7 +46,8 @@ TORCH_LIBRARY(keye, m) {
       "int splits=1, bool pair_queries=True, bool share_blocks=True) -> (Tensor o, Tensor lse)");
   m.def(
       "sparse_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor indices, Tensor? row_base, Tensor lse, "
-      "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv) -> ()");
+      "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, bool share_blocks=True) "
+      "-> ()");
   // Process-wide switch for the value-range checks that need a device->host sync; returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", [](bool enabled) {
     const bool old = keye::index_checks_enabled();

@@ -23,9 +23,10 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
 
 // Fast-mode backward (fp32 atomics into dk/dv): accumulates into the zero-initialised fp32 buffers dq [N, Hq, D],
 // dk and dv [S, Hkv, D] from dout [N, Hq, D] bf16, the forward's lse and delta = rowsum(dout * o) - dlse [N, Hq].
+// share_blocks: as the forward's (blocks of 16 queries when queries pair up and one split covers the lists).
 void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                                const at::Tensor& indices, const std::optional<at::Tensor>& row_base,
                                const at::Tensor& lse, const at::Tensor& delta, double scale, int64_t splits,
-                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv);
+                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool share_blocks);
 
 }  // namespace keye

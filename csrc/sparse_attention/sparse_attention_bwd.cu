@@ -1,14 +1,13 @@
 // Top-k sparse GQA attention backward, fast mode (fp32 atomics for dK/dV, so summation order may vary run to
 // run; the deterministic mode is the chunked PyTorch formula in keye/ops/reference/sparse_attention.py).
 //
-// Same CTA shape and work list as the forward (work_list.cuh): a pair of adjacent queries x one KV head. Per
-// 16-key tile a warp recomputes S = Q K^T and P = exp(S - lse) from the saved lse, then
-//   dP = dO V^T,  dS = P (dP - delta) * scale       (delta = rowsum(dO o) - dlse, precomputed)
-//   dQ += dS K                                         (registers; merged across warps, then added to dq)
-//   dV[key rows] += P^T dO,  dK[key rows] += dS^T Q   (16 keys x D per tile, float2 atomics into fp32)
-// P and dS go through a small per-warp shared-memory tile to be read back transposed (ldmatrix.trans) as the A
-// operand of the two key-major products; Q and dO are staged once per CTA as the B operand. A key both queries of
-// the pair selected gets one pre-summed atomic per element instead of two.
+// Two kernels, as the forward: with pairs of queries and one split, blocks of 16 adjacent queries
+// (sparse_attention_bwd_blocks.cu: the rows all 16 selected are gathered once and their dK/dV summed over the
+// block in shared memory before one atomic); otherwise this one. Same CTA shape and work list as the pair forward
+// (work_list.cuh): a pair of adjacent queries x one KV head, the work list's 16-key tiles spread over the warps,
+// each tile one backward_tile (bwd_tile.cuh) whose dK/dV rows go to global memory as float2 atomics (a key both
+// queries of the pair selected gets one pre-summed atomic per element instead of two); dQ is merged across the
+// warps at the end.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -19,6 +18,7 @@
 
 #include "common/check.h"
 #include "common/ptx.cuh"
+#include "sparse_attention/bwd_tile.cuh"
 #include "sparse_attention/host_checks.h"
 #include "sparse_attention/sparse_attention.h"
 #include "sparse_attention/work_list.cuh"
@@ -43,28 +43,9 @@ struct BwdLayout {
   static_assert(kWarps * 16 * D * 4 <= kRingBytes, "the dQ merge reuses the ring");
 };
 
-struct BwdParams {
-  IndexParams ix;
-  const __nv_bfloat16* q;
-  const __nv_bfloat16* k;
-  const __nv_bfloat16* v;
-  const __nv_bfloat16* dout;
-  int64_t q_stride, k_stride, v_stride, do_stride;
-  const float* lse;    // [N, Hq]
-  const float* delta;  // [N, Hq]
-  int heads_kv, group;
-  float scale, scale_log2;
-  float* dq;  // [N, Hq, D] fp32, zero-initialised
-  float* dk;  // [S, Hkv, D] fp32, zero-initialised
-  float* dv;
-};
-
-__device__ __forceinline__ void add2(float* p, float a, float b) { atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b)); }
-
 template <int D>
 __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const BwdParams p) {
   using L = BwdLayout<D>;
-  constexpr int kChunks = D / 8;
   extern __shared__ __align__(128) uint8_t smem[];
   int* work = reinterpret_cast<int*>(smem + L::kIdxOffset);
   const int qa = blockIdx.x * p.ix.pair, g = blockIdx.y, split = blockIdx.z;
@@ -74,32 +55,10 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
   const int r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
   const int hq = p.heads_kv * p.group;
 
-  uint32_t qf[D / 16][4], dof[D / 16][4];
-  load_row_fragments<D>(qf, p.q, p.q_stride, qa, has_b, p.ix.pair, p.group, g);
-  load_row_fragments<D>(dof, p.dout, p.do_stride, qa, has_b, p.ix.pair, p.group, g);
   uint8_t* q_s = smem + L::kQOffset;
   uint8_t* do_s = smem + L::kDoOffset;
-  for (int e = threadIdx.x; e < 16 * kChunks; e += kThreads) {
-    const int r = e / kChunks, c = e % kChunks;
-    const RowMap m = fragment_row(r, qa, has_b, p.ix.pair, p.group);
-    uint4 qv = make_uint4(0, 0, 0, 0), dv = qv;
-    if (m.head >= 0) {
-      const int64_t h = static_cast<int64_t>(g) * p.group + m.head;
-      qv = *reinterpret_cast<const uint4*>(p.q + m.query * p.q_stride + h * D + c * 8);
-      dv = *reinterpret_cast<const uint4*>(p.dout + m.query * p.do_stride + h * D + c * 8);
-    }
-    *reinterpret_cast<uint4*>(q_s + r * L::kRowBytes + swizzle(r, c) * 16) = qv;
-    *reinterpret_cast<uint4*>(do_s + r * L::kRowBytes + swizzle(r, c) * 16) = dv;
-  }
-  // Row statistics: lse in log2 units (+inf for a row without keys, so its P is 0) and delta.
-  auto stat = [&](const float* x, int r, float none) {
-    const RowMap m = fragment_row(r, qa, has_b, p.ix.pair, p.group);
-    return m.head < 0 ? none : x[static_cast<int64_t>(m.query) * hq + g * p.group + m.head];
-  };
-  float lse0 = stat(p.lse, r0, INFINITY), lse1 = stat(p.lse, r1, INFINITY);
-  lse0 = lse0 == -INFINITY ? INFINITY : lse0 * 1.4426950408889634f;
-  lse1 = lse1 == -INFINITY ? INFINITY : lse1 * 1.4426950408889634f;
-  const float delta0 = stat(p.delta, r0, 0.f), delta1 = stat(p.delta, r1, 0.f);
+  BwdRows<D> rows;
+  load_bwd_rows<D, kThreads>(rows, q_s, do_s, p, qa, has_b, g);
   __syncthreads();
 
   uint8_t* ring = smem + warp * kStages * L::kStageBytes;
@@ -128,66 +87,16 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
 
     const int t = warp + i * kWarps;
     const uint8_t* ks = ring + (i % kStages) * L::kStageBytes;
-    const uint8_t* vs = ks + L::kTileBytes;
-
-    // S = Q K^T and dP = dO V^T for keys 0-7 ([0]) and 8-15 ([1]).
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-    rows_times_tile_t<D>(s, qf, ks);
-    rows_times_tile_t<D>(dp, dof, vs);
-    // P and dS (scale folded in), zero where a row does not see the key.
-    float pr[2][4], dsr[2][4];
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        bool lo, hi;
-        slot_visibility(work, count_work, t * kTile + nt * 8 + cq + j, lo, hi);
-        pr[nt][j] = lo ? exp2f(s[nt][j] * p.scale_log2 - lse0) : 0.f;
-        pr[nt][2 + j] = hi ? exp2f(s[nt][2 + j] * p.scale_log2 - lse1) : 0.f;
-        dsr[nt][j] = pr[nt][j] * (dp[nt][j] - delta0) * p.scale;
-        dsr[nt][2 + j] = pr[nt][2 + j] * (dp[nt][2 + j] - delta1) * p.scale;
-      }
-    }
-    uint32_t dsa[4];
-    accumulators_to_a(dsa, dsr);
-    fragment_times_tile<D>(dq, dsa, ks);  // dQ += dS K (K read transposed, as V is in the forward)
-    // P^T and dS^T as A fragments (keys x rows) via the warp's scratch tiles.
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      *reinterpret_cast<uint32_t*>(p_s + r0 * 16 + nt * 8 + cq) = pack_bf16x2(pr[nt][0], pr[nt][1]);
-      *reinterpret_cast<uint32_t*>(p_s + r1 * 16 + nt * 8 + cq) = pack_bf16x2(pr[nt][2], pr[nt][3]);
-      *reinterpret_cast<uint32_t*>(ds_s + r0 * 16 + nt * 8 + cq) = pack_bf16x2(dsr[nt][0], dsr[nt][1]);
-      *reinterpret_cast<uint32_t*>(ds_s + r1 * 16 + nt * 8 + cq) = pack_bf16x2(dsr[nt][2], dsr[nt][3]);
-    }
-    __syncwarp();
-    uint32_t pt[4], dst[4];
-    {
-      const int mi = lane / 8, row = (mi >> 1) * 8 + lane % 8, col = (mi & 1) * 8;
-      ldmatrix_x4_trans(pt, p_s + row * 16 + col);
-      ldmatrix_x4_trans(dst, ds_s + row * 16 + col);
-    }
-    // dV[key] += P^T dO and dK[key] += dS^T Q for the tile's keys lane/4 and lane/4 + 8.
     const int e0 = t * kTile + r0 < count_work ? work[t * kTile + r0] : -1;
     const int e1 = t * kTile + r1 < count_work ? work[t * kTile + r1] : -1;
-    float* dv0 = p.dv + (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D + cq;
-    float* dv1 = p.dv + (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D + cq;
-    float* dk0 = p.dk + (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D + cq;
-    float* dk1 = p.dk + (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D + cq;
-    auto scatter = [&](const uint32_t (&a)[4], const uint8_t* rows, float* dst0, float* dst1) {
-#pragma unroll
-      for (int dn = 0; dn < D / 8; dn += 2) {
-        float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-        fragment_times_tile_pair<D>(c[0], c[1], a, rows, dn);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (e0 >= 0) add2(dst0 + (dn + h) * 8, c[h][0], c[h][1]);
-          if (e1 >= 0) add2(dst1 + (dn + h) * 8, c[h][2], c[h][3]);
-        }
-      }
-    };
-    scatter(pt, do_s, dv0, dv1);
-    scatter(dst, q_s, dk0, dk1);
+    const int64_t row0 = (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D;
+    const int64_t row1 = (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D;
+    backward_tile<D>(dq, rows, ks, ks + L::kTileBytes, q_s, do_s, p_s, ds_s, work, count_work, t, p.scale,
+                     p.scale_log2, [&](int which, int col, float a0, float a1, float b0, float b1) {
+                       float* dst = which ? p.dk : p.dv;
+                       if (e0 >= 0) add2(dst + row0 + col, a0, a1);
+                       if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+                     });
     __syncwarp();  // the stage and the scratch tiles are free for the next tile
   }
   cp_async_wait_all();
@@ -220,7 +129,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
 void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                                const at::Tensor& indices, const std::optional<at::Tensor>& row_base,
                                const at::Tensor& lse, const at::Tensor& delta, double scale, int64_t splits,
-                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv) {
+                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool share_blocks) {
   const char* op = "sparse_attention_backward";
   int64_t used_splits = 1;
   BwdParams p{};
@@ -254,6 +163,12 @@ void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.dq = dq.data_ptr<float>();
   p.dk = dk.data_ptr<float>();
   p.dv = dv.data_ptr<float>();
+  if (share_blocks && p.ix.pair == 2 && used_splits == 1 && N > 2 && p.ix.num_idx > 0) {
+    BlockPlan plan{};
+    const at::Tensor plan_buffers = build_block_plan(p.ix, indices, stream, plan);
+    launch_bwd_blocks(p, plan, static_cast<int>(D), stream);
+    return;
+  }
   const dim3 grid(static_cast<unsigned>((N + p.ix.pair - 1) / p.ix.pair), static_cast<unsigned>(Hkv),
                   static_cast<unsigned>(used_splits));
   const int smem_idx = 2 * p.ix.chunk * 4;

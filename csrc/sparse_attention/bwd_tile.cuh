@@ -1,0 +1,152 @@
+// Shared by the two sparse-attention backward kernels (sparse_attention_bwd.cu: a pair of queries per CTA, its
+// tiles spread over the warps; sparse_attention_bwd_blocks.cu: a block of 16 queries per CTA): the kernel
+// parameters, a warp's 16 fragment rows and one backward step of those rows over one 16-key K/V tile.
+//
+// Per tile: S = Q K^T and P = exp(S - lse) from the saved lse, then
+//   dP = dO V^T,  dS = P (dP - delta) * scale       (delta = rowsum(dO o) - dlse, precomputed)
+//   dQ += dS K                                         (registers)
+//   dV[key] += P^T dO,  dK[key] += dS^T Q             (16 keys x D, handed to the caller's emit)
+// P and dS go through a small per-warp shared-memory tile to be read back transposed (ldmatrix.trans) as the A
+// operand of the two key-major products; Q and dO are read from shared memory as the B operand.
+#pragma once
+
+#include <cuda_bf16.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/ptx.cuh"
+#include "sparse_attention/block_plan.h"
+#include "sparse_attention/work_list.cuh"
+
+namespace keye {
+namespace sparse_attention {
+
+struct BwdParams {
+  IndexParams ix;
+  const __nv_bfloat16* q;
+  const __nv_bfloat16* k;
+  const __nv_bfloat16* v;
+  const __nv_bfloat16* dout;
+  int64_t q_stride, k_stride, v_stride, do_stride;
+  const float* lse;    // [N, Hq]
+  const float* delta;  // [N, Hq]
+  int heads_kv, group;
+  float scale, scale_log2;
+  float* dq;  // [N, Hq, D] fp32, zero-initialised
+  float* dk;  // [S, Hkv, D] fp32, zero-initialised
+  float* dv;
+};
+
+__device__ __forceinline__ void add2(float* p, float a, float b) {
+  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+}
+
+// A warp's 16 fragment rows (the heads of query qa and, with pairs, qa + 1, for KV head g): Q and dO as A
+// fragments, and per thread the lse (log2 units; +inf for padding rows and rows without keys, so their P is 0)
+// and delta of its two rows (lane / 4 and lane / 4 + 8).
+template <int D>
+struct BwdRows {
+  uint32_t qf[D / 16][4], dof[D / 16][4];
+  float lse0, lse1, delta0, delta1;
+};
+
+// Loads the rows into r and their Q / dO rows into the swizzled [16][D] tiles q_s / do_s (the B operand of dK
+// and dV), the copy spread over kLanes threads (a warp, or the CTA: callers sync before the tiles are read).
+template <int D, int kLanes>
+__device__ __forceinline__ void load_bwd_rows(BwdRows<D>& r, uint8_t* q_s, uint8_t* do_s, const BwdParams& p, int qa,
+                                              bool has_b, int g) {
+  constexpr int kChunks = D / 8, kRowBytes = 2 * D;
+  load_row_fragments<D>(r.qf, p.q, p.q_stride, qa, has_b, p.ix.pair, p.group, g);
+  load_row_fragments<D>(r.dof, p.dout, p.do_stride, qa, has_b, p.ix.pair, p.group, g);
+  for (int e = threadIdx.x % kLanes; e < 16 * kChunks; e += kLanes) {
+    const int row = e / kChunks, c = e % kChunks;
+    const RowMap m = fragment_row(row, qa, has_b, p.ix.pair, p.group);
+    uint4 qv = make_uint4(0, 0, 0, 0), dv = qv;
+    if (m.head >= 0) {
+      const int64_t h = static_cast<int64_t>(g) * p.group + m.head;
+      qv = *reinterpret_cast<const uint4*>(p.q + m.query * p.q_stride + h * D + c * 8);
+      dv = *reinterpret_cast<const uint4*>(p.dout + m.query * p.do_stride + h * D + c * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + row * kRowBytes + swizzle(row, c) * 16) = qv;
+    *reinterpret_cast<uint4*>(do_s + row * kRowBytes + swizzle(row, c) * 16) = dv;
+  }
+  const int hq = p.heads_kv * p.group, r0 = (threadIdx.x % 32) / 4;
+  auto stat = [&](const float* x, int row, float none) {
+    const RowMap m = fragment_row(row, qa, has_b, p.ix.pair, p.group);
+    return m.head < 0 ? none : x[static_cast<int64_t>(m.query) * hq + g * p.group + m.head];
+  };
+  const float l0 = stat(p.lse, r0, INFINITY), l1 = stat(p.lse, r0 + 8, INFINITY);
+  r.lse0 = l0 == -INFINITY ? INFINITY : l0 * 1.4426950408889634f;
+  r.lse1 = l1 == -INFINITY ? INFINITY : l1 * 1.4426950408889634f;
+  r.delta0 = stat(p.delta, r0, 0.f);
+  r.delta1 = stat(p.delta, r0 + 8, 0.f);
+}
+
+// One backward step of a warp's rows over work-list tile t (K tile ks, V tile vs): dq += dS K, and the tile's
+// dV and dK rows go to emit(which, col, a0, a1, b0, b1): which 0 = dV, 1 = dK; (a0, a1) are dims col, col + 1 of
+// tile key lane / 4, (b0, b1) the same dims of tile key lane / 4 + 8. p_s / ds_s: the warp's two [16][16] bf16
+// scratch tiles. The caller syncs the warp before ks / vs or the scratch tiles are reused.
+template <int D, typename Emit>
+__device__ __forceinline__ void backward_tile(float (&dq)[D / 8][4], const BwdRows<D>& r, const uint8_t* ks,
+                                              const uint8_t* vs, const uint8_t* q_s, const uint8_t* do_s,
+                                              __nv_bfloat16* p_s, __nv_bfloat16* ds_s, const int* work,
+                                              int count_work, int t, float scale, float scale_log2, Emit&& emit) {
+  const int lane = threadIdx.x % 32, r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
+  // S = Q K^T and dP = dO V^T for keys 0-7 ([0]) and 8-15 ([1]).
+  float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  float dp[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  rows_times_tile_t<D>(s, r.qf, ks);
+  rows_times_tile_t<D>(dp, r.dof, vs);
+  // P and dS (scale folded in), zero where a row does not see the key.
+  float pr[2][4], dsr[2][4];
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      bool lo, hi;
+      slot_visibility(work, count_work, t * kTile + nt * 8 + cq + j, lo, hi);
+      pr[nt][j] = lo ? exp2f(s[nt][j] * scale_log2 - r.lse0) : 0.f;
+      pr[nt][2 + j] = hi ? exp2f(s[nt][2 + j] * scale_log2 - r.lse1) : 0.f;
+      dsr[nt][j] = pr[nt][j] * (dp[nt][j] - r.delta0) * scale;
+      dsr[nt][2 + j] = pr[nt][2 + j] * (dp[nt][2 + j] - r.delta1) * scale;
+    }
+  }
+  uint32_t dsa[4];
+  accumulators_to_a(dsa, dsr);
+  fragment_times_tile<D>(dq, dsa, ks);  // dQ += dS K (K read transposed, as V is in the forward)
+  // P^T and dS^T as A fragments (keys x rows) via the warp's scratch tiles.
+#pragma unroll
+  for (int nt = 0; nt < 2; ++nt) {
+    *reinterpret_cast<uint32_t*>(p_s + r0 * 16 + nt * 8 + cq) = pack_bf16x2(pr[nt][0], pr[nt][1]);
+    *reinterpret_cast<uint32_t*>(p_s + r1 * 16 + nt * 8 + cq) = pack_bf16x2(pr[nt][2], pr[nt][3]);
+    *reinterpret_cast<uint32_t*>(ds_s + r0 * 16 + nt * 8 + cq) = pack_bf16x2(dsr[nt][0], dsr[nt][1]);
+    *reinterpret_cast<uint32_t*>(ds_s + r1 * 16 + nt * 8 + cq) = pack_bf16x2(dsr[nt][2], dsr[nt][3]);
+  }
+  __syncwarp();
+  uint32_t pt[4], dst[4];
+  {
+    const int mi = lane / 8, row = (mi >> 1) * 8 + lane % 8, col = (mi & 1) * 8;
+    ldmatrix_x4_trans(pt, p_s + row * 16 + col);
+    ldmatrix_x4_trans(dst, ds_s + row * 16 + col);
+  }
+  // dV[key] += P^T dO and dK[key] += dS^T Q for the tile's keys lane / 4 and lane / 4 + 8.
+  auto products = [&](int which, const uint32_t (&a)[4], const uint8_t* rows) {
+#pragma unroll
+    for (int dn = 0; dn < D / 8; dn += 2) {
+      float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+      fragment_times_tile_pair<D>(c[0], c[1], a, rows, dn);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) emit(which, (dn + h) * 8 + cq, c[h][0], c[h][1], c[h][2], c[h][3]);
+    }
+  };
+  products(0, pt, do_s);
+  products(1, dst, q_s);
+}
+
+// The block backward kernel (sparse_attention_bwd_blocks.cu): one CTA per (16 queries, KV head) over `plan`;
+// accumulates into p.dk / p.dv (fp32 atomics) and writes p.dq (each row has one owner). d: head dim, 64 or 128.
+void launch_bwd_blocks(const BwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream);
+
+}  // namespace sparse_attention
+}  // namespace keye

@@ -1,0 +1,207 @@
+// Top-k sparse GQA attention backward over blocks of 16 adjacent queries (fast mode; used when queries pair up,
+// G = Hq / Hkv <= 8, and one split covers the index lists), the backward of sparse_attention_fwd_blocks.cu.
+//
+// One CTA per (block of 16 queries, KV head); warp w owns the 16 fragment rows of query pair w for the whole
+// kernel, so its dQ needs no merge and is stored, not added. Two phases over the block plan (block_plan.h):
+//  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring
+//     and every warp runs its backward step on it; the warps' dK / dV rows for the stage are summed in shared
+//     memory (shared-memory atomics, row stride padded against bank conflicts), then added to global memory once:
+//     one gather and one set of global atomics per 16 queries instead of per pair (the pair kernel's global
+//     atomics and gathers are what made it slower than dense flash backward, NOTES.md);
+//  2. each warp walks its pair's remaining rows with its own cp.async ring, global float2 atomics as the pair
+//     kernel.
+#include <c10/cuda/CUDAException.h>
+
+#include <cmath>
+
+#include "common/check.h"
+#include "sparse_attention/bwd_tile.cuh"
+
+namespace keye {
+namespace sparse_attention {
+namespace {
+
+constexpr int kBlockWarps = kBlockPairs;
+constexpr int kBlockThreads = 32 * kBlockWarps;
+constexpr int kPairStages = 2;    // per-warp ring depth in phase 2
+constexpr int kCommonTiles = 2;   // 16-key tiles per CTA-wide stage in phase 1
+constexpr int kCommonStages = 4;  // CTA-wide ring depth in phase 1
+
+template <int D>
+struct BwdBlockLayout {
+  static constexpr int kRowBytes = 2 * D;
+  static constexpr int kTileBytes = kTile * kRowBytes;
+  static constexpr int kStageBytes = 2 * kTileBytes;        // K then V of one tile
+  static constexpr int kAccStride = D + 8;                  // floats per accumulator row (bank-conflict padding)
+  static constexpr int kAccTileBytes = 2 * kTile * kAccStride * 4;  // dV then dK rows of one tile
+  // Per warp: its Q and dO rows, then the P / dS scratch tiles.
+  static constexpr int kWarpRowsBytes = 2 * 16 * kRowBytes;
+  static constexpr int kScratchOffset = kBlockWarps * kWarpRowsBytes;
+  static constexpr int kUnionOffset = kScratchOffset + kBlockWarps * 2 * 16 * 16 * 2;
+  // Phase 1: the common ring, then the stage's accumulators; phase 2: the per-warp rings, in the same bytes.
+  static constexpr int kCommonRingBytes = kCommonStages * kCommonTiles * kStageBytes;
+  static constexpr int kAccOffset = kUnionOffset + kCommonRingBytes;
+  static constexpr int kPhase1Bytes = kCommonRingBytes + kCommonTiles * kAccTileBytes;
+  static constexpr int kPhase2Bytes = kBlockWarps * kPairStages * kStageBytes;
+  static constexpr int kBytes = kUnionOffset + (kPhase1Bytes > kPhase2Bytes ? kPhase1Bytes : kPhase2Bytes);
+};
+
+template <int D>
+__global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_kernel(const BwdParams p,
+                                                                                     const BlockPlan plan) {
+  using L = BwdBlockLayout<D>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int block = blockIdx.x, g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
+  const int64_t qa = static_cast<int64_t>(block) * kBlockQueries + 2 * warp;
+  const bool active = qa < p.ix.num_queries, has_b = qa + 1 < p.ix.num_queries;
+  uint8_t* q_s = smem + warp * L::kWarpRowsBytes;
+  uint8_t* do_s = q_s + 16 * L::kRowBytes;
+  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(smem + L::kScratchOffset) + warp * 2 * 256;
+  __nv_bfloat16* ds_s = p_s + 256;
+  float* acc = reinterpret_cast<float*>(smem + L::kAccOffset);  // [kCommonTiles][dV, dK][16][kAccStride]
+
+  BwdRows<D> rows;
+  if (active) {
+    load_bwd_rows<D, 32>(rows, q_s, do_s, p, static_cast<int>(qa), has_b, g);
+  } else {  // no rows: P = 0 everywhere, so the warp adds nothing (it still takes part in the CTA's barriers)
+    for (int e = lane; e < 2 * 16 * D / 8; e += 32) reinterpret_cast<uint4*>(q_s)[e] = make_uint4(0, 0, 0, 0);
+    for (int kk = 0; kk < D / 16; ++kk)
+      for (int j = 0; j < 4; ++j) rows.qf[kk][j] = rows.dof[kk][j] = 0u;
+    rows.lse0 = rows.lse1 = INFINITY;
+    rows.delta0 = rows.delta1 = 0.f;
+  }
+  for (int e = threadIdx.x; e < kCommonTiles * 2 * kTile * L::kAccStride; e += kBlockThreads) acc[e] = 0.f;
+  float dq[D / 8][4];
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
+
+  // Phase 1: the common rows, one CTA-wide gather per stage, dK / dV summed over the block in shared memory.
+  const int* common = plan.common + static_cast<int64_t>(block) * plan.num_idx;
+  const int n_common = plan.common_len[block];
+  const int common_tiles = (n_common + kTile - 1) / kTile;
+  const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
+  uint8_t* common_ring = smem + L::kUnionOffset;
+  auto issue_common = [&](int it) {
+    uint8_t* dst = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
+#pragma unroll
+    for (int j = 0; j < kCommonTiles; ++j) {
+      const int t = it * kCommonTiles + j;
+      if (t < common_tiles)
+        gather_tile<D, kBlockThreads>(dst + j * L::kStageBytes, common, n_common, t, p.k, p.k_stride, p.v,
+                                      p.v_stride, g);
+    }
+  };
+#pragma unroll
+  for (int s = 0; s < kCommonStages - 1; ++s) {
+    if (s < stages) issue_common(s);
+    cp_async_commit();
+  }
+  for (int it = 0; it < stages; ++it) {
+    if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
+    cp_async_commit();
+    cp_async_wait_group<kCommonStages - 1>();
+    __syncthreads();  // stage `it` has landed; the previous stage's accumulators are flushed and zeroed
+    const uint8_t* base = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
+#pragma unroll
+    for (int j = 0; j < kCommonTiles; ++j) {
+      const int t = it * kCommonTiles + j;
+      if (t >= common_tiles) continue;
+      const uint8_t* ks = base + j * L::kStageBytes;
+      float* tile_acc = acc + j * 2 * kTile * L::kAccStride;
+      backward_tile<D>(dq, rows, ks, ks + L::kTileBytes, q_s, do_s, p_s, ds_s, common, n_common, t, p.scale,
+                       p.scale_log2, [&](int which, int col, float a0, float a1, float b0, float b1) {
+                         float* m = tile_acc + which * kTile * L::kAccStride + col;
+                         atomicAdd(m + r0 * L::kAccStride, a0);
+                         atomicAdd(m + r0 * L::kAccStride + 1, a1);
+                         atomicAdd(m + r1 * L::kAccStride, b0);
+                         atomicAdd(m + r1 * L::kAccStride + 1, b1);
+                       });
+      __syncwarp();  // the scratch tiles are free for the next tile
+    }
+    __syncthreads();  // every warp has added its rows, and is done with the stage before it is refilled
+    // The block's dK / dV rows of the stage to global memory (one float2 atomic per pair of elements), and the
+    // accumulators zeroed for the next stage.
+    for (int e = threadIdx.x; e < kCommonTiles * 2 * kTile * (D / 2); e += kBlockThreads) {
+      const int j = e / (2 * kTile * (D / 2)), rem = e % (2 * kTile * (D / 2));
+      const int which = rem / (kTile * (D / 2)), key = (rem / (D / 2)) % kTile, col = 2 * (rem % (D / 2));
+      const int slot = (it * kCommonTiles + j) * kTile + key;
+      float* m = acc + ((j * 2 + which) * kTile + key) * L::kAccStride + col;
+      if (slot < n_common) {
+        const int64_t row = common[slot] & kRowMask;
+        add2((which ? p.dk : p.dv) + (row * p.heads_kv + g) * D + col, m[0], m[1]);
+      }
+      m[0] = m[1] = 0.f;
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();  // the common ring and accumulators become the per-warp rings
+
+  // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp.
+  const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
+  const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
+  const int count = active ? plan.pair_len[pair] : 0;
+  const int tiles = (count + kTile - 1) / kTile;
+  uint8_t* ring = smem + L::kUnionOffset + warp * kPairStages * L::kStageBytes;
+  auto issue = [&](int t) {
+    gather_tile<D>(ring + (t % kPairStages) * L::kStageBytes, work, count, t, p.k, p.k_stride, p.v, p.v_stride, g);
+  };
+#pragma unroll
+  for (int s = 0; s < kPairStages - 1; ++s) {
+    if (s < tiles) issue(s);
+    cp_async_commit();
+  }
+  for (int t = 0; t < tiles; ++t) {
+    if (t + kPairStages - 1 < tiles) issue(t + kPairStages - 1);
+    cp_async_commit();
+    cp_async_wait_group<kPairStages - 1>();
+    __syncwarp();
+    const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;
+    const int e0 = t * kTile + r0 < count ? work[t * kTile + r0] : -1;
+    const int e1 = t * kTile + r1 < count ? work[t * kTile + r1] : -1;
+    const int64_t row0 = (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D;
+    const int64_t row1 = (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D;
+    backward_tile<D>(dq, rows, ks, ks + L::kTileBytes, q_s, do_s, p_s, ds_s, work, count, t, p.scale,
+                     p.scale_log2, [&](int which, int col, float a0, float a1, float b0, float b1) {
+                       float* dst = which ? p.dk : p.dv;
+                       if (e0 >= 0) add2(dst + row0 + col, a0, a1);
+                       if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+                     });
+    __syncwarp();  // every lane is done with this stage and the scratch tiles before they are refilled
+  }
+  cp_async_wait_all();
+  if (!active) return;
+
+  // dQ: this warp is the only writer of its rows (one KV head per CTA, one CTA per block).
+  const int hq = p.heads_kv * p.group;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const RowMap rm = fragment_row(lane / 4 + 8 * h, static_cast<int>(qa), has_b, 2, p.group);
+    if (rm.head < 0) continue;
+    float* out = p.dq + (static_cast<int64_t>(rm.query) * hq + g * p.group + rm.head) * D + cq;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn)
+      *reinterpret_cast<float2*>(out + dn * 8) = make_float2(dq[dn][2 * h], dq[dn][2 * h + 1]);
+  }
+}
+
+template <int D>
+void launch(const BwdParams& p, const BlockPlan& plan, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.ix.num_queries + kBlockQueries - 1) / kBlockQueries),
+                  static_cast<unsigned>(p.heads_kv));
+  constexpr int smem = BwdBlockLayout<D>::kBytes;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_bwd_blocks_kernel<D>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  sparse_attention_bwd_blocks_kernel<D><<<grid, kBlockThreads, smem, stream>>>(p, plan);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+
+void launch_bwd_blocks(const BwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream) {
+  if (d == 64) launch<64>(p, plan, stream);
+  else launch<128>(p, plan, stream);
+}
+
+}  // namespace sparse_attention
+}  // namespace keye
