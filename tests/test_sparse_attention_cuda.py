@@ -265,7 +265,7 @@ def _bwd(q, k, v, idx, row_base, o, lse, do, dlse, share_blocks):
 @pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("Hq,Hkv", [(32, 4), (8, 4), (4, 4)])
 def test_block_backward_matches_pair_backward_and_reference(D, Hq, Hkv):
-    """The 16-query block backward (common rows summed over the block in shared memory, the rest per pair) against
+    """The 16-query block backward (common rows' dK/dV summed over the block in one product, rest per pair) against
     the pair kernel and the fp64 reference: realistic lists (large common sets), a block of identical lists
     (everything common), blocks straddling sequence boundaries, a query without keys, a tail block of 6 queries."""
     from keye.bench.sparse_attention import realistic_indices

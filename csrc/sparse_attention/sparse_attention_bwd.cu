@@ -3,9 +3,9 @@
 //
 // Two kernels, as the forward: with pairs of queries and one split, blocks of 16 adjacent queries
 // (sparse_attention_bwd_blocks.cu: the rows all 16 selected are gathered once and their dK/dV summed over the
-// block in shared memory before one atomic); otherwise this one. Same CTA shape and work list as the pair forward
+// block by the tensor cores before one atomic); otherwise this one. Same CTA shape and work list as the pair forward
 // (work_list.cuh): a pair of adjacent queries x one KV head, the work list's 16-key tiles spread over the warps,
-// each tile one backward_tile (bwd_tile.cuh) whose dK/dV rows go to global memory as float2 atomics (a key both
+// each tile one backward step (bwd_tile.cuh) whose dK/dV rows go to global memory as float2 atomics (a key both
 // queries of the pair selected gets one pre-summed atomic per element instead of two); dQ is merged across the
 // warps at the end.
 #include <c10/cuda/CUDAException.h>
@@ -91,12 +91,13 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
     const int e1 = t * kTile + r1 < count_work ? work[t * kTile + r1] : -1;
     const int64_t row0 = (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D;
     const int64_t row1 = (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D;
-    backward_tile<D>(dq, rows, ks, ks + L::kTileBytes, q_s, do_s, p_s, ds_s, work, count_work, t, p.scale,
-                     p.scale_log2, [&](int which, int col, float a0, float a1, float b0, float b1) {
-                       float* dst = which ? p.dk : p.dv;
-                       if (e0 >= 0) add2(dst + row0 + col, a0, a1);
-                       if (e1 >= 0) add2(dst + row1 + col, b0, b1);
-                     });
+    tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, p_s, ds_s, work, count_work, t, p.scale, p.scale_log2);
+    __syncwarp();
+    key_products<D>(p_s, ds_s, q_s, do_s, [&](int which, int col, float a0, float a1, float b0, float b1) {
+      float* dst = which ? p.dk : p.dv;
+      if (e0 >= 0) add2(dst + row0 + col, a0, a1);
+      if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+    });
     __syncwarp();  // the stage and the scratch tiles are free for the next tile
   }
   cp_async_wait_all();

@@ -3,13 +3,13 @@
 //
 // One CTA per (block of 16 queries, KV head); warp w owns the 16 fragment rows of query pair w for the whole
 // kernel, so its dQ needs no merge and is stored, not added. Two phases over the block plan (block_plan.h):
-//  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring
-//     and every warp runs its backward step on it; the warps' dK / dV rows for the stage are summed in shared
-//     memory (shared-memory atomics, row stride padded against bank conflicts), then added to global memory once:
-//     one gather and one set of global atomics per 16 queries instead of per pair (the pair kernel's global
-//     atomics and gathers are what made it slower than dense flash backward, NOTES.md);
-//  2. each warp walks its pair's remaining rows with its own cp.async ring, global float2 atomics as the pair
-//     kernel.
+//  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring;
+//     per 16-key tile every warp computes its rows' P and dS (tile_scores), then, after one barrier, warp w
+//     computes 16 of the tile's 2 x D dK / dV columns over all 128 rows of the block (P^T dO and dS^T Q with
+//     K = 128: as many mma as each warp doing its own 16 rows) and adds them to global memory: one gather and one
+//     atomic per element per 16 queries instead of per pair. (The first version summed the warps' rows
+//     with shared-memory atomics: 1.6x slower than the pair kernel, whatever the pattern.)
+//  2. each warp walks its pair's remaining rows with its own cp.async ring, global atomics as the pair kernel.
 #include <c10/cuda/CUDAException.h>
 
 #include <cmath>
@@ -32,16 +32,14 @@ struct BwdBlockLayout {
   static constexpr int kRowBytes = 2 * D;
   static constexpr int kTileBytes = kTile * kRowBytes;
   static constexpr int kStageBytes = 2 * kTileBytes;        // K then V of one tile
-  static constexpr int kAccStride = D + 8;                  // floats per accumulator row (bank-conflict padding)
-  static constexpr int kAccTileBytes = 2 * kTile * kAccStride * 4;  // dV then dK rows of one tile
-  // Per warp: its Q and dO rows, then the P / dS scratch tiles.
+  // Per warp: its Q and dO rows, then two buffers of P / dS scratch tiles (tile t uses buffer t % 2, so a warp
+  // can write tile t + 1's while the others still read tile t's).
   static constexpr int kWarpRowsBytes = 2 * 16 * kRowBytes;
+  static constexpr int kScratchBytes = 2 * 16 * 16 * 2;  // P then dS, [16][16] bf16
   static constexpr int kScratchOffset = kBlockWarps * kWarpRowsBytes;
-  static constexpr int kUnionOffset = kScratchOffset + kBlockWarps * 2 * 16 * 16 * 2;
-  // Phase 1: the common ring, then the stage's accumulators; phase 2: the per-warp rings, in the same bytes.
-  static constexpr int kCommonRingBytes = kCommonStages * kCommonTiles * kStageBytes;
-  static constexpr int kAccOffset = kUnionOffset + kCommonRingBytes;
-  static constexpr int kPhase1Bytes = kCommonRingBytes + kCommonTiles * kAccTileBytes;
+  static constexpr int kUnionOffset = kScratchOffset + 2 * kBlockWarps * kScratchBytes;
+  // Phase 1: the common ring; phase 2: the per-warp rings, in the same bytes.
+  static constexpr int kPhase1Bytes = kCommonStages * kCommonTiles * kStageBytes;
   static constexpr int kPhase2Bytes = kBlockWarps * kPairStages * kStageBytes;
   static constexpr int kBytes = kUnionOffset + (kPhase1Bytes > kPhase2Bytes ? kPhase1Bytes : kPhase2Bytes);
 };
@@ -57,9 +55,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   const bool active = qa < p.ix.num_queries, has_b = qa + 1 < p.ix.num_queries;
   uint8_t* q_s = smem + warp * L::kWarpRowsBytes;
   uint8_t* do_s = q_s + 16 * L::kRowBytes;
-  __nv_bfloat16* p_s = reinterpret_cast<__nv_bfloat16*>(smem + L::kScratchOffset) + warp * 2 * 256;
-  __nv_bfloat16* ds_s = p_s + 256;
-  float* acc = reinterpret_cast<float*>(smem + L::kAccOffset);  // [kCommonTiles][dV, dK][16][kAccStride]
+  // Scratch buffer b of warp w: P at scratch(b, w), dS 256 elements after it.
+  auto scratch = [&](int b, int w) {
+    return reinterpret_cast<__nv_bfloat16*>(smem + L::kScratchOffset + (b * kBlockWarps + w) * L::kScratchBytes);
+  };
 
   BwdRows<D> rows;
   if (active) {
@@ -71,12 +70,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
     rows.lse0 = rows.lse1 = INFINITY;
     rows.delta0 = rows.delta1 = 0.f;
   }
-  for (int e = threadIdx.x; e < kCommonTiles * 2 * kTile * L::kAccStride; e += kBlockThreads) acc[e] = 0.f;
   float dq[D / 8][4];
 #pragma unroll
   for (int dn = 0; dn < D / 8; ++dn) dq[dn][0] = dq[dn][1] = dq[dn][2] = dq[dn][3] = 0.f;
 
-  // Phase 1: the common rows, one CTA-wide gather per stage, dK / dV summed over the block in shared memory.
+  // Phase 1: the common rows, one CTA-wide gather per stage, dK / dV summed over the block by the tensor cores.
   const int* common = plan.common + static_cast<int64_t>(block) * plan.num_idx;
   const int n_common = plan.common_len[block];
   const int common_tiles = (n_common + kTile - 1) / kTile;
@@ -98,44 +96,46 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
     cp_async_commit();
   }
   for (int it = 0; it < stages; ++it) {
+    // Refills the slot stage it - 1 used: every warp finished reading it before the last tile barrier.
     if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
     cp_async_commit();
     cp_async_wait_group<kCommonStages - 1>();
-    __syncthreads();  // stage `it` has landed; the previous stage's accumulators are flushed and zeroed
+    __syncthreads();  // stage `it` has landed for every thread
     const uint8_t* base = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
 #pragma unroll
     for (int j = 0; j < kCommonTiles; ++j) {
       const int t = it * kCommonTiles + j;
-      if (t >= common_tiles) continue;
+      if (t >= common_tiles) continue;  // the same for the whole CTA
       const uint8_t* ks = base + j * L::kStageBytes;
-      float* tile_acc = acc + j * 2 * kTile * L::kAccStride;
-      backward_tile<D>(dq, rows, ks, ks + L::kTileBytes, q_s, do_s, p_s, ds_s, common, n_common, t, p.scale,
-                       p.scale_log2, [&](int which, int col, float a0, float a1, float b0, float b1) {
-                         float* m = tile_acc + which * kTile * L::kAccStride + col;
-                         atomicAdd(m + r0 * L::kAccStride, a0);
-                         atomicAdd(m + r0 * L::kAccStride + 1, a1);
-                         atomicAdd(m + r1 * L::kAccStride, b0);
-                         atomicAdd(m + r1 * L::kAccStride + 1, b1);
-                       });
-      __syncwarp();  // the scratch tiles are free for the next tile
-    }
-    __syncthreads();  // every warp has added its rows, and is done with the stage before it is refilled
-    // The block's dK / dV rows of the stage to global memory (one float2 atomic per pair of elements), and the
-    // accumulators zeroed for the next stage.
-    for (int e = threadIdx.x; e < kCommonTiles * 2 * kTile * (D / 2); e += kBlockThreads) {
-      const int j = e / (2 * kTile * (D / 2)), rem = e % (2 * kTile * (D / 2));
-      const int which = rem / (kTile * (D / 2)), key = (rem / (D / 2)) % kTile, col = 2 * (rem % (D / 2));
-      const int slot = (it * kCommonTiles + j) * kTile + key;
-      float* m = acc + ((j * 2 + which) * kTile + key) * L::kAccStride + col;
-      if (slot < n_common) {
-        const int64_t row = common[slot] & kRowMask;
-        add2((which ? p.dk : p.dv) + (row * p.heads_kv + g) * D + col, m[0], m[1]);
+      __nv_bfloat16* mine = scratch(t % 2, warp);
+      tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, mine, mine + 256, common, n_common, t, p.scale,
+                     p.scale_log2);
+      __syncthreads();  // every warp's P / dS of tile t is in its scratch (and tile t - 1's products are done)
+      const int e0 = t * kTile + r0 < n_common ? common[t * kTile + r0] : -1;
+      const int e1 = t * kTile + r1 < n_common ? common[t * kTile + r1] : -1;
+      const int64_t row0 = (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D;
+      const int64_t row1 = (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D;
+      // Column slices of 16 over dV then dK (2 D / 16 of them), spread over the warps.
+      for (int slice = warp; slice < 2 * D / 16; slice += kBlockWarps) {
+        const int which = slice / (D / 16), dn = 2 * (slice % (D / 16));
+        float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int w = 0; w < kBlockWarps; ++w) {
+          uint32_t a[4];
+          scratch_transposed(a, scratch(t % 2, w) + which * 256);
+          const uint8_t* rows_w = smem + w * L::kWarpRowsBytes + (which ? 0 : 16 * L::kRowBytes);  // Q or dO
+          fragment_times_tile_pair<D>(c[0], c[1], a, rows_w, dn);
+        }
+        emit_key_rows([&](int wh, int col, float a0, float a1, float b0, float b1) {
+          float* dst = wh ? p.dk : p.dv;
+          if (e0 >= 0) add2(dst + row0 + col, a0, a1);
+          if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+        }, which, dn, c);
       }
-      m[0] = m[1] = 0.f;
     }
   }
   cp_async_wait_all();
-  __syncthreads();  // the common ring and accumulators become the per-warp rings
+  __syncthreads();  // the common ring becomes the per-warp rings
 
   // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp.
   const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
@@ -161,12 +161,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
     const int e1 = t * kTile + r1 < count ? work[t * kTile + r1] : -1;
     const int64_t row0 = (static_cast<int64_t>(e0 & kRowMask) * p.heads_kv + g) * D;
     const int64_t row1 = (static_cast<int64_t>(e1 & kRowMask) * p.heads_kv + g) * D;
-    backward_tile<D>(dq, rows, ks, ks + L::kTileBytes, q_s, do_s, p_s, ds_s, work, count, t, p.scale,
-                     p.scale_log2, [&](int which, int col, float a0, float a1, float b0, float b1) {
-                       float* dst = which ? p.dk : p.dv;
-                       if (e0 >= 0) add2(dst + row0 + col, a0, a1);
-                       if (e1 >= 0) add2(dst + row1 + col, b0, b1);
-                     });
+    __nv_bfloat16* mine = scratch(0, warp);
+    tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, mine, mine + 256, work, count, t, p.scale, p.scale_log2);
+    __syncwarp();
+    key_products<D>(mine, mine + 256, q_s, do_s, [&](int which, int col, float a0, float a1, float b0, float b1) {
+      float* dst = which ? p.dk : p.dv;
+      if (e0 >= 0) add2(dst + row0 + col, a0, a1);
+      if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+    });
     __syncwarp();  // every lane is done with this stage and the scratch tiles before they are refilled
   }
   cp_async_wait_all();

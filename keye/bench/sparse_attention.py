@@ -1,8 +1,8 @@
 """Microbenchmark of top-k sparse GQA attention on Keye shapes (32 query / 4 KV heads, d = 128, k = 2048, bf16).
 
 Index patterns (every query t < k selects all of 0..t; beyond that, k positions of its own past):
-  realistic  the 512 most recent tokens, 1024 "anchor" positions shared by every query of a 256-query region
-             (even positions), and 512 random older positions (odd positions); stratified draws, so positions
+  realistic  the k/4 most recent tokens (512 at k = 2048), k/2 "anchor" positions shared by every query of a
+             256-query region (even positions), and k/4 random older positions (odd positions); stratified draws, so positions
              repeat only just past k; sorted; adjacent queries share ~75% of their sets
   indexer    keye.ops.indexer_topk_prefill's own selection on random FP8 queries and keys (H_I=16, D_I=64)
   uniform    k uniformly random past positions (with replacement): no sharing, the worst case
@@ -23,7 +23,7 @@ from keye.bench.timing import capture_graph, layers_that_fit, median_ms, rel_err
 from keye.ops.reference import sparse_attention as ref
 
 Q_HEADS, KV_HEADS, HEAD_DIM, TOPK = 32, 4, 128, 2048
-WINDOW, ANCHORS, REGION = 512, 1024, 256
+REGION = 256
 
 
 def _dense_prefix(T: int, K: int, device) -> torch.Tensor:
@@ -35,19 +35,21 @@ def realistic_indices(T: int, K: int, device) -> torch.Tensor:
     head = _dense_prefix(T, K, device)
     if T <= K:  # every query selects its whole past
         return head
+    n_window, n_anchors = K // 4, K // 2
     t = torch.arange(K, T, device=device)
-    window = t[:, None] - torch.arange(WINDOW, device=device)[None, :]
-    older = (t - WINDOW).clamp(min=1)  # positions [0, older) are not in the window
+    window = t[:, None] - torch.arange(n_window, device=device)[None, :]
+    older = (t - n_window).clamp(min=1)  # positions [0, older) are not in the window
     region_start = (t // REGION) * REGION
-    anchor_span = ((region_start - WINDOW).clamp(min=2) // 2)  # even positions below every query of the region
+    anchor_span = ((region_start - n_window).clamp(min=2) // 2)  # even positions below every query of the region
     # Stratified draws: draw j lies in [floor(j * n / m), floor(j * n / m) + floor(n / m)) of a range of n values, so
     # the m draws are distinct wherever n >= m (everywhere but the first few hundred queries past k).
     def stratified(m: int, n: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         j = torch.arange(m, device=device)
         return j * n[:, None] // m + (u * (n[:, None] // m)).long()
 
-    anchors = 2 * stratified(ANCHORS, anchor_span, torch.rand(T // REGION + 1, ANCHORS, device=device)[t // REGION])
-    tail_n = K - WINDOW - ANCHORS
+    region_draws = torch.rand(T // REGION + 1, n_anchors, device=device)[t // REGION]
+    anchors = 2 * stratified(n_anchors, anchor_span, region_draws)
+    tail_n = K - n_window - n_anchors
     tail = 2 * stratified(tail_n, older // 2, torch.rand(t.numel(), tail_n, device=device)) + 1
     tail = torch.minimum(tail, older[:, None] - 1)
     rows = torch.cat([anchors, tail, window], 1).sort(dim=1).values.int()
@@ -144,6 +146,20 @@ def flex_forward_ms(q, k, v, idx, device, reps):
     return ms
 
 
+def _pair_backward_ms(q, k, v, idx, o, lse, do, device) -> float:
+    """The pair backward kernel alone (no 16-query block plan), fp32 gradient buffers zeroed inside the timing as
+    the op does: what the block backward changes."""
+    delta = (do.float() * o.float()).sum(-1)
+    grads = (torch.zeros(q.shape, dtype=torch.float32, device=device),
+             *(torch.zeros(k.shape, dtype=torch.float32, device=device) for _ in range(2)))
+
+    def step():
+        for g in grads:
+            g.zero_()
+        torch.ops.keye.sparse_attention_bwd(q, k, v, do, idx, None, lse, delta, HEAD_DIM ** -0.5, 1, *grads, False)
+    return median_ms(step, device, 5, 1)
+
+
 def prefill_cases(tokens, device, reps, patterns=tuple(PATTERNS), backward_tokens=(16384, 32768),
                   flex_tokens=(16384, 32768)) -> list[dict]:
     records = []
@@ -170,13 +186,15 @@ def prefill_cases(tokens, device, reps, patterns=tuple(PATTERNS), backward_token
             if sdpa:
                 rec["sdpa_fwd_ms"] = sdpa
                 rec["speedup_vs_sdpa"] = sdpa / ms
-            if flash_bwd is not None and name == "realistic":
+            if flash_bwd is not None:
                 qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
                 with ops.index_checks(False):
-                    out, _ = ops.sparse_attention(qg, kg, vg, idx, cu)
+                    out, lse_g = ops.sparse_attention(qg, kg, vg, idx, cu)
                     do = torch.randn_like(out)
                     rec["bwd_ms"] = median_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True),
-                                              device, 3, 1)
+                                              device, 5, 1)
+                    rec["pair_kernel_bwd_ms"] = _pair_backward_ms(q, k, v, idx, out.detach(), lse_g.detach(), do,
+                                                                  device)
                 rec["flash_bwd_ms"] = flash_bwd
                 rec["bwd_speedup_vs_flash"] = flash_bwd / rec["bwd_ms"]
             if T in flex_tokens and name == "realistic":
@@ -236,7 +254,7 @@ def table(report: dict, copy_gbps: float) -> str:
     lines = [f"Sparse GQA attention ({Q_HEADS}/{KV_HEADS} heads, d={HEAD_DIM}, top-{TOPK}, bf16); copy {copy_gbps:.0f} GB/s",
              f"{'pattern':>10} {'tokens':>7} {'check':>5} {'share':>6} {'fwd ms':>9} {'pair ms':>8} {'TFLOP/s':>8} "
              f"{'gather GB/s':>11} "
-             f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'flash bwd':>9} {'x flash':>7}"]
+             f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'pair bwd':>9} {'flash bwd':>9} {'x flash':>7}"]
     for r in report["results"]:
         if r["op"] != "sparse_attention":
             continue
@@ -244,7 +262,7 @@ def table(report: dict, copy_gbps: float) -> str:
         lines.append(f"{r['pattern']:>10} {r['tokens']:>7} {r['check']:>5} {r['next_query_share']:>6.2f} "
                      f"{r['fwd_ms']:>9.2f} {g('pair_kernel_fwd_ms', '.2f'):>8} {r['TFLOPs']:>8.0f} {r['gather_GBps']:>11.0f} {g('sdpa_fwd_ms', '.2f'):>9} "
                      f"{g('speedup_vs_sdpa', '.2f'):>7} {g('flex_fwd_ms', '.2f'):>8} {g('bwd_ms', '.1f'):>9} "
-                     f"{g('flash_bwd_ms', '.2f'):>9} {g('bwd_speedup_vs_flash', '.3f'):>7}")
+                     f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('flash_bwd_ms', '.2f'):>9} {g('bwd_speedup_vs_flash', '.3f'):>7}")
     lines.append(f"{'decode batch':>12} {'ctx':>7} {'check':>5} {'graph ms':>9} {'gather GB/s':>11} {'% copy':>7} "
                  f"{'dense SDPA ms':>13} {'x dense':>8}  per layer in a graph of L layers")
     for r in report["results"]:
