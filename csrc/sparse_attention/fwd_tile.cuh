@@ -52,12 +52,12 @@ struct SoftmaxRows {
   }
 };
 
-// One step of the online softmax: S = Q K^T over work-list tile t (K tile ks, V tile vs in shared memory), keys a
-// row does not see (its seen bit is clear, or the slot is empty) score -inf; then O = O * alpha + P V.
+// One step of the online softmax: S = Q K^T over a work-list tile (K tile ks, V tile vs in shared memory; its
+// entries in `entry`, see tile_entry), keys a row does not see (its seen bit is clear, or the slot is empty) score
+// -inf; then O = O * alpha + P V.
 template <int D>
 __device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (&q)[D / 16][4], const uint8_t* ks,
-                                            const uint8_t* vs, const int* work, int count_work, int t,
-                                            float scale_log2) {
+                                            const uint8_t* vs, int entry, float scale_log2) {
   const int cq = (threadIdx.x % 4) * 2;
   float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // keys 0-7 (s[0]) and 8-15 (s[1]) of the tile
   rows_times_tile_t<D>(s, q, ks);
@@ -67,8 +67,8 @@ __device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (
   for (int nt = 0; nt < 2; ++nt) {
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
-      bool lo, hi;
-      slot_visibility(work, count_work, t * kTile + nt * 8 + cq + j, lo, hi);
+      const int e = __shfl_sync(0xffffffffu, entry, nt * 8 + cq + j);
+      const bool lo = e >= 0 && (e & kSeenLo), hi = e >= 0 && (e & kSeenHi);
       s[nt][j] = lo ? s[nt][j] * scale_log2 : -INFINITY;
       s[nt][2 + j] = hi ? s[nt][2 + j] * scale_log2 : -INFINITY;
       mx0 = fmaxf(mx0, s[nt][j]);
@@ -90,12 +90,16 @@ __device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (
   }
   st.l0 = st.l0 * a0 + (ps[0][0] + ps[0][1] + ps[1][0] + ps[1][1]);
   st.l1 = st.l1 * a1 + (ps[0][2] + ps[0][3] + ps[1][2] + ps[1][3]);
+  // Past the first tiles the running max rarely moves: skip the rescale (exact: the factors are 1) when no lane's
+  // does, which saves D / 2 multiplies per lane and tile.
+  if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
-  for (int dn = 0; dn < D / 8; ++dn) {
-    st.acc[dn][0] *= a0;
-    st.acc[dn][1] *= a0;
-    st.acc[dn][2] *= a1;
-    st.acc[dn][3] *= a1;
+    for (int dn = 0; dn < D / 8; ++dn) {
+      st.acc[dn][0] *= a0;
+      st.acc[dn][1] *= a0;
+      st.acc[dn][2] *= a1;
+      st.acc[dn][3] *= a1;
+    }
   }
   // O += P V: the two S accumulators are exactly the A fragment of a 16x16 P tile.
   uint32_t pa[4];

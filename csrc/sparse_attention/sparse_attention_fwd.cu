@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
 
     const int t = warp + i * kWarps;
     const uint8_t* ks = ring + (i % kStages) * L::kStageBytes;
-    attend_tile<D>(st, qa_frag, ks, ks + L::kTileBytes, work, count_work, t, p.scale_log2);
+    attend_tile<D>(st, qa_frag, ks, ks + L::kTileBytes, tile_entry(work, count_work, t), p.scale_log2);
     __syncwarp();  // every lane is done with this stage before it is refilled
   }
   cp_async_wait_all();

@@ -66,6 +66,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     if (s < stages) issue_common(s);
     cp_async_commit();
   }
+  int entry_next = tile_entry(common, n_common, 0);  // the next tile's entries, loaded a tile ahead
   for (int it = 0; it < stages; ++it) {
     if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
     cp_async_commit();
@@ -75,37 +76,44 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
 #pragma unroll
     for (int j = 0; j < kCommonTiles; ++j) {
       const int t = it * kCommonTiles + j;
-      if (t < common_tiles)
-        attend_tile<D>(st, qf, base + j * L::kStageBytes, base + j * L::kStageBytes + Layout<D>::kTileBytes, common,
-                       n_common, t, p.scale_log2);
+      if (t < common_tiles) {
+        const int entry = entry_next;
+        entry_next = tile_entry(common, n_common, t + 1);
+        attend_tile<D>(st, qf, base + j * L::kStageBytes, base + j * L::kStageBytes + Layout<D>::kTileBytes, entry,
+                       p.scale_log2);
+      }
     }
     __syncthreads();  // every warp is done with the stage before it is refilled
   }
   cp_async_wait_all();
   __syncthreads();  // the common ring becomes the per-warp rings
 
-  // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp.
+  // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp. The tile entries
+  // travel in registers: tile t's (visibility), t + 1's, t + 2's (gathered this iteration) and t + 3's (loading).
+  static_assert(kPairStages == 3, "the entry registers below follow a 3-stage ring");
   const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
   const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
   const int count = active ? plan.pair_len[pair] : 0;
   const int tiles = (count + kTile - 1) / kTile;
   uint8_t* ring = smem + warp * kPairStages * L::kStageBytes;
-  auto issue = [&](int t) {
-    gather_tile<D>(ring + (t % kPairStages) * L::kStageBytes, work, count, t, p.k, p.k_stride, p.v, p.v_stride, g);
+  auto issue = [&](int t, int entry) {
+    gather_tile_entries<D>(ring + (t % kPairStages) * L::kStageBytes, entry, p.k, p.k_stride, p.v, p.v_stride, g);
   };
-#pragma unroll
-  for (int s = 0; s < kPairStages - 1; ++s) {
-    if (s < tiles) issue(s);
-    cp_async_commit();
-  }
+  int e0 = tile_entry(work, count, 0), e1 = tile_entry(work, count, 1), e2 = tile_entry(work, count, 2);
+  if (tiles > 0) issue(0, e0);
+  cp_async_commit();
+  if (tiles > 1) issue(1, e1);
+  cp_async_commit();
   for (int t = 0; t < tiles; ++t) {
-    if (t + kPairStages - 1 < tiles) issue(t + kPairStages - 1);
+    if (t + 2 < tiles) issue(t + 2, e2);
     cp_async_commit();
+    const int e3 = tile_entry(work, count, t + 3);
     cp_async_wait_group<kPairStages - 1>();
     __syncwarp();
     const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;
-    attend_tile<D>(st, qf, ks, ks + Layout<D>::kTileBytes, work, count, t, p.scale_log2);
+    attend_tile<D>(st, qf, ks, ks + Layout<D>::kTileBytes, e0, p.scale_log2);
     __syncwarp();  // every lane is done with this stage before it is refilled
+    e0 = e1, e1 = e2, e2 = e3;
   }
   cp_async_wait_all();
   if (!active) return;

@@ -237,6 +237,34 @@ __device__ __forceinline__ void gather_tile(uint8_t* dst, const int* work, int c
   }
 }
 
+// A warp's copy of work-list tile t in one register: lane l holds the entry of slot t * kTile + l % kTile (-1 past
+// the list). Loaded a few tiles ahead, it lets the tile's gather and visibility read entries by shuffle: the
+// forward's per-lane loads of the list were its largest stall after fixed-latency dependencies (ncu, NOTES.md).
+__device__ __forceinline__ int tile_entry(const int* work, int count_work, int t) {
+  const int slot = t * kTile + static_cast<int>(threadIdx.x % kTile);
+  return slot < count_work ? work[slot] : -1;
+}
+
+// gather_tile for one warp whose tile entries are in `entry` (tile_entry).
+template <int D>
+__device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, const __nv_bfloat16* k, int64_t k_stride,
+                                                    const __nv_bfloat16* v, int64_t v_stride, int g) {
+  constexpr int kChunks = D / 8, kTileBytes = kTile * D * 2;
+  constexpr int kPerLane = 2 * kTile * kChunks / 32;
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int it = 0; it < kPerLane; ++it) {
+    const int i = lane + 32 * it;
+    const int which = i / (kTile * kChunks);  // 0: K, 1: V
+    const int rem = i % (kTile * kChunks);
+    const int r = rem / kChunks, c = rem % kChunks;
+    const int e = __shfl_sync(0xffffffffu, entry, r);
+    const int row = e < 0 ? 0 : e & kRowMask;
+    const __nv_bfloat16* src = which == 0 ? k + row * k_stride : v + row * v_stride;
+    cp_async16(dst + which * kTileBytes + r * D * 2 + swizzle(r, c) * 16, src + g * D + c * 8, e >= 0);
+  }
+}
+
 // Whether the two score elements (rows lane/4 and lane/4 + 8) of work-list slot `slot` are visible.
 __device__ __forceinline__ void slot_visibility(const int* work, int count_work, int slot, bool& lo, bool& hi) {
   const int entry = slot < count_work ? work[slot] : -1;
