@@ -37,11 +37,11 @@ struct BwdBlockLayout {
   static constexpr int kWarpRowsBytes = 2 * 16 * kRowBytes;
   static constexpr int kScratchBytes = 2 * 16 * 16 * 2;  // P then dS, [16][16] bf16
   static constexpr int kScratchOffset = kBlockWarps * kWarpRowsBytes;
-  static constexpr int kUnionOffset = kScratchOffset + 2 * kBlockWarps * kScratchBytes;
+  static constexpr int kRingOffset = kScratchOffset + 2 * kBlockWarps * kScratchBytes;
   // Phase 1: the common ring; phase 2: the per-warp rings, in the same bytes.
   static constexpr int kPhase1Bytes = kCommonStages * kCommonTiles * kStageBytes;
   static constexpr int kPhase2Bytes = kBlockWarps * kPairStages * kStageBytes;
-  static constexpr int kBytes = kUnionOffset + (kPhase1Bytes > kPhase2Bytes ? kPhase1Bytes : kPhase2Bytes);
+  static constexpr int kBytes = kRingOffset + (kPhase1Bytes > kPhase2Bytes ? kPhase1Bytes : kPhase2Bytes);
 };
 
 template <int D>
@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   const int n_common = plan.common_len[block];
   const int common_tiles = (n_common + kTile - 1) / kTile;
   const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
-  uint8_t* common_ring = smem + L::kUnionOffset;
+  uint8_t* common_ring = smem + L::kRingOffset;
   auto issue_common = [&](int it) {
     uint8_t* dst = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
 #pragma unroll
@@ -142,7 +142,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
   const int count = active ? plan.pair_len[pair] : 0;
   const int tiles = (count + kTile - 1) / kTile;
-  uint8_t* ring = smem + L::kUnionOffset + warp * kPairStages * L::kStageBytes;
+  uint8_t* ring = smem + L::kRingOffset + warp * kPairStages * L::kStageBytes;
   auto issue = [&](int t) {
     gather_tile<D>(ring + (t % kPairStages) * L::kStageBytes, work, count, t, p.k, p.k_stride, p.v, p.v_stride, g);
   };

@@ -2,8 +2,8 @@
 
 Index patterns (every query t < k selects all of 0..t; beyond that, k positions of its own past):
   realistic  the k/4 most recent tokens (512 at k = 2048), k/2 "anchor" positions shared by every query of a
-             256-query region (even positions), and k/4 random older positions (odd positions); stratified draws, so positions
-             repeat only just past k; sorted; adjacent queries share ~75% of their sets
+             256-query region (even positions), and k/4 random older positions (odd positions); stratified
+             draws, so positions repeat only just past k; sorted; adjacent queries share ~75% of their sets
   indexer    keye.ops.indexer_topk_prefill's own selection on random FP8 queries and keys (H_I=16, D_I=64)
   uniform    k uniformly random past positions (with replacement): no sharing, the worst case
 Each case first checks sampled query rows against the fp32 reference. Reported: forward time (and that of the pair
