@@ -254,7 +254,8 @@ def table(report: dict, copy_gbps: float) -> str:
     lines = [f"Sparse GQA attention ({Q_HEADS}/{KV_HEADS} heads, d={HEAD_DIM}, top-{TOPK}, bf16); copy {copy_gbps:.0f} GB/s",
              f"{'pattern':>10} {'tokens':>7} {'check':>5} {'share':>6} {'fwd ms':>9} {'pair ms':>8} {'TFLOP/s':>8} "
              f"{'gather GB/s':>11} "
-             f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'pair bwd':>9} {'flash bwd':>9} {'x flash':>7}"]
+             f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'pair bwd':>9} {'flash bwd':>9} "
+             f"{'x flash':>7}"]
     for r in report["results"]:
         if r["op"] != "sparse_attention":
             continue
@@ -262,7 +263,8 @@ def table(report: dict, copy_gbps: float) -> str:
         lines.append(f"{r['pattern']:>10} {r['tokens']:>7} {r['check']:>5} {r['next_query_share']:>6.2f} "
                      f"{r['fwd_ms']:>9.2f} {g('pair_kernel_fwd_ms', '.2f'):>8} {r['TFLOPs']:>8.0f} {r['gather_GBps']:>11.0f} {g('sdpa_fwd_ms', '.2f'):>9} "
                      f"{g('speedup_vs_sdpa', '.2f'):>7} {g('flex_fwd_ms', '.2f'):>8} {g('bwd_ms', '.1f'):>9} "
-                     f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('flash_bwd_ms', '.2f'):>9} {g('bwd_speedup_vs_flash', '.3f'):>7}")
+                     f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('flash_bwd_ms', '.2f'):>9} "
+                     f"{g('bwd_speedup_vs_flash', '.3f'):>7}")
     lines.append(f"{'decode batch':>12} {'ctx':>7} {'check':>5} {'graph ms':>9} {'gather GB/s':>11} {'% copy':>7} "
                  f"{'dense SDPA ms':>13} {'x dense':>8}  per layer in a graph of L layers")
     for r in report["results"]:
