@@ -40,8 +40,8 @@ struct BwdParams {
 };
 
 // The dK / dV atomics: float2 (red.global.add.v2.f32). 16-byte atomics (lanes swapping halves first) measured
-// the same time to 0.3% on the H200: these atomics are bound by the bytes they move through L2 and HBM, not by
-// the number of operations.
+// the same time to 0.3% on the H200: these atomics are bound by the L2 sectors they touch (ncu: L2 80-91% busy,
+// hit rate 99%, DRAM 1%), not by the number of operations.
 __device__ __forceinline__ void add2(float* p, float a, float b) {
   atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
 }
