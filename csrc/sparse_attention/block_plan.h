@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
 #include <cuda_runtime.h>
 
 #include "sparse_attention/work_list.cuh"
@@ -35,6 +36,18 @@ struct BlockPlan {
 // Builds the plan for ix (one split: ix.num_idx <= kMaxChunk) on `stream`; the returned tensor owns the buffers
 // that `plan` points into (keep it alive until the kernels that read the plan are enqueued).
 at::Tensor build_block_plan(const IndexParams& ix, const at::Tensor& like, cudaStream_t stream, BlockPlan& plan);
+
+// Launches a kernel over the plan's blocks: one CTA of `threads` per (block of 16 queries, KV head), with `smem`
+// bytes of dynamic shared memory. Params: the kernel's parameters (FwdParams or BwdParams).
+template <typename Params>
+void launch_over_blocks(void (*kernel)(Params, BlockPlan), const Params& p, const BlockPlan& plan, int threads,
+                        int smem, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((p.ix.num_queries + kBlockQueries - 1) / kBlockQueries),
+                  static_cast<unsigned>(p.heads_kv));
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<grid, threads, smem, stream>>>(p, plan);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
 
 }  // namespace sparse_attention
 }  // namespace keye

@@ -135,22 +135,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   }
 }
 
-template <int D>
-void launch(const FwdParams& p, const BlockPlan& plan, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>((p.ix.num_queries + kBlockQueries - 1) / kBlockQueries),
-                  static_cast<unsigned>(p.heads_kv));
-  constexpr int smem = BlockLayout<D>::kBytes;
-  C10_CUDA_CHECK(cudaFuncSetAttribute(sparse_attention_fwd_blocks_kernel<D>,
-                                      cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  sparse_attention_fwd_blocks_kernel<D><<<grid, kBlockThreads, smem, stream>>>(p, plan);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 }  // namespace
 
 void launch_fwd_blocks(const FwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream) {
-  if (d == 64) launch<64>(p, plan, stream);
-  else launch<128>(p, plan, stream);
+  if (d == 64) launch_over_blocks(sparse_attention_fwd_blocks_kernel<64>, p, plan, kBlockThreads, BlockLayout<64>::kBytes, stream);
+  else launch_over_blocks(sparse_attention_fwd_blocks_kernel<128>, p, plan, kBlockThreads, BlockLayout<128>::kBytes, stream);
 }
 
 }  // namespace sparse_attention
