@@ -82,13 +82,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   uint8_t* common_ring = smem + L::kRingOffset;
   auto issue_common = [&](int it) {
     uint8_t* dst = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
-#pragma unroll
-    for (int j = 0; j < kCommonTiles; ++j) {
-      const int t = it * kCommonTiles + j;
-      if (t < common_tiles)
-        gather_tile<D, kBlockThreads>(dst + j * L::kStageBytes, common, n_common, t, p.k, p.k_stride, p.v,
-                                      p.v_stride, g);
-    }
+    gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
   };
 #pragma unroll
   for (int s = 0; s < kCommonStages - 1; ++s) {
@@ -190,8 +184,12 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
 }  // namespace
 
 void launch_bwd_blocks(const BwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream) {
-  if (d == 64) launch_over_blocks(sparse_attention_bwd_blocks_kernel<64>, p, plan, kBlockThreads, BwdBlockLayout<64>::kBytes, stream);
-  else launch_over_blocks(sparse_attention_bwd_blocks_kernel<128>, p, plan, kBlockThreads, BwdBlockLayout<128>::kBytes, stream);
+  if (d == 64)
+    launch_over_blocks(sparse_attention_bwd_blocks_kernel<64>, p, plan, kBlockThreads, BwdBlockLayout<64>::kBytes,
+                       stream);
+  else
+    launch_over_blocks(sparse_attention_bwd_blocks_kernel<128>, p, plan, kBlockThreads, BwdBlockLayout<128>::kBytes,
+                       stream);
 }
 
 }  // namespace sparse_attention

@@ -53,13 +53,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
   auto issue_common = [&](int it) {
     uint8_t* dst = smem + (it % kCommonStages) * L::kCommonStageBytes;
-#pragma unroll
-    for (int j = 0; j < kCommonTiles; ++j) {
-      const int t = it * kCommonTiles + j;
-      if (t < common_tiles)
-        gather_tile<D, kBlockThreads>(dst + j * L::kStageBytes, common, n_common, t, p.k, p.k_stride, p.v,
-                                      p.v_stride, g);
-    }
+    gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
   };
 #pragma unroll
   for (int s = 0; s < kCommonStages - 1; ++s) {
@@ -138,8 +132,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
 }  // namespace
 
 void launch_fwd_blocks(const FwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream) {
-  if (d == 64) launch_over_blocks(sparse_attention_fwd_blocks_kernel<64>, p, plan, kBlockThreads, BlockLayout<64>::kBytes, stream);
-  else launch_over_blocks(sparse_attention_fwd_blocks_kernel<128>, p, plan, kBlockThreads, BlockLayout<128>::kBytes, stream);
+  if (d == 64)
+    launch_over_blocks(sparse_attention_fwd_blocks_kernel<64>, p, plan, kBlockThreads, BlockLayout<64>::kBytes, stream);
+  else
+    launch_over_blocks(sparse_attention_fwd_blocks_kernel<128>, p, plan, kBlockThreads, BlockLayout<128>::kBytes,
+                       stream);
 }
 
 }  // namespace sparse_attention

@@ -265,6 +265,22 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
   }
 }
 
+// A CTA-wide stage of kTiles consecutive tiles (tiles kTiles * stage ..) of a work list into dst (each tile's K
+// then V, tiles kStageBytes apart), tiles past the list skipped: the block kernels' common-row ring.
+template <int D, int kLanes, int kTiles>
+__device__ __forceinline__ void gather_stage(uint8_t* dst, const int* work, int count_work, int stage,
+                                             const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
+                                             int64_t v_stride, int g) {
+  constexpr int kStageBytes = 2 * kTile * D * 2;
+  const int tiles = (count_work + kTile - 1) / kTile;
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+    const int t = stage * kTiles + j;
+    if (t < tiles)
+      gather_tile<D, kLanes>(dst + j * kStageBytes, work, count_work, t, k, k_stride, v, v_stride, g);
+  }
+}
+
 // Whether the two score elements (rows lane/4 and lane/4 + 8) of work-list slot `slot` are visible.
 __device__ __forceinline__ void slot_visibility(const int* work, int count_work, int slot, bool& lo, bool& hi) {
   const int entry = slot < count_work ? work[slot] : -1;
