@@ -212,14 +212,15 @@ def test_traces_under_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("K", [512, 2048])
 @pytest.mark.parametrize("T", [1, 63, 2048, 2049, 3001])
-def test_bench_index_patterns_are_causal_at_any_length(T):
+def test_bench_index_patterns_are_causal_at_any_length(T, K):
     """The benchmark's index patterns at lengths below, at and above k (`keye bench --tokens 64` once crashed in
-    realistic_indices: an empty arange(k, T) for T < k): shape [T, k], every entry -1 or an earlier position, and
-    every query of a sequence no longer than k selects exactly its whole past."""
+    realistic_indices: an empty arange(k, T) for T < k; and k = 512 once asked for a negative number of tail
+    positions): shape [T, k], every entry -1 or an earlier position, and every query of a sequence no longer than k
+    selects exactly its whole past."""
     from keye.bench.sparse_attention import realistic_indices, uniform_indices
 
-    K = 2048
     pos = torch.arange(T)[:, None]
     for make in (realistic_indices, uniform_indices):
         idx = make(T, K, "cpu")
