@@ -19,6 +19,9 @@ namespace sparse_attention {
 
 constexpr int kBlockQueries = 16;
 constexpr int kBlockPairs = kBlockQueries / 2;
+// The block kernels (forward and backward): one warp per query pair of the block.
+constexpr int kBlockWarps = kBlockPairs;
+constexpr int kBlockThreads = 32 * kBlockWarps;
 
 // Slots per pair list: up to K rows of each query, interleaved by 8 (16 per tile).
 __host__ __device__ constexpr int pair_stride(int k) { return 16 * ((k + 7) / 8); }

@@ -21,8 +21,6 @@ namespace keye {
 namespace sparse_attention {
 namespace {
 
-constexpr int kBlockWarps = kBlockPairs;
-constexpr int kBlockThreads = 32 * kBlockWarps;
 constexpr int kPairStages = 2;    // per-warp ring depth in phase 2
 constexpr int kCommonTiles = 2;   // 16-key tiles per CTA-wide stage in phase 1
 constexpr int kCommonStages = 4;  // CTA-wide ring depth in phase 1

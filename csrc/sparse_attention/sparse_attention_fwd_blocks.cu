@@ -18,8 +18,6 @@ namespace keye {
 namespace sparse_attention {
 namespace {
 
-constexpr int kBlockWarps = kBlockPairs;
-constexpr int kBlockThreads = 32 * kBlockWarps;
 constexpr int kPairStages = 3;       // per-warp ring depth in phase 2
 constexpr int kCommonTiles = 2;      // 16-key tiles per CTA-wide stage in phase 1 (one barrier per 32 keys)
 constexpr int kCommonStages = 8;     // CTA-wide ring depth in phase 1 (7 stages, 112 KB at D = 128, in flight)

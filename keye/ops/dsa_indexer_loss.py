@@ -223,10 +223,10 @@ class _IndexerLoss(torch.autograd.Function):
         tf32 = (_low_precision(q, k), _low_precision(q_main, k_main))
         C = 0 if indices is None else indices.shape[1]
         for s0, s1 in zip(bounds[:-1], bounds[1:]):
-            row_bytes = per_key * (s1 - s0) if indices is None or s1 - s0 <= GATHER_FROM_PREFIX * C else max(
-                per_key * GATHER_FROM_PREFIX * C, per_selected * C)  # only the gathered path's rows cost more
-            step = max(1, max_chunk_bytes // max(1, row_bytes))
             gathered = indices is not None and s1 - s0 > GATHER_FROM_PREFIX * C  # rows on the gathered path
+            # only the gathered path's rows cost more than the prefix path's longest
+            row_bytes = max(per_key * GATHER_FROM_PREFIX * C, per_selected * C) if gathered else per_key * (s1 - s0)
+            step = max(1, max_chunk_bytes // max(1, row_bytes))
             keys = _KeyRows(k[s0:s1], k_main[s0:s1]) if gathered else None
             # fp32 prefix keys, as far as the prefix path reads them (rows past GATHER_FROM_PREFIX * C gather theirs)
             n_pre = GATHER_FROM_PREFIX * C if gathered else s1 - s0
@@ -234,18 +234,16 @@ class _IndexerLoss(torch.autograd.Function):
             for a in range(s0, s1, step):
                 b = min(a + step, s1)
                 L = b - s0  # prefix of the chunk's last row
-                args, qm = (q[a:b].float(), w[a:b].float() * wscale), q_main[a:b].float()
-                prefix = (k_seq[:L], qm, km_seq[:, :L], scale, a - s0)
-                if indices is None:
-                    loss, gq, gw, gk = _prefix_chunk(*args, *prefix, None, None, need_grad, tf32)
-                else:
+                args = (q[a:b].float(), w[a:b].float() * wscale)
+                cols = valid = None
+                if indices is not None:
                     idx = indices[a:b].long()  # checked once for the batch by check_loss_args
                     valid, cols = idx >= 0, idx.clamp(min=0)
-                    if L > GATHER_FROM_PREFIX * C:
-                        loss, gq, gw, gk = _gathered_chunk(*args, keys, q_main[a:b], scale, cols, valid, need_grad,
-                                                           tf32)
-                    else:
-                        loss, gq, gw, gk = _prefix_chunk(*args, *prefix, cols, valid, need_grad, tf32)
+                if indices is not None and L > GATHER_FROM_PREFIX * C:
+                    loss, gq, gw, gk = _gathered_chunk(*args, keys, q_main[a:b], scale, cols, valid, need_grad, tf32)
+                else:
+                    loss, gq, gw, gk = _prefix_chunk(*args, k_seq[:L], q_main[a:b].float(), km_seq[:, :L], scale,
+                                                     a - s0, cols, valid, need_grad, tf32)
                 total += loss
                 if not need_grad:
                     continue
