@@ -245,23 +245,37 @@ __device__ __forceinline__ int tile_entry(const int* work, int count_work, int t
   return slot < count_work ? work[slot] : -1;
 }
 
-// gather_tile for one warp whose tile entries are in `entry` (tile_entry).
+// cp_async16 for a work-list row: zero-filled (src not read) when entry < 0; the predicate comes straight from the
+// sign, one compare per copy.
+__device__ __forceinline__ void cp_async16_entry(void* dst, const void* src, int entry) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile("{\n .reg .pred ignore;\n setp.lt.s32 ignore, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n"
+               ::"r"(d), "l"(src), "r"(entry));
+}
+
+// gather_tile for one warp whose tile entries are in `entry` (tile_entry). Each lane copies one fixed 16-byte
+// chunk c of every row it touches (rows h, h + R, h + 2R, ... with R = 32 / chunks per row), so the global address
+// is this lane's chunk base plus the row offset, each row's entry is shuffled once for its K and V chunk, and the
+// swizzled shared offset is a per-lane constant XOR a compile-time one: (i R + h) & 7 = ((i R) & 7) ^ h for h < R.
 template <int D>
 __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, const __nv_bfloat16* k, int64_t k_stride,
                                                     const __nv_bfloat16* v, int64_t v_stride, int g) {
-  constexpr int kChunks = D / 8, kTileBytes = kTile * D * 2;
-  constexpr int kPerLane = 2 * kTile * kChunks / 32;
-  const int lane = threadIdx.x % 32;
+  constexpr int kChunks = D / 8, kRowsPerStep = 32 / kChunks, kTileBytes = kTile * D * 2;
+  static_assert(kRowsPerStep <= 8 && kTile % kRowsPerStep == 0, "rows of a step must not carry into bit 3");
+  const int lane = threadIdx.x % 32, c = lane % kChunks, h = lane / kChunks;
+  // Addresses as integers: row * stride + base is one 32 x 64-bit multiply-add per operand (with pointer
+  // arithmetic the compiler re-derived element offsets and scaled them by 2 for every row).
+  const uint64_t kc = reinterpret_cast<uint64_t>(k + g * D + c * 8), vc = reinterpret_cast<uint64_t>(v + g * D + c * 8);
+  const uint64_t kb = static_cast<uint64_t>(k_stride) * 2, vb = static_cast<uint64_t>(v_stride) * 2;
+  uint8_t* dst_h = dst + h * D * 2;
+  const int ch = c ^ h;
 #pragma unroll
-  for (int it = 0; it < kPerLane; ++it) {
-    const int i = lane + 32 * it;
-    const int which = i / (kTile * kChunks);  // 0: K, 1: V
-    const int rem = i % (kTile * kChunks);
-    const int r = rem / kChunks, c = rem % kChunks;
-    const int e = __shfl_sync(0xffffffffu, entry, r);
-    const int row = e < 0 ? 0 : e & kRowMask;
-    const __nv_bfloat16* src = which == 0 ? k + row * k_stride : v + row * v_stride;
-    cp_async16(dst + which * kTileBytes + r * D * 2 + swizzle(r, c) * 16, src + g * D + c * 8, e >= 0);
+  for (int i = 0; i < kTile / kRowsPerStep; ++i) {
+    const int e = __shfl_sync(0xffffffffu, entry, i * kRowsPerStep + h);
+    const uint32_t row = e < 0 ? 0u : static_cast<uint32_t>(e & kRowMask);
+    uint8_t* d = dst_h + i * kRowsPerStep * D * 2 + ((ch ^ ((i * kRowsPerStep) & 7)) << 4);
+    cp_async16_entry(d, reinterpret_cast<const void*>(kc + row * kb), e);
+    cp_async16_entry(d + kTileBytes, reinterpret_cast<const void*>(vc + row * vb), e);
   }
 }
 
@@ -290,16 +304,23 @@ __device__ __forceinline__ void slot_visibility(const int* work, int count_work,
 
 // s (+)= A . T^T for a swizzled 16-row tile T (K or V rows, D bf16 each) and A the 16 x D row fragments (Q or
 // dO): the products with tile rows 0-7 land in s[0], rows 8-15 in s[1] (m16n8 accumulator layout).
+// The even and odd k-steps accumulate separately (four chains of D / 32 dependent mma instead of two of D / 16;
+// the forward's S product is on its critical path) and are added at the end.
 template <int D>
 __device__ __forceinline__ void rows_times_tile_t(float (&s)[2][4], const uint32_t (&a)[D / 16][4], const uint8_t* tile) {
   const int lane = threadIdx.x % 32, mi = lane / 8, r = (mi / 2) * 8 + lane % 8;
+  float odd[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
   for (int kk = 0; kk < D / 16; ++kk) {
     uint32_t b[4];
     ldmatrix_x4(b, tile + r * D * 2 + swizzle(r, kk * 2 + mi % 2) * 16);
-    mma_bf16_m16n8k16(s[0], a[kk], {b[0], b[1]});
-    mma_bf16_m16n8k16(s[1], a[kk], {b[2], b[3]});
+    float (&acc)[2][4] = kk % 2 ? odd : s;
+    mma_bf16_m16n8k16(acc[0], a[kk], {b[0], b[1]});
+    mma_bf16_m16n8k16(acc[1], a[kk], {b[2], b[3]});
   }
+#pragma unroll
+  for (int n = 0; n < 2; ++n)
+    for (int j = 0; j < 4; ++j) s[n][j] += odd[n][j];
 }
 
 // The two m16n8 accumulators of a 16 x 16 product, as the A fragment of the next MMA (bf16, round to nearest).
