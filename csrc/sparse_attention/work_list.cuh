@@ -249,8 +249,9 @@ __device__ __forceinline__ int tile_entry(const int* work, int count_work, int t
 // sign, one compare per copy.
 __device__ __forceinline__ void cp_async16_entry(void* dst, const void* src, int entry) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("{\n .reg .pred ignore;\n setp.lt.s32 ignore, %2, 0;\n cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n"
-               ::"r"(d), "l"(src), "r"(entry));
+  asm volatile(
+      "{\n .reg .pred ignore;\n setp.lt.s32 ignore, %2, 0;\n"
+      " cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n" ::"r"(d), "l"(src), "r"(entry));
 }
 
 // gather_tile for one warp whose tile entries are in `entry` (tile_entry). Each lane copies one fixed 16-byte
