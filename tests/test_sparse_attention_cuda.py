@@ -331,6 +331,11 @@ def test_kernel_errors():
     idx = torch.zeros(64, 8, dtype=torch.int32, device=DEV)
     with pytest.raises(ValueError, match="keye.sparse_attention: argument 'k' must have contiguous heads and dims"):
         torch.ops.keye.sparse_attention_fwd(q, k.transpose(1, 2).contiguous().transpose(1, 2), v, idx, None, 0.1, 1)
+    # A row stride of 2^31 elements (one row, so no storage behind it) is refused: the gathers scale it to bytes in
+    # 32 bits.
+    k_far = k[:1].as_strided((1, 2, 128), (2 ** 31, 128, 1))
+    with pytest.raises(ValueError, match="argument 'k' must .* a row stride that is a multiple of 8 and below 2\\^31"):
+        torch.ops.keye.sparse_attention_fwd(q[:1], k_far, v[:1], idx[:1] * 0, None, 0.1, 1)
     with pytest.raises(ValueError, match=r"keye.sparse_attention: argument 'indices' must hold values in \[-1, 63\]"):
         torch.ops.keye.sparse_attention_fwd(q, k, v, idx + 64, None, 0.1, 1)
     with pytest.raises(ValueError, match="head dim .* must be 64 or 128"):

@@ -13,7 +13,8 @@
 namespace keye {
 namespace sparse_attention {
 
-// A bf16 [rows, heads, D] operand: heads and dims contiguous, row stride a multiple of 8, 16-byte aligned.
+// A bf16 [rows, heads, D] operand: heads and dims contiguous, row stride a multiple of 8 and below 2^31 elements
+// (the gathers scale it to bytes in 32 bits), 16-byte aligned.
 inline void check_rows_operand(const at::Tensor& t, const at::Tensor& q, const char* op, const char* name,
                                const char* layout) {
   check_cuda(t, op, name);
@@ -21,10 +22,10 @@ inline void check_rows_operand(const at::Tensor& t, const at::Tensor& q, const c
   check_dtype(t, {at::kBFloat16}, op, name);
   check_dim(t, 3, op, name, layout);
   KEYE_CHECK(t.stride(2) == 1 && t.stride(1) == t.size(2) && t.stride(0) % 8 == 0 &&
-                 reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
+                 t.stride(0) < (int64_t{1} << 31) && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0,
              "keye.", op, ": argument '", name,
-             "' must have contiguous heads and dims, a row stride that is a multiple of 8 and a 16-byte aligned "
-             "start, got strides ",
+             "' must have contiguous heads and dims, a row stride that is a multiple of 8 and below 2^31, and a "
+             "16-byte aligned start, got strides ",
              dims_str(t.strides()));
 }
 

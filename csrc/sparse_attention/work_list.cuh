@@ -264,10 +264,11 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
   constexpr int kChunks = D / 8, kRowsPerStep = 32 / kChunks, kTileBytes = kTile * D * 2;
   static_assert(kRowsPerStep <= 8 && kTile % kRowsPerStep == 0, "rows of a step must not carry into bit 3");
   const int lane = threadIdx.x % 32, c = lane % kChunks, h = lane / kChunks;
-  // Addresses as integers: row * stride + base is one 32 x 64-bit multiply-add per operand (with pointer
-  // arithmetic the compiler re-derived element offsets and scaled them by 2 for every row).
+  // Addresses as integers: row * stride + base is one 32 x 32 -> 64-bit multiply-add per operand (row strides are
+  // below 2^31 elements: check_rows_operand). With pointer arithmetic the compiler re-derived element offsets and
+  // scaled them by 2 for every row.
   const uint64_t kc = reinterpret_cast<uint64_t>(k + g * D + c * 8), vc = reinterpret_cast<uint64_t>(v + g * D + c * 8);
-  const uint64_t kb = static_cast<uint64_t>(k_stride) * 2, vb = static_cast<uint64_t>(v_stride) * 2;
+  const uint32_t kb = static_cast<uint32_t>(k_stride) * 2u, vb = static_cast<uint32_t>(v_stride) * 2u;
   uint8_t* dst_h = dst + h * D * 2;
   const int ch = c ^ h;
 #pragma unroll
@@ -275,8 +276,8 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
     const int e = __shfl_sync(0xffffffffu, entry, i * kRowsPerStep + h);
     const uint32_t row = e < 0 ? 0u : static_cast<uint32_t>(e & kRowMask);
     uint8_t* d = dst_h + i * kRowsPerStep * D * 2 + ((ch ^ ((i * kRowsPerStep) & 7)) << 4);
-    cp_async16_entry(d, reinterpret_cast<const void*>(kc + row * kb), e);
-    cp_async16_entry(d + kTileBytes, reinterpret_cast<const void*>(vc + row * vb), e);
+    cp_async16_entry(d, reinterpret_cast<const void*>(kc + static_cast<uint64_t>(row) * kb), e);
+    cp_async16_entry(d + kTileBytes, reinterpret_cast<const void*>(vc + static_cast<uint64_t>(row) * vb), e);
   }
 }
 
