@@ -62,7 +62,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_fwd_kernel(const
   const int my_tiles = warp < num_tiles ? (num_tiles - warp + kWarps - 1) / kWarps : 0;
 
   auto issue = [&](int t, int stage) {
-    gather_tile<D>(ring + stage * L::kStageBytes, work, count_work, t, p.k, p.k_stride, p.v, p.v_stride, g);
+    gather_tile_entries<D>(ring + stage * L::kStageBytes, tile_entry(work, count_work, t), p.k, p.k_stride, p.v,
+                           p.v_stride, g);
   };
 
   SoftmaxRows<D> st;
