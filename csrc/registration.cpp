@@ -40,14 +40,14 @@ TORCH_LIBRARY(keye, m) {
   m.def(
       "indexer_cache_append(Tensor k8, Tensor k_scale, Tensor(a!) k_cache, Tensor(b!) k_scale_cache, "
       "Tensor slot_mapping) -> ()");
-  // Top-k sparse GQA attention forward and fast-mode backward (keye/ops/sparse_attention.py adds autograd).
+  // Top-k sparse GQA attention forward and backward (keye/ops/sparse_attention.py adds autograd).
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? row_base, float scale, "
       "int splits=1, bool pair_queries=True, bool share_blocks=True) -> (Tensor o, Tensor lse)");
   m.def(
       "sparse_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor indices, Tensor? row_base, Tensor lse, "
-      "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, bool share_blocks=True) "
-      "-> ()");
+      "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, bool share_blocks=True, "
+      "Tensor? fixed_scale=None) -> ()");
   // Process-wide switch for the value-range checks that need a device->host sync; returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", [](bool enabled) {
     const bool old = keye::index_checks_enabled();

@@ -294,25 +294,68 @@ def test_block_backward_matches_pair_backward_and_reference(D, Hq, Hkv):
         assert torch.equal(blocks[0][100], torch.zeros_like(blocks[0][100]))
 
 
+def _bwd_fixed(q, k, v, idx, row_base, o, lse, do, dlse, share_blocks):
+    """The deterministic-mode backward op alone: int64 fixed-point accumulators, returned unscaled in fp32."""
+    from keye.ops.sparse_attention import fixed_point_scales
+
+    delta = (do.float() * o.float()).sum(-1) - dlse
+    fixed, unscale = fixed_point_scales(q, k, v, do, delta, q.shape[-1] ** -0.5, idx.shape[1])
+    acc = [torch.zeros(t.shape, dtype=torch.int64, device=DEV) for t in (q, k, k)]
+    torch.ops.keye.sparse_attention_bwd(q, k, v, do, idx, row_base, lse, delta, q.shape[-1] ** -0.5, 1, *acc,
+                                        share_blocks, fixed)
+    return tuple(a.double() * u.double() for a, u in zip(acc, unscale))
+
+
+@pytest.mark.parametrize("share_blocks", [True, False])
+def test_fixed_point_backward_is_reproducible_and_as_precise_as_fp32(share_blocks):
+    """Deterministic mode of both backward kernels: bitwise identical over runs on lists that make every CTA add
+    into the same dK/dV rows (every query selects the first 256 positions: maximal atomic contention) and on
+    realistic lists; within 1e-5 of the fp32 fast mode (the fixed-point rounding is far below fp32's)."""
+    from keye.bench.sparse_attention import realistic_indices
+
+    T = 2500
+    q, k, v, _ = inputs([T], 32, 4, 128)
+    pos = torch.arange(256, device=DEV).expand(T, 256)
+    shared = torch.where(pos <= torch.arange(T, device=DEV)[:, None], pos, -1).int()
+    row_base = torch.zeros(T, dtype=torch.int32, device=DEV)
+    for idx in (shared, realistic_indices(T, 512, DEV)):
+        o, lse = torch.ops.keye.sparse_attention_fwd(q, k, v, idx, row_base, 128 ** -0.5, 1, True, True)
+        do, dlse = torch.randn_like(q), torch.randn(q.shape[:2], device=DEV)
+        runs = [_bwd_fixed(q, k, v, idx, row_base, o, lse, do, dlse, share_blocks) for _ in range(3)]
+        fast = _bwd(q, k, v, idx, row_base, o, lse, do, dlse, share_blocks)
+        for name, a, b, c, f in zip(("dq", "dk", "dv"), *runs, fast):
+            assert torch.equal(a, b) and torch.equal(a, c), name
+            assert rel_err(a, f.double()) < 1e-5, name
+
+
 def test_deterministic_mode_backward(monkeypatch):
-    """torch.use_deterministic_algorithms(True): the chunked PyTorch backward, identical run to run and close to
-    the fast (atomic) kernel."""
+    """torch.use_deterministic_algorithms(True): the fixed-point kernels, identical run to run, close to the fp64
+    reference and the fast mode; a NaN in the output gradient makes every gradient NaN (not wrapped integers)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS refuses deterministic mode without it
-    q, k, v, cu = inputs([700], 32, 4, 128)
-    idx = causal_indices([700], 256)
-    do, dlse = torch.randn_like(q), torch.zeros(q.shape[:2], device=DEV)
+    lengths = [700, 41]
+    q, k, v, cu = inputs(lengths, 32, 4, 128)
+    idx = causal_indices(lengths, 256)
+    do, dlse = torch.randn_like(q), torch.randn(q.shape[:2], device=DEV)
     fn = lambda a, b, c: keye.ops.sparse_attention(a, b, c, idx, cu)  # noqa: E731
     fast = _grads(fn, (q, k, v), do, dlse)
+    want = _grads(lambda a, b, c: ref.sparse_attention(a, b, c, idx, cu), (x.double() for x in (q, k, v)), do, dlse)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         det1 = _grads(fn, (q, k, v), do, dlse)
         det2 = _grads(fn, (q, k, v), do, dlse)
+        bad = do.clone()
+        bad[3, 0, 0] = float("nan")
+        nan_grads = _grads(fn, (q, k, v), bad, dlse)
     finally:
         torch.use_deterministic_algorithms(before)
-    for a, b, c in zip(det1, det2, fast):
+    for a, b, c, w in zip(det1, det2, fast, want):
+        assert a.dtype == torch.bfloat16
         assert torch.equal(a, b)
-        assert rel_err(c, a.float()) < 2e-2
+        assert rel_err(a, w) < 2e-2
+        assert rel_err(c, a.float()) < 2e-3  # both bf16 roundings of nearly the same fp32 values
+    for g in nan_grads:
+        assert torch.isnan(g).all()
 
 
 def test_opcheck_cuda():
@@ -343,3 +386,16 @@ def test_kernel_errors():
     with pytest.raises(ValueError, match=r"query heads \(34\) must be a multiple of the KV heads \(2\) with at most 16"):
         torch.ops.keye.sparse_attention_fwd(torch.randn(64, 34, 128, device=DEV, dtype=torch.bfloat16), k, v, idx,
                                             None, 0.1, 1)
+    # Backward accumulators: fp32 in fast mode, int64 with fixed_scale (the deterministic mode), never mixed.
+    o, lse = torch.ops.keye.sparse_attention_fwd(q, k, v, idx, None, 0.1, 1)
+    delta = torch.zeros_like(lse)
+    grads = lambda dtype: [torch.zeros(t.shape, dtype=dtype, device=DEV) for t in (q, k, v)]  # noqa: E731
+    scales = torch.ones(3, device=DEV)
+    with pytest.raises(ValueError, match="sparse_attention_backward: argument 'dq' must have dtype float32, got int64"):
+        torch.ops.keye.sparse_attention_bwd(q, k, v, o, idx, None, lse, delta, 0.1, 1, *grads(torch.int64))
+    with pytest.raises(ValueError, match="sparse_attention_backward: argument 'dq' must have dtype int64, got float32"):
+        torch.ops.keye.sparse_attention_bwd(q, k, v, o, idx, None, lse, delta, 0.1, 1, *grads(torch.float32), True,
+                                            scales)
+    with pytest.raises(ValueError, match=r"argument 'fixed_scale' must have shape \[3\], got \[2\]"):
+        torch.ops.keye.sparse_attention_bwd(q, k, v, o, idx, None, lse, delta, 0.1, 1, *grads(torch.int64), True,
+                                            scales[:2])

@@ -229,3 +229,38 @@ def test_bench_index_patterns_are_causal_at_any_length(T, K):
         head = min(T, K)
         want = torch.where(torch.arange(K) <= pos[:head], torch.arange(K), -1).int()
         assert torch.equal(idx[:head], want), make.__name__
+
+
+def test_fixed_point_scales_bound_every_sum_of_absolute_addends():
+    """The deterministic backward's scales (keye.ops.sparse_attention.fixed_point_scales): for each gradient the
+    sum of the absolute addends of any element, times its scale, stays below 2^61 (no int64 overflow), yet not so
+    far below that precision is thrown away; computed densely in fp64 with duplicated keys in the lists."""
+    from keye.ops.sparse_attention import fixed_point_scales
+
+    torch.manual_seed(3)
+    N, Hq, Hkv, D, K = 40, 8, 2, 64, 48
+    G, scale = Hq // Hkv, D ** -0.5
+    q, k, v = (torch.randn(N, h, D, dtype=torch.float64) * m for h, m in ((Hq, 2.0), (Hkv, 1.5), (Hkv, 3.0)))
+    rows = torch.randint(0, N, (N, K))
+    rows = torch.minimum(rows, torch.arange(N)[:, None])  # causal, with many repeats
+    do, dlse = torch.randn(N, Hq, D, dtype=torch.float64) * 0.1, torch.randn(N, Hq, dtype=torch.float64)
+    kh, vh = k.repeat_interleave(G, 1)[rows], v.repeat_interleave(G, 1)[rows]  # [N, K, Hq, D], duplicates kept
+    s = torch.einsum("nhd,nkhd->nhk", q, kh) * scale
+    p = torch.softmax(s, -1)
+    o = torch.einsum("nhk,nkhd->nhd", p, vh)
+    delta = (do * o).sum(-1) - dlse
+    ds = p * (torch.einsum("nhd,nkhd->nhk", do, vh) - delta[..., None]) * scale
+    abs_dq = torch.einsum("nhk,nkhd->nhd", ds.abs(), kh.abs())
+    abs_dk, abs_dv = torch.zeros(N, Hq, D, dtype=torch.float64), torch.zeros(N, Hq, D, dtype=torch.float64)
+    abs_dk.index_add_(0, rows.reshape(-1), torch.einsum("nhk,nhd->nkhd", ds.abs(), q.abs()).reshape(-1, Hq, D))
+    abs_dv.index_add_(0, rows.reshape(-1), torch.einsum("nhk,nhd->nkhd", p, do.abs()).reshape(-1, Hq, D))
+    abs_dk, abs_dv = (a.view(N, Hkv, G, D).sum(2) for a in (abs_dk, abs_dv))
+    fixed, unscale = fixed_point_scales(q.bfloat16(), k.bfloat16(), v.bfloat16(), do.float(), delta.float(), scale, K)
+    assert torch.equal(fixed.double() * unscale.double(), torch.ones(3, dtype=torch.float64))
+    for a, f in zip((abs_dq, abs_dk, abs_dv), fixed.double()):
+        top = float(a.max() * f)
+        assert 2.0 ** 36 < top < 2.0 ** 61, top
+    zero = fixed_point_scales(*(torch.zeros_like(x) for x in (q, k, v, do)), torch.zeros_like(delta), scale, K)
+    assert torch.isfinite(zero[0]).all() and torch.isfinite(zero[1]).all()
+    do[0, 0, 0] = float("inf")
+    assert torch.isnan(fixed_point_scales(q, k, v, do, delta, scale, K)[1]).all()

@@ -34,16 +34,63 @@ struct BwdParams {
   const float* delta;  // [N, Hq]
   int heads_kv, group;
   float scale, scale_log2;
-  float* dq;  // [N, Hq, D] fp32, zero-initialised
-  float* dk;  // [S, Hkv, D] fp32, zero-initialised
+  // Zero-initialised accumulators: fp32 (fast mode), or int64 fixed point when `fixed` is set.
+  float* dq;  // [N, Hq, D]
+  float* dk;  // [S, Hkv, D]
   float* dv;
+  // Deterministic mode: [3] powers of two for dq, dk, dv. Every addend x is added as the integer nearest to
+  // x * scale; integer sums do not depend on the order the atomics arrive in, so the result is bitwise the same
+  // run to run. The caller picks scales that keep every sum below 2^62 (keye/ops/sparse_attention.py).
+  const float* fixed;
 };
 
-// The dK / dV atomics: float2 (red.global.add.v2.f32). 16-byte atomics (lanes swapping halves first) measured
-// the same time to 0.3% on the H200: these atomics are bound by the L2 sectors they touch (ncu: L2 80-91% busy,
-// hit rate 99%, DRAM 1%), not by the number of operations.
-__device__ __forceinline__ void add2(float* p, float a, float b) {
-  atomicAdd(reinterpret_cast<float2*>(p), make_float2(a, b));
+// Per-kernel copy of the fixed-point scales (read once; `on` false in fast mode).
+struct GradScales {
+  bool on;
+  float dq, dk, dv;
+};
+
+__device__ __forceinline__ GradScales grad_scales(const BwdParams& p) {
+  if (p.fixed == nullptr) return {false, 0.f, 0.f, 0.f};
+  return {true, p.fixed[0], p.fixed[1], p.fixed[2]};
+}
+
+// x * scale (exact: scale is a power of two and the caller's bound keeps it in range) rounded to an integer.
+__device__ __forceinline__ unsigned long long to_fixed(float scaled) {
+  return static_cast<unsigned long long>(__float2ll_rn(scaled));
+}
+
+// The dK / dV atomics: float2 (red.global.add.v2.f32) in fast mode. 16-byte atomics (lanes swapping halves first)
+// measured the same time to 0.3% on the H200: these atomics are bound by the L2 sectors they touch (ncu: L2 80-91%
+// busy, hit rate 99%, DRAM 1%), not by the number of operations. Deterministic mode: two 64-bit integer atomics.
+// which: 0 = dV, 1 = dK; off: element offset of a and b (b at off + 1).
+__device__ __forceinline__ void add_key_grad(const BwdParams& p, const GradScales& sc, int which, int64_t off, float a,
+                                             float b) {
+  float* base = which ? p.dk : p.dv;
+  if (sc.on) {
+    unsigned long long* dst = reinterpret_cast<unsigned long long*>(base) + off;
+    const float s = which ? sc.dk : sc.dv;
+    atomicAdd(dst, to_fixed(a * s));
+    atomicAdd(dst + 1, to_fixed(b * s));
+  } else {
+    atomicAdd(reinterpret_cast<float2*>(base + off), make_float2(a, b));
+  }
+}
+
+// dQ added by a CTA that does not own the element alone (the pair kernel's merge).
+__device__ __forceinline__ void add_query_grad(const BwdParams& p, const GradScales& sc, int64_t off, float x) {
+  if (sc.on) atomicAdd(reinterpret_cast<unsigned long long*>(p.dq) + off, to_fixed(x * sc.dq));
+  else atomicAdd(p.dq + off, x);
+}
+
+// dQ of two adjacent elements stored by their only writer (the block kernel).
+__device__ __forceinline__ void store_query_grad(const BwdParams& p, const GradScales& sc, int64_t off, float a,
+                                                 float b) {
+  if (sc.on)
+    *reinterpret_cast<longlong2*>(reinterpret_cast<long long*>(p.dq) + off) =
+        make_longlong2(__float2ll_rn(a * sc.dq), __float2ll_rn(b * sc.dq));
+  else
+    *reinterpret_cast<float2*>(p.dq + off) = make_float2(a, b);
 }
 
 // A warp's 16 fragment rows (the heads of query qa and, with pairs, qa + 1, for KV head g): Q and dO as A
@@ -162,7 +209,7 @@ __device__ __forceinline__ void key_products(const __nv_bfloat16* p_s, const __n
 }
 
 // The block backward kernel (sparse_attention_bwd_blocks.cu): one CTA per (16 queries, KV head) over `plan`;
-// accumulates into p.dk / p.dv (fp32 atomics) and writes p.dq (each row has one owner). d: head dim, 64 or 128.
+// accumulates into p.dk / p.dv (atomics) and writes p.dq (each row has one owner). d: head dim, 64 or 128.
 void launch_bwd_blocks(const BwdParams& p, const BlockPlan& plan, int d, cudaStream_t stream);
 
 }  // namespace sparse_attention

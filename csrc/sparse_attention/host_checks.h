@@ -29,15 +29,21 @@ inline void check_rows_operand(const at::Tensor& t, const at::Tensor& q, const c
              dims_str(t.strides()));
 }
 
-// A contiguous fp32 tensor of the given shape on q's device.
-inline void check_fp32(const at::Tensor& t, const at::Tensor& q, at::IntArrayRef shape, const char* op,
-                       const char* name) {
+// A contiguous tensor of the given shape and dtype on q's device.
+inline void check_accumulator(const at::Tensor& t, const at::Tensor& q, at::IntArrayRef shape, at::ScalarType dtype,
+                              const char* op, const char* name) {
   check_cuda(t, op, name);
   check_same_device(t, q, op, name, "q");
-  check_dtype(t, {at::kFloat}, op, name);
+  check_dtype(t, {dtype}, op, name);
   KEYE_CHECK(t.sizes() == shape, "keye.", op, ": argument '", name, "' must have shape ", dims_str(shape), ", got ",
              dims_str(t.sizes()));
   check_contiguous(t, op, name);
+}
+
+// A contiguous fp32 tensor of the given shape on q's device.
+inline void check_fp32(const at::Tensor& t, const at::Tensor& q, at::IntArrayRef shape, const char* op,
+                       const char* name) {
+  check_accumulator(t, q, shape, at::kFloat, op, name);
 }
 
 // Validates q [N, Hq, D], k/v [S, Hkv, D], indices [N, K], row_base [N]?, splits; returns the work-list

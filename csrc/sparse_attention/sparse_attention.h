@@ -21,12 +21,15 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_fwd_cuda(const at::Tensor& q
                                                              const std::optional<at::Tensor>& row_base, double scale,
                                                              int64_t splits, bool pair_queries, bool share_blocks);
 
-// Fast-mode backward (fp32 atomics into dk/dv): accumulates into the zero-initialised fp32 buffers dq [N, Hq, D],
-// dk and dv [S, Hkv, D] from dout [N, Hq, D] bf16, the forward's lse and delta = rowsum(dout * o) - dlse [N, Hq].
+// Backward: accumulates into the zero-initialised buffers dq [N, Hq, D], dk and dv [S, Hkv, D] from dout [N, Hq, D]
+// bf16, the forward's lse and delta = rowsum(dout * o) - dlse [N, Hq]. Fast mode: fp32 buffers and fp32 atomics.
+// Deterministic mode (fixed_scale, fp32 [3], given): int64 buffers holding round(x * fixed_scale[i]) summed with
+// integer atomics (bitwise reproducible); fixed_scale must be powers of two that keep every sum below 2^62.
 // share_blocks: as the forward's (blocks of 16 queries when queries pair up and one split covers the lists).
 void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                                const at::Tensor& indices, const std::optional<at::Tensor>& row_base,
                                const at::Tensor& lse, const at::Tensor& delta, double scale, int64_t splits,
-                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool share_blocks);
+                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool share_blocks,
+                               const std::optional<at::Tensor>& fixed_scale);
 
 }  // namespace keye

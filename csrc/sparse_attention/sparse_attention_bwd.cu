@@ -1,5 +1,6 @@
-// Top-k sparse GQA attention backward, fast mode (fp32 atomics for dK/dV, so summation order may vary run to
-// run; the deterministic mode is the chunked PyTorch formula in keye/ops/reference/sparse_attention.py).
+// Top-k sparse GQA attention backward. Two modes, same kernels: fast (fp32 atomics for dK/dV, so the summation
+// order may vary run to run) and deterministic (every addend rounded to int64 fixed point at a power-of-two scale
+// and added with integer atomics, whose sums do not depend on arrival order; bwd_tile.cuh).
 //
 // Two kernels, as the forward: with pairs of queries and one split, blocks of 16 adjacent queries
 // (sparse_attention_bwd_blocks.cu: the rows all 16 selected are gathered once and their dK/dV summed over the
@@ -54,6 +55,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
   const int count_work = stage_work_list(p.ix, work, qa, has_b, split);
   const int r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
   const int hq = p.heads_kv * p.group;
+  const GradScales sc = grad_scales(p);
 
   uint8_t* q_s = smem + L::kQOffset;
   uint8_t* do_s = smem + L::kDoOffset;
@@ -94,9 +96,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
     tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, p_s, ds_s, work, count_work, t, p.scale, p.scale_log2);
     __syncwarp();
     key_products<D>(p_s, ds_s, q_s, do_s, [&](int which, int col, float a0, float a1, float b0, float b1) {
-      float* dst = which ? p.dk : p.dv;
-      if (e0 >= 0) add2(dst + row0 + col, a0, a1);
-      if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+      if (e0 >= 0) add_key_grad(p, sc, which, row0 + col, a0, a1);
+      if (e1 >= 0) add_key_grad(p, sc, which, row1 + col, b0, b1);
     });
     __syncwarp();  // the stage and the scratch tiles are free for the next tile
   }
@@ -121,7 +122,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
     float sum = 0.f;
 #pragma unroll
     for (int w = 0; w < kWarps; ++w) sum += qm[(w * 16 + r) * D + d];
-    atomicAdd(p.dq + (static_cast<int64_t>(m.query) * hq + g * p.group + m.head) * D + d, sum);
+    add_query_grad(p, sc, (static_cast<int64_t>(m.query) * hq + g * p.group + m.head) * D + d, sum);
   }
 }
 
@@ -130,7 +131,8 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
 void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& dout,
                                const at::Tensor& indices, const std::optional<at::Tensor>& row_base,
                                const at::Tensor& lse, const at::Tensor& delta, double scale, int64_t splits,
-                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool share_blocks) {
+                               const at::Tensor& dq, const at::Tensor& dk, const at::Tensor& dv, bool share_blocks,
+                               const std::optional<at::Tensor>& fixed_scale) {
   const char* op = "sparse_attention_backward";
   int64_t used_splits = 1;
   BwdParams p{};
@@ -141,9 +143,12 @@ void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const a
              ", got ", dims_str(dout.sizes()));
   check_fp32(lse, q, {N, Hq}, op, "lse");
   check_fp32(delta, q, {N, Hq}, op, "delta");
-  check_fp32(dq, q, {N, Hq, D}, op, "dq");
-  check_fp32(dk, q, {S, Hkv, D}, op, "dk");
-  check_fp32(dv, q, {S, Hkv, D}, op, "dv");
+  // Fast mode: fp32 accumulators; deterministic mode (fixed_scale given): int64 fixed-point ones.
+  const at::ScalarType acc = fixed_scale.has_value() ? at::kLong : at::kFloat;
+  check_accumulator(dq, q, {N, Hq, D}, acc, op, "dq");
+  check_accumulator(dk, q, {S, Hkv, D}, acc, op, "dk");
+  check_accumulator(dv, q, {S, Hkv, D}, acc, op, "dv");
+  if (fixed_scale.has_value()) check_fp32(*fixed_scale, q, {3}, op, "fixed_scale");
   if (N == 0) return;
   const at::cuda::CUDAGuard guard(q.device());
   auto stream = at::cuda::getCurrentCUDAStream();
@@ -161,9 +166,10 @@ void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const a
   p.group = static_cast<int>(Hq / Hkv);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  p.dq = dq.data_ptr<float>();
-  p.dk = dk.data_ptr<float>();
-  p.dv = dv.data_ptr<float>();
+  p.dq = static_cast<float*>(dq.data_ptr());
+  p.dk = static_cast<float*>(dk.data_ptr());
+  p.dv = static_cast<float*>(dv.data_ptr());
+  p.fixed = fixed_scale.has_value() ? fixed_scale->data_ptr<float>() : nullptr;
   if (share_blocks && p.ix.pair == 2 && used_splits == 1 && N > 2 && p.ix.num_idx > 0) {
     BlockPlan plan{};
     const at::Tensor plan_buffers = build_block_plan(p.ix, indices, stream, plan);

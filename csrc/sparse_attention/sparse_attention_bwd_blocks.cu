@@ -1,4 +1,4 @@
-// Top-k sparse GQA attention backward over blocks of 16 adjacent queries (fast mode; used when queries pair up,
+// Top-k sparse GQA attention backward over blocks of 16 adjacent queries (used when queries pair up,
 // G = Hq / Hkv <= 8, and one split covers the index lists), the backward of sparse_attention_fwd_blocks.cu.
 //
 // One CTA per (block of 16 queries, KV head); warp w owns the 16 fragment rows of query pair w for the whole
@@ -49,6 +49,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   extern __shared__ __align__(128) uint8_t smem[];
   const int block = blockIdx.x, g = blockIdx.y, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r0 = lane / 4, r1 = r0 + 8, cq = (lane % 4) * 2;
+  const GradScales sc = grad_scales(p);
   const int64_t qa = static_cast<int64_t>(block) * kBlockQueries + 2 * warp;
   const bool active = qa < p.ix.num_queries, has_b = qa + 1 < p.ix.num_queries;
   uint8_t* q_s = smem + warp * L::kWarpRowsBytes;
@@ -119,9 +120,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
           fragment_times_tile_pair<D>(c[0], c[1], a, rows_w, dn);
         }
         emit_key_rows([&](int wh, int col, float a0, float a1, float b0, float b1) {
-          float* dst = wh ? p.dk : p.dv;
-          if (e0 >= 0) add2(dst + row0 + col, a0, a1);
-          if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+          if (e0 >= 0) add_key_grad(p, sc, wh, row0 + col, a0, a1);
+          if (e1 >= 0) add_key_grad(p, sc, wh, row1 + col, b0, b1);
         }, which, dn, c);
       }
     }
@@ -157,9 +157,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
     tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, mine, mine + 256, work, count, t, p.scale, p.scale_log2);
     __syncwarp();
     key_products<D>(mine, mine + 256, q_s, do_s, [&](int which, int col, float a0, float a1, float b0, float b1) {
-      float* dst = which ? p.dk : p.dv;
-      if (e0 >= 0) add2(dst + row0 + col, a0, a1);
-      if (e1 >= 0) add2(dst + row1 + col, b0, b1);
+      if (e0 >= 0) add_key_grad(p, sc, which, row0 + col, a0, a1);
+      if (e1 >= 0) add_key_grad(p, sc, which, row1 + col, b0, b1);
     });
     __syncwarp();  // every lane is done with this stage and the scratch tiles before they are refilled
   }
@@ -172,10 +171,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   for (int h = 0; h < 2; ++h) {
     const RowMap rm = fragment_row(lane / 4 + 8 * h, static_cast<int>(qa), has_b, 2, p.group);
     if (rm.head < 0) continue;
-    float* out = p.dq + (static_cast<int64_t>(rm.query) * hq + g * p.group + rm.head) * D + cq;
+    const int64_t out = (static_cast<int64_t>(rm.query) * hq + g * p.group + rm.head) * D + cq;
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<float2*>(out + dn * 8) = make_float2(dq[dn][2 * h], dq[dn][2 * h + 1]);
+    for (int dn = 0; dn < D / 8; ++dn) store_query_grad(p, sc, out + dn * 8, dq[dn][2 * h], dq[dn][2 * h + 1]);
   }
 }
 

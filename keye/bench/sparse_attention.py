@@ -160,6 +160,16 @@ def _pair_backward_ms(q, k, v, idx, o, lse, do, device) -> float:
     return median_ms(step, device, 5, 1)
 
 
+def _deterministic_ms(fn, device) -> float:
+    """fn timed under torch.use_deterministic_algorithms(True): the backward's int64 fixed-point mode."""
+    before, warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return median_ms(fn, device, 5, 1)
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn)
+
+
 def prefill_cases(tokens, device, reps, patterns=tuple(PATTERNS), backward_tokens=(16384, 32768),
                   flex_tokens=(16384, 32768)) -> list[dict]:
     records = []
@@ -191,8 +201,9 @@ def prefill_cases(tokens, device, reps, patterns=tuple(PATTERNS), backward_token
                 with ops.index_checks(False):
                     out, lse_g = ops.sparse_attention(qg, kg, vg, idx, cu)
                     do = torch.randn_like(out)
-                    rec["bwd_ms"] = median_ms(lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True),
-                                              device, 5, 1)
+                    grads = lambda: torch.autograd.grad(out, (qg, kg, vg), do, retain_graph=True)  # noqa: E731
+                    rec["bwd_ms"] = median_ms(grads, device, 5, 1)
+                    rec["det_bwd_ms"] = _deterministic_ms(grads, device)
                     rec["pair_kernel_bwd_ms"] = _pair_backward_ms(q, k, v, idx, out.detach(), lse_g.detach(), do,
                                                                   device)
                 rec["flash_bwd_ms"] = flash_bwd
@@ -254,8 +265,8 @@ def table(report: dict, copy_gbps: float) -> str:
     lines = [f"Sparse GQA attention ({Q_HEADS}/{KV_HEADS} heads, d={HEAD_DIM}, top-{TOPK}, bf16); copy {copy_gbps:.0f} GB/s",
              f"{'pattern':>10} {'tokens':>7} {'check':>5} {'share':>6} {'fwd ms':>9} {'pair ms':>8} {'TFLOP/s':>8} "
              f"{'gather GB/s':>11} "
-             f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'pair bwd':>9} {'flash bwd':>9} "
-             f"{'x flash':>7}"]
+             f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'pair bwd':>9} {'det bwd':>8} "
+             f"{'flash bwd':>9} {'x flash':>7}"]
     for r in report["results"]:
         if r["op"] != "sparse_attention":
             continue
@@ -263,7 +274,7 @@ def table(report: dict, copy_gbps: float) -> str:
         lines.append(f"{r['pattern']:>10} {r['tokens']:>7} {r['check']:>5} {r['next_query_share']:>6.2f} "
                      f"{r['fwd_ms']:>9.2f} {g('pair_kernel_fwd_ms', '.2f'):>8} {r['TFLOPs']:>8.0f} {r['gather_GBps']:>11.0f} {g('sdpa_fwd_ms', '.2f'):>9} "
                      f"{g('speedup_vs_sdpa', '.2f'):>7} {g('flex_fwd_ms', '.2f'):>8} {g('bwd_ms', '.1f'):>9} "
-                     f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('flash_bwd_ms', '.2f'):>9} "
+                     f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('det_bwd_ms', '.1f'):>8} {g('flash_bwd_ms', '.2f'):>9} "
                      f"{g('bwd_speedup_vs_flash', '.3f'):>7}")
     lines.append(f"{'decode batch':>12} {'ctx':>7} {'check':>5} {'graph ms':>9} {'gather GB/s':>11} {'% copy':>7} "
                  f"{'dense SDPA ms':>13} {'x dense':>8}  per layer in a graph of L layers")

@@ -6,9 +6,9 @@
 
 The specification is keye/ops/reference/sparse_attention.py. On CUDA with bf16, D in {64, 128} and at most 16 query
 heads per KV head, forward and backward run keye's kernels (csrc/sparse_attention/); other inputs run the
-reference. The backward kernel adds dK/dV with fp32 atomics (fast, summation order varies run to run); with
-torch.use_deterministic_algorithms(True) the backward runs the chunked PyTorch formula instead (deterministic,
-much slower). Both are registered ops (keye::sparse_attention, keye::sparse_attention_backward) with fake
+reference. The backward kernels add dQ/dK/dV with atomics: fp32 by default (fast; the summation order varies run
+to run), or, with torch.use_deterministic_algorithms(True), int64 fixed point (bitwise reproducible: integer sums do
+not depend on the order the atomics arrive in; see fixed_point_scales for the precision). Both are registered ops (keye::sparse_attention, keye::sparse_attention_backward) with fake
 implementations, so the whole thing traces under torch.compile.
 """
 
@@ -72,17 +72,53 @@ def _(q, k, v, indices, row_base, scale, splits, pair_queries=True):
 def _attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor,
                         row_base: torch.Tensor | None, o: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
                         dlse: torch.Tensor, scale: float, splits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if _kernel_ok(q, k) and not torch.are_deterministic_algorithms_enabled():
-        # Fast mode: keye's kernel, fp32 atomics for dk/dv (summation order varies run to run).
-        delta = (do.float() * o.float()).sum(-1) - dlse
+    if not _kernel_ok(q, k):  # every other device / dtype: the chunked PyTorch formula
+        return ref.attend_backward(q, k, v, _rows(indices, row_base), o, lse, do, scale, dlse=dlse)
+    do = do.contiguous()
+    delta = (do.float() * o.float()).sum(-1) - dlse
+    if not torch.are_deterministic_algorithms_enabled():  # fast mode: fp32 atomics
         dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
         dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
         dv = torch.zeros_like(dk)
-        torch.ops.keye.sparse_attention_bwd(q, k, v, do.contiguous(), indices, row_base, lse, delta, scale, splits,
-                                            dq, dk, dv)
+        torch.ops.keye.sparse_attention_bwd(q, k, v, do, indices, row_base, lse, delta, scale, splits, dq, dk, dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    # Deterministic mode (and every other device / dtype): the chunked PyTorch formula.
-    return ref.attend_backward(q, k, v, _rows(indices, row_base), o, lse, do, scale, dlse=dlse)
+    fixed, unscale = fixed_point_scales(q, k, v, do, delta, scale, indices.shape[1])
+    dq = torch.zeros(q.shape, dtype=torch.int64, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.int64, device=k.device)
+    dv = torch.zeros_like(dk)
+    torch.ops.keye.sparse_attention_bwd(q, k, v, do, indices, row_base, lse, delta, scale, splits, dq, dk, dv,
+                                        True, fixed)
+    return tuple((g.float() * unscale[i]).to(t.dtype) for i, (g, t) in enumerate(((dq, q), (dk, k), (dv, v))))
+
+
+def fixed_point_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, do: torch.Tensor, delta: torch.Tensor,
+                       scale: float, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deterministic backward's scales for dq, dk, dv: (2^s [3] fp32 for the kernel, 2^-s [3] fp32 to undo it).
+
+    Every addend x of a gradient element is added as round(x * 2^s). s is chosen from a bound B on the sum of the
+    absolute addends of any element, so that B * 2^s < 2^61 (a factor 2 spare for the rounding of P and dS to bf16
+    before the key products, and no int64 sum can overflow). With G = Hq / Hkv, N queries, K index slots and P <= 1:
+        |dS| <= scale * (D * max|dO| * max|v| + max|delta|)        (dP = dO . v)
+        dV: at most N * G * K addends |P dO| <= max|dO| (K: a list may repeat a key);  dK: as many |dS q|;
+        dQ: K addends |dS k|.
+    Each addend's rounding costs at most 2^-s / 2 ~ B * 2^-62 absolute. At Keye's 32K training shape (N * G * K =
+    2^29) that is about 2^-33 of max|dO| per addend for dV: far below the bf16 rounding of the returned gradients.
+    Computed on the device (no host sync). Non-finite inputs, or a bound beyond what 2^-126 can scale, give NaN
+    undo factors: the gradient comes out NaN rather than wrapped integers.
+    """
+    n, hq, d = q.shape
+    group = hq // k.shape[1]
+
+    def amax(t: torch.Tensor) -> torch.Tensor:
+        return t.abs().amax().double() if t.numel() else torch.zeros((), dtype=torch.float64, device=t.device)
+
+    ds = scale * (d * amax(do) * amax(v) + amax(delta))
+    key_addends = n * group * max(slots, 1)
+    bound = torch.stack([slots * ds * amax(k), key_addends * ds * amax(q), key_addends * amax(do)])
+    exponent = 61 - (torch.floor(torch.log2(bound)) + 1)  # bound < 2^(61 - exponent); +inf for a zero bound
+    ok = torch.isfinite(bound) & (exponent >= -126)
+    exponent = exponent.clamp(-126, 126)
+    return torch.exp2(exponent).float(), torch.where(ok, torch.exp2(-exponent), torch.nan).float()
 
 
 @_attention_backward.register_fake
