@@ -60,20 +60,37 @@ __device__ __forceinline__ unsigned long long to_fixed(float scaled) {
   return static_cast<unsigned long long>(__float2ll_rn(scaled));
 }
 
-// The dK / dV atomics: float2 (red.global.add.v2.f32) in fast mode. 16-byte atomics (lanes swapping halves first)
-// measured the same time to 0.3% on the H200: these atomics are bound by the L2 sectors they touch (ncu: L2 80-91%
-// busy, hit rate 99%, DRAM 1%), not by the number of operations. Deterministic mode: two 64-bit integer atomics.
-// which: 0 = dV, 1 = dK; off: element offset of a and b (b at off + 1).
-__device__ __forceinline__ void add_key_grad(const BwdParams& p, const GradScales& sc, int which, int64_t off, float a,
-                                             float b) {
+// The dK / dV atomics for this lane's dims (col, col + 1) of two key rows (element offsets off0 / off1, added when
+// ok0 / ok1; the 4 lanes of a quad share the rows, so ok is uniform over the quad).
+// Fast mode: float2 atomics (red.global.add.v2.f32). 16-byte atomics (lanes swapping halves first) measured the
+// same time to 0.3% on the H200: these atomics are bound by the L2 sectors they touch (ncu: L2 80-91% busy, hit
+// rate 99%, DRAM 1%), not by the number of operations.
+// Deterministic mode: 64-bit integer atomics (no vector form). Lanes q and q ^ 2 of a quad first swap one value
+// each, so that each instruction's 4 lanes write 4 consecutive int64 (dims 0-3, then 4-7 of the 8-dim group: one
+// 32-byte sector) rather than every other one (two sectors; ncu: 4x the fast mode's reduction sectors).
+__device__ __forceinline__ void add_key_grads(const BwdParams& p, const GradScales& sc, int which, int64_t off0,
+                                              bool ok0, float a0, float a1, int64_t off1, bool ok1, float b0,
+                                              float b1) {
   float* base = which ? p.dk : p.dv;
-  if (sc.on) {
-    unsigned long long* dst = reinterpret_cast<unsigned long long*>(base) + off;
-    const float s = which ? sc.dk : sc.dv;
-    atomicAdd(dst, to_fixed(a * s));
-    atomicAdd(dst + 1, to_fixed(b * s));
-  } else {
-    atomicAdd(reinterpret_cast<float2*>(base + off), make_float2(a, b));
+  if (!sc.on) {
+    if (ok0) atomicAdd(reinterpret_cast<float2*>(base + off0), make_float2(a0, a1));
+    if (ok1) atomicAdd(reinterpret_cast<float2*>(base + off1), make_float2(b0, b1));
+    return;
+  }
+  // Quad lane q holds dims 2q, 2q + 1. After the swap lanes 0-3 hold (0, 4), (2, 6), (1, 5), (3, 7).
+  const bool low = (threadIdx.x & 2) == 0;
+  const float ga = __shfl_xor_sync(0xffffffffu, low ? a1 : a0, 2);
+  const float gb = __shfl_xor_sync(0xffffffffu, low ? b1 : b0, 2);
+  const int shift = low ? 0 : -3;  // first dim held, relative to 2q
+  const float s = which ? sc.dk : sc.dv;
+  unsigned long long* dst = reinterpret_cast<unsigned long long*>(base);
+  if (ok0) {
+    atomicAdd(dst + (off0 + shift), to_fixed((low ? a0 : ga) * s));
+    atomicAdd(dst + (off0 + shift + 4), to_fixed((low ? ga : a1) * s));
+  }
+  if (ok1) {
+    atomicAdd(dst + (off1 + shift), to_fixed((low ? b0 : gb) * s));
+    atomicAdd(dst + (off1 + shift + 4), to_fixed((low ? gb : b1) * s));
   }
 }
 

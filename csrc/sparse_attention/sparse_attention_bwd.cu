@@ -96,8 +96,7 @@ __global__ void __launch_bounds__(kThreads, 2) sparse_attention_bwd_kernel(const
     tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, p_s, ds_s, work, count_work, t, p.scale, p.scale_log2);
     __syncwarp();
     key_products<D>(p_s, ds_s, q_s, do_s, [&](int which, int col, float a0, float a1, float b0, float b1) {
-      if (e0 >= 0) add_key_grad(p, sc, which, row0 + col, a0, a1);
-      if (e1 >= 0) add_key_grad(p, sc, which, row1 + col, b0, b1);
+      add_key_grads(p, sc, which, row0 + col, e0 >= 0, a0, a1, row1 + col, e1 >= 0, b0, b1);
     });
     __syncwarp();  // the stage and the scratch tiles are free for the next tile
   }

@@ -120,8 +120,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
           fragment_times_tile_pair<D>(c[0], c[1], a, rows_w, dn);
         }
         emit_key_rows([&](int wh, int col, float a0, float a1, float b0, float b1) {
-          if (e0 >= 0) add_key_grad(p, sc, wh, row0 + col, a0, a1);
-          if (e1 >= 0) add_key_grad(p, sc, wh, row1 + col, b0, b1);
+          add_key_grads(p, sc, wh, row0 + col, e0 >= 0, a0, a1, row1 + col, e1 >= 0, b0, b1);
         }, which, dn, c);
       }
     }
@@ -157,8 +156,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
     tile_scores<D>(dq, rows, ks, ks + L::kTileBytes, mine, mine + 256, work, count, t, p.scale, p.scale_log2);
     __syncwarp();
     key_products<D>(mine, mine + 256, q_s, do_s, [&](int which, int col, float a0, float a1, float b0, float b1) {
-      if (e0 >= 0) add_key_grad(p, sc, which, row0 + col, a0, a1);
-      if (e1 >= 0) add_key_grad(p, sc, which, row1 + col, b0, b1);
+      add_key_grads(p, sc, which, row0 + col, e0 >= 0, a0, a1, row1 + col, e1 >= 0, b0, b1);
     });
     __syncwarp();  // every lane is done with this stage and the scratch tiles before they are refilled
   }
