@@ -8,8 +8,9 @@ The specification is keye/ops/reference/sparse_attention.py. On CUDA with bf16, 
 heads per KV head, forward and backward run keye's kernels (csrc/sparse_attention/); other inputs run the
 reference. The backward kernels add dQ/dK/dV with atomics: fp32 by default (fast; the summation order varies run
 to run), or, with torch.use_deterministic_algorithms(True), int64 fixed point (bitwise reproducible: integer sums do
-not depend on the order the atomics arrive in; see fixed_point_scales for the precision). Both are registered ops (keye::sparse_attention, keye::sparse_attention_backward) with fake
-implementations, so the whole thing traces under torch.compile.
+not depend on the order the atomics arrive in; see fixed_point_scales for the precision). Both are registered ops
+(keye::sparse_attention, keye::sparse_attention_backward) with fake implementations, so the whole thing traces
+under torch.compile.
 """
 
 from __future__ import annotations
