@@ -22,6 +22,17 @@ __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wai
 template <int N>
 __device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
+// Fills the first kStages - 1 slots of a cp.async ring: issue(s) for each s < n, one commit group per slot either
+// way, so that the steady-state loop's cp_async_wait_group<kStages - 1>() counts groups right.
+template <int kStages, typename Issue>
+__device__ __forceinline__ void prime_ring(int n, Issue&& issue) {
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < n) issue(s);
+    cp_async_commit();
+  }
+}
+
 // Two fp32 values as bf16x2 (lo in the low half), with and without ReLU; round to nearest even.
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   uint32_t d;

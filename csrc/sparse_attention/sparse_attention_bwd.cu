@@ -6,9 +6,9 @@
 // (sparse_attention_bwd_blocks.cu: the rows all 16 selected are gathered once and their dK/dV summed over the
 // block by the tensor cores before one atomic); otherwise this one. Same CTA shape and work list as the pair forward
 // (work_list.cuh): a pair of adjacent queries x one KV head, the work list's 16-key tiles spread over the warps,
-// each tile one backward step (bwd_tile.cuh) whose dK/dV rows go to global memory as float2 atomics (a key both
-// queries of the pair selected gets one pre-summed atomic per element instead of two); dQ is merged across the
-// warps at the end.
+// each tile one backward step (bwd_tile.cuh) whose dK/dV rows go to global memory as atomics (add_key_grads; a key
+// both queries of the pair selected gets one pre-summed atomic per element instead of two); dQ is merged across the
+// warps at the end. (The ring here is primed by hand, not with prime_ring: the helper changed this kernel's SASS.)
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

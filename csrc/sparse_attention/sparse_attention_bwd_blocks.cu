@@ -83,11 +83,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
     uint8_t* dst = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
     gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
   };
-#pragma unroll
-  for (int s = 0; s < kCommonStages - 1; ++s) {
-    if (s < stages) issue_common(s);
-    cp_async_commit();
-  }
+  prime_ring<kCommonStages>(stages, issue_common);
   for (int it = 0; it < stages; ++it) {
     // Refills the slot stage it - 1 used: every warp finished reading it before the last tile barrier.
     if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
@@ -137,11 +133,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   auto issue = [&](int t) {
     gather_tile<D>(ring + (t % kPairStages) * L::kStageBytes, work, count, t, p.k, p.k_stride, p.v, p.v_stride, g);
   };
-#pragma unroll
-  for (int s = 0; s < kPairStages - 1; ++s) {
-    if (s < tiles) issue(s);
-    cp_async_commit();
-  }
+  prime_ring<kPairStages>(tiles, issue);
   for (int t = 0; t < tiles; ++t) {
     if (t + kPairStages - 1 < tiles) issue(t + kPairStages - 1);
     cp_async_commit();

@@ -53,11 +53,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     uint8_t* dst = smem + (it % kCommonStages) * L::kCommonStageBytes;
     gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
   };
-#pragma unroll
-  for (int s = 0; s < kCommonStages - 1; ++s) {
-    if (s < stages) issue_common(s);
-    cp_async_commit();
-  }
+  prime_ring<kCommonStages>(stages, issue_common);
   int entry_next = tile_entry(common, n_common, 0);  // the next tile's entries, loaded a tile ahead
   for (int it = 0; it < stages; ++it) {
     if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
