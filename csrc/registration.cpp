@@ -48,6 +48,9 @@ TORCH_LIBRARY(keye, m) {
       "sparse_attention_bwd(Tensor q, Tensor k, Tensor v, Tensor dout, Tensor indices, Tensor? row_base, Tensor lse, "
       "Tensor delta, float scale, int splits, Tensor(a!) dq, Tensor(b!) dk, Tensor(c!) dv, bool share_blocks=True, "
       "Tensor? fixed_scale=None) -> ()");
+  m.def(
+      "sparse_attention_block_plan(Tensor indices, Tensor? row_base, int num_rows) -> (Tensor common, "
+      "Tensor common_len, Tensor pair_work, Tensor pair_len)");
   // Process-wide switch for the value-range checks that need a device->host sync; returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", [](bool enabled) {
     const bool old = keye::index_checks_enabled();
@@ -75,4 +78,5 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("indexer_cache_append", &keye::indexer_cache_append_cuda);
   m.impl("sparse_attention_fwd", &keye::sparse_attention_fwd_cuda);
   m.impl("sparse_attention_bwd", &keye::sparse_attention_bwd_cuda);
+  m.impl("sparse_attention_block_plan", &keye::sparse_attention_block_plan_cuda);
 }

@@ -141,6 +141,75 @@ def test_block_and_pair_kernels_agree():
         assert rel_err(o_block[sel], o_ref) < O_RTOL and (l_block[sel] - l_ref).abs().max() < LSE_ATOL
 
 
+SEEN_LO, SEEN_HI, ROW_MASK = 1 << 30, 1 << 29, (1 << 29) - 1
+
+
+def block_plan_spec(idx, row_base, num_rows):
+    """The block plan (csrc/sparse_attention/block_plan.h) in Python: per block of 16 queries the rows all of them
+    selected when every list is sorted (valid rows strictly increasing, empty slots last), and per query pair the
+    other rows, query a's n-th in slot 16 (n // 8) + n % 8, query b's 8 slots later, -1 padded."""
+    N, K = idx.shape
+    lists = []
+    for q, row in enumerate(idx.tolist()):
+        base = 0 if row_base is None else int(row_base[q])
+        lists.append([base + x if x >= 0 and base + x < num_rows else -1 for x in row])
+    blocks = (N + 15) // 16
+    common, pairs = [], []
+    for b in range(blocks):
+        ls = lists[16 * b:16 * b + 16]
+        valid = [[r for r in l if r >= 0] for l in ls]
+        ordered = all(l[:len(v)] == v and v == sorted(set(v)) for l, v in zip(ls, valid))
+        com = sorted(set.intersection(*map(set, valid))) if ordered else []
+        common.append(com)
+        in_common = set(com)
+        rest = [[r for r in v if r not in in_common] for v in valid] + [[]] * (16 - len(ls))
+        for w in range(8):
+            a, c = rest[2 * w], rest[2 * w + 1]
+            slots = 8 * ((max(len(a), len(c)) + 7) // 8)
+            work = [-1] * (2 * slots)
+            for n, r in enumerate(a):
+                work[16 * (n // 8) + n % 8] = r | SEEN_LO
+            for n, r in enumerate(c):
+                work[16 * (n // 8) + 8 + n % 8] = r | SEEN_HI
+            pairs.append(work)
+    return common, pairs
+
+
+def check_block_plan(idx, row_base, num_rows):
+    common, common_len, pair_work, pair_len = torch.ops.keye.sparse_attention_block_plan(idx, row_base, num_rows)
+    exp_common, exp_pairs = block_plan_spec(idx.cpu(), None if row_base is None else row_base.cpu(), num_rows)
+    assert common_len.tolist() == [len(c) for c in exp_common]
+    for b, c in enumerate(exp_common):
+        assert common[b, :len(c)].tolist() == [r | SEEN_LO | SEEN_HI for r in c], b
+    assert pair_len.tolist() == [len(w) for w in exp_pairs]
+    for p, w in enumerate(exp_pairs):
+        assert pair_work[p, :len(w)].tolist() == w, p
+    return sum(map(len, exp_common))
+
+
+def test_block_plan_matches_its_specification():
+    """The plan kernel's common sets and pair lists exactly: realistic lists (large common sets, found by merging
+    every list with the first), varlen causal lists through row_base with a block of identical lists, an empty query
+    and a tail block, rows past num_rows (empty slots), lists with repeated rows (no common set)."""
+    from keye.bench.sparse_attention import realistic_indices, uniform_indices
+
+    T = 3000
+    assert check_block_plan(realistic_indices(T, 2048, DEV), None, T) > 100 * 1024
+    lengths = [37, 1000, 61]
+    idx = causal_indices(lengths, 256)
+    idx[48:64] = idx[48]
+    idx[100] = -1
+    cu = torch.tensor([0, 37, 1037, 1098], device=DEV)
+    row_base = torch.repeat_interleave(cu[:-1], torch.tensor(lengths, device=DEV)).int()
+    assert check_block_plan(idx, row_base, 1098) > 16 * 10
+    assert check_block_plan(idx, row_base, 600) > 0  # rows 600+ become empty slots (at the ends of sorted lists)
+    for T, K in ((5, 8), (17, 2048), (40, 1)):
+        check_block_plan(causal_indices([T], K), None, T)
+    assert check_block_plan(uniform_indices(2500, 2048, DEV)[2048:], None, 2500) == 0  # repeats: not sorted
+    with pytest.raises(ValueError, match="slots per query"):
+        torch.ops.keye.sparse_attention_block_plan(idx.new_zeros(4, 2049), None, 10)
+
+
 def test_forward_large_topk_uses_splits():
     lengths, K = [6000], 5000  # more slots than one CTA stages (2048): split and merged by lse
     q, k, v, cu = inputs(lengths, 8, 1, 128)

@@ -1,6 +1,6 @@
 // Builds the block plan (block_plan.h): one CTA per block of 16 queries stages their 16 index lists in shared
-// memory (as K/V rows), intersects them (a merge walk per list from each thread's 8 candidates of the first list),
-// marks the common rows in every list, then each warp writes its query's remaining rows, interleaved by 8 with
+// memory (as K/V rows), intersects them (warp q merges list q with list 0 and counts the matches per entry of list
+// 0), marks the common rows in every list, then each warp writes its query's remaining rows, interleaved by 8 with
 // the other query of its pair.
 //
 // ncu (H200, 32K tokens, 256 threads then): 12.5% occupancy (the 128 KB of staged lists allow one CTA per SM),
@@ -8,6 +8,8 @@
 // instructions were the integer divisions of the staging loops (entry -> query, slot). Hence division-free loops
 // (query outer, slot inner) and 16 warps instead of 8 (4 candidates of the first list per thread).
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
 #include <climits>
@@ -15,6 +17,8 @@
 #include "common/check.h"
 #include "common/ptx.cuh"
 #include "sparse_attention/block_plan.h"
+#include "sparse_attention/host_checks.h"
+#include "sparse_attention/sparse_attention.h"
 
 namespace keye {
 namespace sparse_attention {
@@ -27,6 +31,7 @@ constexpr int kInCommon = 1 << 30;                    // staged entry is in the 
 // Sort key of a staged entry: its row (mark bit ignored); empty slots (-1) sort last.
 __device__ __forceinline__ unsigned key(int v) { return v < 0 ? UINT_MAX : static_cast<unsigned>(v & kRowMask); }
 
+// First index in list[lo, hi) whose key is >= x.
 __device__ __forceinline__ int lower_bound(const int* list, int lo, int hi, unsigned x) {
   while (lo < hi) {
     const int mid = (lo + hi) / 2;
@@ -36,27 +41,39 @@ __device__ __forceinline__ int lower_bound(const int* list, int lo, int hi, unsi
   return lo;
 }
 
-// Which of this thread's candidates (bits of `want`; ascending rows cand[0..]) the sorted list holds; with mark,
-// also sets kInCommon on the matching entries. A binary search for the first, then a short walk per candidate.
-__device__ uint32_t find_in_list(int* list, int count, const int* cand, uint32_t want, bool mark) {
-  uint32_t found = 0;
-  int j = -1;
-#pragma unroll
-  for (int c = 0; c < kCandidates; ++c) {
-    if (!((want >> c) & 1u)) continue;
-    const unsigned x = key(cand[c]);
-    if (j < 0) {
-      j = lower_bound(list, 0, count, x);
-    } else {
-      for (int step = 0; step < 4 && j < count && key(list[j]) < x; ++step) ++j;
-      if (j < count && key(list[j]) < x) j = lower_bound(list, j, count, x);
-    }
-    if (j < count && key(list[j]) == x) {
-      found |= 1u << c;
-      if (mark) list[j] |= kInCommon;
-    }
+// Walks this lane's share of the merge of two sorted lists a[0, na) and b[0, nb) (valid rows only) and calls
+// on_match(i, j) for every a[i] == b[j]. The merge takes a[i] before b[j] when a[i] <= b[j], so equal entries are
+// adjacent in it and the match is seen where a[i] is taken, whichever lane's share b[j] falls in. Lane l's share is
+// merge positions [2 m l, 2 m (l + 1)) with m odd and 64 m > n = na + nb: about 130 dependent steps for two full
+// lists, where a binary search per entry of a costs ~11 per entry and list. Why 2 m: for similar lists lane l
+// starts near entry m l of both, and with m odd the 32 lanes' shared-memory loads fall in 32 different banks (with
+// equal shares of n / 32 = 128 every lane hit the same bank: measured 1.74 -> 1.60 ms only).
+template <typename OnMatch>
+__device__ __forceinline__ void merge_walk(const int* a, int na, const int* b, int nb, int lane, OnMatch on_match) {
+  const int n = na + nb, m = ((n + 63) / 64 + 1) | 1;
+  const int d0 = min(n, 2 * m * lane), d1 = min(n, 2 * m * (lane + 1));
+  // Merge-path split at diagonal d0: the number of a's entries among the first d0 merged ones.
+  int lo = max(0, d0 - nb), hi = min(d0, na);
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (key(a[mid]) <= key(b[d0 - mid - 1])) lo = mid + 1;
+    else hi = mid;
   }
-  return found;
+  int i = lo, j = d0 - lo;
+  unsigned av = i < na ? key(a[i]) : UINT_MAX, bv = j < nb ? key(b[j]) : UINT_MAX;
+  // Branch-free steps (one shared load each): with a branch per list the lanes of a warp that advance in a and those
+  // that advance in b ran one after the other.
+  for (int d = d0; d < d1; ++d) {
+    // Within the merge both lists cannot be exhausted, so the UINT_MAX sentinels never compare equal here.
+    if (av == bv) on_match(i, j);
+    const bool take_a = av <= bv;
+    i += take_a;
+    j += !take_a;
+    const int next = take_a ? i : j;
+    const unsigned v = next < (take_a ? na : nb) ? key((take_a ? a : b)[next]) : UINT_MAX;
+    av = take_a ? v : av;
+    bv = take_a ? bv : v;
+  }
 }
 
 __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexParams ix, int* common, int* common_len,
@@ -90,18 +107,26 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   }
   const bool sorted = !__syncthreads_or(unsorted);
 
-  // The common set: candidates of list 0 found in every other list; then mark them in every list.
+  // The common set: entries of list 0 that every other list holds. Warp q (1 <= q < nq) merges list q with
+  // list 0 and counts the matches per entry of list 0 (lists are strictly increasing, so at most one per list);
+  // entries counted nq - 1 times are common. A second walk marks them in list q.
+  __shared__ int hits[kMaxChunk];
+  for (int i = tid; i < K; i += kPlanThreads) hits[i] = 0;
+  __syncthreads();
+  const int n0 = sorted ? lower_bound(lists, 0, K, UINT_MAX) : 0;  // valid entries sort first
+  int* list_q = lists + warp * K;
+  const int nq_valid = sorted && warp >= 1 && warp < nq ? lower_bound(list_q, 0, K, UINT_MAX) : 0;
+  if (nq_valid > 0) merge_walk(lists, n0, list_q, nq_valid, lane, [&](int i, int) { atomicAdd(&hits[i], 1); });
+  __syncthreads();  // every count is in
   const int* cand = lists + tid * kCandidates;
   uint32_t in_all = 0;
-  if (sorted) {
 #pragma unroll
-    for (int c = 0; c < kCandidates; ++c)
-      if (tid * kCandidates + c < K && cand[c] >= 0) in_all |= 1u << c;
-    for (int q = 1; q < nq && in_all; ++q) in_all &= find_in_list(lists + q * K, K, cand, in_all, false);
-  }
-  __syncthreads();  // every walk over unmarked lists is done
-  if (in_all) {
-    for (int q = 1; q < nq; ++q) find_in_list(lists + q * K, K, cand, in_all, true);
+  for (int c = 0; c < kCandidates; ++c)
+    if (tid * kCandidates + c < n0 && hits[tid * kCandidates + c] == nq - 1) in_all |= 1u << c;
+  if (__syncthreads_or(in_all != 0) && nq_valid > 0) {  // no second walk when nothing is common
+    merge_walk(lists, n0, list_q, nq_valid, lane, [&](int i, int j) {
+      if (hits[i] == nq - 1) list_q[j] |= kInCommon;
+    });
   }
 
   // Compact the common rows (list 0 order, ascending) with a block scan of the per-thread counts.
@@ -180,4 +205,46 @@ at::Tensor build_block_plan(const IndexParams& ix, const at::Tensor& like, cudaS
 }
 
 }  // namespace sparse_attention
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_block_plan_cuda(
+    const at::Tensor& indices, const std::optional<at::Tensor>& row_base, int64_t num_rows) {
+  using namespace sparse_attention;
+  const char* op = "sparse_attention_block_plan";
+  check_cuda(indices, op, "indices");
+  check_dtype(indices, {at::kInt}, op, "indices");
+  check_dim(indices, 2, op, "indices", "[N, K]");
+  check_row_major_rows(indices, op, "indices");
+  const int64_t N = indices.size(0), K = indices.size(1);
+  KEYE_CHECK(K >= 1 && K <= kMaxChunk, "keye.", op, ": 'indices' must have 1 to ", kMaxChunk,
+             " slots per query, got ", K);
+  KEYE_CHECK(N < (int64_t{1} << 31), "keye.", op, ": at most 2^31 - 1 queries, got ", N);
+  KEYE_CHECK(num_rows >= 0 && num_rows <= kRowMask, "keye.", op, ": 'num_rows' must be in [0, 2^29 - 1], got ",
+             num_rows);
+  IndexParams ix{};
+  ix.row_base = checked_row_base(row_base, indices, "indices", "the query count (indices.size(0))", op);
+  ix.idx = indices.data_ptr<int>();
+  ix.idx_stride = indices.stride(0);
+  ix.num_idx = static_cast<int>(K);
+  ix.num_rows = num_rows;
+  ix.num_queries = N;
+  ix.pair = 2;
+  ix.chunk = static_cast<int>(K);
+  const at::cuda::CUDAGuard guard(indices.device());
+  BlockPlan plan{};
+  const at::Tensor buf = build_block_plan(ix, indices, at::cuda::getCurrentCUDAStream(), plan);
+  const int64_t blocks = (N + kBlockQueries - 1) / kBlockQueries, pairs = blocks * kBlockPairs;
+  const int64_t stride = pair_stride(static_cast<int>(K));
+  int64_t at0 = 0;
+  auto take = [&](std::initializer_list<int64_t> shape, int64_t n) {
+    at::Tensor t = buf.narrow(0, at0, n).view(shape);
+    at0 += n;
+    return t;
+  };
+  at::Tensor common = take({blocks, K}, blocks * K);
+  at::Tensor common_len = take({blocks}, blocks);
+  at::Tensor pair_work = take({pairs, stride}, pairs * stride);
+  at::Tensor pair_len = take({pairs}, pairs);
+  return {common, common_len, pair_work, pair_len};
+}
+
 }  // namespace keye

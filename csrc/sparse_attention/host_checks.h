@@ -46,6 +46,21 @@ inline void check_fp32(const at::Tensor& t, const at::Tensor& q, at::IntArrayRef
   check_accumulator(t, q, shape, at::kFloat, op, name);
 }
 
+// row_base (optional): contiguous int32 [N] on like's device, N = like.size(0) (`count` names it in errors);
+// returns its data or nullptr.
+inline const int* checked_row_base(const std::optional<at::Tensor>& row_base, const at::Tensor& like,
+                                   const char* like_name, const char* count, const char* op) {
+  if (!row_base) return nullptr;
+  const at::Tensor& rb = *row_base;
+  check_cuda(rb, op, "row_base");
+  check_same_device(rb, like, op, "row_base", like_name);
+  check_dtype(rb, {at::kInt}, op, "row_base");
+  check_dim(rb, 1, op, "row_base", "[N]");
+  check_size(rb, 0, like.size(0), op, "row_base", count);
+  check_contiguous(rb, op, "row_base");
+  return rb.data_ptr<int>();
+}
+
 // Validates q [N, Hq, D], k/v [S, Hkv, D], indices [N, K], row_base [N]?, splits; returns the work-list
 // parameters (chunk = index slots per split, rounded to whole 64-slot warp rounds; queries paired per CTA when
 // pair_queries and G <= 8) and the splits actually used.
@@ -76,18 +91,8 @@ inline IndexParams check_attention_args(const char* op, const at::Tensor& q, con
   KEYE_CHECK(chunk <= kMaxChunk, "keye.", op, ": at most ", kMaxChunk, " index slots per split, got K = ", K,
              " over ", splits, " splits");
   IndexParams ix{};
-  if (row_base) {
-    const at::Tensor& rb = *row_base;
-    check_cuda(rb, op, "row_base");
-    check_same_device(rb, q, op, "row_base", "q");
-    check_dtype(rb, {at::kInt}, op, "row_base");
-    check_dim(rb, 1, op, "row_base", "[N]");
-    check_size(rb, 0, N, op, "row_base", "the query count (q.size(0))");
-    check_contiguous(rb, op, "row_base");
-    ix.row_base = rb.data_ptr<int>();
-  } else {
-    check_index_range(indices, -1, S - 1, op, "indices");
-  }
+  ix.row_base = checked_row_base(row_base, q, "q", "the query count (q.size(0))", op);
+  if (!row_base) check_index_range(indices, -1, S - 1, op, "indices");
   ix.idx = indices.data_ptr<int>();
   ix.idx_stride = indices.stride(0);
   ix.num_idx = static_cast<int>(K);
