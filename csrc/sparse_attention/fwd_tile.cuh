@@ -52,27 +52,37 @@ struct SoftmaxRows {
   }
 };
 
-// One step of the online softmax: S = Q K^T over a work-list tile (K tile ks, V tile vs in shared memory; its
-// entries in `entry`, see tile_entry), keys a row does not see (its seen bit is clear, or the slot is empty) score
-// -inf; then O = O * alpha + P V.
-template <int D>
-__device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (&q)[D / 16][4], const uint8_t* ks,
-                                            const uint8_t* vs, int entry, float scale_log2) {
+// One step of the online softmax over NT work-list tiles (K tile ks[j], V tile vs[j] in shared memory; their
+// entries in entry[j], see tile_entry): S = Q K^T, keys a row does not see (its seen bit is clear, or the slot is
+// empty) score -inf; then O = O * alpha + P V. NT = 2 (the block kernel's common rows, two tiles per stage) takes
+// one running-max update, one rescale and one shuffle reduction per 32 keys, and its four S chains are independent.
+template <int D, int NT>
+__device__ __forceinline__ void attend_tiles(SoftmaxRows<D>& st, const uint32_t (&q)[D / 16][4],
+                                             const uint8_t* const (&ks)[NT], const uint8_t* const (&vs)[NT],
+                                             const int (&entry)[NT], float scale_log2) {
   const int cq = (threadIdx.x % 4) * 2;
-  float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // keys 0-7 (s[0]) and 8-15 (s[1]) of the tile
-  rows_times_tile_t<D>(s, q, ks);
+  float s[NT][2][4];  // tile j: keys 0-7 (s[j][0]) and 8-15 (s[j][1])
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[j][nt][0] = s[j][nt][1] = s[j][nt][2] = s[j][nt][3] = 0.f;
+    rows_times_tile_t<D>(s[j], q, ks[j]);
+  }
 
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
+  for (int j = 0; j < NT; ++j) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int e = __shfl_sync(0xffffffffu, entry, nt * 8 + cq + j);
-      const bool lo = e >= 0 && (e & kSeenLo), hi = e >= 0 && (e & kSeenHi);
-      s[nt][j] = lo ? s[nt][j] * scale_log2 : -INFINITY;
-      s[nt][2 + j] = hi ? s[nt][2 + j] * scale_log2 : -INFINITY;
-      mx0 = fmaxf(mx0, s[nt][j]);
-      mx1 = fmaxf(mx1, s[nt][2 + j]);
+    for (int nt = 0; nt < 2; ++nt) {
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        const int e = __shfl_sync(0xffffffffu, entry[j], nt * 8 + cq + c);
+        const bool lo = e >= 0 && (e & kSeenLo), hi = e >= 0 && (e & kSeenHi);
+        s[j][nt][c] = lo ? s[j][nt][c] * scale_log2 : -INFINITY;
+        s[j][nt][2 + c] = hi ? s[j][nt][2 + c] * scale_log2 : -INFINITY;
+        mx0 = fmaxf(mx0, s[j][nt][c]);
+        mx1 = fmaxf(mx1, s[j][nt][2 + c]);
+      }
     }
   }
   const float mn0 = fmaxf(st.m0, quad_max(mx0)), mn1 = fmaxf(st.m1, quad_max(mx1));
@@ -80,18 +90,28 @@ __device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (
   const float a0 = exp2f(st.m0 - b0), a1 = exp2f(st.m1 - b1);
   st.m0 = mn0;
   st.m1 = mn1;
-  float ps[2][4];
+  float ps[NT][2][4];
 #pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    ps[nt][0] = exp2f(s[nt][0] - b0);
-    ps[nt][1] = exp2f(s[nt][1] - b0);
-    ps[nt][2] = exp2f(s[nt][2] - b1);
-    ps[nt][3] = exp2f(s[nt][3] - b1);
+  for (int j = 0; j < NT; ++j) {
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) {
+      ps[j][nt][0] = exp2f(s[j][nt][0] - b0);
+      ps[j][nt][1] = exp2f(s[j][nt][1] - b0);
+      ps[j][nt][2] = exp2f(s[j][nt][2] - b1);
+      ps[j][nt][3] = exp2f(s[j][nt][3] - b1);
+    }
   }
-  st.l0 = st.l0 * a0 + (ps[0][0] + ps[0][1] + ps[1][0] + ps[1][1]);
-  st.l1 = st.l1 * a1 + (ps[0][2] + ps[0][3] + ps[1][2] + ps[1][3]);
+  float add0 = ps[0][0][0] + ps[0][0][1] + ps[0][1][0] + ps[0][1][1];
+  float add1 = ps[0][0][2] + ps[0][0][3] + ps[0][1][2] + ps[0][1][3];
+#pragma unroll
+  for (int j = 1; j < NT; ++j) {
+    add0 += ps[j][0][0] + ps[j][0][1] + ps[j][1][0] + ps[j][1][1];
+    add1 += ps[j][0][2] + ps[j][0][3] + ps[j][1][2] + ps[j][1][3];
+  }
+  st.l0 = st.l0 * a0 + add0;
+  st.l1 = st.l1 * a1 + add1;
   // Past the first tiles the running max rarely moves: skip the rescale (exact: the factors are 1) when no lane's
-  // does, which saves D / 2 multiplies per lane and tile.
+  // does, which saves D / 2 multiplies per lane and step.
   if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
@@ -101,10 +121,23 @@ __device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (
       st.acc[dn][3] *= a1;
     }
   }
-  // O += P V: the two S accumulators are exactly the A fragment of a 16x16 P tile.
-  uint32_t pa[4];
-  accumulators_to_a(pa, ps);
-  fragment_times_tile<D>(st.acc, pa, vs);
+  // O += P V: each tile's two S accumulators are exactly the A fragment of a 16x16 P tile.
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    uint32_t pa[4];
+    accumulators_to_a(pa, ps[j]);
+    fragment_times_tile<D>(st.acc, pa, vs[j]);
+  }
+}
+
+// attend_tiles over one tile.
+template <int D>
+__device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (&q)[D / 16][4], const uint8_t* ks,
+                                            const uint8_t* vs, int entry, float scale_log2) {
+  const uint8_t* const k1[1] = {ks};
+  const uint8_t* const v1[1] = {vs};
+  const int e1[1] = {entry};
+  attend_tiles<D, 1>(st, q, k1, v1, e1, scale_log2);
 }
 
 // The block forward kernel (sparse_attention_fwd_blocks.cu): one CTA per (16 queries, KV head) over `plan`;

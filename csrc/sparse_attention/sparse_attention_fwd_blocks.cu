@@ -4,7 +4,8 @@
 // One CTA per (block of 16 queries, KV head); warp w owns the 16 MMA rows of query pair w (the G heads of each
 // query) for the whole kernel, so no cross-warp merge is needed. Two phases over the block plan (block_plan.h):
 //  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring
-//     (cp.async, 8 stages) and every warp attends to it: one gather serves 16 queries instead of 2;
+//     (cp.async, 8 stages) and every warp attends to it in one softmax step: one gather serves 16 queries instead
+//     of 2;
 //  2. each warp walks its pair's remaining rows with its own 3-stage cp.async ring, as the pair kernel does.
 // The online softmax state (SoftmaxRows) carries from phase 1 into phase 2.
 #include <c10/cuda/CUDAException.h>
@@ -54,23 +55,22 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
   };
   prime_ring<kCommonStages>(stages, issue_common);
-  int entry_next = tile_entry(common, n_common, 0);  // the next tile's entries, loaded a tile ahead
+  static_assert(kCommonTiles == 2, "phase 1 attends to a stage's two tiles in one softmax step");
+  // The stage's two tiles' entries, loaded a stage ahead.
+  int entry_next[2] = {tile_entry(common, n_common, 0), tile_entry(common, n_common, 1)};
   for (int it = 0; it < stages; ++it) {
     if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
     cp_async_commit();
     cp_async_wait_group<kCommonStages - 1>();
     __syncthreads();  // every thread's part of stage `it` has landed
     const uint8_t* base = smem + (it % kCommonStages) * L::kCommonStageBytes;
-#pragma unroll
-    for (int j = 0; j < kCommonTiles; ++j) {
-      const int t = it * kCommonTiles + j;
-      if (t < common_tiles) {
-        const int entry = entry_next;
-        entry_next = tile_entry(common, n_common, t + 1);
-        attend_tile<D>(st, qf, base + j * L::kStageBytes, base + j * L::kStageBytes + Layout<D>::kTileBytes, entry,
-                       p.scale_log2);
-      }
-    }
+    const int entry[2] = {entry_next[0], entry_next[1]};
+    entry_next[0] = tile_entry(common, n_common, 2 * it + 2);
+    entry_next[1] = tile_entry(common, n_common, 2 * it + 3);
+    const uint8_t* const ks[2] = {base, base + L::kStageBytes};
+    const uint8_t* const vs[2] = {base + Layout<D>::kTileBytes, base + L::kStageBytes + Layout<D>::kTileBytes};
+    if (2 * it + 1 < common_tiles) attend_tiles<D, 2>(st, qf, ks, vs, entry, p.scale_log2);
+    else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], p.scale_log2);  // a last, odd tile (the second was not gathered)
     __syncthreads();  // every warp is done with the stage before it is refilled
   }
   cp_async_wait_all();
