@@ -10,7 +10,9 @@ reference. The backward kernels add dQ/dK/dV with atomics: fp32 by default (fast
 to run), or, with torch.use_deterministic_algorithms(True), int64 fixed point (bitwise reproducible: integer sums do
 not depend on the order the atomics arrive in; see fixed_point_scales for the precision). Both are registered ops
 (keye::sparse_attention, keye::sparse_attention_backward) with fake implementations, so the whole thing traces
-under torch.compile.
+under torch.compile. For inspection and tests, torch.ops.keye.sparse_attention_block_plan(indices, row_base,
+num_rows) (CUDA only) returns the prefill kernels' block plan: per 16 adjacent queries the rows all of them selected,
+and per query pair the rest (csrc/sparse_attention/block_plan.h).
 """
 
 from __future__ import annotations
