@@ -69,8 +69,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     entry_next[1] = tile_entry(common, n_common, 2 * it + 3);
     const uint8_t* const ks[2] = {base, base + L::kStageBytes};
     const uint8_t* const vs[2] = {base + Layout<D>::kTileBytes, base + L::kStageBytes + Layout<D>::kTileBytes};
+    // A last, odd tile goes alone: the stage's second tile was not gathered (stale shared memory; P = 0 times a
+    // NaN pattern there would still poison O).
     if (2 * it + 1 < common_tiles) attend_tiles<D, 2>(st, qf, ks, vs, entry, p.scale_log2);
-    else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], p.scale_log2);  // a last, odd tile (the second was not gathered)
+    else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], p.scale_log2);
     __syncthreads();  // every warp is done with the stage before it is refilled
   }
   cp_async_wait_all();
