@@ -11,6 +11,15 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
 }
 
+// cp_async16 zero-filling dst (src not read) when key < 0: the predicate comes straight from the sign, one compare
+// per copy (a work-list entry, -1 for an empty slot, used as its own predicate).
+__device__ __forceinline__ void cp_async16_unless_negative(void* dst, const void* src, int key) {
+  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
+  asm volatile(
+      "{\n .reg .pred ignore;\n setp.lt.s32 ignore, %2, 0;\n"
+      " cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n" ::"r"(d), "l"(src), "r"(key));
+}
+
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool valid) {
   const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 4 : 0));

@@ -226,9 +226,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_bloc
   ix.idx_stride = indices.stride(0);
   ix.num_idx = static_cast<int>(K);
   ix.num_rows = num_rows;
-  ix.num_queries = N;
-  ix.pair = 2;
-  ix.chunk = static_cast<int>(K);
+  ix.num_queries = N;  // pair and chunk: not read by the plan
   const at::cuda::CUDAGuard guard(indices.device());
   BlockPlan plan{};
   const at::Tensor buf = build_block_plan(ix, indices, at::cuda::getCurrentCUDAStream(), plan);

@@ -245,15 +245,6 @@ __device__ __forceinline__ int tile_entry(const int* work, int count_work, int t
   return slot < count_work ? work[slot] : -1;
 }
 
-// cp_async16 for a work-list row: zero-filled (src not read) when entry < 0; the predicate comes straight from the
-// sign, one compare per copy.
-__device__ __forceinline__ void cp_async16_entry(void* dst, const void* src, int entry) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile(
-      "{\n .reg .pred ignore;\n setp.lt.s32 ignore, %2, 0;\n"
-      " cp.async.cg.shared.global [%0], [%1], 16, ignore;\n}\n" ::"r"(d), "l"(src), "r"(entry));
-}
-
 // gather_tile for one warp whose tile entries are in `entry` (tile_entry). Each lane copies one fixed 16-byte
 // chunk c of every row it touches (rows h, h + R, h + 2R, ... with R = 32 / chunks per row), so the global address
 // is this lane's chunk base plus the row offset, each row's entry is shuffled once for its K and V chunk, and the
@@ -276,8 +267,8 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
     const int e = __shfl_sync(0xffffffffu, entry, i * kRowsPerStep + h);
     const uint32_t row = e < 0 ? 0u : static_cast<uint32_t>(e & kRowMask);
     uint8_t* d = dst_h + i * kRowsPerStep * D * 2 + ((ch ^ ((i * kRowsPerStep) & 7)) << 4);
-    cp_async16_entry(d, reinterpret_cast<const void*>(kc + static_cast<uint64_t>(row) * kb), e);
-    cp_async16_entry(d + kTileBytes, reinterpret_cast<const void*>(vc + static_cast<uint64_t>(row) * vb), e);
+    cp_async16_unless_negative(d, reinterpret_cast<const void*>(kc + static_cast<uint64_t>(row) * kb), e);
+    cp_async16_unless_negative(d + kTileBytes, reinterpret_cast<const void*>(vc + static_cast<uint64_t>(row) * vb), e);
   }
 }
 
