@@ -274,6 +274,33 @@ def test_long_sequence_in_chunks_sampled_rows():
     assert_selection_close(idx[rows], full, rows + 1, topk)
 
 
+def test_scores_unchanged_beside_a_concurrent_topk():
+    """The score kernel refills a ring stage by bulk copy (async proxy) after a barrier; without a proxy fence a
+    thread's read of that stage could still be in flight when the refill landed. It showed beside the top-k
+    kernel on another stream (shared-memory heavy): a few keys per run scored with a later tile's scale (2x)."""
+    T, rows, topk = 65536, 1024, 2048
+    q8, qs, w, k8, ks = make_inputs(T, 16, 64)
+    a = T - rows
+    lengths = torch.arange(a + 1, T + 1, dtype=torch.int32, device=DEV)
+    visible = torch.arange(T, device=DEV)[None, :] <= lengths[:, None] - 1
+    alone = torch.empty(rows, T, device=DEV)
+    torch.ops.keye.indexer_logits(q8[a:], qs[a:], w[a:], k8, ks, a, alone)
+    side = torch.cuda.Stream()
+    beside = torch.empty_like(alone)
+    with ops.index_checks(False):
+        for _ in range(4):
+            beside.fill_(float("nan"))
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                idx = torch.empty(rows, topk, dtype=torch.int32, device=DEV)
+                for _ in range(2):
+                    torch.ops.keye.topk_rows(alone, lengths, topk, 0, idx, None)
+            torch.ops.keye.indexer_logits(q8[a:], qs[a:], w[a:], k8, ks, a, beside)
+            torch.cuda.current_stream().wait_stream(side)
+            wrong = ((beside != alone) & visible).any(1)
+            assert not wrong.any(), f"{int(wrong.sum())} query rows scored differently beside the top-k kernel"
+
+
 def _paged_case(lens, n, H, D):
     pages_per_seq = [math.ceil(L / 64) for L in lens]
     num_pages = sum(pages_per_seq) + 3

@@ -10,7 +10,10 @@
 
 namespace keye {
 
-// Makes this thread's generic-proxy shared-memory writes (cp.async included) visible to wgmma's async proxy.
+// Orders this thread's generic-proxy shared-memory accesses (cp.async included) before later async-proxy ones:
+// writes become visible to wgmma, and reads are performed before a bulk copy (issued after a barrier) overwrites
+// the same bytes. Without it a read of a ring stage can still be in flight when the stage's refill lands: the
+// score kernel beside a shared-memory-heavy kernel on another stream read a later tile's key scale (NOTES.md).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 // Shared-memory matrix descriptor of a K-major tile whose rows are `row_bytes` (32, 64 or 128) long and

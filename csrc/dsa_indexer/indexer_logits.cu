@@ -195,6 +195,7 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
       load_key_slice(ka[hf], tile + r * D, t, valid);
       ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kKeyBytes)[shift + r] : 0.f;
     }
+    fence_async_shared();  // these reads are done before the refill (async proxy) after the barrier
     __syncthreads();  // every thread has its registers: stage st can be refilled
     if (tid == 0 && i + S < ntiles) issue(i + S);
 

@@ -181,6 +181,7 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
       load_key_slice(ka[hf], tile + r * D, t, valid);
       ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kPageBytes)[r] : 0.f;
     }
+    fence_async_shared();  // these reads are done before the refill (async proxy) after the barrier
     __syncthreads();  // every thread has its registers: stage st can be refilled (next iteration's issue)
     float acc[8];
     tile_wgmma<D>(acc, ka[0], ka[1], desc_q);
