@@ -7,6 +7,13 @@
     python3 bench/profile_kernels.py indexer-decode [--tokens 64]  # indexer_topk_decode, batch = tokens, 128K
     python3 bench/profile_kernels.py indexer-topk [--tokens 131072]  # topk_rows on the prefill layer's last
                                                                      # 1024 query rows (scores made once)
+--timeline prints one call's host and device events on one clock (torch.profiler, CPU + CUDA): when the host
+reaches each op and CUDA runtime call, and when each kernel runs, in us from the end of an L2 flush (as in
+`keye bench`'s one-call timings). The profiler adds several us of host time per event, so it shows the order of
+events, not the size of host gaps.
+--segments (moe only) times the no-grad layer op by op with CUDA events between the ops, after three preludes:
+idle (host sync, then the flush: the GPU idled while the host read the previous results), hot (a 1 ms spin, host
+sync, flush) and queued (flush, 1 ms spin: the host is ahead). It separates host latency from slow kernels.
 --plain runs each workload --iters times and nothing else, as a driver for Nsight Compute, e.g.
     ncu --clock-control none -k regex:block_plan -c 1 --section SpeedOfLight --section WarpStateStats \
         python3 bench/profile_kernels.py attn --plain --iters 1
@@ -126,6 +133,71 @@ def indexer_topk_workloads(T, rows=1024):
             lambda: torch.ops.keye.topk_rows(scores, lengths, TOPK, 0, idx, None)}
 
 
+def timeline(fn):
+    """One call's events in time order: (us from the start event, us long, host op / runtime call / kernel)."""
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.events():
+        on_gpu = e.device_type == torch.autograd.DeviceType.CUDA
+        name = e.name
+        if not on_gpu and not (name.startswith(("keye::", "cuda")) or name in ("aten::empty", "aten::zeros")):
+            continue
+        rows.append((e.time_range.start, e.time_range.end - e.time_range.start, "gpu " if on_gpu else "host", name))
+    rows.sort()
+    flush_end = next((t + d for t, d, w, n in rows if w == "gpu " and "fill" in n.lower()), rows[0][0])
+    print(f"  (0 = end of the L2 flush on the GPU; host and device share the profiler's clock) "
+          f"call: {start.elapsed_time(end) * 1e3:.1f} us between its events")
+    for t, d, where, name in rows:
+        print(f"  {t - flush_end:9.1f} {d:8.1f}  {where} {name[:100]}")
+
+
+def moe_segments(T, reps=30):
+    """keye.ops.moe (no grad) op by op, CUDA events between the ops, after the three preludes of --segments."""
+    H, I, E, K = 2048, 768, 128, 8
+    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+    r = ops.moe_router(torch.randn(T, E, device="cuda", dtype=torch.bfloat16), K)
+    gate_up = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16) * H ** -0.5
+    down = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    kk = torch.ops.keye
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    names = ("route", "permute", "gate_up", "swiglu", "down", "unpermute")
+
+    def layer(ev):  # the ops of keye.ops.moe's _forward, an event after each
+        dest, src, off = kk.moe_route(r.ids, E, 1); ev[1].record()
+        xs = kk.moe_permute(x, dest, src, None); ev[2].record()
+        h = kk.moe_grouped_mm(xs, gate_up, off, False, -1); ev[3].record()
+        a = kk.moe_swiglu(h); ev[4].record()
+        y = kk.moe_grouped_mm(a, down, off, False, -1); ev[5].record()
+        kk.moe_unpermute(y, dest, r.weights); ev[6].record()
+
+    preludes = {"idle": lambda: flush.zero_(),
+                "hot": lambda: (torch.cuda._sleep(2_000_000), torch.cuda.synchronize(), flush.zero_()),
+                "queued": lambda: (flush.zero_(), torch.cuda._sleep(2_000_000))}
+    for label, prelude in preludes.items():
+        per = []
+        for i in range(reps + 3):
+            ev = [torch.cuda.Event(enable_timing=True) for _ in range(7)]
+            prelude()
+            ev[0].record()
+            layer(ev)
+            torch.cuda.synchronize()
+            if i >= 3:
+                per.append([ev[j].elapsed_time(ev[j + 1]) * 1e3 for j in range(6)])
+        med = [sorted(c)[len(c) // 2] for c in zip(*per)]
+        total = sorted(sum(p) for p in per)[len(per) // 2]
+        print(f"  {label:7s} {total:8.1f} us: " + "  ".join(f"{n} {m:.1f}" for n, m in zip(names, med)))
+
+
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
     return single_ms(capture_graph(fn).replay, iters)
@@ -147,6 +219,8 @@ def main():
     p.add_argument("--tokens", type=int)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--plain", action="store_true", help="only run the workloads (a driver for ncu)")
+    p.add_argument("--timeline", action="store_true", help="one call's host and device events on one clock")
+    p.add_argument("--segments", action="store_true", help="moe: op-by-op event timing after three preludes")
     a = p.parse_args()
     torch.manual_seed(0)
     T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32, "indexer-decode": 64,
@@ -154,6 +228,13 @@ def main():
     make = {"moe": moe_workloads, "attn": attn_workloads, "moe-decode": moe_decode_workloads,
             "attn-decode": attn_decode_workloads, "indexer-decode": indexer_decode_workloads,
             "indexer-topk": indexer_topk_workloads}[a.layer]
+    if a.segments:
+        if a.layer != "moe":
+            p.error("--segments is for the moe layer")
+        print(f"keye.ops.moe (no grad), T = {T}: us from the start event, per op (event to event)")
+        with ops.index_checks(False):
+            moe_segments(T)
+        return
     workloads = make(T)
     decode = a.layer.endswith("decode")
     with ops.index_checks(False):
@@ -162,6 +243,10 @@ def main():
                 for _ in range(a.iters):
                     fn()
                 torch.cuda.synchronize()
+                continue
+            if a.timeline:
+                print(f"\n{name}, T = {T}: one call's timeline, us")
+                timeline(fn)
                 continue
             times = kernel_times(fn, a.iters)
             total = sum(times.values())

@@ -17,6 +17,8 @@ routing-weight gradients by per-slot dot products; no atomics anywhere.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from keye.ops import reference as ref
@@ -30,10 +32,15 @@ from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS
 DECODE_MAX_ROWS_PER_EXPERT = 1
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device_index: int) -> bool:  # cached: the query costs ~6 us of host time per call on the H200
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
 def _fast_path_ok(x, gate_up, down) -> bool:
     return (use_kernel(x, gate_up, down)
             and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+            and _hopper_or_newer(x.device.index if x.device.index is not None else torch.cuda.current_device()))
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
