@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="kernel microbenchmarks, each checked against its reference first")
     bench.add_argument("--tokens", type=lambda s: [int(v) for v in s.split(",")],
-                       help="comma-separated token counts (default: 4096,16384,65536 on GPU; 1024,4096 on CPU)")
+                       help="comma-separated token counts (default: 4096,16384,65536 on GPU; 1024,4096 on CPU; "
+                            "the dsa suite's prefill 8192,32768,65536,131072)")
     bench.add_argument("--reps", type=int, help="timed runs per measurement (median is reported)")
     bench.add_argument("--json", help="also write the full report as JSON to this path")
     bench.add_argument("--suite", choices=("all", "moe", "dsa", "attn", "gemm"), default="all",

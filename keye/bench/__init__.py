@@ -34,7 +34,7 @@ def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",), att
             report["results"] += moe_router.run_case(T, device, reps, on_gpu)
             report["results"] += moe_permute.run_case(T, device, reps, on_gpu)
     if "dsa" in suites and on_gpu:  # FP8 kernels only; the references run in the tests instead
-        report["dsa_indexer"] = dsa_indexer.run(device, reps)
+        report["dsa_indexer"] = dsa_indexer.run(device, reps, **({"tokens": attn_tokens} if attn_tokens else {}))
     if "attn" in suites and on_gpu:
         report["sparse_attention"] = sparse_attention.run(device, reps, attn_tokens)
     if "gemm" in suites and on_gpu:
