@@ -13,7 +13,10 @@ reaches each op and CUDA runtime call, and when each kernel runs, in us from the
 events, not the size of host gaps.
 --segments (moe only) times the no-grad layer op by op with CUDA events between the ops, after three preludes:
 idle (host sync, then the flush: the GPU idled while the host read the previous results), hot (a 1 ms spin, host
-sync, flush) and queued (flush, 1 ms spin: the host is ahead). It separates host latency from slow kernels.
+sync, flush) and queued (flush, 1 ms spin: the host is ahead). It separates host latency from slow kernels. Then
+the whole keye.ops.moe call in a loop (flush, start, call, end) with and without a host sync after each call: plain,
+with a 1 ms spin before the start or after the end, and with the torch pipeline after each call (keye bench's
+round-robin): what the one-call figure depends on.
 --plain runs each workload --iters times and nothing else, as a driver for Nsight Compute, e.g.
     ncu --clock-control none -k regex:block_plan -c 1 --section SpeedOfLight --section WarpStateStats \
         python3 bench/profile_kernels.py attn --plain --iters 1
@@ -198,6 +201,41 @@ def moe_segments(T, reps=30):
         print(f"  {label:7s} {total:8.1f} us: " + "  ".join(f"{n} {m:.1f}" for n, m in zip(names, med)))
 
 
+def moe_call_modes(T, reps=40):
+    """Median us of keye.ops.moe (no grad) called in a loop, by what runs around each call (see --segments)."""
+    from keye.bench.moe_gemm import _setup, _torch_layer
+
+    x, w, ids, w1, w2 = _setup(T, 2048, 768, 128, 8, torch.device("cuda"))
+    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+    keye_call, torch_call = (lambda: ops.moe(x, w, ids, w1, w2)), (lambda: _torch_layer(x, w, ids, w1, w2))
+
+    def loop(mode, sync):
+        ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for _ in range(3):
+            keye_call(), torch_call()
+        torch.cuda.synchronize()
+        for start, end in ev:
+            flush.zero_()
+            if mode == "spin before start":
+                torch.cuda._sleep(2_000_000)
+            start.record()
+            keye_call()
+            end.record()
+            if mode == "spin after end":
+                torch.cuda._sleep(2_000_000)
+            elif mode == "torch pipeline after":
+                flush.zero_()
+                torch_call()
+            if sync:
+                torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        return sorted(s.elapsed_time(e) for s, e in ev)[reps // 2] * 1e3
+
+    with torch.no_grad():
+        for mode in ("plain", "spin before start", "spin after end", "torch pipeline after"):
+            print(f"  {mode:22s} no sync {loop(mode, False):8.1f} us, host sync after each call {loop(mode, True):8.1f} us")
+
+
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
     return single_ms(capture_graph(fn).replay, iters)
@@ -234,6 +272,8 @@ def main():
         print(f"keye.ops.moe (no grad), T = {T}: us from the start event, per op (event to event)")
         with ops.index_checks(False):
             moe_segments(T)
+            print("keye.ops.moe (no grad) called in a loop: median us between the events around each call")
+            moe_call_modes(T)
         return
     workloads = make(T)
     decode = a.layer.endswith("decode")
