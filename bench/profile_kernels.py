@@ -137,7 +137,7 @@ def indexer_topk_workloads(T, rows=1024):
 
 
 def timeline(fn):
-    """One call's events in time order: (us from the start event, us long, host op / runtime call / kernel)."""
+    """One call's events in time order: (us from the end of the L2 flush, us long, host op / runtime call / kernel)."""
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for _ in range(3):
         fn()
