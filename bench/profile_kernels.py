@@ -166,22 +166,21 @@ def timeline(fn):
 
 def moe_segments(T, reps=30):
     """keye.ops.moe (no grad) op by op, CUDA events between the ops, after the three preludes of --segments."""
-    H, I, E, K = 2048, 768, 128, 8
-    x = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
-    r = ops.moe_router(torch.randn(T, E, device="cuda", dtype=torch.bfloat16), K)
-    gate_up = torch.randn(E, H, 2 * I, device="cuda", dtype=torch.bfloat16) * H ** -0.5
-    down = torch.randn(E, I, H, device="cuda", dtype=torch.bfloat16) * I ** -0.5
+    from keye.bench.moe_gemm import _setup
+
+    E = 128
+    x, weights, ids, gate_up, down = _setup(T, 2048, 768, E, 8, torch.device("cuda"))
     kk = torch.ops.keye
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     names = ("route", "permute", "gate_up", "swiglu", "down", "unpermute")
 
     def layer(ev):  # the ops of keye.ops.moe's _forward, an event after each
-        dest, src, off = kk.moe_route(r.ids, E, 1); ev[1].record()
+        dest, src, off = kk.moe_route(ids, E, 1); ev[1].record()
         xs = kk.moe_permute(x, dest, src, None); ev[2].record()
         h = kk.moe_grouped_mm(xs, gate_up, off, False, -1); ev[3].record()
         a = kk.moe_swiglu(h); ev[4].record()
         y = kk.moe_grouped_mm(a, down, off, False, -1); ev[5].record()
-        kk.moe_unpermute(y, dest, r.weights); ev[6].record()
+        kk.moe_unpermute(y, dest, weights); ev[6].record()
 
     preludes = {"idle": lambda: flush.zero_(),
                 "hot": lambda: (torch.cuda._sleep(2_000_000), torch.cuda.synchronize(), flush.zero_()),
