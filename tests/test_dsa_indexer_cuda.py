@@ -193,6 +193,24 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     assert torch.equal(idx, want)
 
 
+def test_topk_rows_split_at_32k_columns():
+    """Few rows of 32,768 columns, the narrowest the split path takes (8 passes of 4096): exact indices and
+    scores with ties at the threshold, NaN and signed zeros, a row shorter than the width, and a row of one value
+    (more candidates than the finish kernel's list holds: its global path)."""
+    topk, L = 2048, 32768
+    lens = [L, L, L - 5, 20000, topk + 1]
+    s = torch.randn(len(lens), L, device=DEV)
+    s[1] = (s[1] * 2).round() / 2
+    s[2, :100] = float("nan")
+    s[2, 100:1000:2] = -0.0
+    s[3] = 1.0
+    s[3, 5] = 2.0
+    s, lengths, idx, sc = _topk_rows_on_path(s, lens, topk, "split rows", min_extra_len=topk + 1)
+    want, want_sc = ref.select_topk(s, lengths, topk)
+    assert torch.equal(idx, want)
+    assert torch.equal(sc, want_sc)
+
+
 @pytest.mark.parametrize("path", ["split rows", "one CTA per row"])
 def test_topk_rows_ties_across_bitmap_windows(path):
     """Rows longer than the emit step's bitmap window (262,144 columns, read back one window at a time), with

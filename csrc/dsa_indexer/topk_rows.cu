@@ -614,7 +614,7 @@ __global__ void __launch_bounds__(kThreads) topk_split_finish(const SplitRows a)
   if (threadIdx.x <= a.segments) seg_off[threadIdx.x] = off;
   __syncthreads();
   const GlobalRow grow{row};
-  // Split rows have 16+ passes of columns, so the data area holds kListCap pairs. More candidates: many exact ties
+  // The data area holds kListCap pairs (launched with the whole kMaxSmemData). More candidates: many exact ties
   // around the threshold, the one-CTA kernel's global path.
   if (len > kListCap) {
     return finish_and_emit(grow, n, n, th, sh, row, a.topk, out_idx, out_sc, a.offset);
@@ -669,12 +669,13 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
   const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + static_cast<size_t>(cap_keys) * 4;
   const int sms = sm_count(scores.get_device());
-  // Few long rows: split each over several CTAs, about one wave of them (three 512-thread CTAs per SM), unless
-  // the candidate workspace (one int per element) would pass 512 MB. Measured (NOTES.md): at 128K columns the
-  // split path wins from 1 to 64 rows (0.031 vs 0.078 ms for one row, 0.068 vs 0.085 ms for 64) and loses at
-  // 128 rows, and at 32K columns it loses already at 64 rows (three launches and a grid-wide handoff).
+  // Few long rows (32K+ columns): split each over several CTAs, about one wave of them (three 512-thread CTAs per
+  // SM), unless the candidate workspace (one int per element) would pass 512 MB. Measured (NOTES.md): at 128K
+  // columns the split path wins from 1 to 64 rows and loses at 128; decode op from a graph with 1 / 8 / 32 / 64
+  // rows of 32K columns 38.0 / 42.3 / 58.9 / 76.7 us on one CTA per row, 29-31 / 33-35 / 55-56 / 74-76 split; of
+  // 16K columns the split path lost at every row count (25.6 -> 27.8 us for one row).
   constexpr int kPass = kThreads * kItems;
-  if (2 * R <= sms && cols >= 16 * kPass && R * cols <= (int64_t{1} << 27)) {
+  if (2 * R <= sms && cols >= 8 * kPass && R * cols <= (int64_t{1} << 27)) {
     int64_t seg_len = std::max<int64_t>(kPass, (R * cols / (3 * sms) + kPass - 1) / kPass * kPass);
     if ((cols + seg_len - 1) / seg_len > kMaxSegments)
       seg_len = ((cols + kMaxSegments - 1) / kMaxSegments + kPass - 1) / kPass * kPass;
@@ -704,9 +705,10 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
     // Each kernel may start as the one before finishes (programmatic dependent launch; measured in NOTES.md).
     launch_dependent(topk_split_histogram, grid, dim3(kThreads), 0, stream, a);
     launch_dependent(topk_split_collect, grid, dim3(kThreads), 0, stream, a);
+    const size_t finish_smem = ((sizeof(Shared) + 15) / 16) * 16 + kMaxSmemData;  // kListCap pairs
     C10_CUDA_CHECK(cudaFuncSetAttribute(topk_split_finish, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-    launch_dependent(topk_split_finish, dim3(static_cast<unsigned>(R)), dim3(kThreads), smem, stream, a);
+                                        static_cast<int>(finish_smem)));
+    launch_dependent(topk_split_finish, dim3(static_cast<unsigned>(R)), dim3(kThreads), finish_smem, stream, a);
     return;
   }
   C10_CUDA_CHECK(
