@@ -669,14 +669,16 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
   const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + static_cast<size_t>(cap_keys) * 4;
   const int sms = sm_count(scores.get_device());
-  // Few long rows (32K+ columns): split each over several CTAs, about one wave of them (three 512-thread CTAs per
-  // SM), unless the candidate workspace (one int per element) would pass 512 MB. Measured (NOTES.md): at 128K
-  // columns the split path wins from 1 to 64 rows and loses at 128; decode op from a graph with 1 / 8 / 32 / 64
-  // rows of 32K columns 38.0 / 42.3 / 58.9 / 76.7 us on one CTA per row, 29-31 / 33-35 / 55-56 / 74-76 split; of
-  // 16K columns the split path lost at every row count (25.6 -> 27.8 us for one row).
+  // Few long rows (32K+ columns): split each over several CTAs, segments of whole passes sized for about two
+  // 512-thread CTAs per SM in all, unless the candidate workspace (one int per element) would pass 512 MB.
+  // Measured (NOTES.md): at 128K columns the split path wins from 1 to 64 rows and loses at 128; decode op from a
+  // graph with 1 / 8 / 32 / 64 rows of 32K columns 38.0 / 42.3 / 58.9 / 76.7 us on one CTA per row, 29-31 / 33-35
+  // / 55-56 / 74-76 split; of 16K columns the split path lost at every row count (25.6 -> 27.8 us for one row).
+  // Segments for two CTAs per SM instead of three: 64 rows of 128K 196.4-197.0 -> 191.4-191.8 us, 32 rows of 128K
+  // and 64 of 64K ~-3.5 us, the rest within 1 us (one CTA per SM: 194.3-194.9 at 64 x 128K; four: 194.2-195.3).
   constexpr int kPass = kThreads * kItems;
   if (2 * R <= sms && cols >= 8 * kPass && R * cols <= (int64_t{1} << 27)) {
-    int64_t seg_len = std::max<int64_t>(kPass, (R * cols / (3 * sms) + kPass - 1) / kPass * kPass);
+    int64_t seg_len = std::max<int64_t>(kPass, (R * cols / (2 * sms) + kPass - 1) / kPass * kPass);
     if ((cols + seg_len - 1) / seg_len > kMaxSegments)
       seg_len = ((cols + kMaxSegments - 1) / kMaxSegments + kPass - 1) / kPass * kPass;
     const int segments = static_cast<int>((cols + seg_len - 1) / seg_len);
