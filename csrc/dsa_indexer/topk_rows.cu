@@ -667,7 +667,8 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   const at::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
-  const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + static_cast<size_t>(cap_keys) * 4;
+  const size_t shared_head = ((sizeof(Shared) + 15) / 16) * 16;  // Shared, then the data area
+  const size_t smem = shared_head + static_cast<size_t>(cap_keys) * 4;
   const int sms = sm_count(scores.get_device());
   // Few long rows (32K+ columns): split each over several CTAs, segments of whole passes sized for about two
   // 512-thread CTAs per SM in all, unless the candidate workspace (one int per element) would pass 512 MB.
@@ -707,7 +708,7 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
     // Each kernel may start as the one before finishes (programmatic dependent launch; measured in NOTES.md).
     launch_dependent(topk_split_histogram, grid, dim3(kThreads), 0, stream, a);
     launch_dependent(topk_split_collect, grid, dim3(kThreads), 0, stream, a);
-    const size_t finish_smem = ((sizeof(Shared) + 15) / 16) * 16 + kMaxSmemData;  // kListCap pairs
+    const size_t finish_smem = shared_head + kMaxSmemData;  // kListCap pairs
     C10_CUDA_CHECK(cudaFuncSetAttribute(topk_split_finish, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(finish_smem)));
     launch_dependent(topk_split_finish, dim3(static_cast<unsigned>(R)), dim3(kThreads), finish_smem, stream, a);
