@@ -214,6 +214,24 @@ def test_decode_kernels(T, K, E, H, I, one):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("I", [768, 20])
+def test_decode_down_stages_unaligned_activations(I):
+    """The down kernel stages a token's activation rows with 16-byte loads where every row starts 16-byte aligned,
+    element by element otherwise (I not a multiple of 8, or a at an odd address): same sums in the same order."""
+    T, K, E, H = 2, 8, 16, 2048
+    ids = random_topk_ids(T, K, E, unrouted=0.1, device="cuda")
+    weights = torch.rand(T, K, device="cuda")
+    w2 = bf16(E, I, H, scale=I ** -0.5)
+    a = bf16(T * K, I)
+    shifted = torch.empty(T * K * I + 1, dtype=torch.bfloat16, device="cuda")[1:].view(T * K, I)  # 2 bytes off
+    shifted.copy_(a)
+    poison_next_alloc(T * H * 2)
+    out = ops.moe_decode_down(shifted, ids, weights, w2)
+    assert rel_err(out, spec.moe_decode_down(a.float(), ids, weights, w2.float())) < 1e-2
+    assert torch.equal(out, ops.moe_decode_down(a, ids, weights, w2))
+
+
+@pytest.mark.gpu
 def test_layer_forward_keye_shape_and_graph_capture():
     T, K, E, H, I = 4096, 8, 128, 2048, 768
     x = bf16(T, H)

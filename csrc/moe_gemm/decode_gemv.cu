@@ -25,7 +25,11 @@
 // (22.6 us), 16-column gate_up CTAs three per SM (18.9 us), down launched as a programmatic dependent of gate_up (no
 // gain), down prefetching its weights into shared memory while gate_up runs (gate_up at 45 us with the L1 that
 // leaves; branch decode-down-prefetch), and stream-K shares at T = 1 (gate_up 23.3 us, down 13.2 us: sibling CTAs
-// no longer read whole weight rows together; branch decode-streamk).
+// no longer read whole weight rows together; branch decode-streamk). Tenth session: gate_up asking the L2 (bulk
+// prefetch) for the down weights its columns feed (layer 30.3 -> 33.3-33.9 us: gate_up read ~71 MB instead of 50;
+// even with all 25 MB already in L2, down took 13.6 us event-timed against 16.8-18.1 after an L2 flush: its load
+// latency chain, not DRAM, sets most of its time), and down with 3-4 batches in flight instead of 2 (13.4 ->
+// 14.5-15.0 us). Down stages the activations with 16-byte loads (13.4 -> 13.2 us per layer in a graph of 8).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -67,6 +71,7 @@ struct DecodeParams {
   int w_cols;              // 2I or H
   int n_out;               // I or H
   int num_experts;         // E
+  bool x_vec;              // down: rows of a start 16-byte aligned (I % 8 == 0, aligned data): staged by 16-byte loads
 };
 
 // gate_up: one batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as
@@ -239,7 +244,7 @@ __device__ __forceinline__ void load_down_batch(const DecodeParams& p, const __n
 template <int kDownCols>
 __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const DecodeParams p) {
   using S = DownShape<kDownCols>;
-  __shared__ __nv_bfloat16 a_s[kMaxDownActivations];
+  __shared__ alignas(16) __nv_bfloat16 a_s[kMaxDownActivations];
   __shared__ float red[kDownWarps][kDownCols];
   __shared__ float part[kDownCols];
   const int K = p.top_k, I = p.reduction, col0 = blockIdx.x * kDownCols;
@@ -254,7 +259,12 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
   float weight_cur = p.weights[slot0];
   uint4 wv[S::kDepth], next[S::kDepth];
   load_down_batch<kDownCols>(p, slice0, 0, wv);
-  for (int i = threadIdx.x; i < K * I; i += kDownThreads) a_s[i] = p.x[slot0 * I + i];  // while the loads fly
+  if (p.x_vec) {  // while the loads fly; 16-byte pieces (K * I is a multiple of 8)
+    const uint4* src = reinterpret_cast<const uint4*>(p.x + slot0 * I);
+    for (int i = threadIdx.x; i < K * I / kVecCols; i += kDownThreads) reinterpret_cast<uint4*>(a_s)[i] = __ldg(src + i);
+  } else {
+    for (int i = threadIdx.x; i < K * I; i += kDownThreads) a_s[i] = p.x[slot0 * I + i];
+  }
   __syncthreads();
   float acc[kVecCols];
 #pragma unroll
@@ -373,7 +383,8 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
   DecodeParams p{reinterpret_cast<const __nv_bfloat16*>(a.data_ptr()), ids.data_ptr<int>(), weights.data_ptr<float>(),
                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  static_cast<int>(T * K), static_cast<int>(K), static_cast<int>(a.size(1)), static_cast<int>(N),
-                 static_cast<int>(N), static_cast<int>(E)};
+                 static_cast<int>(N), static_cast<int>(E),
+                 a.size(1) % kVecCols == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0};
   // 32 columns per CTA when that already gives every SM a CTA, else 16 (twice the CTAs).
   const int cols = N % 32 == 0 && T * (N / 32) >= sm_count(a.get_device()) ? 32 : 16;
   const dim3 grid(static_cast<unsigned>(N / cols), static_cast<unsigned>(T));
