@@ -28,8 +28,10 @@
 // no longer read whole weight rows together; branch decode-streamk). Tenth session: gate_up asking the L2 (bulk
 // prefetch) for the down weights its columns feed (layer 30.3 -> 33.3-33.9 us: gate_up read ~71 MB instead of 50;
 // even with all 25 MB already in L2, down took 13.6 us event-timed against 16.8-18.1 after an L2 flush: its load
-// latency chain, not DRAM, sets most of its time), and down with 3-4 batches in flight instead of 2 (13.4 ->
-// 14.5-15.0 us). Down stages the activations with 16-byte loads (13.4 -> 13.2 us per layer in a graph of 8).
+// latency chain, not DRAM, sets most of its time), down with 3-4 batches in flight instead of 2 (13.4 ->
+// 14.6-15.0 us), and both kernels issuing their second batch before the prologue (down 15.1 -> 17.4 us, gate_up
+// 20.8 -> 21.6 us on a slower machine). Down stages the activations with 16-byte loads (13.4 -> 13.2 us per kernel
+// in a graph of 8).
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
