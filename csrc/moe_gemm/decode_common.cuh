@@ -1,12 +1,21 @@
-// Device helpers shared by the decode GEMV kernels (decode_gemv.cu, decode_streamk.cu).
+// Helpers shared by the decode GEMV kernels (decode_gemv.cu, decode_streamk.cu).
 #pragma once
 
+#include <ATen/ATen.h>
 #include <cuda_bf16.h>
+
+#include <cstdint>
 
 namespace keye {
 namespace decode {
 
 constexpr int kVecCols = 8;  // bf16 columns per 16-byte load
+
+// Whether every row of the contiguous bf16 activations a [rows, I] starts 16-byte aligned, so that the down kernels
+// can stage them with 16-byte loads (host side).
+inline bool activation_rows_aligned(const at::Tensor& a) {
+  return a.size(1) % kVecCols == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0;
+}
 
 // The row-streaming layout of the 256-thread kernels: 8 lanes per weight row (64 columns, 128 bytes), 32 rows per
 // load round, batches of 8 rounds (one 16-byte load per thread each), the next batch's loads issued before the

@@ -386,7 +386,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  static_cast<int>(T * K), static_cast<int>(K), static_cast<int>(a.size(1)), static_cast<int>(N),
                  static_cast<int>(N), static_cast<int>(E),
-                 a.size(1) % kVecCols == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0};
+                 activation_rows_aligned(a)};
   // 32 columns per CTA when that already gives every SM a CTA, else 16 (twice the CTAs).
   const int cols = N % 32 == 0 && T * (N / 32) >= sm_count(a.get_device()) ? 32 : 16;
   const dim3 grid(static_cast<unsigned>(N / cols), static_cast<unsigned>(T));

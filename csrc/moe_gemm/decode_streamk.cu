@@ -193,7 +193,7 @@ void launch(StreamParams p, int64_t tiles, const at::Tensor& like, size_t act_by
 bool decode_down_streamk(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w,
                          at::Tensor& out) {
   const int64_t T = ids.size(0), K = ids.size(1), E = w.size(0), I = a.size(1), H = w.size(2);
-  if (H % kTileCols != 0 || I % kVecCols != 0 || reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 != 0) return false;
+  if (H % kTileCols != 0 || !activation_rows_aligned(a)) return false;
   const int64_t tiles = T * (H / kTileCols), tile_rows = K * I, total = tiles * tile_rows;
   const int sms = sm_count(a.get_device());
   if (total >= INT32_MAX || tiles < sms) return false;  // fewer tiles than SMs: pieces lose row locality (above)
