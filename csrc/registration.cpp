@@ -26,6 +26,7 @@ TORCH_LIBRARY(keye, m) {
   m.def("moe_swiglu_backward(Tensor h, Tensor d_out, Tensor(a!)? a_out=None) -> Tensor");
   m.def("moe_decode_gate_up(Tensor x, Tensor ids, Tensor w) -> Tensor");
   m.def("moe_decode_down(Tensor a, Tensor ids, Tensor weights, Tensor w) -> Tensor");
+  m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
   // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
   m.def("indexer_rotate_quantize(Tensor x) -> (Tensor x8, Tensor scale)");
   m.def(
@@ -71,6 +72,7 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("moe_swiglu_backward", &keye::moe_swiglu_backward_cuda);
   m.impl("moe_decode_gate_up", &keye::moe_decode_gate_up_cuda);
   m.impl("moe_decode_down", &keye::moe_decode_down_cuda);
+  m.impl("moe_decode", &keye::moe_decode_cuda);
   m.impl("indexer_rotate_quantize", &keye::indexer_rotate_quantize_cuda);
   m.impl("indexer_logits", &keye::indexer_logits_cuda);
   m.impl("indexer_logits_paged", &keye::indexer_logits_paged_cuda);

@@ -109,6 +109,46 @@ def test_reference_decode_validation():
         spec.moe_decode_down(a[:2], ids, torch.rand(2, 2), w2)
 
 
+def test_reference_fused_decode_is_the_layer_for_one_token():
+    K, E, H, I = 4, 6, 16, 8
+    x = torch.randn(1, H)
+    ids = torch.tensor([[2, -1, 5, 2]], dtype=torch.int32)  # an unrouted slot, and one expert named twice
+    weights = torch.rand(1, K)
+    w1, w2 = torch.randn(E, H, 2 * I), torch.randn(E, I, H)
+    got = spec.moe_decode(x, ids, weights, w1, w2)
+    want = torch.zeros(H, dtype=torch.float64)
+    for k, e in enumerate(ids[0].tolist()):
+        if e >= 0:
+            h = x[0].double() @ w1[e].double()
+            want += weights[0, k].double() * ((F.silu(h[:I]) * h[I:]) @ w2[e].double())
+    assert got.shape == (1, H) and rel_err(got, want) < 1e-5
+    assert rel_err(got, ops.reference.moe(x, weights, ids, w1, w2)) < 1e-5
+
+
+def test_fused_decode_dispatch_by_shape_and_weight_bytes():
+    assert not spec.decode_fused_preferred(1, 8, 2048, 768)       # Keye: 75 MB of routed weights, two kernels
+    assert spec.decode_fused_preferred(1, 8, 2048, 1408)          # 138 MB
+    assert not spec.decode_fused_preferred(2, 8, 2048, 1408)      # one token only
+    assert not spec.decode_fused_preferred(1, 8, 7168, 2048)      # H past 4096
+    assert not spec.decode_fused_supported(1, 8, 2048, 20)        # I not a multiple of 8
+    assert spec.decode_fused_supported(1, 8, 2048, 768)
+
+
+def test_reference_fused_decode_validation():
+    x, w1, w2 = torch.randn(1, 16), torch.randn(4, 16, 16), torch.randn(4, 8, 16)
+    ids, weights = torch.tensor([[0, 3]], dtype=torch.int32), torch.rand(1, 2)
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'x' must hold one token \[1, H\], got shape \[2, 16\]"):
+        spec.moe_decode(torch.randn(2, 16), ids.repeat(2, 1), weights.repeat(2, 1), w1, w2)
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'down' has size 12 in dim 2 but the hidden size"):
+        spec.moe_decode(x, ids, weights, w1, torch.randn(4, 8, 12))
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'down' has size 4 in dim 1 but the activation width"):
+        spec.moe_decode(x, ids, weights, w1, torch.randn(4, 4, 16))
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'ids' must hold values in \[-1, 3\]"):
+        spec.moe_decode(x, ids + 1, weights, w1, w2)
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'weights' must have dtype float32"):
+        spec.moe_decode(x, ids, weights.double(), w1, w2)
+
+
 def test_reference_validation():
     a, b = torch.randn(8, 4), torch.randn(2, 4, 6)
     off = torch.tensor([0, 3, 8], dtype=torch.int32)
@@ -229,6 +269,78 @@ def test_decode_down_stages_unaligned_activations(I):
     out = ops.moe_decode_down(shifted, ids, weights, w2)
     assert rel_err(out, spec.moe_decode_down(a.float(), ids, weights, w2.float())) < 1e-2
     assert torch.equal(out, ops.moe_decode_down(a, ids, weights, w2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,E,H,I,unrouted", [(8, 128, 2048, 768, 0.0), (8, 128, 2048, 768, 0.3),
+                                               (8, 64, 2048, 1408, 0.0), (3, 8, 256, 64, 0.0), (1, 4, 16, 8, 0.0),
+                                               (5, 8, 1040, 40, 0.2), (8, 16, 4096, 96, 0.0), (2, 4, 64, 2048, 0.0),
+                                               (64, 128, 64, 16, 0.1), (64, 64, 1024, 2048, 0.0)])
+def test_decode_fused(K, E, H, I, unrouted):
+    """One token through gate_up, SwiGLU, down and the combine in one kernel. Sizes that leave stages short of
+    full (H = 1040, I = 40), the largest H and I, more CTAs than rows (H = 16), one CTA's rows spanning many routed
+    slots (K = 64, I = 16) and the most down rows per CTA (64 x 2048)."""
+    x = bf16(1, H)
+    ids = random_topk_ids(1, K, E, unrouted=unrouted, device="cuda")
+    if K >= 3:
+        ids[0, 2] = ids[0, 0]  # an expert named twice: two slots, each read and added
+    weights = torch.rand(1, K, device="cuda")
+    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    poison_next_alloc(H * 2)
+    out = ops.moe_decode(x, ids, weights, w1, w2)
+    assert out.shape == (1, H)
+    assert rel_err(out, spec.moe_decode(x.float(), ids, weights, w1.float(), w2.float())) < 1e-2
+    assert torch.equal(out, ops.moe_decode(x, ids, weights, w1, w2)), "not deterministic"
+
+
+@pytest.mark.gpu
+def test_decode_fused_in_cuda_graph_and_picked_by_moe():
+    """The cooperative launch is captured and replayed; keye.ops.moe takes the fused kernel for a layer this large."""
+    K, E, H, I = 8, 64, 2048, 1408
+    assert spec.decode_fused_preferred(1, K, H, I)
+    x, ids = bf16(1, H), random_topk_ids(1, K, E, unrouted=0.0, device="cuda")
+    weights = torch.rand(1, K, device="cuda")
+    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    with ops.index_checks(False):
+        assert torch.equal(ops.moe(x, weights, ids, w1, w2), ops.moe_decode(x, ids, weights, w1, w2))
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = ops.moe_decode(x, ids, weights, w1, w2)
+        x.copy_(bf16(1, H))
+        g.replay()
+        first = out.clone()
+        g.replay()
+    assert torch.equal(out, first), "a replay must give the same result"
+    assert rel_err(out, spec.moe_decode(x.float(), ids, weights, w1.float(), w2.float())) < 1e-2
+
+
+@pytest.mark.gpu
+def test_decode_fused_unrouted_and_out_of_range_slots():
+    """No routed slot: zeros (every element written). ids >= E with index checks off add nothing (as -1)."""
+    K, E, H, I = 4, 8, 256, 64
+    x, w1, w2 = bf16(1, H), bf16(E, H, 2 * I), bf16(E, I, H)
+    weights = torch.rand(1, K, device="cuda")
+    poison_next_alloc(H * 2)
+    assert (ops.moe_decode(x, torch.full((1, K), -1, dtype=torch.int32, device="cuda"), weights, w1, w2) == 0).all()
+    bad = torch.tensor([[1, E, 3, E + 1000]], dtype=torch.int32, device="cuda")
+    with ops.index_checks(False):
+        got = ops.moe_decode(x, bad, weights, w1, w2)
+    assert torch.equal(got, ops.moe_decode(x, torch.where(bad >= E, -1, bad), weights, w1, w2))
+
+
+@pytest.mark.gpu
+def test_decode_fused_errors_name_the_argument():
+    ids, weights = torch.zeros(1, 2, dtype=torch.int32, device="cuda"), torch.rand(1, 2, device="cuda")
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'x' must hold one token \[1, H\]"):
+        torch.ops.keye.moe_decode(bf16(2, 64), ids.repeat(2, 1), weights.repeat(2, 1), bf16(2, 64, 32), bf16(2, 16, 64))
+    with pytest.raises(ValueError, match=r"moe_decode: the hidden size H must be a positive multiple of 16 up to 4096"):
+        torch.ops.keye.moe_decode(bf16(1, 4112), ids, weights, bf16(2, 4112, 32), bf16(2, 16, 4112))
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'gate_up' must have 2I columns with I a positive multiple of 8"):
+        torch.ops.keye.moe_decode(bf16(1, 64), ids, weights, bf16(2, 64, 40), bf16(2, 20, 64))
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'down' has size 3 in dim 0 but the expert count"):
+        torch.ops.keye.moe_decode(bf16(1, 64), ids, weights, bf16(2, 64, 32), bf16(3, 16, 64))
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'weights' must have the shape of 'ids'"):
+        torch.ops.keye.moe_decode(bf16(1, 64), ids, weights[:, :1], bf16(2, 64, 32), bf16(2, 16, 64))
 
 
 @pytest.mark.gpu

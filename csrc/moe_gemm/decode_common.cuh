@@ -1,10 +1,13 @@
-// Helpers shared by the decode GEMV kernels (decode_gemv.cu, decode_streamk.cu).
+// Helpers shared by the decode GEMV kernels (decode_gemv.cu, decode_streamk.cu, decode_fused.cu).
 #pragma once
 
 #include <ATen/ATen.h>
 #include <cuda_bf16.h>
 
+#include <climits>
 #include <cstdint>
+
+#include "common/check.h"
 
 namespace keye {
 namespace decode {
@@ -15,6 +18,41 @@ constexpr int kVecCols = 8;  // bf16 columns per 16-byte load
 // can stage them with 16-byte loads (host side).
 inline bool activation_rows_aligned(const at::Tensor& a) {
   return a.size(1) % kVecCols == 0 && reinterpret_cast<uintptr_t>(a.data_ptr()) % 16 == 0;
+}
+
+// Argument checks shared by the decode launchers (decode_gemv.cu, decode_fused.cu).
+inline void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* ref_name, int64_t experts,
+                             const char* op) {
+  check_cuda(ids, op, "ids");
+  check_same_device(ids, ref, op, "ids", ref_name);
+  check_dtype(ids, {at::kInt}, op, "ids");
+  check_dim(ids, 2, op, "ids", "[T, top_k]");
+  check_contiguous(ids, op, "ids");
+  KEYE_CHECK(ids.size(1) >= 1, "keye.", op, ": top_k must be >= 1, got ", ids.size(1));
+  KEYE_CHECK(ids.numel() <= 65535, "keye.", op, ": at most 65535 (token, expert) slots (one grid row each), got ",
+             ids.numel(), "; larger batches belong on the grouped GEMMs (keye.ops.moe picks them)");
+  check_index_range(ids, -1, experts - 1, op, "ids");
+}
+
+// An expert weight tensor `name` [E, reduction, cols]: bf16, contiguous, 16-byte aligned.
+inline void check_weights(const at::Tensor& w, const char* name, const at::Tensor& ref, const char* ref_name,
+                          int64_t reduction, const char* op, const char* layout) {
+  check_cuda(w, op, name);
+  check_same_device(w, ref, op, name, ref_name);
+  check_dtype(w, {at::kBFloat16}, op, name);
+  check_dim(w, 3, op, name, layout);
+  check_contiguous(w, op, name);
+  check_size(w, 1, reduction, op, name, "the activation width");
+  KEYE_CHECK(w.size(1) < INT_MAX / 2 && w.size(2) < INT_MAX / 2, "keye.", op, ": weight sizes must be below 2^30");
+  KEYE_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "keye.", op, ": argument '", name,
+             "' must be 16-byte aligned (its data pointer)");
+}
+
+inline void check_rows_input(const at::Tensor& x, const char* op, const char* name, const char* layout) {
+  check_cuda(x, op, name);
+  check_dtype(x, {at::kBFloat16}, op, name);
+  check_dim(x, 2, op, name, layout);
+  check_contiguous(x, op, name);
 }
 
 // The row-streaming layout of the 256-thread kernels: 8 lanes per weight row (64 columns, 128 bytes), 32 rows per

@@ -15,6 +15,7 @@
 //   also uses read the weights again.
 //   Where the token's 64-column tiles are at least as many as the SMs (Keye from T = 5), down runs the stream-K
 //   kernel of decode_streamk.cu instead (equal row shares per CTA; 3-6% faster there).
+// For one token whose routed weights reach ~100 MB, keye.ops.moe runs the one-kernel layer of decode_fused.cu instead.
 // Unrouted slots (id -1) give zero rows of a and add nothing to out; so do ids >= E, which only index checks
 // (on by default) report.
 //
@@ -296,44 +297,12 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
     p.out[static_cast<int64_t>(blockIdx.y) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(part[threadIdx.x]);
 }
 
-void check_decode_ids(const at::Tensor& ids, const at::Tensor& ref, const char* ref_name, int64_t experts, const char* op) {
-  check_cuda(ids, op, "ids");
-  check_same_device(ids, ref, op, "ids", ref_name);
-  check_dtype(ids, {at::kInt}, op, "ids");
-  check_dim(ids, 2, op, "ids", "[T, top_k]");
-  check_contiguous(ids, op, "ids");
-  KEYE_CHECK(ids.size(1) >= 1, "keye.", op, ": top_k must be >= 1, got ", ids.size(1));
-  KEYE_CHECK(ids.numel() <= 65535, "keye.", op, ": at most 65535 (token, expert) slots (one grid row each), got ",
-             ids.numel(), "; larger batches belong on the grouped GEMMs (keye.ops.moe picks them)");
-  check_index_range(ids, -1, experts - 1, op, "ids");
-}
-
-void check_weights(const at::Tensor& w, const at::Tensor& ref, const char* ref_name, int64_t reduction, const char* op,
-                   const char* layout) {
-  check_cuda(w, op, "w");
-  check_same_device(w, ref, op, "w", ref_name);
-  check_dtype(w, {at::kBFloat16}, op, "w");
-  check_dim(w, 3, op, "w", layout);
-  check_contiguous(w, op, "w");
-  check_size(w, 1, reduction, op, "w", "the activation width");
-  KEYE_CHECK(w.size(1) < INT_MAX / 2 && w.size(2) < INT_MAX / 2, "keye.", op, ": weight sizes must be below 2^30");
-  KEYE_CHECK(reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0, "keye.", op,
-             ": argument 'w' must be 16-byte aligned (its data pointer)");
-}
-
-void check_rows_input(const at::Tensor& x, const char* op, const char* name, const char* layout) {
-  check_cuda(x, op, name);
-  check_dtype(x, {at::kBFloat16}, op, name);
-  check_dim(x, 2, op, name, layout);
-  check_contiguous(x, op, name);
-}
-
 }  // namespace
 
 at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w) {
   const char* op = "moe_decode_gate_up";
   check_rows_input(x, op, "x", "[T, H]");
-  check_weights(w, x, "x", x.size(1), op, "[E, H, 2I]");
+  check_weights(w, "w", x, "x", x.size(1), op, "[E, H, 2I]");
   const int64_t E = w.size(0), H = x.size(1), I = w.size(2) / 2;
   KEYE_CHECK(w.size(2) % (2 * kCols) == 0, "keye.", op, ": argument 'w' must have 2I columns with I a multiple of ",
              kCols, ", got shape ", dims_str(w.sizes()));
@@ -362,7 +331,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, c
 at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w) {
   const char* op = "moe_decode_down";
   check_rows_input(a, op, "a", "[T * top_k, I]");
-  check_weights(w, a, "a", a.size(1), op, "[E, I, H]");
+  check_weights(w, "w", a, "a", a.size(1), op, "[E, I, H]");
   const int64_t E = w.size(0), N = w.size(2);
   KEYE_CHECK(N % 16 == 0, "keye.", op, ": argument 'w' must have a multiple of 16 columns, got shape ",
              dims_str(w.sizes()));

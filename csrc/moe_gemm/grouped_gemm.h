@@ -40,5 +40,9 @@ at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out
 at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w);
 // down + combine: out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]]), w [E, I, H], weights fp32 -> [T, H].
 at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w);
+// Both and the combine for one token in one kernel (decode_fused.cu): x [1, H], ids/weights [1, K], gate_up
+// [E, H, 2I], down [E, I, H] -> out [1, H] = sum_k weights[k] * (swiglu(x @ gate_up[e_k]) @ down[e_k]), fp32 throughout.
+at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
+                           const at::Tensor& gate_up, const at::Tensor& down);
 
 }  // namespace keye

@@ -9,7 +9,7 @@ from keye.ops._dispatch import force_reference, use_kernel
 from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_slot_dot, moe_unpermute, src_from_dest
 from keye.ops.moe_router import MoeRouterOutput, load_balancing_loss, moe_router
 from keye.ops.moe_gemm import (
-    moe_decode_down, moe_decode_gate_up, moe_grouped_gemm_configs, moe_grouped_mm, moe_grouped_mm_wgrad, moe_swiglu,
+    moe_decode, moe_decode_down, moe_decode_gate_up, moe_grouped_gemm_configs, moe_grouped_mm, moe_grouped_mm_wgrad, moe_swiglu,
     moe_swiglu_backward,
 )
 from keye.ops.moe import moe
@@ -27,7 +27,7 @@ __all__ = [
     "MoeRouting", "moe_route", "moe_permute", "moe_unpermute", "moe_slot_dot", "src_from_dest",
     "MoeRouterOutput", "moe_router", "load_balancing_loss", "moe",
     "moe_grouped_mm", "moe_grouped_mm_wgrad", "moe_swiglu", "moe_swiglu_backward", "moe_decode_gate_up",
-    "moe_decode_down", "moe_grouped_gemm_configs",
+    "moe_decode_down", "moe_decode", "moe_grouped_gemm_configs",
     "indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append", "indexer_loss",
     "sparse_attention", "sparse_attention_decode",
 ]

@@ -8,9 +8,11 @@ keye's kernels end to end, with no host synchronisation (CUDA-graph capturable w
 
     moe_route -> moe_permute -> grouped GEMM gate_up -> SwiGLU -> grouped GEMM down -> moe_unpermute (weighted)
 
-and for decode-size batches (at most one row per expert on average, no gradient needed, top_k * I <= 16384) two kernels
-take the router's output directly and stream each routed expert's weights once: gather + gate_up + SwiGLU, then
-down + the weighted combine (no routing, permutation or combine kernels). The backward is deterministic: data gradients
+and for decode-size batches (at most one row per expert on average, no gradient needed) kernels that take the router's
+output directly and stream each routed expert's weights once, with no routing, permutation or combine kernels: for
+one token with at least ~100 MB of routed weights, one kernel does it all (moe_decode: gate_up, SwiGLU, down and the
+weighted combine; it has a fixed cost of ~17 us that only large layers repay); otherwise (top_k * I <= 16384) two:
+gather + gate_up + SwiGLU, then down + the combine. The backward is deterministic: data gradients
 by grouped GEMMs against the transposed weights, weight gradients by K-grouped GEMMs (one CTA per output tile),
 routing-weight gradients by per-slot dot products; no atomics anywhere.
 """
@@ -24,7 +26,7 @@ import torch
 from keye.ops import reference as ref
 from keye.ops._dispatch import use_kernel
 from keye.ops.reference.moe import check_experts_args
-from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS
+from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS, decode_fused_preferred
 
 # Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs. H200 (NOTES.md, MoE layer):
 # at 1 row per routed expert (T = 1) they beat the GEMM path; at 4 (T = 64, Keye shape) the tensor-core GEMMs were
@@ -54,17 +56,20 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torc
     check_experts_args(x, weights, ids, gate_up, down)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
-    if (not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]
-            and ids.shape[1] * down.shape[1] <= DECODE_MAX_ACTIVATIONS):
-        return _decode(x, weights, ids, gate_up, down)
+    if not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]:
+        fused = decode_fused_preferred(ids.shape[0], ids.shape[1], x.shape[1], down.shape[1])
+        if fused or ids.shape[1] * down.shape[1] <= DECODE_MAX_ACTIVATIONS:
+            return _decode(x, weights, ids, gate_up, down, fused)
     if not needs_grad:  # no autograd bookkeeping (host time before the first kernel: the GPU waits for it)
         return _forward(x, weights, ids, gate_up, down)[0]
     return _MoeLayer.apply(x, weights, ids, gate_up, down)
 
 
-def _decode(x, weights, ids, gate_up, down):
+def _decode(x, weights, ids, gate_up, down, fused: bool):
     keye = torch.ops.keye
     ids, weights = ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous()  # no-ops for the router's
+    if fused:
+        return keye.moe_decode(x, ids, weights, gate_up, down)
     return keye.moe_decode_down(keye.moe_decode_gate_up(x, ids, gate_up), ids, weights, down)
 
 

@@ -14,6 +14,8 @@ Decode-size batches skip the grouping and take the router's output directly (ids
     moe_decode_gate_up(x, ids, w)            a[t*K + k] = silu(g) * u of x[t] @ w[ids[t, k]] (h not rounded);
                                              zero rows for unrouted slots                        [T*K, I]
     moe_decode_down(a, ids, weights, w)      out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]])   [T, H]
+    moe_decode(x, ids, weights, gate_up, down)   one token, both and the combine without rounding a:
+                                             out = sum_k weights[k] * (silu(g) * u @ down[ids[k]])        [1, H]
 """
 
 from __future__ import annotations
@@ -25,6 +27,29 @@ from keye.ops._checks import _fail, check_index_range, check_same_device, check_
 
 FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 DECODE_MAX_ACTIVATIONS = 16384  # top_k * I: moe_decode_down stages a token's K activation rows in shared memory
+# moe_decode's kernel (one token): H a multiple of 16 up to 4096 (x sits in shared memory beside the weight ring), I a
+# multiple of 8 up to 2048, top_k up to 64.
+DECODE_FUSED_MAX_HIDDEN = 4096
+DECODE_FUSED_MAX_INTER = 2048
+DECODE_FUSED_MAX_TOPK = 64
+# The fused kernel costs ~17 us plus the routed weights at ~4.3 TB/s, the two decode kernels those bytes at ~2.6 TB/s
+# (H200, per layer in CUDA graphs of 8; NOTES.md, eleventh session): they cross near 100 MB per layer. Keye's 75 MB
+# (2048/768, top-8) stays on the two kernels (29.5 vs 34.3 us); 2048/1408/64-experts' 138 MB takes the fused one
+# (47.7 vs 53.2 us).
+DECODE_FUSED_MIN_WEIGHT_BYTES = 100 << 20
+
+
+def decode_fused_supported(tokens: int, top_k: int, hidden: int, inter: int) -> bool:
+    """Whether moe_decode's CUDA kernel takes this shape."""
+    return (tokens == 1 and top_k <= DECODE_FUSED_MAX_TOPK and hidden % 16 == 0 and 0 < hidden <= DECODE_FUSED_MAX_HIDDEN
+            and inter % 8 == 0 and 0 < inter <= DECODE_FUSED_MAX_INTER)
+
+
+def decode_fused_preferred(tokens: int, top_k: int, hidden: int, inter: int) -> bool:
+    """Whether keye.ops.moe runs this decode shape on moe_decode's kernel (supported, and the routed weights are
+    large enough for its fixed cost to pay)."""
+    return (decode_fused_supported(tokens, top_k, hidden, inter)
+            and top_k * 3 * hidden * inter * 2 >= DECODE_FUSED_MIN_WEIGHT_BYTES)
 
 
 def check_offsets(offsets, rows: int, experts: int | None, op: str, ref, ref_name: str = "a") -> None:
@@ -119,10 +144,17 @@ def _check_decode_ids(ids, ref, ref_name: str, experts: int, op: str) -> None:
     check_index_range(ids, -1, experts - 1, op, "ids")
 
 
-def _check_decode_weights(w, ref, ref_name: str, reduction: int, op: str, layout: str) -> None:
-    check_tensor(w, op, "w", FLOATS, 3, layout)
-    check_same_device(w, ref, op, "w", ref_name)
-    check_size(w, 1, reduction, op, "w", "the activation width")
+def _check_decode_weights(w, ref, ref_name: str, reduction: int, op: str, layout: str, name: str = "w") -> None:
+    check_tensor(w, op, name, FLOATS, 3, layout)
+    check_same_device(w, ref, op, name, ref_name)
+    check_size(w, 1, reduction, op, name, "the activation width")
+
+
+def _check_routing_weights(weights, ids, ref, ref_name: str, op: str) -> None:
+    check_tensor(weights, op, "weights", (torch.float32,), 2, "[T, top_k]")
+    check_same_device(weights, ref, op, "weights", ref_name)
+    if weights.shape != ids.shape:
+        _fail(op, f"argument 'weights' must have the shape of 'ids' {list(ids.shape)}, got {list(weights.shape)}")
 
 
 def moe_decode_gate_up(x, ids, w) -> torch.Tensor:
@@ -145,13 +177,30 @@ def moe_decode_down(a, ids, weights, w) -> torch.Tensor:
     if ids.shape[1] * a.shape[1] > DECODE_MAX_ACTIVATIONS:
         _fail(op, f"top_k * I must be at most {DECODE_MAX_ACTIVATIONS} (a token's activation rows are staged in "
                   f"shared memory), got {ids.shape[1]} * {a.shape[1]}")
-    check_tensor(weights, op, "weights", (torch.float32,), 2, "[T, top_k]")
-    check_same_device(weights, a, op, "weights", "a")
-    if weights.shape != ids.shape:
-        _fail(op, f"argument 'weights' must have the shape of 'ids' {list(ids.shape)}, got {list(weights.shape)}")
+    _check_routing_weights(weights, ids, a, "a", op)
     T, K = ids.shape
     y = _per_expert(ids, w.shape[2], lambda e, slots: a[slots].float() @ w[e].float())
     return (y.view(T, K, -1) * weights.unsqueeze(2)).sum(1).to(a.dtype)
+
+
+def moe_decode(x, ids, weights, gate_up, down) -> torch.Tensor:
+    op = "moe_decode"
+    check_tensor(x, op, "x", FLOATS, 2, "[1, H]")
+    if x.shape[0] != 1:
+        _fail(op, f"argument 'x' must hold one token [1, H], got shape {list(x.shape)}; batches take "
+                  "keye.ops.moe_decode_gate_up and moe_decode_down (keye.ops.moe picks them)")
+    H = x.shape[1]
+    _check_decode_weights(gate_up, x, "x", H, op, "[E, H, 2I]", name="gate_up")
+    E, I = gate_up.shape[0], gate_up.shape[2] // 2
+    _check_decode_weights(down, x, "x", I, op, "[E, I, H]", name="down")
+    check_size(down, 0, E, op, "down", "the expert count (gate_up.size(0))")
+    check_size(down, 2, H, op, "down", "the hidden size (x.size(1))")
+    _check_decode_ids(ids, x, "x", E, op)
+    check_size(ids, 0, 1, op, "ids", "the token count (x.size(0))")
+    _check_routing_weights(weights, ids, x, "x", op)
+    a = _per_expert(ids, I, lambda e, slots: _swiglu_fp32(x.float() @ gate_up[e].float()))  # not rounded
+    y = _per_expert(ids, H, lambda e, slots: a[slots] @ down[e].float())
+    return (y * weights.reshape(-1, 1)).sum(0, keepdim=True).to(x.dtype)
 
 
 def _per_expert(ids, cols: int, rows_of) -> torch.Tensor:
