@@ -55,17 +55,4 @@ __device__ __forceinline__ void bulk_copy_g2s(void* dst, const void* src, uint32
       : "memory");
 }
 
-// A 2-D box (TMA with a tensor map: `map` is the address of a __grid_constant__ CUtensorMap kernel parameter) at
-// element coordinates (x = inner dimension, y = outer) into dst (16-byte aligned); completes on bar. Rows past the
-// tensor's end arrive as zeros and still count toward the box's bytes.
-__device__ __forceinline__ void tensor_copy_2d_g2s(void* dst, const void* map, int x, int y, uint64_t* bar,
-                                                   uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1, {%2, %3}], [%4], %5;\n"
-      ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(dst))), "l"(reinterpret_cast<uint64_t>(map)), "r"(x),
-      "r"(y), "r"(static_cast<uint32_t>(__cvta_generic_to_shared(bar))), "l"(policy)
-      : "memory");
-}
-
 }  // namespace keye

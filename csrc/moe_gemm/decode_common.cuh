@@ -48,6 +48,17 @@ inline void check_weights(const at::Tensor& w, const char* name, const at::Tenso
              "' must be 16-byte aligned (its data pointer)");
 }
 
+// Routing weights: fp32 [T, top_k] like ids, on ref's device.
+inline void check_routing_weights(const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& ref,
+                                  const char* ref_name, const char* op) {
+  check_cuda(weights, op, "weights");
+  check_same_device(weights, ref, op, "weights", ref_name);
+  check_dtype(weights, {at::kFloat}, op, "weights");
+  check_contiguous(weights, op, "weights");
+  KEYE_CHECK(weights.sizes() == ids.sizes(), "keye.", op, ": argument 'weights' must have the shape of 'ids' ",
+             dims_str(ids.sizes()), ", got ", dims_str(weights.sizes()));
+}
+
 inline void check_rows_input(const at::Tensor& x, const char* op, const char* name, const char* layout) {
   check_cuda(x, op, name);
   check_dtype(x, {at::kBFloat16}, op, name);

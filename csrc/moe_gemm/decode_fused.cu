@@ -209,6 +209,10 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
     for (int s = 0; s < kStages; ++s) issue(s);
   for (int i = tid; i < H; i += kThreads) x_s[i] = __bfloat162float(p.x[i]);
   __syncthreads();
+  const auto wait_rows = [&](int s) {  // stage s's rows, once they have landed
+    mbarrier_wait_parity(full + s % kStages, (s / kStages) & 1);
+    return reinterpret_cast<const __nv_bfloat16*>(smem + static_cast<size_t>(s % kStages) * kStageBytes);
+  };
   const auto release = [&](int s) {  // every thread: slot s % kStages may be refilled
     fence_async_shared();  // this thread's reads of the slot are done before the refill (async proxy)
     __syncthreads();
@@ -233,8 +237,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
     const int j = c.slot, h0 = c.row, n = c.rows();
     if (j != j_prev && j_prev >= 0) flush_h(j_prev);
     j_prev = j;
-    mbarrier_wait_parity(full + s % kStages, (s / kStages) & 1);
-    const __nv_bfloat16* rows = reinterpret_cast<const __nv_bfloat16*>(smem + static_cast<size_t>(s % kStages) * kStageBytes);
+    const __nv_bfloat16* rows = wait_rows(s);
     for (int r = 0; r < n; ++r) {
       const float xv = x_s[h0 + r];
 #pragma unroll
@@ -281,8 +284,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
   for (; c.phase == 1; ++s) {
     const int local = c.pos - down0;
     const int n = c.rows();
-    mbarrier_wait_parity(full + s % kStages, (s / kStages) & 1);
-    const __nv_bfloat16* rows = reinterpret_cast<const __nv_bfloat16*>(smem + static_cast<size_t>(s % kStages) * kStageBytes);
+    const __nv_bfloat16* rows = wait_rows(s);
     for (int r = 0; r < n; ++r) {
       const float a = act_s[local + r];
 #pragma unroll
@@ -352,12 +354,7 @@ at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at:
   check_size(ids, 0, 1, op, "ids", "the token count (x.size(0))");
   const int64_t K = ids.size(1);
   KEYE_CHECK(K <= kMaxTopK, "keye.", op, ": top_k must be at most ", kMaxTopK, ", got ", K);
-  check_cuda(weights, op, "weights");
-  check_same_device(weights, x, op, "weights", "x");
-  check_dtype(weights, {at::kFloat}, op, "weights");
-  check_contiguous(weights, op, "weights");
-  KEYE_CHECK(weights.sizes() == ids.sizes(), "keye.", op, ": argument 'weights' must have the shape of 'ids' ",
-             dims_str(ids.sizes()), ", got ", dims_str(weights.sizes()));
+  decode::check_routing_weights(weights, ids, x, "x", op);
 
   const c10::cuda::CUDAGuard guard(x.device());
   const int device = x.get_device();

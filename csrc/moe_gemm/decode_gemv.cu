@@ -337,12 +337,7 @@ at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, cons
              dims_str(w.sizes()));
   check_decode_ids(ids, a, "a", E, op);
   check_size(a, 0, ids.numel(), op, "a", "T * top_k (ids.numel())");
-  check_cuda(weights, op, "weights");
-  check_same_device(weights, a, op, "weights", "a");
-  check_dtype(weights, {at::kFloat}, op, "weights");
-  check_contiguous(weights, op, "weights");
-  KEYE_CHECK(weights.sizes() == ids.sizes(), "keye.", op, ": argument 'weights' must have the shape of 'ids' ",
-             dims_str(ids.sizes()), ", got ", dims_str(weights.sizes()));
+  check_routing_weights(weights, ids, a, "a", op);
   const int64_t T = ids.size(0), K = ids.size(1);
   KEYE_CHECK(K * a.size(1) <= kMaxDownActivations, "keye.", op, ": top_k * I must be at most ", kMaxDownActivations,
              " (a token's activation rows are staged in shared memory), got ", K, " * ", a.size(1));
