@@ -21,6 +21,9 @@ round-robin): what the one-call figure depends on.
     ncu --clock-control none -k regex:block_plan -c 1 --section SpeedOfLight --section WarpStateStats \
         python3 bench/profile_kernels.py attn --plain --iters 1
 Decode workloads also report the CUDA-graph replay time (what a decode step costs without host launches).
+--sweep (moe-decode only) times one token through the fused kernel (ops.moe_decode) and through the two decode
+kernels over I = 64 .. 2048 (H = 2048, 64 experts, top-8), per layer in CUDA graphs of 8 layers, and fits
+time = fixed + bytes / rate to each (NOTES.md, eleventh session: both have a ~20 us floor).
 """
 import argparse
 from collections import defaultdict
@@ -235,6 +238,31 @@ def moe_call_modes(T, reps=40):
             print(f"  {mode:22s} no sync {loop(mode, False):8.1f} us, host sync after each call {loop(mode, True):8.1f} us")
 
 
+def moe_decode_sweep(layers=8):
+    from keye.bench.moe_gemm import _setup
+    from keye.bench.timing import median_ms_interleaved
+
+    H, E, K, kk = 2048, 64, 8, torch.ops.keye
+    rows = []
+    for I in (64, 256, 768, 1408, 2048):
+        stack = [_setup(1, H, I, E, K, torch.device("cuda")) for _ in range(layers)]  # x, weights, ids, w1, w2
+        graphs = {"two": capture_graph(*[lambda s=s: kk.moe_decode_down(kk.moe_decode_gate_up(s[0], s[2], s[3]), s[2],
+                                                                         s[1], s[4]) for s in stack]),
+                  "fused": capture_graph(*[lambda s=s: kk.moe_decode(s[0], s[2], s[1], s[3], s[4]) for s in stack])}
+        ms = median_ms_interleaved({k: g.replay for k, g in graphs.items()}, torch.device("cuda"), 40)
+        experts = sum(int(torch.unique(s[2][s[2] >= 0]).numel()) for s in stack) / layers
+        mb = experts * 3 * H * I * 2 / 1e6
+        rows.append((mb, ms["two"] * 1e3 / layers, ms["fused"] * 1e3 / layers))
+        print(f"I = {I:5d}: {mb:6.1f} MB routed   two kernels {rows[-1][1]:6.1f} us   fused {rows[-1][2]:6.1f} us")
+        del graphs, stack
+        torch.cuda.empty_cache()
+    mb = torch.tensor([r[0] for r in rows], dtype=torch.float64)
+    for col, name in ((1, "two kernels"), (2, "fused")):
+        fit = torch.linalg.lstsq(torch.stack([torch.ones_like(mb), mb], 1),
+                                 torch.tensor([r[col] for r in rows], dtype=torch.float64)[:, None]).solution[:, 0]
+        print(f"{name}: {fit[0]:.1f} us + bytes at {1 / fit[1]:.2f} TB/s (line fit)")
+
+
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
     return single_ms(capture_graph(fn).replay, iters)
@@ -258,6 +286,7 @@ def main():
     p.add_argument("--plain", action="store_true", help="only run the workloads (a driver for ncu)")
     p.add_argument("--timeline", action="store_true", help="one call's host and device events on one clock")
     p.add_argument("--segments", action="store_true", help="moe: op-by-op event timing after three preludes")
+    p.add_argument("--sweep", action="store_true", help="moe-decode: fused vs two kernels over the weight bytes")
     a = p.parse_args()
     torch.manual_seed(0)
     T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32, "indexer-decode": 64,
@@ -265,6 +294,12 @@ def main():
     make = {"moe": moe_workloads, "attn": attn_workloads, "moe-decode": moe_decode_workloads,
             "attn-decode": attn_decode_workloads, "indexer-decode": indexer_decode_workloads,
             "indexer-topk": indexer_topk_workloads}[a.layer]
+    if a.sweep:
+        if a.layer != "moe-decode":
+            p.error("--sweep is for moe-decode")
+        with ops.index_checks(False), torch.no_grad():
+            moe_decode_sweep()
+        return
     if a.segments:
         if a.layer != "moe":
             p.error("--segments is for the moe layer")

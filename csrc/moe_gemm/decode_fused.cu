@@ -16,11 +16,13 @@
 // - grid barrier; CTA g sums the G vectors in CTA order for its 16-column chunks of out.
 // Static ranges and fixed summation orders: the bits do not depend on timing; no atomics.
 //
-// Measured (H200, CUDA graphs of 8 layers; NOTES.md, eleventh session): the kernel's time is about 17 us plus the
-// weight bytes at ~4.3 TB/s, the two-kernel path's (decode_gemv.cu) the bytes at ~2.6 TB/s; so it wins only for
-// large layers (2048/1408/64 experts: 47.7 vs 53.2 us) and loses at Keye's (34.3 vs 29.5 us). keye.ops.moe picks it
-// by routed weight bytes (reference/moe_gemm.py, DECODE_FUSED_MIN_WEIGHT_BYTES). Where the 17 us go was not
-// profiled (two grid barriers, two L2 round trips, the launch of a 220 KB-shared-memory cooperative grid).
+// Measured (H200, per layer in CUDA graphs of 8 layers, H = 2048, top-8; NOTES.md, eleventh session): from 6.3 to
+// 201 MB of routed weights this kernel takes 20.0 to 60.7 us (line fit ~19.7 us + bytes at ~4.9 TB/s), the two-kernel
+// path (decode_gemv.cu) 20.0 to 63.5 us (~16.7 us + bytes at ~4.2 TB/s): both sit on a ~20 us floor at small
+// sizes, and this kernel wins from ~90-100 MB (2048/1408/64 experts: 47.7 vs 53.2 us) but loses at Keye's 75 MB
+// (34.3-34.6 vs 29.5-30.3 us). keye.ops.moe picks it by routed weight bytes (reference/moe_gemm.py,
+// DECODE_FUSED_MIN_WEIGHT_BYTES). What the floor is made of was not profiled (launch, dependent round trips to
+// memory, two grid barriers, TLB misses on first touch of each expert).
 // Earlier versions of this kernel, measured slower at Keye's shape: (slot, 16 intermediate columns) work units
 // streaming w1 columns through registers (33.2 us; more shared memory for down blocks made it slower still: 34.8,
 // 51.4 us, as the L1 that the register loads need shrank) or through 2-D tensor-map boxes (30.3-31.4 us).

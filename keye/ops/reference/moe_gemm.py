@@ -32,10 +32,10 @@ DECODE_MAX_ACTIVATIONS = 16384  # top_k * I: moe_decode_down stages a token's K 
 DECODE_FUSED_MAX_HIDDEN = 4096
 DECODE_FUSED_MAX_INTER = 2048
 DECODE_FUSED_MAX_TOPK = 64
-# The fused kernel costs ~17 us plus the routed weights at ~4.3 TB/s, the two decode kernels those bytes at ~2.6 TB/s
-# (H200, per layer in CUDA graphs of 8; NOTES.md, eleventh session): they cross near 100 MB per layer. Keye's 75 MB
-# (2048/768, top-8) stays on the two kernels (29.5 vs 34.3 us); 2048/1408/64-experts' 138 MB takes the fused one
-# (47.7 vs 53.2 us).
+# Per layer in CUDA graphs of 8 (H200, H = 2048, top-8, 6.3 to 201 MB of routed weights; NOTES.md, eleventh session):
+# the fused kernel ~19.7 us + bytes at ~4.9 TB/s, the two decode kernels ~16.7 us + bytes at ~4.2 TB/s (line fits).
+# Measured: Keye's 75 MB (2048/768, top-8) 34.6 vs 30.3 us, so it stays on the two kernels; 138 MB (2048/1408) 47.6
+# vs 53.0 us, so it takes the fused one. The fits cross near 90 MB.
 DECODE_FUSED_MIN_WEIGHT_BYTES = 100 << 20
 
 
