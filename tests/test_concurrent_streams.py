@@ -108,6 +108,12 @@ def test_moe_layer_forward_and_backward(noise):
     assert_same_beside_noise(run, noise)
 
 
+def test_moe_decode_fused(noise):
+    """One token through the one-kernel decode layer (cooperative grid, bulk-copy ring, grid barriers)."""
+    x, weights, ids, w1, w2 = moe_inputs(1, 2048, 1408, 64, 8, torch.device(DEV))
+    assert_same_beside_noise(lambda: (ops.moe_decode(x, ids, weights, w1, w2),), noise)
+
+
 def test_moe_router(noise):
     logits = torch.randn(16384, 128, device=DEV, dtype=torch.bfloat16)
     assert_same_beside_noise(lambda: tuple(ops.moe_router(logits, 8)), noise)
