@@ -335,7 +335,8 @@ def test_decode_fused_errors_name_the_argument():
         torch.ops.keye.moe_decode(bf16(2, 64), ids.repeat(2, 1), weights.repeat(2, 1), bf16(2, 64, 32), bf16(2, 16, 64))
     with pytest.raises(ValueError, match=r"moe_decode: the hidden size H must be a positive multiple of 16 up to 4096"):
         torch.ops.keye.moe_decode(bf16(1, 4112), ids, weights, bf16(2, 4112, 32), bf16(2, 16, 4112))
-    with pytest.raises(ValueError, match=r"moe_decode: argument 'gate_up' must have 2I columns with I a positive multiple of 8"):
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'gate_up' must have 2I columns with I a positive "
+                                         r"multiple of 8"):
         torch.ops.keye.moe_decode(bf16(1, 64), ids, weights, bf16(2, 64, 40), bf16(2, 20, 64))
     with pytest.raises(ValueError, match=r"moe_decode: argument 'down' has size 3 in dim 0 but the expert count"):
         torch.ops.keye.moe_decode(bf16(1, 64), ids, weights, bf16(2, 64, 32), bf16(3, 16, 64))

@@ -9,8 +9,8 @@ from keye.ops._dispatch import force_reference, use_kernel
 from keye.ops.moe_permute import MoeRouting, moe_permute, moe_route, moe_slot_dot, moe_unpermute, src_from_dest
 from keye.ops.moe_router import MoeRouterOutput, load_balancing_loss, moe_router
 from keye.ops.moe_gemm import (
-    moe_decode, moe_decode_down, moe_decode_gate_up, moe_grouped_gemm_configs, moe_grouped_mm, moe_grouped_mm_wgrad, moe_swiglu,
-    moe_swiglu_backward,
+    moe_decode, moe_decode_down, moe_decode_gate_up, moe_grouped_gemm_configs, moe_grouped_mm, moe_grouped_mm_wgrad,
+    moe_swiglu, moe_swiglu_backward,
 )
 from keye.ops.moe import moe
 

@@ -10,10 +10,9 @@ keye's kernels end to end, with no host synchronisation (CUDA-graph capturable w
 
 and for decode-size batches (at most one row per expert on average, no gradient needed) kernels that take the router's
 output directly and stream each routed expert's weights once, with no routing, permutation or combine kernels: for
-one token with at least ~100 MB of routed weights, one kernel does it all (moe_decode: gate_up, SwiGLU, down and the
-weighted combine; it streams faster but starts slower, and wins from ~100 MB on the H200); otherwise
-(top_k * I <= 16384) two:
-gather + gate_up + SwiGLU, then down + the combine. The backward is deterministic: data gradients
+one token with at least 100 MB of routed weights, one kernel does it all (moe_decode: gate_up, SwiGLU, down and the
+weighted combine; it streams faster but starts slower); otherwise (top_k * I <= 16384) two: gather + gate_up +
+SwiGLU, then down + the combine. The backward is deterministic: data gradients
 by grouped GEMMs against the transposed weights, weight gradients by K-grouped GEMMs (one CTA per output tile),
 routing-weight gradients by per-slot dot products; no atomics anywhere.
 """

@@ -36,12 +36,13 @@ DECODE_FUSED_MAX_TOPK = 64
 # the fused kernel ~19.7 us + bytes at ~4.9 TB/s, the two decode kernels ~16.7 us + bytes at ~4.2 TB/s (line fits).
 # Measured: Keye's 75 MB (2048/768, top-8) 34.6 vs 30.3 us, so it stays on the two kernels; 138 MB (2048/1408) 47.6
 # vs 53.0 us, so it takes the fused one. The fits cross near 90 MB.
-DECODE_FUSED_MIN_WEIGHT_BYTES = 100 << 20
+DECODE_FUSED_MIN_WEIGHT_BYTES = 100 * 10**6
 
 
 def decode_fused_supported(tokens: int, top_k: int, hidden: int, inter: int) -> bool:
     """Whether moe_decode's CUDA kernel takes this shape."""
-    return (tokens == 1 and top_k <= DECODE_FUSED_MAX_TOPK and hidden % 16 == 0 and 0 < hidden <= DECODE_FUSED_MAX_HIDDEN
+    return (tokens == 1 and top_k <= DECODE_FUSED_MAX_TOPK
+            and hidden % 16 == 0 and 0 < hidden <= DECODE_FUSED_MAX_HIDDEN
             and inter % 8 == 0 and 0 < inter <= DECODE_FUSED_MAX_INTER)
 
 
