@@ -363,8 +363,7 @@ at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at:
   const int grid = std::min(sm_count(device), kMaxGrid);  // one 512-thread CTA per SM (its shared memory sees to that)
   KEYE_CHECK((K * I + grid - 1) / grid <= kMaxDownRows, "keye.", op, ": top_k * I must be at most ",
              kMaxDownRows * grid, " on this GPU, got ", K, " * ", I);
-  int smem_limit = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem_limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  const int smem_limit = max_smem_optin(device);
   const Layout layout{static_cast<int>(H)};
   KEYE_CHECK(layout.bytes() <= static_cast<size_t>(smem_limit), "keye.", op, ": needs ", layout.bytes(),
              " bytes of shared memory per CTA, the device allows ", smem_limit);
