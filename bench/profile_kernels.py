@@ -24,6 +24,9 @@ Decode workloads also report the CUDA-graph replay time (what a decode step cost
 --sweep (moe-decode only) times one token through the fused kernel (ops.moe_decode) and through the two decode
 kernels over I = 64 .. 2048 (H = 2048, 64 experts, top-8), per layer in CUDA graphs of 8 layers, and fits
 time = fixed + bytes / rate to each (NOTES.md, eleventh session: both have a ~20 us floor).
+--floor (moe-decode only) splits that floor: own vs shared vs repeated weights, each kernel alone, kernel durations
+inside a replay, and a graph's per-node cost (moe_decode_floor below; bench/decode_floor_ceiling.cu measures
+launch, grid-barrier and memory round-trip costs in isolation).
 """
 import argparse
 from collections import defaultdict
@@ -263,6 +266,47 @@ def moe_decode_sweep(layers=8):
         print(f"{name}: {fit[0]:.1f} us + bytes at {1 / fit[1]:.2f} TB/s (line fit)")
 
 
+def moe_decode_floor(layers=8):
+    """What the T = 1 layer's fixed cost is made of: per layer in CUDA graphs of `layers` layers (L2 flushed before
+    each replay), the two decode kernels together and each alone, and the fused kernel, with (1) every layer on its
+    own weights and routing, (2) every layer on layer 0's weights with its own routing, (3) layer 0 repeated (its
+    weights hot in L2 and the TLBs after the first layer); then the kernels' own durations inside one replay of (1)
+    (torch.profiler) and a graph of tiny kernels (the per-node cost of a graph)."""
+    from keye.bench.moe_gemm import _setup
+    from keye.bench.timing import median_ms_interleaved
+
+    H, E, K, kk, dev = 2048, 64, 8, torch.ops.keye, torch.device("cuda")
+    for I in (64, 768):
+        own = [_setup(1, H, I, E, K, dev) for _ in range(layers)]  # x, weights, ids, w1, w2
+        cases = {"own weights": own, "shared weights": [(s[0], s[1], s[2], own[0][3], own[0][4]) for s in own],
+                 "layer 0 repeated": [own[0]] * layers}
+        mb = sum(int(torch.unique(s[2][s[2] >= 0]).numel()) for s in own) / layers * 3 * H * I * 2 / 1e6
+        print(f"I = {I} ({mb:.1f} MB routed per layer), us per layer:")
+        for case, stack in cases.items():
+            acts = [kk.moe_decode_gate_up(s[0], s[2], s[3]) for s in stack]
+            graphs = {
+                "two kernels": capture_graph(*[lambda s=s: kk.moe_decode_down(kk.moe_decode_gate_up(s[0], s[2], s[3]),
+                                                                               s[2], s[1], s[4]) for s in stack]),
+                "gate_up": capture_graph(*[lambda s=s: kk.moe_decode_gate_up(s[0], s[2], s[3]) for s in stack]),
+                "down": capture_graph(*[lambda s=s, a=a: kk.moe_decode_down(a, s[2], s[1], s[4])
+                                        for s, a in zip(stack, acts)]),
+                "fused": capture_graph(*[lambda s=s: kk.moe_decode(s[0], s[2], s[1], s[3], s[4]) for s in stack])}
+            ms = median_ms_interleaved({k: g.replay for k, g in graphs.items()}, dev, 40)
+            print(f"  {case:17s} " + "   ".join(f"{k} {v * 1e3 / layers:5.1f}" for k, v in ms.items()))
+            if case == "own weights":
+                for k in ("two kernels", "fused"):
+                    times = kernel_times(graphs[k].replay, 5)
+                    print(f"    inside one replay of '{k}' (profiler, us per layer): " + ", ".join(
+                        f"{n[:40]} {v * 1e3 / layers:.1f}" for n, v in sorted(times.items(), key=lambda kv: -kv[1])))
+            del graphs, acts
+        del own, cases
+        torch.cuda.empty_cache()
+    t = torch.zeros(1, device=dev)
+    for n in (layers, 2 * layers):
+        g = capture_graph(*[lambda: t.add_(1)] * n)
+        print(f"graph of {n} one-element kernels: {single_ms(g.replay, 50) * 1e3 / n:.2f} us per kernel")
+
+
 def graph_ms(fn, iters):
     """Median CUDA-graph replay time of one call."""
     return single_ms(capture_graph(fn).replay, iters)
@@ -287,6 +331,7 @@ def main():
     p.add_argument("--timeline", action="store_true", help="one call's host and device events on one clock")
     p.add_argument("--segments", action="store_true", help="moe: op-by-op event timing after three preludes")
     p.add_argument("--sweep", action="store_true", help="moe-decode: fused vs two kernels over the weight bytes")
+    p.add_argument("--floor", action="store_true", help="moe-decode: what the per-layer fixed cost is made of")
     a = p.parse_args()
     torch.manual_seed(0)
     T = a.tokens or {"moe": 16384, "attn": 32768, "moe-decode": 1, "attn-decode": 32, "indexer-decode": 64,
@@ -294,11 +339,11 @@ def main():
     make = {"moe": moe_workloads, "attn": attn_workloads, "moe-decode": moe_decode_workloads,
             "attn-decode": attn_decode_workloads, "indexer-decode": indexer_decode_workloads,
             "indexer-topk": indexer_topk_workloads}[a.layer]
-    if a.sweep:
+    if a.sweep or a.floor:
         if a.layer != "moe-decode":
-            p.error("--sweep is for moe-decode")
+            p.error("--sweep and --floor are for moe-decode")
         with ops.index_checks(False), torch.no_grad():
-            moe_decode_sweep()
+            moe_decode_sweep() if a.sweep else moe_decode_floor()
         return
     if a.segments:
         if a.layer != "moe":
