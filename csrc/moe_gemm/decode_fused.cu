@@ -4,28 +4,36 @@
 //
 // fp32 from the products to the sum (the activations are not rounded to bf16), rounded once at the end.
 //
-// Every weight byte is read once, in whole rows, by bulk copies (TMA without a tensor map) into a ring of 6 x 32 KB
+// Every weight byte is read once, in whole rows, by bulk copies (TMA without a tensor map) into a ring of 3 x 64 KB
 // per CTA (one 512-thread CTA per SM, cooperative launch):
+// - thread 0 reads the routing, walks its CTA's share and requests the first three stages before anything else
+//   (the weights are the long wait); the other threads meanwhile stage x;
 // - gate_up phase: the routed slots' w1 rows (H per slot, 2I columns each) are cut into G equal contiguous ranges,
 //   one per CTA; a CTA sums x[h] * w1[e][h, :] over its rows, per routed slot it touches, into fp32 vectors of 2I
 //   (to global memory, row j + g of partial_h: unique per (slot j, CTA g) pair).
 // - grid barrier; each CTA then forms the activations of its own range of down rows (I per routed slot) from the
-//   gate_up sums of the CTAs that covered that slot (in CTA order), times the routing weight;
+//   gate_up sums of the CTAs that covered that slot (in CTA order), times the routing weight, all rows' loads in
+//   flight at once;
 // - down phase: its w2 rows (already in flight: the ring runs on from gate_up rows into down rows, which depend on
 //   nothing) times their activations, summed into an fp32 vector of H per CTA;
 // - grid barrier; CTA g sums the G vectors in CTA order for its 16-column chunks of out.
 // Static ranges and fixed summation orders: the bits do not depend on timing; no atomics.
 //
-// Measured (H200, per layer in CUDA graphs of 8 layers, H = 2048, top-8; NOTES.md, eleventh session): from 6.3 to
-// 201 MB of routed weights this kernel takes 20.0 to 60.7 us (line fit ~19.7 us + bytes at ~4.9 TB/s), the two-kernel
-// path (decode_gemv.cu) 20.0 to 63.5 us (~16.7 us + bytes at ~4.2 TB/s): both sit on a ~20 us floor at small
-// sizes, and this kernel wins from ~90-100 MB (2048/1408/64 experts: 47.7 vs 53.2 us) but loses at Keye's 75 MB
-// (34.3-34.6 vs 29.5-30.3 us). keye.ops.moe picks it by routed weight bytes (reference/moe_gemm.py,
-// DECODE_FUSED_MIN_WEIGHT_BYTES). What the floor is made of was not profiled (launch, dependent round trips to
-// memory, two grid barriers, TLB misses on first touch of each expert).
-// Earlier versions of this kernel, measured slower at Keye's shape: (slot, 16 intermediate columns) work units
-// streaming w1 columns through registers (33.2 us; more shared memory for down blocks made it slower still: 34.8,
-// 51.4 us, as the L1 that the register loads need shrank) or through 2-D tensor-map boxes (30.3-31.4 us).
+// Measured (H200, per layer in CUDA graphs of 8 layers, H = 2048, 64 experts, top-8; NOTES.md, twelfth session),
+// this kernel / the two-kernel path (decode_gemv.cu): 6.3 MB of routed weights 19.8 / 21.1 us, 25 MB 24.6 / 22.6,
+// 75 MB 31.3 / 30.1, 138 MB 45.1 / 52.9 (eleventh-session design, 6 x 32 KB stages and a serial prologue and
+// gather: 20.4, 26.2, 34.6, 47.5). keye.ops.moe picks it by routed weight bytes (reference/moe_gemm.py,
+// DECODE_FUSED_MIN_WEIGHT_BYTES). Where the time goes (%globaltimer stamps per CTA, 75 MB): the first stage lands
+// ~5 us after the first request (every SM's 192 KB are requested at once and served interleaved; anything else
+// read then, x included, waits as long), the stream then runs at ~4 TB/s, and the grid barrier plus the
+// activations' gathers take ~4.5 us because they queue behind the down weights in flight. For scale: a plain read
+// of the same 75.5 MB by every SM takes 21.0 us per step (bench/decode_stream_ceiling.cu).
+// Measured slower: 6 x 32 KB stages (+3.2 us at 75 MB: a block-wide barrier per stage), 4 x 48 KB (+0.9 us),
+// 2 x 64 KB (+0.8 us at 138 MB, -1.7 us at 25 MB); one thread-block cluster of 16 CTAs per routed slot, gate_up
+// sums exchanged through distributed shared memory (49.9 us: the H200 runs at most 7 such clusters at once, so the
+// 8th slot waits for a second wave; clusters of 8 use only 64 SMs, 40.7 us); (slot, 16 intermediate columns) work
+// units streaming w1 columns through registers (33.2 us; more shared memory for down blocks made it slower still:
+// 34.8, 51.4 us, as the L1 that the register loads need shrank) or through 2-D tensor-map boxes (30.3-31.4 us).
 //
 // Unrouted slots (id -1) and ids >= E (which only the index checks report) add nothing.
 
@@ -48,8 +56,8 @@ namespace keye {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int kStageBytes = 32768;            // one ring slot: whole weight rows of one routed slot
-constexpr int kStages = 6;                    // ring depth: up to 6 x 32 KB in flight per SM
+constexpr int kStageBytes = 65536;            // one ring slot: whole weight rows of one routed slot
+constexpr int kStages = 3;                    // ring depth: up to 3 x 64 KB in flight per SM
 constexpr int kMaxHidden = 4096;              // x in fp32 beside the ring
 constexpr int kMaxInter = 2048;
 constexpr int kQuadsUp = 2 * kMaxInter / 4 / kThreads;   // 4-column groups of a gate_up row per thread
@@ -73,39 +81,39 @@ struct FusedParams {
 };
 
 // Dynamic shared memory: the ring (bulk-copy targets, first), x in fp32, the activations of this CTA's down rows,
-// the final sum's scratch, the routed slots, the barriers.
+// the gathers' and the final sum's scratch, the routed slots, the tables of CTA ranges, the barriers.
 struct Layout {
   int hidden;
   __host__ __device__ size_t x_offset() const { return size_t{kStages} * kStageBytes; }
   __host__ __device__ size_t act_offset() const { return x_offset() + size_t{4} * hidden; }
   __host__ __device__ size_t sums_offset() const { return act_offset() + 4 * kMaxDownRows; }
-  __host__ __device__ size_t routed_offset() const { return sums_offset() + 4 * kThreads; }
-  __host__ __device__ size_t begins_offset() const { return routed_offset() + 4 * 4 * kMaxTopK + 16; }
+  __host__ __device__ size_t routed_offset() const { return sums_offset() + 4 * 2 * kThreads; }
+  __host__ __device__ size_t begins_offset() const { return routed_offset() + 4 * 2 * kMaxTopK + 16; }
   __host__ __device__ size_t bars_offset() const { return begins_offset() + 2 * 4 * (kMaxGrid + 1) + 8; }
   __host__ __device__ size_t bytes() const { return bars_offset() + 8 * kStages; }
 };
 
 // The rows of one phase (gate_up: w1 rows, H per routed slot; down: w2 rows, I per routed slot) over the routed
 // slots j = 0 .. routed - 1, flattened (j * per_slot + row) and cut into G contiguous ranges, CTA g's starting at
-// begin[g] = g * total / G (a table in shared memory: no divisions in the loops; totals fit in 32 bits).
+// g * total / G (totals fit in 32 bits; the products are taken in 64 bits).
 struct Phase {
-  const int* begin;         // [G + 1]
-  int per_slot, per_stage;  // rows per routed slot; rows per stage
+  int total, per_slot, per_stage;  // rows in all; rows per routed slot; rows per stage
+  __host__ __device__ int begin(int g, int G) const { return static_cast<int>(static_cast<int64_t>(g) * total / G); }
 };
 
 // Walks one CTA's stages in order: its gate_up rows, then its down rows, in pieces of at most per_stage rows that
 // never cross a routed slot.
 struct Cursor {
   Phase up, down;
-  int cta;
+  int cta, ctas;
   int phase;         // 0 gate_up, 1 down, 2 done
   int pos, end;      // flat rows of the current phase
   int slot, row;     // pos as (routed slot, row within it)
   __device__ const Phase& cur() const { return phase == 0 ? up : down; }
   __device__ void enter(int ph) {
     for (phase = ph; phase < 2; ++phase) {
-      pos = cur().begin[cta];
-      end = cur().begin[cta + 1];
+      pos = cur().begin(cta, ctas);
+      end = cur().begin(cta + 1, ctas);
       if (pos < end) break;
     }
     if (phase < 2) {
@@ -142,53 +150,17 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
   float* x_s = reinterpret_cast<float*>(smem + L.x_offset());
   float* act_s = reinterpret_cast<float*>(smem + L.act_offset());
   float* sums = reinterpret_cast<float*>(smem + L.sums_offset());
-  int* raw_e = reinterpret_cast<int*>(smem + L.routed_offset());  // [kMaxTopK] ids as given (-1: skipped)
-  float* raw_w = reinterpret_cast<float*>(raw_e + kMaxTopK);        // [kMaxTopK] weights as given
-  int* slot_e = raw_e + 2 * kMaxTopK;                               // [kMaxTopK] expert of routed slot j
-  float* slot_w = reinterpret_cast<float*>(raw_e + 3 * kMaxTopK);   // [kMaxTopK] its routing weight
-  int* routed_count = raw_e + 4 * kMaxTopK;
+  int* slot_e = reinterpret_cast<int*>(smem + L.routed_offset());   // [kMaxTopK] expert of routed slot j
+  float* slot_w = reinterpret_cast<float*>(slot_e + kMaxTopK);        // [kMaxTopK] its routing weight
+  int* routed_count = slot_e + 2 * kMaxTopK;
   uint64_t* full = reinterpret_cast<uint64_t*>(smem + L.bars_offset());
   const int H = p.hidden, I = p.inter, G = gridDim.x, g = blockIdx.x, tid = threadIdx.x;
 
-  // The routed slots in slot order (unrouted ones, and ids >= E, which only index checks report, are skipped).
-  if (tid < p.top_k) {
-    const int e = p.ids[tid];
-    raw_e[tid] = e >= 0 && e < p.num_experts ? e : -1;
-    raw_w[tid] = p.weights[tid];
-  }
-  if (tid == 0) {
-    for (int st = 0; st < kStages; ++st) mbarrier_init(full + st, 1);
-    fence_mbarrier_init();
-  }
-  __syncthreads();
-  if (tid == 0) {
-    int n = 0;
-    for (int k = 0; k < p.top_k; ++k)
-      if (raw_e[k] >= 0) {
-        slot_e[n] = raw_e[k];
-        slot_w[n++] = raw_w[k];
-      }
-    *routed_count = n;
-  }
-  __syncthreads();
-  const int routed = *routed_count;
-
-  int* begin_up = reinterpret_cast<int*>(smem + L.begins_offset());
-  int* begin_down = begin_up + kMaxGrid + 1;
-  for (int i = tid; i <= G; i += kThreads) {
-    begin_up[i] = i * (routed * H) / G;
-    begin_down[i] = i * (routed * I) / G;
-  }
-  __syncthreads();
-  Cursor start;
-  start.up = Phase{begin_up, H, kStageBytes / (4 * I)};      // a w1 row: 2I bf16
-  start.down = Phase{begin_down, I, kStageBytes / (2 * H)};  // a w2 row: H bf16
-  start.cta = g;
-  start.enter(0);
-
-  // Thread 0 requests the stages in order, each one contiguous block of whole rows.
+  // Thread 0 reads the routing (the slots in slot order; unrouted ones, and ids >= E, which only index checks
+  // report, are skipped), walks this CTA's share and requests its first stages before anything else: the weights are
+  // the long wait. The other threads meanwhile stage x. Each stage is one contiguous block of whole rows.
   const uint64_t policy = l2_evict_first_policy();  // every weight byte is read once
-  Cursor producer = start;
+  Cursor producer{};
   const auto issue = [&](int s) {
     if (producer.phase == 2) return;
     const int e = slot_e[producer.slot], n = producer.rows();
@@ -207,9 +179,47 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
     bulk_copy_g2s(dst, src, bytes, bar, policy);
     producer.advance();
   };
-  if (tid == 0)
+  const auto phases = [&](int routed, Cursor& cur) {
+    cur.up = Phase{routed * H, H, kStageBytes / (4 * I)};      // a w1 row: 2I bf16
+    cur.down = Phase{routed * I, I, kStageBytes / (2 * H)};    // a w2 row: H bf16
+    cur.cta = g;
+    cur.ctas = G;
+    cur.enter(0);
+  };
+  if (tid == 0) {
+    for (int st = 0; st < kStages; ++st) mbarrier_init(full + st, 1);
+    fence_mbarrier_init();
+    int n = 0;
+    for (int k0 = 0; k0 < p.top_k; k0 += 8) {  // eight loads in flight at a time
+      int e[8];
+      float w[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        e[i] = k0 + i < p.top_k ? __ldg(p.ids + k0 + i) : -1;
+        w[i] = k0 + i < p.top_k ? __ldg(p.weights + k0 + i) : 0.0f;
+      }
+#pragma unroll
+      for (int i = 0; i < 8; ++i)
+        if (e[i] >= 0 && e[i] < p.num_experts) {
+          slot_e[n] = e[i];
+          slot_w[n++] = w[i];
+        }
+    }
+    *routed_count = n;
+    phases(n, producer);
     for (int s = 0; s < kStages; ++s) issue(s);
+  }
   for (int i = tid; i < H; i += kThreads) x_s[i] = __bfloat162float(p.x[i]);
+  __syncthreads();
+  const int routed = *routed_count;
+  int* begin_up = reinterpret_cast<int*>(smem + L.begins_offset());  // [G + 1] each, for the activations' gathers
+  int* begin_down = begin_up + kMaxGrid + 1;
+  Cursor start;
+  phases(routed, start);
+  for (int i = tid; i <= G; i += kThreads) {
+    begin_up[i] = start.up.begin(i, G);
+    begin_down[i] = start.down.begin(i, G);
+  }
   __syncthreads();
   const auto wait_rows = [&](int s) {  // stage s's rows, once they have landed
     mbarrier_wait_parity(full + s % kStages, (s / kStages) & 1);
@@ -240,6 +250,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
     if (j != j_prev && j_prev >= 0) flush_h(j_prev);
     j_prev = j;
     const __nv_bfloat16* rows = wait_rows(s);
+#pragma unroll 4
     for (int r = 0; r < n; ++r) {
       const float xv = x_s[h0 + r];
 #pragma unroll
@@ -257,36 +268,61 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
   // down phase: the activations of this CTA's w2 rows from every CTA's gate_up sums (CTAs in order), then the
   // rows (already in flight: the ring ran on into them) times their activations.
   const int down0 = begin_down[g], down1 = begin_down[g + 1];
-  for (int f = down0 + tid; f < down1; f += kThreads) {
-    const int j = f / I, r = f - j * I;
-    float gate = 0.0f, up = 0.0f;
-    // The CTAs whose gate_up rows meet slot j: from the owner of its first row to the owner of its last, in order
-    // (an empty range in between wrote nothing).
-    const int first = ((j * H + 1) * G - 1) / (routed * H);  // the last CTA whose range starts at or before j * H
-    for (int base = first; base < G && begin_up[base] < (j + 1) * H; base += 8) {
-      float gv[8], uv[8];  // eight CTAs' loads in flight at once (one L2 round trip, not eight)
+  {
+    // All of this CTA's down rows at once where they fit: rows_per_pass (a power of two, 32 .. kThreads) rows, a row
+    // per thread of each of the kThreads / rows_per_pass groups; group q adds the gate_up sums of covering CTAs
+    // first + q, first + q + groups, ... (eight loads in flight per thread; the CTAs whose gate_up rows meet the
+    // row's slot j, from the owner of its first row to the owner of its last; an empty range in between wrote
+    // nothing); then the first rows_per_pass threads add the groups in order.
+    const int rows = down1 - down0;
+    int rows_per_pass = 32;
+    while (rows_per_pass < rows && rows_per_pass < kThreads) rows_per_pass *= 2;
+    const int groups = kThreads / rows_per_pass, q = tid / rows_per_pass, lr = tid % rows_per_pass;
+    float* red_gate = sums;           // [groups][rows_per_pass]
+    float* red_up = sums + kThreads;  // [groups][rows_per_pass]
+    for (int f0 = down0; f0 < down1; f0 += rows_per_pass) {
+      const int f = f0 + lr;
+      float gate = 0.0f, up = 0.0f;
+      if (f < down1) {
+        const int j = f / I, r = f - j * I;
+        const int first = ((j * H + 1) * G - 1) / (routed * H);  // the last CTA whose range starts at or before j * H
+        for (int base = first + q; base < G && begin_up[base] < (j + 1) * H; base += 8 * groups) {
+          float gv[8], uv[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const int gg = base + i;
-        const bool meets = gg < G && begin_up[gg] < (j + 1) * H && begin_up[gg] < begin_up[gg + 1];
-        const float* h = p.partial_h + static_cast<int64_t>(j + gg) * 2 * I;
-        gv[i] = meets ? __ldcg(h + r) : 0.0f;
-        uv[i] = meets ? __ldcg(h + I + r) : 0.0f;
-      }
+          for (int i = 0; i < 8; ++i) {
+            const int gg = base + i * groups;
+            const bool meets = gg < G && begin_up[gg] < (j + 1) * H && begin_up[gg] < begin_up[gg + 1];
+            const float* h = p.partial_h + static_cast<int64_t>(j + gg) * 2 * I;
+            gv[i] = meets ? __ldcg(h + r) : 0.0f;
+            uv[i] = meets ? __ldcg(h + I + r) : 0.0f;
+          }
 #pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        gate += gv[i];
-        up += uv[i];
+          for (int i = 0; i < 8; ++i) {
+            gate += gv[i];
+            up += uv[i];
+          }
+        }
       }
+      red_gate[q * rows_per_pass + lr] = gate;
+      red_up[q * rows_per_pass + lr] = up;
+      __syncthreads();
+      if (tid < rows_per_pass && f0 + tid < down1) {
+        float gs = 0.0f, us = 0.0f;
+        for (int w = 0; w < groups; ++w) {
+          gs += red_gate[w * rows_per_pass + tid];
+          us += red_up[w * rows_per_pass + tid];
+        }
+        act_s[f0 + tid - down0] = slot_w[(f0 + tid) / I] * (gs / (1.0f + expf(-gs))) * us;
+      }
+      __syncthreads();
     }
-    act_s[f - down0] = slot_w[j] * (gate / (1.0f + expf(-gate))) * up;
   }
-  __syncthreads();
   float out_acc[kQuadsDown][4] = {};
   for (; c.phase == 1; ++s) {
     const int local = c.pos - down0;
     const int n = c.rows();
     const __nv_bfloat16* rows = wait_rows(s);
+#pragma unroll 4
     for (int r = 0; r < n; ++r) {
       const float a = act_s[local + r];
 #pragma unroll

@@ -32,10 +32,10 @@ DECODE_MAX_ACTIVATIONS = 16384  # top_k * I: moe_decode_down stages a token's K 
 DECODE_FUSED_MAX_HIDDEN = 4096
 DECODE_FUSED_MAX_INTER = 2048
 DECODE_FUSED_MAX_TOPK = 64
-# Per layer in CUDA graphs of 8 (H200, H = 2048, top-8, 6.3 to 201 MB of routed weights; NOTES.md, eleventh session):
-# the fused kernel ~19.7 us + bytes at ~4.9 TB/s, the two decode kernels ~16.7 us + bytes at ~4.2 TB/s (line fits).
-# Measured: Keye's 75 MB (2048/768, top-8) 34.6 vs 30.3 us, so it stays on the two kernels; 138 MB (2048/1408) 47.6
-# vs 53.0 us, so it takes the fused one. The fits cross near 90 MB.
+# Per layer in CUDA graphs of 8 (H200, H = 2048, 64 experts, top-8; NOTES.md, twelfth session), fused kernel vs the
+# two decode kernels: 25 MB of routed weights 24.6 vs 22.6 us; Keye's 75 MB (2048/768) 31.3 vs 30.1 us, so it stays
+# on the two kernels; 138 MB (2048/1408) 45.1 vs 52.9 us, so it takes the fused one. Nothing between 75 and 138 MB
+# was measured; a straight line between them crosses near 84 MB.
 DECODE_FUSED_MIN_WEIGHT_BYTES = 100 * 10**6
 
 
