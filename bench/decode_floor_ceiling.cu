@@ -1,5 +1,5 @@
 // What a decode kernel pays before it moves a byte: the fixed costs under the T = 1 MoE layer's ~20 us floor
-// (NOTES.md, eleventh session). Every case is a CUDA graph of 8 kernel nodes replayed back to back; the figure is the
+// (NOTES.md, issue 5, twelfth session). Every case is a CUDA graph of 8 kernel nodes replayed back to back; the figure is the
 // median replay time / 8, i.e. per node, including the gap to the next node.
 //   launch      : an empty kernel on one CTA per SM (512 threads), without and with ~200 KB of dynamic shared
 //                 memory (one CTA per SM, as the fused decode kernel), plain and cooperative launches
@@ -11,6 +11,10 @@
 //                 the time with the flush minus the flush's own graph (n = 0)
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a bench/decode_floor_ceiling.cu -o /tmp/dfc && /tmp/dfc
+//
+// H200, 2026-11-30 (132 SMs): launch 0.96 us in all three forms; grid sync x1 / x2 / x4 1.98 / 3.15 / 5.15 us;
+// L2 chain n = 1 / 4 / 8 / 16 / 32: 1.31 / 1.81 / 2.43 / 3.68 / 6.14 us (~0.16 us per round trip); cold chain
+// +0.65 / 2.20 / 3.71 / 6.76 / 12.72 us (~0.4 us per round trip).
 #include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
@@ -171,19 +175,25 @@ int main() {
   const int hops_max = 32, chains = kNodes * sms;
   int64_t starts[kNodes];
   for (int i = 0; i < kNodes; ++i) starts[i] = int64_t(i) * sms;
-  // L2: 16 MB of lines, chains of the kNodes nodes disjoint.
-  int64_t* l2 = make_chains((int64_t(16) << 20) / 8, chains, hops_max, rng);
-  for (int n : {0, 1, 2, 4, 8, 16, 32}) {
+  // Per node: the chain kernel (n hops from each CTA's own chain start), after `before` if given.
+  const auto chain_us = [&](int64_t* buf, int n, const Node* before) {
     void* args[kNodes][4];
     for (int i = 0; i < kNodes; ++i) {
-      args[i][0] = &l2;
+      args[i][0] = &buf;
       args[i][1] = &starts[i];
       args[i][2] = &n;
       args[i][3] = &sink64;
     }
-    printf("L2 chain   n = %2d                   %6.2f\n", n,
-           graph_us(sms, [&](int i) { return Nodes{Node{(const void*)chain_kernel, args[i], 0, false}}; }));
-  }
+    return graph_us(sms, [&](int i) {
+      Nodes nodes;
+      if (before != nullptr) nodes.push_back(*before);
+      nodes.push_back(Node{(const void*)chain_kernel, args[i], 0, false});
+      return nodes;
+    });
+  };
+  // L2: 16 MB of lines, chains of the kNodes nodes disjoint.
+  int64_t* l2 = make_chains((int64_t(16) << 20) / 8, chains, hops_max, rng);
+  for (int n : {0, 1, 2, 4, 8, 16, 32}) printf("L2 chain   n = %2d                   %6.2f\n", n, chain_us(l2, n, nullptr));
   CK(cudaFree(l2));
   // Cold: 1 GB of lines, a 256 MB write in front of every chain node.
   int64_t* cold = make_chains((int64_t(1) << 30) / 8, chains, hops_max, rng);
@@ -191,19 +201,10 @@ int main() {
   int64_t flush_words = (int64_t(256) << 20) / 16;
   CK(cudaMalloc(&flush, flush_words * 16));
   void* flush_args[] = {&flush, &flush_words};
+  const Node flush_node{(const void*)fill_kernel, flush_args, 0, false, 4 * sms};
   float base = 0.0f;
   for (int n : {0, 1, 2, 4, 8, 16, 32}) {
-    void* args[kNodes][4];
-    for (int i = 0; i < kNodes; ++i) {
-      args[i][0] = &cold;
-      args[i][1] = &starts[i];
-      args[i][2] = &n;
-      args[i][3] = &sink64;
-    }
-    const float us = graph_us(sms, [&](int i) {
-      return Nodes{Node{(const void*)fill_kernel, flush_args, 0, false, 4 * sms},
-                   Node{(const void*)chain_kernel, args[i], 0, false}};
-    });
+    const float us = chain_us(cold, n, &flush_node);
     if (n == 0) base = us;
     printf("cold chain n = %2d  (flush + chain %6.2f)  %6.2f\n", n, us, us - base);
   }
