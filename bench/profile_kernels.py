@@ -270,7 +270,7 @@ def moe_decode_floor(layers=8):
     """What the T = 1 layer's fixed cost is made of: per layer in CUDA graphs of `layers` layers (L2 flushed before
     each replay), the two decode kernels together and each alone, and the fused kernel, with (1) every layer on its
     own weights and routing, (2) every layer on layer 0's weights with its own routing, (3) layer 0 repeated (its
-    weights hot in L2 and the TLBs after the first layer); then the kernels' own durations inside one replay of (1)
+    translations hot after the first layer, and at I = 64 its 6 MB of weights in L2 too); then the kernels' own durations inside one replay of (1)
     (torch.profiler) and a graph of tiny kernels (the per-node cost of a graph)."""
     from keye.bench.moe_gemm import _setup
     from keye.bench.timing import median_ms_interleaved
