@@ -144,6 +144,22 @@ __device__ __forceinline__ void fma_quad(float (&acc)[4], float a, const __nv_bf
   acc[3] = fmaf(a, hi.y, acc[3]);
 }
 
+// acc += coef[r] * rows[r, :] over the n weight rows of one ring stage (rows of len bf16; thread tid owns the
+// 4-column groups tid, tid + kThreads, ...): the step of both phases.
+template <int kQuads>
+__device__ __forceinline__ void add_rows(float (&acc)[kQuads][4], const __nv_bfloat16* rows, int n, int len,
+                                         const float* coef, int tid) {
+#pragma unroll 4
+  for (int r = 0; r < n; ++r) {
+    const float a = coef[r];
+#pragma unroll
+    for (int q = 0; q < kQuads; ++q) {
+      const int col = 4 * (tid + q * kThreads);
+      if (col < len) fma_quad(acc[q], a, rows + static_cast<size_t>(r) * len + col);
+    }
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const FusedParams p) {
   extern __shared__ __align__(1024) unsigned char smem[];
   const Layout L{p.hidden};
@@ -249,16 +265,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
     const int j = c.slot, h0 = c.row, n = c.rows();
     if (j != j_prev && j_prev >= 0) flush_h(j_prev);
     j_prev = j;
-    const __nv_bfloat16* rows = wait_rows(s);
-#pragma unroll 4
-    for (int r = 0; r < n; ++r) {
-      const float xv = x_s[h0 + r];
-#pragma unroll
-      for (int q = 0; q < kQuadsUp; ++q) {
-        const int col = 4 * (tid + q * kThreads);
-        if (col < 2 * I) fma_quad(acc[q], xv, rows + static_cast<size_t>(r) * 2 * I + col);
-      }
-    }
+    add_rows(acc, wait_rows(s), n, 2 * I, x_s + h0, tid);
     release(s);
     c.advance();
     if (c.phase != 0) flush_h(j);
@@ -321,16 +328,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
   for (; c.phase == 1; ++s) {
     const int local = c.pos - down0;
     const int n = c.rows();
-    const __nv_bfloat16* rows = wait_rows(s);
-#pragma unroll 4
-    for (int r = 0; r < n; ++r) {
-      const float a = act_s[local + r];
-#pragma unroll
-      for (int q = 0; q < kQuadsDown; ++q) {
-        const int col = 4 * (tid + q * kThreads);
-        if (col < H) fma_quad(out_acc[q], a, rows + static_cast<size_t>(r) * H + col);
-      }
-    }
+    add_rows(out_acc, wait_rows(s), n, H, act_s + local, tid);
     release(s);
     c.advance();
   }
