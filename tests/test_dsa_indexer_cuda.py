@@ -163,9 +163,10 @@ def _topk_rows_on_path(s, lens, topk, path, min_extra_len):
 @pytest.mark.parametrize("path", ["split rows", "one CTA per row"])
 def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     """Few long rows are split over many CTAs (three kernels); with more than two rows per SM each row gets one
-    CTA. Both paths: exact indices and scores, ties to the lower column, candidate-list overflow."""
+    CTA. Both paths: exact indices and scores, ties to the lower column, candidate-list overflow, and rows whose
+    sample (the one-CTA kernel's first try at 32K+ elements) misleads both ways: list too short, list overflowing."""
     topk = 256
-    lens = [0, 1, topk - 1, topk, topk + 1, 3000, 60000, 70001, 100000, 90003, 80000]
+    lens = [0, 1, topk - 1, topk, topk + 1, 3000, 60000, 70001, 100000, 90003, 80000, 65536]
     L = max(lens)
     s = torch.randn(len(lens), L, device=DEV)
     s[4] = s[4].round()  # many exact ties
@@ -184,6 +185,12 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     stride = (lens[10] // 32) & ~3
     s[10, 5 * stride: 5 * stride + 60] = 5.0
     s[10, lens[10] - 1000: lens[10] - 1000 + topk + 44] = 4.0
+    # The other way: the sample chunks hold the row's lowest values, so nearly the whole row reaches the sampled
+    # bin and the one-CTA kernel's list overflows.
+    s[11] = torch.randn(L, device=DEV)
+    stride = (lens[11] // 32) & ~3
+    for c in range(32):
+        s[11, c * stride: c * stride + 128] = -100.0 - torch.rand(128, device=DEV)
     s, lengths, idx, sc = _topk_rows_on_path(s, lens, topk, path, min_extra_len=topk + 1)
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert torch.equal(idx, want)
