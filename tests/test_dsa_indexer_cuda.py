@@ -187,10 +187,9 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     s[10, lens[10] - 1000: lens[10] - 1000 + topk + 44] = 4.0
     # The other way: the sample chunks hold the row's lowest values, so nearly the whole row reaches the sampled
     # bin and the one-CTA kernel's list overflows.
-    s[11] = torch.randn(L, device=DEV)
     stride = (lens[11] // 32) & ~3
-    for c in range(32):
-        s[11, c * stride: c * stride + 128] = -100.0 - torch.rand(128, device=DEV)
+    chunks = (torch.arange(32, device=DEV)[:, None] * stride + torch.arange(128, device=DEV)).flatten()
+    s[11, chunks] = -100.0 - torch.rand(chunks.numel(), device=DEV)
     s, lengths, idx, sc = _topk_rows_on_path(s, lens, topk, path, min_extra_len=topk + 1)
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert torch.equal(idx, want)
