@@ -29,3 +29,41 @@ def test_bad_declaration_tag_and_source_are_reported():
         kv.build_variant("a-b", _PATH, [DECL])
     with pytest.raises(FileNotFoundError, match="no source file"):
         kv.build_variant("a", _PATH.parent / "no_such_variant.cu", [DECL])
+
+
+_FLOOR_PATH = _PATH.parent / "attn_gather_floor.py"
+_fspec = importlib.util.spec_from_file_location("attn_gather_floor", _FLOOR_PATH)
+agf = importlib.util.module_from_spec(_fspec)
+_fspec.loader.exec_module(agf)
+
+
+def test_gather_floor_lists_match_their_definitions():
+    """bench/attn_gather_floor.py's row lists on realistic indices: per query its valid entries in slot order; per
+    block of B queries (the last block short) every distinct row once, ascending."""
+    import torch
+
+    from keye.bench.sparse_attention import realistic_indices
+
+    torch.manual_seed(0)
+    T, K = 2100 + 37, 2048
+    idx = realistic_indices(T, K, "cpu")
+    idx[5, 3:] = -1  # a short list
+    per_query = agf.per_query_lists(idx)
+    assert per_query.lists == T and per_query.n == int((idx >= 0).sum())
+    for q in (0, 5, 2048, T - 1):
+        got = per_query.rows[per_query.offsets[q]:per_query.offsets[q + 1]].tolist()
+        assert got == [r for r in idx[q].tolist() if r >= 0], q
+    for B in (16, 64):
+        union = agf.union_lists(idx, B)
+        assert union.lists == (T + B - 1) // B
+        for b in range(union.lists):
+            block = idx[B * b:B * (b + 1)]
+            want = sorted(set(block[block >= 0].tolist()))
+            assert union.rows[union.offsets[b]:union.offsets[b + 1]].tolist() == want, (B, b)
+
+
+def test_gather_floor_lists_reject_inconsistent_counts():
+    import torch
+
+    with pytest.raises(RuntimeError, match="3 rows but counts sum to 4"):
+        agf.Lists(torch.arange(3), torch.tensor([1, 3]))
