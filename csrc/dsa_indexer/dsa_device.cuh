@@ -1,4 +1,5 @@
-// Device helpers for the DSA indexer kernels: Hopper FP8 wgmma (cp.async and mma.sync are in common/ptx.cuh).
+// Device helpers for the DSA indexer kernels: Hopper FP8 wgmma (descriptors and the fence / commit / wait protocol
+// are in common/wgmma.cuh, cp.async and mma.sync in common/ptx.cuh).
 //
 // FP8 tensor-core math on sm_90 has to go through wgmma: mma.sync m16n8k32 e4m3 is an sm_89 instruction that
 // sm_90 emulates via FP16 (NVIDIA/cutlass#1986); the first keye score kernel used it and reached 127 TFLOP/s.
@@ -8,20 +9,9 @@
 
 #include "common/bulk_copy.cuh"
 #include "common/ptx.cuh"
+#include "common/wgmma.cuh"
 
 namespace keye {
-
-// Shared-memory matrix descriptor of a K-major tile whose rows are `row_bytes` (32, 64 or 128) long and
-// swizzled with the matching 32/64/128-byte pattern (16-byte chunk c of row r stored at chunk
-// c ^ ((r / (128 / row_bytes)) % (row_bytes / 16))); 8-row groups are 8 * row_bytes apart. The tile must start
-// on a multiple of 8 * row_bytes; stepping K by 32 bytes adds 2 to the descriptor.
-template <int kRowBytes>
-__device__ __forceinline__ uint64_t smem_desc(const void* tile) {
-  constexpr uint64_t kMode = kRowBytes == 128 ? 1 : (kRowBytes == 64 ? 2 : 3);
-  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(tile));
-  return static_cast<uint64_t>((a & 0x3FFFF) >> 4) | (uint64_t{1} << 16) |
-         (static_cast<uint64_t>((8 * kRowBytes) >> 4) << 32) | (kMode << 62);
-}
 
 // Byte offset of 16-byte chunk `chunk` of row `row` in a [rows][D] K-major tile with the swizzle smem_desc<D>
 // describes.
@@ -30,20 +20,6 @@ __device__ __forceinline__ int swz(int row, int chunk) {
   constexpr int C = D / 16;
   constexpr int RS = (C == 8) ? 0 : (C == 4 ? 1 : 2);
   return row * D + ((chunk ^ ((row >> RS) & (C - 1))) << 4);
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-// Wait until at most N committed wgmma groups of this warpgroup are still running.
-template <int N>
-__device__ __forceinline__ void wgmma_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
-
-// Keeps the compiler from moving accumulator registers across wgmma issue/wait points (the hardware writes
-// them asynchronously in between).
-template <int R>
-__device__ __forceinline__ void fence_operands(float (&r)[R]) {
-#pragma unroll
-  for (int i = 0; i < R; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
 // d[8] (+)= A (64 x 32 e4m3 from registers) * B (16 x 32 e4m3, K-major smem descriptor). Thread (warp w, lane

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/ptx.cuh"
+#include "common/wgmma.cuh"
 #include "sparse_attention/block_plan.h"
 #include "sparse_attention/work_list.cuh"
 
@@ -52,23 +53,14 @@ struct SoftmaxRows {
   }
 };
 
-// One step of the online softmax over NT work-list tiles (K tile ks[j], V tile vs[j] in shared memory; their
-// entries in entry[j], see tile_entry): S = Q K^T, keys a row does not see (its seen bit is clear, or the slot is
-// empty) score -inf; then O = O * alpha + P V. NT = 2 (the block kernel's common rows, two tiles per stage) takes
-// one running-max update, one rescale and one shuffle reduction per 32 keys, and its four S chains are independent.
+// The online-softmax part of one step over NT work-list tiles: raw scores s (Q K^T in the m16n8 accumulator layout,
+// tile j's keys 0-7 in s[j][0], 8-15 in s[j][1]) are scaled, keys a row does not see (its seen bit is clear, or the
+// slot is empty) score -inf; the running max, sum and O rescale are updated, and pa[j] gets tile j's P =
+// exp2(s - max) as the A fragment of a 16x16 bf16 tile (P V is the caller's).
 template <int D, int NT>
-__device__ __forceinline__ void attend_tiles(SoftmaxRows<D>& st, const uint32_t (&q)[D / 16][4],
-                                             const uint8_t* const (&ks)[NT], const uint8_t* const (&vs)[NT],
-                                             const int (&entry)[NT], float scale_log2) {
+__device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][2][4], const int (&entry)[NT],
+                                             float scale_log2, uint32_t (&pa)[NT][4]) {
   const int cq = (threadIdx.x % 4) * 2;
-  float s[NT][2][4];  // tile j: keys 0-7 (s[j][0]) and 8-15 (s[j][1])
-#pragma unroll
-  for (int j = 0; j < NT; ++j) {
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) s[j][nt][0] = s[j][nt][1] = s[j][nt][2] = s[j][nt][3] = 0.f;
-    rows_times_tile_t<D>(s[j], q, ks[j]);
-  }
-
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
@@ -121,13 +113,92 @@ __device__ __forceinline__ void attend_tiles(SoftmaxRows<D>& st, const uint32_t 
       st.acc[dn][3] *= a1;
     }
   }
-  // O += P V: each tile's two S accumulators are exactly the A fragment of a 16x16 P tile.
+#pragma unroll
+  for (int j = 0; j < NT; ++j) accumulators_to_a(pa[j], ps[j]);
+}
+
+// One step of the online softmax over NT work-list tiles (K tile ks[j], V tile vs[j] in shared memory; their
+// entries in entry[j], see tile_entry): S = Q K^T, softmax_step, then O += P V. NT = 2 (the block kernel's common
+// rows, two tiles per stage) takes one running-max update, one rescale and one shuffle reduction per 32 keys, and
+// its four S chains are independent.
+template <int D, int NT>
+__device__ __forceinline__ void attend_tiles(SoftmaxRows<D>& st, const uint32_t (&q)[D / 16][4],
+                                             const uint8_t* const (&ks)[NT], const uint8_t* const (&vs)[NT],
+                                             const int (&entry)[NT], float scale_log2) {
+  float s[NT][2][4];  // tile j: keys 0-7 (s[j][0]) and 8-15 (s[j][1])
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
-    uint32_t pa[4];
-    accumulators_to_a(pa, ps[j]);
-    fragment_times_tile<D>(st.acc, pa, vs[j]);
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt) s[j][nt][0] = s[j][nt][1] = s[j][nt][2] = s[j][nt][3] = 0.f;
+    rows_times_tile_t<D>(s[j], q, ks[j]);
   }
+  uint32_t pa[NT][4];
+  softmax_step<D, NT>(st, s, entry, scale_log2, pa);
+  // O += P V: each tile's two S accumulators are exactly the A fragment of a 16x16 P tile.
+#pragma unroll
+  for (int j = 0; j < NT; ++j) fragment_times_tile<D>(st.acc, pa[j], vs[j]);
+}
+
+// A CTA-wide stage of kWgKeys common rows in the layout wgmma reads (D = 128; the block forward's phase 1): K as
+// [2][kWgKeys][128 B] (dims 0-63 of every row, then dims 64-127; 16-byte chunk c of row r at chunk c ^ (r % 8), the
+// 128-byte swizzle), V the same kWgHalfBytes * 2 later; slots past the list zero-filled. dst must be 1024-aligned.
+constexpr int kWgKeys = 32;
+constexpr int kWgHalfBytes = kWgKeys * 128;
+constexpr int kWgStageBytes = 4 * kWgHalfBytes;  // K and V, two halves each
+template <int kLanes>
+__device__ __forceinline__ void gather_stage_wgmma(uint8_t* dst, const int* work, int count_work, int stage,
+                                                   const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
+                                                   int64_t v_stride, int g) {
+  constexpr int D = 128, kChunks = D / 8, kRowsPerPass = kLanes / kChunks;
+  static_assert(kWgKeys % kRowsPerPass == 0, "the stage's rows must divide among the lanes");
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const int half = c / 8, cc = c % 8;
+#pragma unroll
+  for (int i = 0; i < kWgKeys / kRowsPerPass; ++i) {
+    const int r = r0 + i * kRowsPerPass, slot = stage * kWgKeys + r;
+    const int entry = slot < count_work ? work[slot] : -1;
+    const int64_t row = entry < 0 ? 0 : (entry & kRowMask);
+    const int off = half * kWgHalfBytes + r * 128 + ((cc ^ (r & 7)) << 4);
+    cp_async16_unless_negative(dst + off, k + row * k_stride + g * D + c * 8, entry);
+    cp_async16_unless_negative(dst + 2 * kWgHalfBytes + off, v + row * v_stride + g * D + c * 8, entry);
+  }
+}
+
+// attend_tiles<128, 2> over a gather_stage_wgmma stage with the two products on wgmma: all four warps of a
+// warpgroup call it together, each with its own 16 rows (the A-fragment and accumulator layouts of wgmma per warp
+// are the mma.sync m16n8k16 ones, so Q's fragments, the softmax and O carry over unchanged). S = Q K^T is
+// m64n32k16 with K as the K-major operand, O += P V is m64n128k16 with V as the MN-major one. The P V product is
+// left running: the next call's wait (or the caller's wgmma_wait<0>() and fence_operands(st.acc)) completes it,
+// and the stage's slot must not be refilled before that.
+__device__ __forceinline__ void attend_stage_wgmma(SoftmaxRows<128>& st, const uint32_t (&q)[8][4], const uint8_t* kv,
+                                                   const int (&entry)[2], float scale_log2) {
+  float d[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) d[i] = 0.f;
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk)
+    wgmma_m64n32k16_bf16_rs(d, q[kk], smem_desc<128>(kv + (kk / 4) * kWgHalfBytes) + 2 * (kk % 4), kk);
+  wgmma_commit();
+  wgmma_wait<0>();  // this S product and the previous call's P V product
+  fence_operands(d);
+  fence_operands(st.acc);
+  float s[2][2][4];
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[j][nt][c] = d[4 * (2 * j + nt) + c];
+  uint32_t pa[2][4];
+  softmax_step<128, 2>(st, s, entry, scale_log2, pa);
+  fence_operands(st.acc);
+  wgmma_fence();
+#pragma unroll
+  for (int j = 0; j < 2; ++j)
+    wgmma_m64n128k16_bf16_rs_mn(st.acc, pa[j],
+                                smem_desc_mn128(kv + 2 * kWgHalfBytes + j * 16 * 128, kWgHalfBytes, 8 * 128));
+  wgmma_commit();
 }
 
 // attend_tiles over one tile.

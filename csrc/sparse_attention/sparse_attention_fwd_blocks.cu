@@ -5,13 +5,15 @@
 // query) for the whole kernel, so no cross-warp merge is needed. Two phases over the block plan (block_plan.h):
 //  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring
 //     (cp.async, 8 stages) and every warp attends to it in one softmax step: one gather serves 16 queries instead
-//     of 2;
+//     of 2. At D = 128 both products run on wgmma, each warpgroup's four pairs (64 rows) as one product
+//     (fwd_tile.cuh; realistic 32K forward 10.1 -> 8.0 ms, NOTES.md); D = 64 keeps the per-warp mma.sync tiles;
 //  2. each warp walks its pair's remaining rows with its own 3-stage cp.async ring, as the pair kernel does.
 // The online softmax state (SoftmaxRows) carries from phase 1 into phase 2.
 #include <c10/cuda/CUDAException.h>
 
 #include <cmath>
 
+#include "common/bulk_copy.cuh"
 #include "common/check.h"
 #include "sparse_attention/fwd_tile.cuh"
 
@@ -29,7 +31,8 @@ struct BlockLayout {
   static constexpr int kCommonStageBytes = kCommonTiles * kStageBytes;
   static constexpr int kPairRingBytes = kBlockWarps * kPairStages * kStageBytes;
   static constexpr int kCommonRingBytes = kCommonStages * kCommonStageBytes;
-  static constexpr int kBytes = kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes;
+  // + 1024: the D = 128 common ring starts at the first 1024-aligned byte (the wgmma swizzle's alignment)
+  static constexpr int kBytes = (kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes) + 1024;
 };
 
 template <int D>
@@ -50,30 +53,59 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   const int n_common = plan.common_len[block];
   const int common_tiles = (n_common + kTile - 1) / kTile;
   const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
-  auto issue_common = [&](int it) {
-    uint8_t* dst = smem + (it % kCommonStages) * L::kCommonStageBytes;
-    gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
-  };
-  prime_ring<kCommonStages>(stages, issue_common);
   static_assert(kCommonTiles == 2, "phase 1 attends to a stage's two tiles in one softmax step");
   // The stage's two tiles' entries, loaded a stage ahead.
   int entry_next[2] = {tile_entry(common, n_common, 0), tile_entry(common, n_common, 1)};
-  for (int it = 0; it < stages; ++it) {
-    if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
-    cp_async_commit();
-    cp_async_wait_group<kCommonStages - 1>();
-    __syncthreads();  // every thread's part of stage `it` has landed
-    const uint8_t* base = smem + (it % kCommonStages) * L::kCommonStageBytes;
-    const int entry[2] = {entry_next[0], entry_next[1]};
-    entry_next[0] = tile_entry(common, n_common, 2 * it + 2);
-    entry_next[1] = tile_entry(common, n_common, 2 * it + 3);
-    const uint8_t* const ks[2] = {base, base + L::kStageBytes};
-    const uint8_t* const vs[2] = {base + Layout<D>::kTileBytes, base + L::kStageBytes + Layout<D>::kTileBytes};
-    // A last, odd tile goes alone: the stage's second tile was not gathered (stale shared memory; P = 0 times a
-    // NaN pattern there would still poison O).
-    if (2 * it + 1 < common_tiles) attend_tiles<D, 2>(st, qf, ks, vs, entry, p.scale_log2);
-    else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], p.scale_log2);
-    __syncthreads();  // every warp is done with the stage before it is refilled
+  if constexpr (D == 128) {
+    // Both products on wgmma, the CTA's two warpgroups each over its four pairs' 64 rows; the ring in the
+    // 128-byte-swizzled layout wgmma reads, from the first 1024-aligned byte. One barrier per stage: stage `it`
+    // refills the slot of stage it - 2, whose P V product every warpgroup waited for (with its S product of stage
+    // it - 1) before arriving here; the P V of stage `it` runs on while the next stage's copies are waited for.
+    static_assert(kWgKeys == kCommonTiles * kTile && kWgStageBytes == L::kCommonStageBytes, "one stage, two tiles");
+    constexpr int kAhead = kCommonStages - 2;  // stages in flight
+    uint8_t* ring = smem + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem)) & 1023)) & 1023);
+    auto issue_common = [&](int it) {
+      gather_stage_wgmma<kBlockThreads>(ring + (it % kCommonStages) * kWgStageBytes, common, n_common, it, p.k,
+                                        p.k_stride, p.v, p.v_stride, g);
+    };
+    prime_ring<kAhead + 1>(stages, issue_common);
+    for (int it = 0; it < stages; ++it) {
+      cp_async_wait_group<kAhead - 1>();
+      fence_async_shared();  // this thread's copies (generic proxy) before wgmma reads them (async proxy)
+      __syncthreads();       // every thread's part of stage `it` has landed; stage it - 2's slot is free
+      if (it + kAhead < stages) issue_common(it + kAhead);
+      cp_async_commit();
+      const int entry[2] = {entry_next[0], entry_next[1]};
+      entry_next[0] = tile_entry(common, n_common, 2 * it + 2);
+      entry_next[1] = tile_entry(common, n_common, 2 * it + 3);
+      // Slots past the list were zero-filled and score -inf, so a last, odd tile needs no special case here.
+      attend_stage_wgmma(st, qf, ring + (it % kCommonStages) * kWgStageBytes, entry, p.scale_log2);
+    }
+    wgmma_wait<0>();
+    fence_operands(st.acc);
+  } else {
+    auto issue_common = [&](int it) {
+      uint8_t* dst = smem + (it % kCommonStages) * L::kCommonStageBytes;
+      gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
+    };
+    prime_ring<kCommonStages>(stages, issue_common);
+    for (int it = 0; it < stages; ++it) {
+      if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
+      cp_async_commit();
+      cp_async_wait_group<kCommonStages - 1>();
+      __syncthreads();  // every thread's part of stage `it` has landed
+      const uint8_t* base = smem + (it % kCommonStages) * L::kCommonStageBytes;
+      const int entry[2] = {entry_next[0], entry_next[1]};
+      entry_next[0] = tile_entry(common, n_common, 2 * it + 2);
+      entry_next[1] = tile_entry(common, n_common, 2 * it + 3);
+      const uint8_t* const ks[2] = {base, base + L::kStageBytes};
+      const uint8_t* const vs[2] = {base + Layout<D>::kTileBytes, base + L::kStageBytes + Layout<D>::kTileBytes};
+      // A last, odd tile goes alone: the stage's second tile was not gathered (stale shared memory; P = 0 times a
+      // NaN pattern there would still poison O).
+      if (2 * it + 1 < common_tiles) attend_tiles<D, 2>(st, qf, ks, vs, entry, p.scale_log2);
+      else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], p.scale_log2);
+      __syncthreads();  // every warp is done with the stage before it is refilled
+    }
   }
   cp_async_wait_all();
   __syncthreads();  // the common ring becomes the per-warp rings
