@@ -23,7 +23,8 @@ namespace {
 
 constexpr int kPairStages = 3;       // per-warp ring depth in phase 2
 constexpr int kCommonTiles = 2;      // 16-key tiles per CTA-wide stage in phase 1 (one barrier per 32 keys)
-constexpr int kCommonStages = 8;     // CTA-wide ring depth in phase 1 (7 stages, 112 KB at D = 128, in flight)
+constexpr int kCommonStages = 8;     // CTA-wide ring depth in phase 1 (D = 128: 6 stages, 96 KB, in flight; 10 or 12
+                                     // slots measured no faster, NOTES.md; D = 64: 7 stages)
 
 template <int D>
 struct BlockLayout {
