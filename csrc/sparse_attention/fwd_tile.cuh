@@ -1,6 +1,7 @@
 // Shared by the two sparse-attention forward kernels (sparse_attention_fwd.cu: a pair of queries per CTA;
 // sparse_attention_fwd_blocks.cu: a block of 16 queries per CTA): the kernel parameters, the shared-memory tile
-// layout and one online-softmax step of 16 rows (a query pair's heads) over one 16-key K/V tile.
+// layout and one online-softmax step of 16 rows (a query pair's heads) over one 16-key K/V tile (mma.sync), or, for
+// the block kernel's common rows at D = 128, of a warpgroup's 64 rows over a 32-key stage (wgmma).
 #pragma once
 
 #include <cuda_bf16.h>
