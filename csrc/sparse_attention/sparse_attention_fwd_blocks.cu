@@ -32,8 +32,9 @@ struct BlockLayout {
   static constexpr int kCommonStageBytes = kCommonTiles * kStageBytes;
   static constexpr int kPairRingBytes = kBlockWarps * kPairStages * kStageBytes;
   static constexpr int kCommonRingBytes = kCommonStages * kCommonStageBytes;
-  // + 1024: the D = 128 common ring starts at the first 1024-aligned byte (the wgmma swizzle's alignment)
-  static constexpr int kBytes = (kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes) + 1024;
+  // + 1024 at D = 128: its common ring starts at the first 1024-aligned byte (the wgmma swizzle's alignment)
+  static constexpr int kBytes =
+      (kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes) + (D == 128 ? 1024 : 0);
 };
 
 template <int D>
