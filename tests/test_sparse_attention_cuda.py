@@ -125,10 +125,11 @@ def test_block_kernel_common_and_private_rows(D, Hq, Hkv):
 @pytest.mark.parametrize("D", [64, 128])
 def test_block_kernel_common_sets_of_every_stage_shape(D):
     """Blocks whose 16 lists share exactly L rows, L from 1 to past the common ring (a partial 16-key tile, whole
-    tiles, an odd tile count, partial and whole 32-key stages, more stages than the ring's 8 slots: at D = 128 the
-    wgmma path), each list with a few private rows too; every block checked on its own against the reference."""
-    Ls = [1, 15, 16, 17, 31, 32, 33, 63, 95, 191, 192, 193, 230, 257, 300]
-    base, K, private = 512, 320, 4
+    tiles, an odd tile count, partial and whole stages: 32 keys in 8 slots at D = 64, 64 keys in 6 slots on the
+    wgmma path at D = 128; more stages than slots), each list with a few private rows too; every block checked on
+    its own against the reference."""
+    Ls = [1, 15, 16, 17, 31, 32, 33, 63, 64, 65, 95, 191, 192, 193, 230, 257, 300, 383, 384, 385, 449, 500]
+    base, K, private = 768, 512, 4
     gen = torch.Generator().manual_seed(0)
     lists = []
     for j, L in enumerate(Ls):

@@ -42,6 +42,15 @@ __device__ __forceinline__ void prime_ring(int n, Issue&& issue) {
   }
 }
 
+// 2^x on the SFU (ex2.approx.ftz): exp2f's value wherever that is at least 2^-126, and 0 below (exp2f's denormal
+// path costs a compare and two multiplies per call; softmax weights that small vanish in fp32 sums next to the row
+// maximum's 1).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
 // Two fp32 values as bf16x2 (lo in the low half), with and without ReLU; round to nearest even.
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
   uint32_t d;

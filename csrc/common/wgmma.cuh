@@ -49,19 +49,19 @@ __device__ __forceinline__ void fence_operands(float (&r)[R][C]) {
     for (int j = 0; j < C; ++j) asm volatile("" : "+f"(r[i][j])::"memory");
 }
 
-// d[16] (+)= A (64 x 16 bf16 from registers) * B (32 x 16 bf16, K-major smem descriptor); accumulate = 0 overwrites
+// d[32] (+)= A (64 x 16 bf16 from registers) * B (64 x 16 bf16, K-major smem descriptor); accumulate = 0 overwrites
 // d. Per warp w of the warpgroup, A is rows 16w .. 16w + 15 in the mma.sync m16n8k16 A-fragment layout, and d is
 // its 16 rows in the m16n8 accumulator layout, one n8 block per 4 registers (keys 8b .. 8b + 7 in d[4b .. 4b + 3]).
-__device__ __forceinline__ void wgmma_m64n32k16_bf16_rs(float (&d)[16], const uint32_t (&a)[4], uint64_t desc_b,
+__device__ __forceinline__ void wgmma_m64n64k16_bf16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t desc_b,
                                                         int accumulate) {
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %21, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, {%16, %17, %18, %19}, %20, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-// d (+)= A (64 x 16 bf16 from registers, as in wgmma_m64n32k16_bf16_rs) * B (16 x 128 bf16, MN-major smem
+// d (+)= A (64 x 16 bf16 from registers, as in wgmma_m64n64k16_bf16_rs) * B (16 x 128 bf16, MN-major smem
 // descriptor: the transposed operand, rows of B = the 16 k-rows with N contiguous); always accumulates. d[b][0..3]
 // is n8 block b of the warp's 16 rows in the m16n8 accumulator layout.
 __device__ __forceinline__ void wgmma_m64n128k16_bf16_rs_mn(float (&d)[16][4], const uint32_t (&a)[4],

@@ -171,8 +171,8 @@ __device__ __forceinline__ void tile_scores(float (&dq)[D / 8][4], const BwdRows
     for (int j = 0; j < 2; ++j) {
       bool lo, hi;
       slot_visibility(work, count_work, t * kTile + nt * 8 + cq + j, lo, hi);
-      pr[nt][j] = lo ? exp2f(s[nt][j] * scale_log2 - r.lse0) : 0.f;
-      pr[nt][2 + j] = hi ? exp2f(s[nt][2 + j] * scale_log2 - r.lse1) : 0.f;
+      pr[nt][j] = lo ? fast_exp2(s[nt][j] * scale_log2 - r.lse0) : 0.f;
+      pr[nt][2 + j] = hi ? fast_exp2(s[nt][2 + j] * scale_log2 - r.lse1) : 0.f;
       dsr[nt][j] = pr[nt][j] * (dp[nt][j] - r.delta0) * scale;
       dsr[nt][2 + j] = pr[nt][2 + j] * (dp[nt][2 + j] - r.delta1) * scale;
     }

@@ -1,7 +1,7 @@
 // Shared by the two sparse-attention forward kernels (sparse_attention_fwd.cu: a pair of queries per CTA;
 // sparse_attention_fwd_blocks.cu: a block of 16 queries per CTA): the kernel parameters, the shared-memory tile
 // layout and one online-softmax step of 16 rows (a query pair's heads) over one 16-key K/V tile (mma.sync), or, for
-// the block kernel's common rows at D = 128, of a warpgroup's 64 rows over a 32-key stage (wgmma).
+// the block kernel's common rows at D = 128, of a warpgroup's 64 rows over a 64-key stage (wgmma).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -80,7 +80,7 @@ __device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][
   }
   const float mn0 = fmaxf(st.m0, quad_max(mx0)), mn1 = fmaxf(st.m1, quad_max(mx1));
   const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
-  const float a0 = exp2f(st.m0 - b0), a1 = exp2f(st.m1 - b1);
+  const float a0 = fast_exp2(st.m0 - b0), a1 = fast_exp2(st.m1 - b1);
   st.m0 = mn0;
   st.m1 = mn1;
   float ps[NT][2][4];
@@ -88,10 +88,10 @@ __device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt) {
-      ps[j][nt][0] = exp2f(s[j][nt][0] - b0);
-      ps[j][nt][1] = exp2f(s[j][nt][1] - b0);
-      ps[j][nt][2] = exp2f(s[j][nt][2] - b1);
-      ps[j][nt][3] = exp2f(s[j][nt][3] - b1);
+      ps[j][nt][0] = fast_exp2(s[j][nt][0] - b0);
+      ps[j][nt][1] = fast_exp2(s[j][nt][1] - b0);
+      ps[j][nt][2] = fast_exp2(s[j][nt][2] - b1);
+      ps[j][nt][3] = fast_exp2(s[j][nt][3] - b1);
     }
   }
   float add0 = ps[0][0][0] + ps[0][0][1] + ps[0][1][0] + ps[0][1][1];
@@ -143,60 +143,77 @@ __device__ __forceinline__ void attend_tiles(SoftmaxRows<D>& st, const uint32_t 
 // A CTA-wide stage of kWgKeys common rows in the layout wgmma reads (D = 128; the block forward's phase 1): K as
 // [2][kWgKeys][128 B] (dims 0-63 of every row, then dims 64-127; 16-byte chunk c of row r at chunk c ^ (r % 8), the
 // 128-byte swizzle), V the same kWgHalfBytes * 2 later; slots past the list zero-filled. dst must be 1024-aligned.
-constexpr int kWgKeys = 32;
+// Each of kLanes threads copies one 16-byte chunk of kWgRows(kLanes) rows; their entries come from
+// stage_entries_wgmma, loaded a stage before the copies are issued: loaded in line, each stage's copies waited one
+// L2 round trip for their row numbers right after the CTA barrier, in the critical path (NOTES.md, issue 4).
+constexpr int kWgKeys = 64;  // keys per stage: one m64n64k16 S product per k-step
+constexpr int kWgTiles = kWgKeys / kTile;  // 16-key work-list tiles per stage
 constexpr int kWgHalfBytes = kWgKeys * 128;
 constexpr int kWgStageBytes = 4 * kWgHalfBytes;  // K and V, two halves each
 template <int kLanes>
-__device__ __forceinline__ void gather_stage_wgmma(uint8_t* dst, const int* work, int count_work, int stage,
-                                                   const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
-                                                   int64_t v_stride, int g) {
-  constexpr int D = 128, kChunks = D / 8, kRowsPerPass = kLanes / kChunks;
-  static_assert(kWgKeys % kRowsPerPass == 0, "the stage's rows must divide among the lanes");
-  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
-  const int half = c / 8, cc = c % 8;
+constexpr int kWgRows = kWgKeys / (kLanes / 16);  // rows per thread and stage (16 chunks per row)
+
+template <int kLanes>
+__device__ __forceinline__ void stage_entries_wgmma(int (&e)[kWgRows<kLanes>], const int* work, int count_work,
+                                                    int stage) {
+  static_assert(kWgKeys % (kLanes / 16) == 0, "the stage's rows must divide among the lanes");
 #pragma unroll
-  for (int i = 0; i < kWgKeys / kRowsPerPass; ++i) {
-    const int r = r0 + i * kRowsPerPass, slot = stage * kWgKeys + r;
-    const int entry = slot < count_work ? work[slot] : -1;
-    const int64_t row = entry < 0 ? 0 : (entry & kRowMask);
-    const int off = half * kWgHalfBytes + r * 128 + ((cc ^ (r & 7)) << 4);
-    cp_async16_unless_negative(dst + off, k + row * k_stride + g * D + c * 8, entry);
-    cp_async16_unless_negative(dst + 2 * kWgHalfBytes + off, v + row * v_stride + g * D + c * 8, entry);
+  for (int i = 0; i < kWgRows<kLanes>; ++i) {
+    const int slot = stage * kWgKeys + static_cast<int>(threadIdx.x) / 16 + i * (kLanes / 16);
+    e[i] = slot < count_work ? work[slot] : -1;
   }
 }
 
-// attend_tiles<128, 2> over a gather_stage_wgmma stage with the two products on wgmma: all four warps of a
+template <int kLanes>
+__device__ __forceinline__ void gather_stage_wgmma(uint8_t* dst, const int (&e)[kWgRows<kLanes>],
+                                                   const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
+                                                   int64_t v_stride, int g) {
+  constexpr int D = 128, kChunks = D / 8, kRowsPerPass = kLanes / kChunks;
+  const int c = threadIdx.x % kChunks, r0 = threadIdx.x / kChunks;
+  const int half = c / 8, cc = c % 8;
+#pragma unroll
+  for (int i = 0; i < kWgRows<kLanes>; ++i) {
+    const int r = r0 + i * kRowsPerPass;
+    const int64_t row = e[i] < 0 ? 0 : (e[i] & kRowMask);
+    const int off = half * kWgHalfBytes + r * 128 + ((cc ^ (r & 7)) << 4);
+    cp_async16_unless_negative(dst + off, k + row * k_stride + g * D + c * 8, e[i]);
+    cp_async16_unless_negative(dst + 2 * kWgHalfBytes + off, v + row * v_stride + g * D + c * 8, e[i]);
+  }
+}
+
+// attend_tiles<128, kWgTiles> over a gather_stage_wgmma stage with the two products on wgmma: all four warps of a
 // warpgroup call it together, each with its own 16 rows (the A-fragment and accumulator layouts of wgmma per warp
 // are the mma.sync m16n8k16 ones, so Q's fragments, the softmax and O carry over unchanged). S = Q K^T is
-// m64n32k16 with K as the K-major operand, O += P V is m64n128k16 with V as the MN-major one. The P V product is
-// left running: the next call's wait (or the caller's wgmma_wait<0>() and fence_operands(st.acc)) completes it,
+// m64n{kWgKeys}k16 with K as the K-major operand, O += P V is m64n128k16 with V as the MN-major one. The P V product
+// is left running: the next call's wait (or the caller's wgmma_wait<0>() and fence_operands(st.acc)) completes it,
 // and the stage's slot must not be refilled before that.
 __device__ __forceinline__ void attend_stage_wgmma(SoftmaxRows<128>& st, const uint32_t (&q)[8][4], const uint8_t* kv,
-                                                   const int (&entry)[2], float scale_log2) {
-  float d[16];
+                                                   const int (&entry)[kWgTiles], float scale_log2) {
+  float d[kWgKeys / 2];
 #pragma unroll
-  for (int i = 0; i < 16; ++i) d[i] = 0.f;
+  for (int i = 0; i < kWgKeys / 2; ++i) d[i] = 0.f;
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk)
-    wgmma_m64n32k16_bf16_rs(d, q[kk], smem_desc<128>(kv + (kk / 4) * kWgHalfBytes) + 2 * (kk % 4), kk);
+  for (int kk = 0; kk < 8; ++kk) {
+    wgmma_m64n64k16_bf16_rs(d, q[kk], smem_desc<128>(kv + (kk / 4) * kWgHalfBytes) + 2 * (kk % 4), kk);
+  }
   wgmma_commit();
   wgmma_wait<0>();  // this S product and the previous call's P V product
   fence_operands(d);
   fence_operands(st.acc);
-  float s[2][2][4];
+  float s[kWgTiles][2][4];
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
+  for (int j = 0; j < kWgTiles; ++j)
 #pragma unroll
     for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[j][nt][c] = d[4 * (2 * j + nt) + c];
-  uint32_t pa[2][4];
-  softmax_step<128, 2>(st, s, entry, scale_log2, pa);
+  uint32_t pa[kWgTiles][4];
+  softmax_step<128, kWgTiles>(st, s, entry, scale_log2, pa);
   fence_operands(st.acc);
   wgmma_fence();
 #pragma unroll
-  for (int j = 0; j < 2; ++j)
+  for (int j = 0; j < kWgTiles; ++j)
     wgmma_m64n128k16_bf16_rs_mn(st.acc, pa[j],
                                 smem_desc_mn128(kv + 2 * kWgHalfBytes + j * 16 * 128, kWgHalfBytes, 8 * 128));
   wgmma_commit();

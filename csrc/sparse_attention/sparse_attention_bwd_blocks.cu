@@ -79,15 +79,21 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   const int common_tiles = (n_common + kTile - 1) / kTile;
   const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
   uint8_t* common_ring = smem + L::kRingOffset;
+  int ge[kCommonTiles][kTileChunksPerLane<D, kBlockThreads>];  // the next stage's entries, loaded a stage early
   auto issue_common = [&](int it) {
     uint8_t* dst = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
-    gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
+    gather_stage<D, kBlockThreads, kCommonTiles>(dst, ge, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
   };
-  prime_ring<kCommonStages>(stages, issue_common);
+  prime_ring<kCommonStages>(stages, [&](int it) {
+    stage_entries<D, kBlockThreads, kCommonTiles>(ge, common, n_common, it);
+    issue_common(it);
+  });
+  stage_entries<D, kBlockThreads, kCommonTiles>(ge, common, n_common, kCommonStages - 1);
   for (int it = 0; it < stages; ++it) {
     // Refills the slot stage it - 1 used: every warp finished reading it before the last tile barrier.
     if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
     cp_async_commit();
+    stage_entries<D, kBlockThreads, kCommonTiles>(ge, common, n_common, it + kCommonStages);
     cp_async_wait_group<kCommonStages - 1>();
     __syncthreads();  // stage `it` has landed for every thread
     const uint8_t* base = common_ring + (it % kCommonStages) * kCommonTiles * L::kStageBytes;
@@ -130,13 +136,16 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   const int count = active ? plan.pair_len[pair] : 0;
   const int tiles = (count + kTile - 1) / kTile;
   uint8_t* ring = smem + L::kRingOffset + warp * kPairStages * L::kStageBytes;
-  auto issue = [&](int t) {
-    gather_tile<D>(ring + (t % kPairStages) * L::kStageBytes, work, count, t, p.k, p.k_stride, p.v, p.v_stride, g);
+  // Tile t + kPairStages - 1's entries (tile_entry) load an iteration before its gather is issued.
+  auto issue = [&](int t, int entry) {
+    gather_tile_entries<D>(ring + (t % kPairStages) * L::kStageBytes, entry, p.k, p.k_stride, p.v, p.v_stride, g);
   };
-  prime_ring<kPairStages>(tiles, issue);
+  prime_ring<kPairStages>(tiles, [&](int t) { issue(t, tile_entry(work, count, t)); });
+  int next = tile_entry(work, count, kPairStages - 1);
   for (int t = 0; t < tiles; ++t) {
-    if (t + kPairStages - 1 < tiles) issue(t + kPairStages - 1);
+    if (t + kPairStages - 1 < tiles) issue(t + kPairStages - 1, next);
     cp_async_commit();
+    next = tile_entry(work, count, t + kPairStages);
     cp_async_wait_group<kPairStages - 1>();
     __syncwarp();
     const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;

@@ -3,10 +3,11 @@
 //
 // One CTA per (block of 16 queries, KV head); warp w owns the 16 MMA rows of query pair w (the G heads of each
 // query) for the whole kernel, so no cross-warp merge is needed. Two phases over the block plan (block_plan.h):
-//  1. common rows (selected by all 16 queries): the whole CTA gathers each 32-key stage once into a shared ring
-//     (cp.async, 8 stages) and every warp attends to it in one softmax step: one gather serves 16 queries instead
-//     of 2. At D = 128 both products run on wgmma, each warpgroup's four pairs (64 rows) as one product
-//     (fwd_tile.cuh; realistic 32K forward 10.1 -> 8.0 ms, NOTES.md); D = 64 keeps the per-warp mma.sync tiles;
+//  1. common rows (selected by all 16 queries): the whole CTA gathers each stage once into a shared cp.async ring
+//     and every warp attends to it in one softmax step: one gather serves 16 queries instead of 2. At D = 128 a
+//     stage is 64 keys and both products run on wgmma, each warpgroup's four pairs (64 rows) as one product
+//     (fwd_tile.cuh; realistic 32K forward 10.1 -> 8.0 ms, NOTES.md); D = 64 keeps 32-key stages of per-warp
+//     mma.sync tiles;
 //  2. each warp walks its pair's remaining rows with its own 3-stage cp.async ring, as the pair kernel does.
 // The online softmax state (SoftmaxRows) carries from phase 1 into phase 2.
 #include <c10/cuda/CUDAException.h>
@@ -22,19 +23,19 @@ namespace sparse_attention {
 namespace {
 
 constexpr int kPairStages = 3;       // per-warp ring depth in phase 2
-constexpr int kCommonTiles = 2;      // 16-key tiles per CTA-wide stage in phase 1 (one barrier per 32 keys)
-constexpr int kCommonStages = 8;     // CTA-wide ring depth in phase 1 (D = 128: 6 stages, 96 KB, in flight; 10 or 12
-                                     // slots measured no faster, NOTES.md; D = 64: 7 stages)
+constexpr int kCommonTiles = 2;      // D = 64: 16-key tiles per CTA-wide stage in phase 1 (one barrier per 32 keys)
+constexpr int kCommonStages = 8;     // D = 64: CTA-wide ring depth in phase 1 (7 stages in flight)
+constexpr int kWgSlots = 6;         // D = 128: ring slots of kWgKeys rows in phase 1 (4 in flight; 7: slower)
 
 template <int D>
 struct BlockLayout {
   static constexpr int kStageBytes = Layout<D>::kStageBytes;
   static constexpr int kCommonStageBytes = kCommonTiles * kStageBytes;
   static constexpr int kPairRingBytes = kBlockWarps * kPairStages * kStageBytes;
-  static constexpr int kCommonRingBytes = kCommonStages * kCommonStageBytes;
-  // + 1024 at D = 128: its common ring starts at the first 1024-aligned byte (the wgmma swizzle's alignment)
-  static constexpr int kBytes =
-      (kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes) + (D == 128 ? 1024 : 0);
+  // D = 128: the common ring starts at the first 1024-aligned byte (the wgmma swizzle's alignment)
+  static constexpr int kCommonRingBytes =
+      D == 128 ? kWgSlots * kWgStageBytes + 1024 : kCommonStages * kCommonStageBytes;
+  static constexpr int kBytes = kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes;
 };
 
 template <int D>
@@ -54,46 +55,75 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   const int* common = plan.common + static_cast<int64_t>(block) * plan.num_idx;
   const int n_common = plan.common_len[block];
   const int common_tiles = (n_common + kTile - 1) / kTile;
-  const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
-  static_assert(kCommonTiles == 2, "phase 1 attends to a stage's two tiles in one softmax step");
-  // The stage's two tiles' entries, loaded a stage ahead.
-  int entry_next[2] = {tile_entry(common, n_common, 0), tile_entry(common, n_common, 1)};
   if constexpr (D == 128) {
-    // Both products on wgmma, the CTA's two warpgroups each over its four pairs' 64 rows; the ring in the
-    // 128-byte-swizzled layout wgmma reads, from the first 1024-aligned byte. One barrier per stage: stage `it`
-    // refills the slot of stage it - 2, whose P V product every warpgroup waited for (with its S product of stage
-    // it - 1) before arriving here; the P V of stage `it` runs on while the next stage's copies are waited for.
-    static_assert(kWgKeys == kCommonTiles * kTile && kWgStageBytes == L::kCommonStageBytes, "one stage, two tiles");
-    constexpr int kAhead = kCommonStages - 2;  // stages in flight
+    // Both products on wgmma, the CTA's two warpgroups each over its four pairs' 64 rows, kWgKeys rows per stage;
+    // the ring in the 128-byte-swizzled layout wgmma reads, from the first 1024-aligned byte. One barrier per
+    // stage: stage `it` refills the slot of stage it - 2, whose P V product every warpgroup waited for (with its S
+    // product of stage it - 1) before arriving here; the P V of stage `it` runs on while the next stage's copies
+    // are waited for.
+    constexpr int kAhead = kWgSlots - 2;  // stages in flight
+    const int stages = (n_common + kWgKeys - 1) / kWgKeys;
     uint8_t* ring = smem + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem)) & 1023)) & 1023);
-    auto issue_common = [&](int it) {
-      gather_stage_wgmma<kBlockThreads>(ring + (it % kCommonStages) * kWgStageBytes, common, n_common, it, p.k,
-                                        p.k_stride, p.v, p.v_stride, g);
+    auto issue_common = [&](int it, const int (&e)[kWgRows<kBlockThreads>]) {
+      gather_stage_wgmma<kBlockThreads>(ring + (it % kWgSlots) * kWgStageBytes, e, p.k, p.k_stride, p.v, p.v_stride,
+                                        g);
     };
-    prime_ring<kAhead + 1>(stages, issue_common);
+    // This thread's row entries of the first kAhead + 1 stages, all loads in flight at once (one load and its
+    // copies per stage waited one L2 round trip per stage; ncu, NOTES.md); then those of the next stage to gather,
+    // loaded a stage early. ptxas sank each stage's loads to its copies again (serialising them) until a barrier
+    // stood between the loads and the first copies: loads are not moved past one.
+    int pe[kAhead + 1][kWgRows<kBlockThreads>];
+#pragma unroll
+    for (int s = 0; s <= kAhead; ++s) stage_entries_wgmma<kBlockThreads>(pe[s], common, n_common, s);
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < kAhead; ++s) {
+      issue_common(s, pe[s]);
+      cp_async_commit();
+    }
+    int ge[kWgRows<kBlockThreads>];
+#pragma unroll
+    for (int i = 0; i < kWgRows<kBlockThreads>; ++i) ge[i] = pe[kAhead][i];
+    int entry_next[kWgTiles];  // the stage's tiles' entries (visibility), loaded a stage ahead
+#pragma unroll
+    for (int j = 0; j < kWgTiles; ++j) entry_next[j] = tile_entry(common, n_common, j);
     for (int it = 0; it < stages; ++it) {
       cp_async_wait_group<kAhead - 1>();
       fence_async_shared();  // this thread's copies (generic proxy) before wgmma reads them (async proxy)
       __syncthreads();       // every thread's part of stage `it` has landed; stage it - 2's slot is free
-      if (it + kAhead < stages) issue_common(it + kAhead);
+      if (it + kAhead < stages) issue_common(it + kAhead, ge);
       cp_async_commit();
-      const int entry[2] = {entry_next[0], entry_next[1]};
-      entry_next[0] = tile_entry(common, n_common, 2 * it + 2);
-      entry_next[1] = tile_entry(common, n_common, 2 * it + 3);
-      // Slots past the list were zero-filled and score -inf, so a last, odd tile needs no special case here.
-      attend_stage_wgmma(st, qf, ring + (it % kCommonStages) * kWgStageBytes, entry, p.scale_log2);
+      stage_entries_wgmma<kBlockThreads>(ge, common, n_common, it + kAhead + 1);
+      int entry[kWgTiles];
+#pragma unroll
+      for (int j = 0; j < kWgTiles; ++j) {
+        entry[j] = entry_next[j];
+        entry_next[j] = tile_entry(common, n_common, (it + 1) * kWgTiles + j);
+      }
+      // Slots past the list were zero-filled and score -inf, so a last, partial stage needs no special case here.
+      attend_stage_wgmma(st, qf, ring + (it % kWgSlots) * kWgStageBytes, entry, p.scale_log2);
     }
     wgmma_wait<0>();
     fence_operands(st.acc);
   } else {
+    const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
+    static_assert(kCommonTiles == 2, "phase 1 attends to a stage's two tiles in one softmax step");
+    // The stage's two tiles' entries, loaded a stage ahead.
+    int entry_next[2] = {tile_entry(common, n_common, 0), tile_entry(common, n_common, 1)};
+    int ge[kCommonTiles][kTileChunksPerLane<D, kBlockThreads>];  // the next stage's entries, loaded a stage early
     auto issue_common = [&](int it) {
       uint8_t* dst = smem + (it % kCommonStages) * L::kCommonStageBytes;
-      gather_stage<D, kBlockThreads, kCommonTiles>(dst, common, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
+      gather_stage<D, kBlockThreads, kCommonTiles>(dst, ge, n_common, it, p.k, p.k_stride, p.v, p.v_stride, g);
     };
-    prime_ring<kCommonStages>(stages, issue_common);
+    prime_ring<kCommonStages>(stages, [&](int it) {
+      stage_entries<D, kBlockThreads, kCommonTiles>(ge, common, n_common, it);
+      issue_common(it);
+    });
+    stage_entries<D, kBlockThreads, kCommonTiles>(ge, common, n_common, kCommonStages - 1);
     for (int it = 0; it < stages; ++it) {
       if (it + kCommonStages - 1 < stages) issue_common(it + kCommonStages - 1);
       cp_async_commit();
+      stage_entries<D, kBlockThreads, kCommonTiles>(ge, common, n_common, it + kCommonStages);
       cp_async_wait_group<kCommonStages - 1>();
       __syncthreads();  // every thread's part of stage `it` has landed
       const uint8_t* base = smem + (it % kCommonStages) * L::kCommonStageBytes;

@@ -273,18 +273,50 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
 }
 
 // A CTA-wide stage of kTiles consecutive tiles (tiles kTiles * stage ..) of a work list into dst (each tile's K
-// then V, tiles kStageBytes apart), tiles past the list skipped: the block kernels' common-row ring.
+// then V, tiles kStageBytes apart), tiles past the list skipped: the block kernels' common-row ring. Each of kLanes
+// threads copies the chunks gather_tile gives lane threadIdx.x % kLanes; their entries come from stage_entries,
+// loaded a stage before the copies are issued (in line, every thread waited one L2 round trip for its row numbers
+// while the whole CTA stood between two barriers; NOTES.md, issue 4).
+template <int D, int kLanes>
+constexpr int kTileChunksPerLane = 2 * kTile * (D / 8) / kLanes;
+
 template <int D, int kLanes, int kTiles>
-__device__ __forceinline__ void gather_stage(uint8_t* dst, const int* work, int count_work, int stage,
-                                             const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
-                                             int64_t v_stride, int g) {
-  constexpr int kStageBytes = 2 * kTile * D * 2;
-  const int tiles = (count_work + kTile - 1) / kTile;
+__device__ __forceinline__ void stage_entries(int (&e)[kTiles][kTileChunksPerLane<D, kLanes>], const int* work,
+                                              int count_work, int stage) {
+  constexpr int kChunks = D / 8;
+  static_assert(kTileChunksPerLane<D, kLanes> * kLanes == 2 * kTile * kChunks,
+                "the chunks of a tile must divide among the lanes");
+  const int lane = threadIdx.x % kLanes;
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int it = 0; it < kTileChunksPerLane<D, kLanes>; ++it) {
+      const int slot = (stage * kTiles + j) * kTile + (lane + kLanes * it) % (kTile * kChunks) / kChunks;
+      e[j][it] = slot < count_work ? work[slot] : -1;
+    }
+}
+
+template <int D, int kLanes, int kTiles>
+__device__ __forceinline__ void gather_stage(uint8_t* dst, const int (&e)[kTiles][kTileChunksPerLane<D, kLanes>],
+                                             int count_work, int stage, const __nv_bfloat16* k, int64_t k_stride,
+                                             const __nv_bfloat16* v, int64_t v_stride, int g) {
+  constexpr int kChunks = D / 8, kTileBytes = kTile * D * 2, kStageBytes = 2 * kTileBytes;
+  const int tiles = (count_work + kTile - 1) / kTile, lane = threadIdx.x % kLanes;
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) {
-    const int t = stage * kTiles + j;
-    if (t < tiles)
-      gather_tile<D, kLanes>(dst + j * kStageBytes, work, count_work, t, k, k_stride, v, v_stride, g);
+    if (stage * kTiles + j >= tiles) continue;
+#pragma unroll
+    for (int it = 0; it < kTileChunksPerLane<D, kLanes>; ++it) {
+      const int i = lane + kLanes * it;
+      const int which = i / (kTile * kChunks);  // 0: K, 1: V
+      const int rem = i % (kTile * kChunks);
+      const int r = rem / kChunks, c = rem % kChunks;
+      const int entry = e[j][it];
+      const int row = entry < 0 ? 0 : entry & kRowMask;
+      const __nv_bfloat16* src = which == 0 ? k + row * k_stride : v + row * v_stride;
+      cp_async16(dst + j * kStageBytes + which * kTileBytes + r * D * 2 + swizzle(r, c) * 16, src + g * D + c * 8,
+                 entry >= 0);
+    }
   }
 }
 
