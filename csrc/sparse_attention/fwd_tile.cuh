@@ -194,9 +194,8 @@ __device__ __forceinline__ void attend_stage_wgmma(SoftmaxRows<128>& st, const u
   for (int i = 0; i < kWgKeys / 2; ++i) d[i] = 0.f;
   wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
+  for (int kk = 0; kk < 8; ++kk)
     wgmma_m64n64k16_bf16_rs(d, q[kk], smem_desc<128>(kv + (kk / 4) * kWgHalfBytes) + 2 * (kk % 4), kk);
-  }
   wgmma_commit();
   wgmma_wait<0>();  // this S product and the previous call's P V product
   fence_operands(d);

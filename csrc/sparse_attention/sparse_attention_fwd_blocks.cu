@@ -54,7 +54,6 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   // Phase 1: the common rows, one CTA-wide gather per stage.
   const int* common = plan.common + static_cast<int64_t>(block) * plan.num_idx;
   const int n_common = plan.common_len[block];
-  const int common_tiles = (n_common + kTile - 1) / kTile;
   if constexpr (D == 128) {
     // Both products on wgmma, the CTA's two warpgroups each over its four pairs' 64 rows, kWgKeys rows per stage;
     // the ring in the 128-byte-swizzled layout wgmma reads, from the first 1024-aligned byte. One barrier per
@@ -106,6 +105,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     wgmma_wait<0>();
     fence_operands(st.acc);
   } else {
+    const int common_tiles = (n_common + kTile - 1) / kTile;
     const int stages = (common_tiles + kCommonTiles - 1) / kCommonTiles;
     static_assert(kCommonTiles == 2, "phase 1 attends to a stage's two tiles in one softmax step");
     // The stage's two tiles' entries, loaded a stage ahead.

@@ -213,30 +213,6 @@ __device__ __forceinline__ void load_row_fragments(uint32_t (&f)[D / 16][4], con
   }
 }
 
-// kLanes threads (a warp, or a whole CTA) gather the K and V rows (KV head g) of work-list tile t into dst (K tile,
-// then V tile; swizzled rows of D bf16), zero-filling empty slots.
-template <int D, int kLanes = 32>
-__device__ __forceinline__ void gather_tile(uint8_t* dst, const int* work, int count_work, int t,
-                                            const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
-                                            int64_t v_stride, int g) {
-  constexpr int kChunks = D / 8, kTileBytes = kTile * D * 2;
-  constexpr int kPerLane = 2 * kTile * kChunks / kLanes;
-  static_assert(kPerLane * kLanes == 2 * kTile * kChunks, "the chunks of a tile must divide among the lanes");
-  const int lane = threadIdx.x % kLanes;
-#pragma unroll
-  for (int it = 0; it < kPerLane; ++it) {
-    const int i = lane + kLanes * it;
-    const int which = i / (kTile * kChunks);  // 0: K, 1: V
-    const int rem = i % (kTile * kChunks);
-    const int r = rem / kChunks, c = rem % kChunks;
-    const int slot = t * kTile + r;
-    const int entry = slot < count_work ? work[slot] : -1;
-    const int row = entry < 0 ? 0 : entry & kRowMask;
-    const __nv_bfloat16* src = which == 0 ? k + row * k_stride : v + row * v_stride;
-    cp_async16(dst + which * kTileBytes + r * D * 2 + swizzle(r, c) * 16, src + g * D + c * 8, entry >= 0);
-  }
-}
-
 // A warp's copy of work-list tile t in one register: lane l holds the entry of slot t * kTile + l % kTile (-1 past
 // the list). Loaded a few tiles ahead, it lets the tile's gather and visibility read entries by shuffle: the
 // forward's per-lane loads of the list were its largest stall after fixed-latency dependencies (ncu, NOTES.md).
@@ -273,8 +249,9 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
 }
 
 // A CTA-wide stage of kTiles consecutive tiles (tiles kTiles * stage ..) of a work list into dst (each tile's K
-// then V, tiles kStageBytes apart), tiles past the list skipped: the block kernels' common-row ring. Each of kLanes
-// threads copies the chunks gather_tile gives lane threadIdx.x % kLanes; their entries come from stage_entries,
+// then V, tiles kStageBytes apart), tiles past the list skipped: the block kernels' common-row ring. Thread
+// threadIdx.x % kLanes copies chunks lane, lane + kLanes, ... of each tile (K's 16-byte chunks, then V's); their
+// entries come from stage_entries,
 // loaded a stage before the copies are issued (in line, every thread waited one L2 round trip for its row numbers
 // while the whole CTA stood between two barriers; NOTES.md, issue 4).
 template <int D, int kLanes>
@@ -318,6 +295,17 @@ __device__ __forceinline__ void gather_stage(uint8_t* dst, const int (&e)[kTiles
                  entry >= 0);
     }
   }
+}
+
+// kLanes threads (a warp, or a whole CTA) gather the K and V rows (KV head g) of work-list tile t (< its tile count)
+// into dst (K tile, then V tile; swizzled rows of D bf16), zero-filling empty slots; the entries loaded in line.
+template <int D, int kLanes = 32>
+__device__ __forceinline__ void gather_tile(uint8_t* dst, const int* work, int count_work, int t,
+                                            const __nv_bfloat16* k, int64_t k_stride, const __nv_bfloat16* v,
+                                            int64_t v_stride, int g) {
+  int e[1][kTileChunksPerLane<D, kLanes>];
+  stage_entries<D, kLanes, 1>(e, work, count_work, t);
+  gather_stage<D, kLanes, 1>(dst, e, count_work, t, k, k_stride, v, v_stride, g);
 }
 
 // Whether the two score elements (rows lane/4 and lane/4 + 8) of work-list slot `slot` are visible.
