@@ -70,7 +70,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     // This thread's row entries of the first kAhead + 1 stages, all loads in flight at once (one load and its
     // copies per stage waited one L2 round trip per stage; ncu, NOTES.md); then those of the next stage to gather,
     // loaded a stage early. ptxas sank each stage's loads to its copies again (serialising them) until a barrier
-    // stood between the loads and the first copies: loads are not moved past one.
+    // stood between the loads and the first copies: loads are not moved past one. The first kAhead stages are
+    // gathered whether or not the list reaches them (slots past it zero-filled, never attended to).
     int pe[kAhead + 1][kWgRows<kBlockThreads>];
 #pragma unroll
     for (int s = 0; s <= kAhead; ++s) stage_entries_wgmma<kBlockThreads>(pe[s], common, n_common, s);
