@@ -176,7 +176,7 @@ SEEN_LO, SEEN_HI, ROW_MASK = 1 << 30, 1 << 29, (1 << 29) - 1
 def block_plan_spec(idx, row_base, num_rows):
     """The block plan (csrc/sparse_attention/block_plan.h) in Python: per block of 16 queries the rows all of them
     selected when every list is sorted (valid rows strictly increasing, empty slots last), and per query pair the
-    other rows, query a's n-th in slot 16 (n // 8) + n % 8, query b's 8 slots later, -1 padded."""
+    other rows, query a's n-th in slot 32 (n // 16) + n % 16, query b's 16 slots later, -1 padded."""
     N, K = idx.shape
     lists = []
     for q, row in enumerate(idx.tolist()):
@@ -194,12 +194,12 @@ def block_plan_spec(idx, row_base, num_rows):
         rest = [[r for r in v if r not in in_common] for v in valid] + [[]] * (16 - len(ls))
         for w in range(8):
             a, c = rest[2 * w], rest[2 * w + 1]
-            slots = 8 * ((max(len(a), len(c)) + 7) // 8)
+            slots = 16 * ((max(len(a), len(c)) + 15) // 16)
             work = [-1] * (2 * slots)
             for n, r in enumerate(a):
-                work[16 * (n // 8) + n % 8] = r | SEEN_LO
+                work[32 * (n // 16) + n % 16] = r | SEEN_LO
             for n, r in enumerate(c):
-                work[16 * (n // 8) + 8 + n % 8] = r | SEEN_HI
+                work[32 * (n // 16) + 16 + n % 16] = r | SEEN_HI
             pairs.append(work)
     return common, pairs
 

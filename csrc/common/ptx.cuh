@@ -85,4 +85,12 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* 
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
+// movmatrix: lane l holds elements (row l/4, cols 2*(l%4), +1) of an 8x8 b16 matrix; returns the same elements of
+// its transpose (an accumulator-layout tile as the B operand of the next mma, without shared memory).
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t x) {
+  uint32_t d;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(d) : "r"(x));
+  return d;
+}
+
 }  // namespace keye

@@ -23,16 +23,18 @@ constexpr int kBlockPairs = kBlockQueries / 2;
 constexpr int kBlockWarps = kBlockPairs;
 constexpr int kBlockThreads = 32 * kBlockWarps;
 
-// Slots per pair list: up to K rows of each query, interleaved by 8 (16 per tile).
-__host__ __device__ constexpr int pair_stride(int k) { return 16 * ((k + 7) / 8); }
+// Slots per pair list: up to K rows of each query in 16-row tiles, the two queries' tiles alternating.
+__host__ __device__ constexpr int pair_stride(int k) { return 32 * ((k + 15) / 16); }
 
 struct BlockPlan {
   const int* common;      // [blocks, K]: rows all the block's queries selected, ascending, kSeenLo | kSeenHi set
   const int* common_len;  // [blocks]
-  // [pairs, pair_stride(K)]: the pair's other rows; tile j (16 slots) holds query a's rows 8j..8j+7 in slots 0-7 (kSeenLo)
-  // and query b's in slots 8-15 (kSeenHi); -1 pads the shorter list.
+  // [pairs, pair_stride(K)]: the pair's other rows; tile 2j (16 slots) holds query a's rows 16j..16j+15 (kSeenLo),
+  // tile 2j + 1 query b's (kSeenHi); -1 pads the shorter list. One query per tile: the forward's phase 2 attends to
+  // a tile with that query's heads only (attend_own_tile); kernels that take a tile for the pair's 16 heads see
+  // half of them masked, as with any layout that does not merge the two lists.
   const int* pair_work;
-  const int* pair_len;  // [pairs]: slots in use (a multiple of 16)
+  const int* pair_len;  // [pairs]: slots in use (a multiple of 32)
   int num_idx;          // K
 };
 

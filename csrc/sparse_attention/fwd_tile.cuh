@@ -1,7 +1,8 @@
 // Shared by the two sparse-attention forward kernels (sparse_attention_fwd.cu: a pair of queries per CTA;
 // sparse_attention_fwd_blocks.cu: a block of 16 queries per CTA): the kernel parameters, the shared-memory tile
-// layout and one online-softmax step of 16 rows (a query pair's heads) over one 16-key K/V tile (mma.sync), or, for
-// the block kernel's common rows at D = 128, of a warpgroup's 64 rows over a 64-key stage (wgmma).
+// layout and one online-softmax step of 16 rows (a query pair's heads) over one 16-key K/V tile (mma.sync); for
+// the block kernel, the same for a warpgroup's 64 rows over a 64-key stage of common rows at D = 128 (wgmma), and
+// one query's heads over a 16-key tile of its own rows, transposed (phase 2; mma.sync).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -54,13 +55,13 @@ struct SoftmaxRows {
   }
 };
 
-// The online-softmax part of one step over NT work-list tiles: raw scores s (Q K^T in the m16n8 accumulator layout,
-// tile j's keys 0-7 in s[j][0], 8-15 in s[j][1]) are scaled, keys a row does not see (its seen bit is clear, or the
-// slot is empty) score -inf; the running max, sum and O rescale are updated, and pa[j] gets tile j's P =
-// exp2(s - max) as the A fragment of a 16x16 bf16 tile (P V is the caller's).
+// The online-softmax part of one step over NT work-list tiles, without O: raw scores s (Q K^T in the m16n8
+// accumulator layout, tile j's keys 0-7 in s[j][0], 8-15 in s[j][1]) are scaled, keys a row does not see (its seen
+// bit is clear, or the slot is empty) score -inf; the running max and sum are updated, s becomes P = exp2(s - max)
+// (fp32), and a0 / a1 get the factors O's two rows must be rescaled by (rescale_rows) before this P V is added.
 template <int D, int NT>
-__device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][2][4], const int (&entry)[NT],
-                                             float scale_log2, uint32_t (&pa)[NT][4]) {
+__device__ __forceinline__ void softmax_scores(SoftmaxRows<D>& st, float (&s)[NT][2][4], const int (&entry)[NT],
+                                               float scale_log2, float& a0, float& a1) {
   const int cq = (threadIdx.x % 4) * 2;
   float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
@@ -80,10 +81,11 @@ __device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][
   }
   const float mn0 = fmaxf(st.m0, quad_max(mx0)), mn1 = fmaxf(st.m1, quad_max(mx1));
   const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
-  const float a0 = fast_exp2(st.m0 - b0), a1 = fast_exp2(st.m1 - b1);
+  a0 = fast_exp2(st.m0 - b0);
+  a1 = fast_exp2(st.m1 - b1);
   st.m0 = mn0;
   st.m1 = mn1;
-  float ps[NT][2][4];
+  float (&ps)[NT][2][4] = s;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
 #pragma unroll
@@ -103,8 +105,12 @@ __device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][
   }
   st.l0 = st.l0 * a0 + add0;
   st.l1 = st.l1 * a1 + add1;
-  // Past the first tiles the running max rarely moves: skip the rescale (exact: the factors are 1) when no lane's
-  // does, which saves D / 2 multiplies per lane and step.
+}
+
+// O's two rows times a0 / a1 (softmax_scores). Past the first tiles the running max rarely moves: skip the rescale
+// (exact: the factors are 1) when no lane's does, which saves D / 2 multiplies per lane and step.
+template <int D>
+__device__ __forceinline__ void rescale_rows(SoftmaxRows<D>& st, float a0, float a1) {
   if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
 #pragma unroll
     for (int dn = 0; dn < D / 8; ++dn) {
@@ -114,8 +120,17 @@ __device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][
       st.acc[dn][3] *= a1;
     }
   }
+}
+
+// softmax_scores, rescale_rows, and pa[j] = tile j's P as the A fragment of a 16x16 bf16 tile (P V is the caller's).
+template <int D, int NT>
+__device__ __forceinline__ void softmax_step(SoftmaxRows<D>& st, float (&s)[NT][2][4], const int (&entry)[NT],
+                                             float scale_log2, uint32_t (&pa)[NT][4]) {
+  float a0, a1;
+  softmax_scores<D, NT>(st, s, entry, scale_log2, a0, a1);
+  rescale_rows<D>(st, a0, a1);
 #pragma unroll
-  for (int j = 0; j < NT; ++j) accumulators_to_a(pa[j], ps[j]);
+  for (int j = 0; j < NT; ++j) accumulators_to_a(pa[j], s[j]);
 }
 
 // One step of the online softmax over NT work-list tiles (K tile ks[j], V tile vs[j] in shared memory; their
@@ -181,34 +196,38 @@ __device__ __forceinline__ void gather_stage_wgmma(uint8_t* dst, const int (&e)[
   }
 }
 
-// attend_tiles<128, kWgTiles> over a gather_stage_wgmma stage with the two products on wgmma: all four warps of a
-// warpgroup call it together, each with its own 16 rows (the A-fragment and accumulator layouts of wgmma per warp
-// are the mma.sync m16n8k16 ones, so Q's fragments, the softmax and O carry over unchanged). S = Q K^T is
-// m64n{kWgKeys}k16 with K as the K-major operand, O += P V is m64n128k16 with V as the MN-major one. The P V product
-// is left running: the next call's wait (or the caller's wgmma_wait<0>() and fence_operands(st.acc)) completes it,
-// and the stage's slot must not be refilled before that.
-__device__ __forceinline__ void attend_stage_wgmma(SoftmaxRows<128>& st, const uint32_t (&q)[8][4], const uint8_t* kv,
-                                                   const int (&entry)[kWgTiles], float scale_log2) {
-  float d[kWgKeys / 2];
-#pragma unroll
-  for (int i = 0; i < kWgKeys / 2; ++i) d[i] = 0.f;
+// attend_tiles<128, kWgTiles> over gather_stage_wgmma stages with both products on wgmma, in pieces the caller
+// orders so a stage's softmax runs while the previous stage's P V product is on the tensor cores (FlashAttention-3's
+// intra-warpgroup order). All four warps of a warpgroup call each piece together, each with its own 16 rows (the
+// A-fragment and accumulator layouts of wgmma per warp are the mma.sync m16n8k16 ones, so Q's fragments, the
+// softmax and O carry over unchanged).
+// stage_scores_wgmma: issues S = Q K^T into d (m64n{kWgKeys}k16, K the K-major operand) as one commit group.
+__device__ __forceinline__ void stage_scores_wgmma(float (&d)[kWgKeys / 2], const uint32_t (&q)[8][4],
+                                                   const uint8_t* kv) {
+  // No zeroing of d: the first k-step does not accumulate (scale-d 0).
   wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < 8; ++kk)
     wgmma_m64n64k16_bf16_rs(d, q[kk], smem_desc<128>(kv + (kk / 4) * kWgHalfBytes) + 2 * (kk % 4), kk);
   wgmma_commit();
-  wgmma_wait<0>();  // this S product and the previous call's P V product
+}
+
+// stage_softmax_wgmma: a completed S in d through softmax_scores (d becomes P, fp32); O's factors in a0 / a1.
+__device__ __forceinline__ void stage_softmax_wgmma(SoftmaxRows<128>& st, float (&d)[kWgKeys / 2],
+                                                    const int (&entry)[kWgTiles], float scale_log2, float& a0,
+                                                    float& a1) {
   fence_operands(d);
+  float(&s)[kWgTiles][2][4] = *reinterpret_cast<float(*)[kWgTiles][2][4]>(&d);
+  softmax_scores<128, kWgTiles>(st, s, entry, scale_log2, a0, a1);
+}
+
+// stage_pv_wgmma: with the previous P V product completed, rescales O by a0 / a1 and issues O += P V (m64n128k16,
+// V the MN-major operand; P as bf16 A fragments in pa) as one commit group, left running: the stage's slot and pa
+// must not be reused, nor O read, before a wait completes it.
+__device__ __forceinline__ void stage_pv_wgmma(SoftmaxRows<128>& st, const uint32_t (&pa)[kWgTiles][4],
+                                               const uint8_t* kv, float a0, float a1) {
   fence_operands(st.acc);
-  float s[kWgTiles][2][4];
-#pragma unroll
-  for (int j = 0; j < kWgTiles; ++j)
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[j][nt][c] = d[4 * (2 * j + nt) + c];
-  uint32_t pa[kWgTiles][4];
-  softmax_step<128, kWgTiles>(st, s, entry, scale_log2, pa);
+  rescale_rows<128>(st, a0, a1);
   fence_operands(st.acc);
   wgmma_fence();
 #pragma unroll
@@ -226,6 +245,117 @@ __device__ __forceinline__ void attend_tile(SoftmaxRows<D>& st, const uint32_t (
   const uint8_t* const v1[1] = {vs};
   const int e1[1] = {entry};
   attend_tiles<D, 1>(st, q, k1, v1, e1, scale_log2);
+}
+
+// The online-softmax state of one query's G <= 8 heads, transposed (the block forward's phase 2): O^T [D dims x 8
+// heads] as D / 16 m16n8 accumulators (acc[mt]: dims 16 mt + lane / 4 ([0], [1]) and + 8 ([2], [3]); heads
+// 2 (lane % 4) ([0], [2]) and + 1 ([1], [3])), the running max of the thread's two heads (log2 units; equal on the 8
+// lanes that share lane % 4) and the thread's partial sums of them.
+template <int D>
+struct SoftmaxCols {
+  float acc[D / 16][4];
+  float m[2], l[2];
+};
+
+// Moves a pair's SoftmaxRows (rows 0-7 query a's heads, 8-15 query b's) into one SoftmaxCols per query through
+// `scratch` (this warp's, 16 * D floats), so phase 1's state carries into phase 2. Ends with the scratch free.
+template <int D>
+__device__ __forceinline__ void rows_to_cols(const SoftmaxRows<D>& st, SoftmaxCols<D>& a, SoftmaxCols<D>& b,
+                                             float* scratch) {
+  const int lane = threadIdx.x % 32, r = lane / 4, cq = (lane % 4) * 2;
+  // [16 rows][D] with the 8-float groups of row x XOR-ed by (x / 2) % 4: the row-layout writes (rows r, 8 floats
+  // each) take the minimum 2 wavefronts, the column-layout reads (rows cq + j, 8 floats each) 1.
+  auto at = [](int row, int dim) { return row * D + (dim ^ (((row >> 1) & 3) << 3)); };
+#pragma unroll
+  for (int dn = 0; dn < D / 8; ++dn) {
+    *reinterpret_cast<float2*>(scratch + at(r, dn * 8 + cq)) = make_float2(st.acc[dn][0], st.acc[dn][1]);
+    *reinterpret_cast<float2*>(scratch + at(r + 8, dn * 8 + cq)) = make_float2(st.acc[dn][2], st.acc[dn][3]);
+  }
+  __syncwarp();
+  const float l0 = quad_sum(st.l0), l1 = quad_sum(st.l1);
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    // Row cq + j's max and sum sit in lanes 4 (cq + j) .. + 3 (st.m0, l0: query a; st.m1, l1: query b). The whole
+    // sum goes to the lanes with r = 0 and the others start at 0, so the 8 lanes' partial sums add up to it.
+    const int src = 4 * (cq + j);
+    a.m[j] = __shfl_sync(0xffffffffu, st.m0, src);
+    b.m[j] = __shfl_sync(0xffffffffu, st.m1, src);
+    const float la = __shfl_sync(0xffffffffu, l0, src), lb = __shfl_sync(0xffffffffu, l1, src);
+    a.l[j] = r == 0 ? la : 0.f;
+    b.l[j] = r == 0 ? lb : 0.f;
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        a.acc[mt][2 * h + j] = scratch[at(cq + j, 16 * mt + r + 8 * h)];
+        b.acc[mt][2 * h + j] = scratch[at(8 + cq + j, 16 * mt + r + 8 * h)];
+      }
+    }
+  }
+  __syncwarp();
+}
+
+// One online-softmax step of one query's heads over a 16-key tile of its own rows (K tile ks, V tile vs; lane l
+// holds the entry of slot l % 16, tile_entry): S^T = K Q^T as m16n8k16 (16 keys x 8 heads; qt[kk] = the query's
+// fragment-row registers {f[kk][0], f[kk][2]} (query a) or {f[kk][1], f[kk][3]} (b) of load_row_fragments, which
+// are the B operand as they are), the softmax down each head's column, P^T to a B fragment by movmatrix, O^T +=
+// V^T P^T. attend_tile over a pair's 16 rows computes every tile for both queries' heads, so a tile of one query's
+// keys there costs twice the mma and softmax work.
+template <int D>
+__device__ __forceinline__ void attend_own_tile(SoftmaxCols<D>& st, const uint32_t (&qt)[D / 16][2], const uint8_t* ks,
+                                                const uint8_t* vs, int entry, float scale_log2) {
+  const int lane = threadIdx.x % 32, mi = lane / 8;
+  // Lanes 8i..8i+7 address ldmatrix's matrix i: for K (the A operand of S^T) keys 0-7 / 8-15 / 0-7 / 8-15 at dims
+  // lo / lo / hi / hi, for V (read transposed: the A operand of O^T) keys 0-7 / 0-7 / 8-15 / 8-15 at dims lo / hi /
+  // lo / hi: both come out in A-fragment order (mma takes its fragments in consecutive registers; a permutation
+  // here cost four moves per ldmatrix).
+  const int rk = (mi % 2) * 8 + lane % 8, rv = (mi / 2) * 8 + lane % 8;
+  float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // even and odd k-steps: two chains
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t a[4];
+    ldmatrix_x4(a, ks + rk * D * 2 + swizzle(rk, kk * 2 + mi / 2) * 16);
+    mma_bf16_m16n8k16(s[kk % 2], a, qt[kk]);
+  }
+  // Keys lane / 4 ([0], [1]) and lane / 4 + 8 ([2], [3]); every head of the query sees its own keys, so only empty
+  // slots are masked.
+  const int e0 = __shfl_sync(0xffffffffu, entry, lane / 4), e1 = __shfl_sync(0xffffffffu, entry, lane / 4 + 8);
+  float x[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) x[c] = (c < 2 ? e0 : e1) >= 0 ? (s[0][c] + s[1][c]) * scale_log2 : -INFINITY;
+  float mx[2] = {fmaxf(x[0], x[2]), fmaxf(x[1], x[3])};
+#pragma unroll
+  for (int d = 4; d < 32; d *= 2)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) mx[j] = fmaxf(mx[j], __shfl_xor_sync(0xffffffffu, mx[j], d));
+  float alpha[2], base[2];
+#pragma unroll
+  for (int j = 0; j < 2; ++j) {
+    const float mn = fmaxf(st.m[j], mx[j]);
+    base[j] = mn == -INFINITY ? 0.f : mn;
+    alpha[j] = fast_exp2(st.m[j] - base[j]);
+    st.m[j] = mn;
+  }
+  float pr[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) pr[c] = fast_exp2(x[c] - base[c % 2]);
+  st.l[0] = st.l[0] * alpha[0] + pr[0] + pr[2];
+  st.l[1] = st.l[1] * alpha[1] + pr[1] + pr[3];
+  if (__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) {
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) st.acc[mt][c] *= alpha[c % 2];
+  }
+  // P^T (keys x heads) in the accumulator layout, transposed per 8x8 block: lane l then holds P^T[keys 2 (l % 4),
+  // + 1][head l / 4] (and keys + 8), the B fragment of O^T += V^T P^T.
+  const uint32_t pb[2] = {movmatrix_trans(pack_bf16x2(pr[0], pr[1])), movmatrix_trans(pack_bf16x2(pr[2], pr[3]))};
+#pragma unroll
+  for (int mt = 0; mt < D / 16; ++mt) {
+    uint32_t a[4];
+    ldmatrix_x4_trans(a, vs + rv * D * 2 + swizzle(rv, 2 * mt + mi % 2) * 16);
+    mma_bf16_m16n8k16(st.acc[mt], a, pb);
+  }
 }
 
 // The block forward kernel (sparse_attention_fwd_blocks.cu): one CTA per (16 queries, KV head) over `plan`;

@@ -34,8 +34,8 @@ void sparse_attention_bwd_cuda(const at::Tensor& q, const at::Tensor& k, const a
 
 // The forward/backward kernels' block plan for indices (block_plan.h; row_base and empty slots as above, K <= 2048),
 // for tests and inspection: common [blocks, K] and common_len [blocks] (rows all 16 queries of a block selected,
-// ascending, with both seen bits set), pair_work [pairs, 16 ceil(K / 8)] and pair_len [pairs] (each query pair's
-// other rows, interleaved by 8, -1 padded).
+// ascending, with both seen bits set), pair_work [pairs, 32 ceil(K / 16)] and pair_len [pairs] (each query pair's
+// other rows in 16-row tiles, the two queries' tiles alternating, -1 padded).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sparse_attention_block_plan_cuda(
     const at::Tensor& indices, const std::optional<at::Tensor>& row_base, int64_t num_rows);
 

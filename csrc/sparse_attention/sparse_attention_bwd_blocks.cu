@@ -130,7 +130,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_bwd_blocks_
   cp_async_wait_all();
   __syncthreads();  // the common ring becomes the per-warp rings
 
-  // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp.
+  // Phase 2: the pair's remaining rows (tiles of query a's rows alternating with tiles of b's), per warp, each tile
+  // over the pair's 16 fragment rows (the other query's half masked by the seen bits).
   const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
   const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
   const int count = active ? plan.pair_len[pair] : 0;

@@ -8,8 +8,10 @@
 //     stage is 64 keys and both products run on wgmma, each warpgroup's four pairs (64 rows) as one product
 //     (fwd_tile.cuh; realistic 32K forward 10.1 -> 8.0 ms, NOTES.md); D = 64 keeps 32-key stages of per-warp
 //     mma.sync tiles;
-//  2. each warp walks its pair's remaining rows with its own 3-stage cp.async ring, as the pair kernel does.
-// The online softmax state (SoftmaxRows) carries from phase 1 into phase 2.
+//  2. each warp walks its pair's remaining rows with its own 3-stage cp.async ring, a tile of one query's rows at a
+//     time, attended to by that query's heads only (S^T = K Q^T and O^T += V^T P^T on m16n8k16; fwd_tile.cuh).
+// The online softmax state carries from phase 1 (SoftmaxRows, the pair's 16 heads as rows) into phase 2 (one
+// SoftmaxCols per query, heads as columns) through shared memory.
 #include <c10/cuda/CUDAException.h>
 
 #include <cmath>
@@ -56,16 +58,17 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   const int n_common = plan.common_len[block];
   if constexpr (D == 128) {
     // Both products on wgmma, the CTA's two warpgroups each over its four pairs' 64 rows, kWgKeys rows per stage;
-    // the ring in the 128-byte-swizzled layout wgmma reads, from the first 1024-aligned byte. One barrier per
-    // stage: stage `it` refills the slot of stage it - 2, whose P V product every warpgroup waited for (with its S
-    // product of stage it - 1) before arriving here; the P V of stage `it` runs on while the next stage's copies
-    // are waited for.
+    // the ring in the 128-byte-swizzled layout wgmma reads, from the first 1024-aligned byte. Per stage it, in
+    // FlashAttention-3's intra-warpgroup order: S of stage it is issued, O is rescaled and P V of stage it - 1
+    // issued behind it; once S is done its softmax runs while that P V is on the tensor cores. One barrier per
+    // stage, `arrive(j)`: every thread's part of stage j has landed and no warpgroup has a product in flight (each
+    // ended its previous stage with a full wait), so the slot of stage j - 2 is free and takes stage j + kAhead.
     constexpr int kAhead = kWgSlots - 2;  // stages in flight
     const int stages = (n_common + kWgKeys - 1) / kWgKeys;
     uint8_t* ring = smem + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem)) & 1023)) & 1023);
+    auto slot = [&](int it) { return ring + (it % kWgSlots) * kWgStageBytes; };
     auto issue_common = [&](int it, const int (&e)[kWgRows<kBlockThreads>]) {
-      gather_stage_wgmma<kBlockThreads>(ring + (it % kWgSlots) * kWgStageBytes, e, p.k, p.k_stride, p.v, p.v_stride,
-                                        g);
+      gather_stage_wgmma<kBlockThreads>(slot(it), e, p.k, p.k_stride, p.v, p.v_stride, g);
     };
     // This thread's row entries of the first kAhead + 1 stages, all loads in flight at once (one load and its
     // copies per stage waited one L2 round trip per stage; ncu, NOTES.md); then those of the next stage to gather,
@@ -84,16 +87,18 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     int ge[kWgRows<kBlockThreads>];
 #pragma unroll
     for (int i = 0; i < kWgRows<kBlockThreads>; ++i) ge[i] = pe[kAhead][i];
+    auto arrive = [&](int j) {
+      cp_async_wait_group<kAhead - 1>();
+      fence_async_shared();  // this thread's copies (generic proxy) before wgmma reads them (async proxy)
+      __syncthreads();
+      if (j + kAhead < stages) issue_common(j + kAhead, ge);
+      cp_async_commit();
+      stage_entries_wgmma<kBlockThreads>(ge, common, n_common, j + kAhead + 1);
+    };
     int entry_next[kWgTiles];  // the stage's tiles' entries (visibility), loaded a stage ahead
 #pragma unroll
     for (int j = 0; j < kWgTiles; ++j) entry_next[j] = tile_entry(common, n_common, j);
-    for (int it = 0; it < stages; ++it) {
-      cp_async_wait_group<kAhead - 1>();
-      fence_async_shared();  // this thread's copies (generic proxy) before wgmma reads them (async proxy)
-      __syncthreads();       // every thread's part of stage `it` has landed; stage it - 2's slot is free
-      if (it + kAhead < stages) issue_common(it + kAhead, ge);
-      cp_async_commit();
-      stage_entries_wgmma<kBlockThreads>(ge, common, n_common, it + kAhead + 1);
+    auto softmax = [&](int it, float (&d)[kWgKeys / 2], float& a0, float& a1) {
       int entry[kWgTiles];
 #pragma unroll
       for (int j = 0; j < kWgTiles; ++j) {
@@ -101,7 +106,33 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
         entry_next[j] = tile_entry(common, n_common, (it + 1) * kWgTiles + j);
       }
       // Slots past the list were zero-filled and score -inf, so a last, partial stage needs no special case here.
-      attend_stage_wgmma(st, qf, ring + (it % kWgSlots) * kWgStageBytes, entry, p.scale_log2);
+      stage_softmax_wgmma(st, d, entry, p.scale_log2, a0, a1);
+    };
+    float d[kWgKeys / 2];  // S of the current stage, then its P (fp32)
+    float a0 = 1.f, a1 = 1.f;
+    if (stages > 0) {
+      arrive(0);
+      stage_scores_wgmma(d, qf, slot(0));
+      wgmma_wait<0>();
+      softmax(0, d, a0, a1);
+    }
+    for (int it = 1; it < stages; ++it) {
+      uint32_t pa[kWgTiles][4];  // stage it - 1's P: the register operand of its P V product
+#pragma unroll
+      for (int j = 0; j < kWgTiles; ++j) accumulators_to_a(pa[j], *reinterpret_cast<float(*)[2][4]>(d + 8 * j));
+      arrive(it);
+      stage_scores_wgmma(d, qf, slot(it));
+      stage_pv_wgmma(st, pa, slot(it - 1), a0, a1);
+      wgmma_wait<1>();  // S of stage it (P V of stage it - 1 runs on)
+      softmax(it, d, a0, a1);
+      wgmma_wait<0>();  // P V of stage it - 1: pa and the slot are free
+      fence_operands(st.acc);
+    }
+    if (stages > 0) {
+      uint32_t pa[kWgTiles][4];
+#pragma unroll
+      for (int j = 0; j < kWgTiles; ++j) accumulators_to_a(pa[j], *reinterpret_cast<float(*)[2][4]>(d + 8 * j));
+      stage_pv_wgmma(st, pa, slot(stages - 1), a0, a1);
     }
     wgmma_wait<0>();
     fence_operands(st.acc);
@@ -143,8 +174,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   cp_async_wait_all();
   __syncthreads();  // the common ring becomes the per-warp rings
 
-  // Phase 2: the pair's remaining rows (query a's in tile slots 0-7, b's in 8-15), per warp. The tile entries
-  // travel in registers: tile t's (visibility), t + 1's, t + 2's (gathered this iteration) and t + 3's (loading).
+  // Phase 2: the pair's remaining rows, per warp: tiles of query a's rows alternate with tiles of b's, and each tile
+  // is attended to by its own query's heads only (attend_own_tile, transposed: the state moves into one SoftmaxCols
+  // per query). The tile entries travel in registers: tile t's (empty-slot mask), t + 1's, t + 2's (gathered this
+  // iteration) and t + 3's (loading).
   static_assert(kPairStages == 3, "the entry registers below follow a 3-stage ring");
   const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
   const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
@@ -159,35 +192,60 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   cp_async_commit();
   if (tiles > 1) issue(1, e1);
   cp_async_commit();
-  for (int t = 0; t < tiles; ++t) {
+  // The third slot (16 D floats: exactly a stage) holds the state's move until tile 2's gather is issued.
+  static_assert(16 * D * 4 == L::kStageBytes, "rows_to_cols' scratch is one ring slot");
+  SoftmaxCols<D> sa, sb;
+  rows_to_cols<D>(st, sa, sb, reinterpret_cast<float*>(ring + 2 * L::kStageBytes));
+  uint32_t qt[2][D / 16][2];  // each query's fragment rows as attend_own_tile's B operand (register pairs)
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    qt[0][kk][0] = qf[kk][0], qt[0][kk][1] = qf[kk][2];
+    qt[1][kk][0] = qf[kk][1], qt[1][kk][1] = qf[kk][3];
+  }
+  auto step = [&](SoftmaxCols<D>& sq, const uint32_t (&qq)[D / 16][2], int t) {
     if (t + 2 < tiles) issue(t + 2, e2);
     cp_async_commit();
     const int e3 = tile_entry(work, count, t + 3);
     cp_async_wait_group<kPairStages - 1>();
     __syncwarp();
     const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;
-    attend_tile<D>(st, qf, ks, ks + Layout<D>::kTileBytes, e0, p.scale_log2);
+    // A tile past the shorter list of the pair is all padding: nothing to attend to (the step would be exact no-op).
+    if (__any_sync(0xffffffffu, e0 >= 0))
+      attend_own_tile<D>(sq, qq, ks, ks + Layout<D>::kTileBytes, e0, p.scale_log2);
     __syncwarp();  // every lane is done with this stage before it is refilled
     e0 = e1, e1 = e2, e2 = e3;
+  };
+  for (int t = 0; t < tiles; t += 2) {  // the plan's pair lists are whole (a, b) tile pairs
+    step(sa, qt[0], t);
+    step(sb, qt[1], t + 1);
   }
   cp_async_wait_all();
   if (!active) return;
 
-  // Each warp normalises and writes its own rows.
-  const int hq = p.heads_kv * p.group, cq = (lane % 4) * 2;
-  const float l[2] = {quad_sum(st.l0), quad_sum(st.l1)}, m[2] = {st.m0, st.m1};
+  // Each warp normalises and writes its own queries' heads from the transposed state: lane l holds dims
+  // 16 mt + l / 4 (and + 8) of heads 2 (l % 4) and + 1.
+  const int hq = p.heads_kv * p.group, cq = (lane % 4) * 2, r = lane / 4;
+  auto write = [&](const SoftmaxCols<D>& sq, int64_t query) {
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const RowMap rm = fragment_row(lane / 4 + 8 * h, static_cast<int>(qa), has_b, 2, p.group);
-    if (rm.head < 0) continue;
-    const int64_t row = static_cast<int64_t>(rm.query) * hq + g * p.group + rm.head;
-    const float inv = l[h] > 0.f ? 1.f / l[h] : 0.f;
+    for (int j = 0; j < 2; ++j) {
+      float l = sq.l[j];
 #pragma unroll
-    for (int dn = 0; dn < D / 8; ++dn)
-      *reinterpret_cast<uint32_t*>(p.o + row * D + dn * 8 + cq) =
-          pack_bf16x2(st.acc[dn][2 * h] * inv, st.acc[dn][2 * h + 1] * inv);
-    if (lane % 4 == 0) p.lse[row] = l[h] > 0.f ? (m[h] + log2f(l[h])) * 0.69314718055994531f : -INFINITY;
-  }
+      for (int d = 4; d < 32; d *= 2) l += __shfl_xor_sync(0xffffffffu, l, d);
+      const int head = cq + j;
+      if (head >= p.group) continue;
+      const int64_t row = query * hq + g * p.group + head;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      __nv_bfloat16* out = p.o + row * D + r;
+#pragma unroll
+      for (int mt = 0; mt < D / 16; ++mt) {
+        out[16 * mt] = __float2bfloat16_rn(sq.acc[mt][j] * inv);
+        out[16 * mt + 8] = __float2bfloat16_rn(sq.acc[mt][2 + j] * inv);
+      }
+      if (r == 0) p.lse[row] = l > 0.f ? (sq.m[j] + log2f(l)) * 0.69314718055994531f : -INFINITY;
+    }
+  };
+  write(sa, qa);
+  if (has_b) write(sb, qa + 1);
 }
 
 }  // namespace
