@@ -1,7 +1,7 @@
 // Builds the block plan (block_plan.h): one CTA per block of 16 queries stages their 16 index lists in shared
-// memory (as K/V rows), intersects them (warp q merges list q with list 0 and counts the matches per entry of list
-// 0), marks the common rows in every list, then each warp writes its query's remaining rows in 16-row tiles that
-// alternate with those of the other query of its pair.
+// memory (as K/V rows), intersects them (warps 2q and 2q + 1 merge list q with list 0 and count the matches per
+// entry of list 0), marks the common rows in every list, then warp q < 16 writes query q's remaining rows in 16-row
+// tiles that alternate with those of the other query of its pair.
 //
 // ncu (H200, 32K tokens, 256 threads then): 12.5% occupancy (the 128 KB of staged lists allow one CTA per SM),
 // 0.27 issued instructions per scheduler, stalls mostly on fixed-latency dependencies: a third or more of the
@@ -24,7 +24,8 @@ namespace keye {
 namespace sparse_attention {
 namespace {
 
-constexpr int kPlanThreads = 512;  // one warp per query of the block in the last phase
+constexpr int kPlanThreads = 1024;  // two warps per list in the merge walks; one per query in the last phase
+constexpr int kWalkLanes = 2 * 32;   // lanes that share one list's merge walk
 constexpr int kCandidates = kMaxChunk / kPlanThreads;  // entries of the first list per thread
 constexpr int kInCommon = 1 << 30;                    // staged entry is in the common set
 
@@ -43,14 +44,15 @@ __device__ __forceinline__ int lower_bound(const int* list, int lo, int hi, unsi
 
 // Walks this lane's share of the merge of two sorted lists a[0, na) and b[0, nb) (valid rows only) and calls
 // on_match(i, j) for every a[i] == b[j]. The merge takes a[i] before b[j] when a[i] <= b[j], so equal entries are
-// adjacent in it and the match is seen where a[i] is taken, whichever lane's share b[j] falls in. Lane l's share is
-// merge positions [2 m l, 2 m (l + 1)) with m odd and 64 m > n = na + nb: about 130 dependent steps for two full
-// lists, where a binary search per entry of a costs ~11 per entry and list. Why 2 m: for similar lists lane l
-// starts near entry m l of both, and with m odd the 32 lanes' shared-memory loads fall in 32 different banks (with
-// equal shares of n / 32 = 128 every lane hit the same bank: measured 1.74 -> 1.60 ms only).
+// adjacent in it and the match is seen where a[i] is taken, whichever lane's share b[j] falls in. Lane l (of
+// kWalkLanes) walks merge positions [2 m l, 2 m (l + 1)) with m odd and 2 m kWalkLanes > n = na + nb: about 65
+// dependent steps for two full lists (130 with one warp per list), where a binary search per entry of a costs ~11
+// per entry and list. Why 2 m: for similar lists lane l starts near entry m l of both, and with m odd a warp's 32
+// shared-memory loads fall in 32 different banks (with equal shares of n / 32 = 128 every lane hit the same bank:
+// measured 1.74 -> 1.60 ms only).
 template <typename OnMatch>
 __device__ __forceinline__ void merge_walk(const int* a, int na, const int* b, int nb, int lane, OnMatch on_match) {
-  const int n = na + nb, m = ((n + 63) / 64 + 1) | 1;
+  const int n = na + nb, m = ((n + 2 * kWalkLanes - 1) / (2 * kWalkLanes) + 1) | 1;
   const int d0 = min(n, 2 * m * lane), d1 = min(n, 2 * m * (lane + 1));
   // Merge-path split at diagonal d0: the number of a's entries among the first d0 merged ones.
   int lo = max(0, d0 - nb), hi = min(d0, na);
@@ -107,16 +109,18 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   }
   const bool sorted = !__syncthreads_or(unsorted);
 
-  // The common set: entries of list 0 that every other list holds. Warp q (1 <= q < nq) merges list q with
-  // list 0 and counts the matches per entry of list 0 (lists are strictly increasing, so at most one per list);
+  // The common set: entries of list 0 that every other list holds. Warps 2q and 2q + 1 (1 <= q < nq) merge list q
+  // with list 0 and count the matches per entry of list 0 (lists are strictly increasing, so at most one per list);
   // entries counted nq - 1 times are common. A second walk marks them in list q.
   __shared__ int hits[kMaxChunk];
   for (int i = tid; i < K; i += kPlanThreads) hits[i] = 0;
   __syncthreads();
   const int n0 = sorted ? lower_bound(lists, 0, K, UINT_MAX) : 0;  // valid entries sort first
-  int* list_q = lists + warp * K;
-  const int nq_valid = sorted && warp >= 1 && warp < nq ? lower_bound(list_q, 0, K, UINT_MAX) : 0;
-  if (nq_valid > 0) merge_walk(lists, n0, list_q, nq_valid, lane, [&](int i, int) { atomicAdd(&hits[i], 1); });
+  const int walk_list = warp / 2, walk_lane = (warp % 2) * 32 + lane;
+  int* list_q = lists + walk_list * K;
+  const int nq_valid = sorted && walk_list >= 1 && walk_list < nq ? lower_bound(list_q, 0, K, UINT_MAX) : 0;
+  if (nq_valid > 0)
+    merge_walk(lists, n0, list_q, nq_valid, walk_lane, [&](int i, int) { atomicAdd(&hits[i], 1); });
   __syncthreads();  // every count is in
   const int* cand = lists + tid * kCandidates;
   uint32_t in_all = 0;
@@ -124,7 +128,7 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   for (int c = 0; c < kCandidates; ++c)
     if (tid * kCandidates + c < n0 && hits[tid * kCandidates + c] == nq - 1) in_all |= 1u << c;
   if (__syncthreads_or(in_all != 0) && nq_valid > 0) {  // no second walk when nothing is common
-    merge_walk(lists, n0, list_q, nq_valid, lane, [&](int i, int j) {
+    merge_walk(lists, n0, list_q, nq_valid, walk_lane, [&](int i, int j) {
       if (hits[i] == nq - 1) list_q[j] |= kInCommon;
     });
   }
@@ -157,14 +161,16 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   if (tid == 0) common_len[blockIdx.x] = total;
   __syncthreads();  // all marks visible
 
-  // Warp w writes query w's remaining rows into its pair's list: query a's (even w) n-th row to slot
+  // Warp w < 16 writes query w's remaining rows into its pair's list: query a's (even w) n-th row to slot
   // 32 (n / 16) + n % 16, query b's to + 16; the shorter list of the pair is padded with -1.
+  static_assert(kPlanThreads / 32 >= kBlockQueries, "one warp per query in the last phase");
   __shared__ int remaining[kBlockQueries];
+  const bool writer = warp < kBlockQueries;
   const int64_t pair = static_cast<int64_t>(blockIdx.x) * kBlockPairs + warp / 2;
   int* out = pair_work + pair * pair_stride(K);
   const int q = warp, h = warp % 2, bit = h ? kSeenHi : kSeenLo;
   int n = 0;
-  if (q < nq) {
+  if (writer && q < nq) {
     for (int b0 = 0; b0 < K; b0 += 32) {
       const int i = b0 + lane;
       const int v = i < K ? lists[q * K + i] : -1;
@@ -175,8 +181,9 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
       n += __popc(mask);
     }
   }
-  if (lane == 0) remaining[warp] = n;
+  if (writer && lane == 0) remaining[warp] = n;
   __syncthreads();
+  if (!writer) return;
   const int slots = 16 * ((max(remaining[warp & ~1], remaining[warp | 1]) + 15) / 16);
   for (int pos = n + lane; pos < slots; pos += 32) out[32 * (pos / 16) + 16 * h + pos % 16] = -1;
   if (h == 0 && lane == 0) pair_len[pair] = 2 * slots;
