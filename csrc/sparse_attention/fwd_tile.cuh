@@ -221,6 +221,13 @@ __device__ __forceinline__ void stage_softmax_wgmma(SoftmaxRows<128>& st, float 
   softmax_scores<128, kWgTiles>(st, s, entry, scale_log2, a0, a1);
 }
 
+// stage_p_fragments: P from stage_softmax_wgmma (fp32, in d) as the bf16 A fragments of stage_pv_wgmma.
+__device__ __forceinline__ void stage_p_fragments(uint32_t (&pa)[kWgTiles][4], const float (&d)[kWgKeys / 2]) {
+  const float(&p)[kWgTiles][2][4] = *reinterpret_cast<const float(*)[kWgTiles][2][4]>(&d);
+#pragma unroll
+  for (int j = 0; j < kWgTiles; ++j) accumulators_to_a(pa[j], p[j]);
+}
+
 // stage_pv_wgmma: with the previous P V product completed, rescales O by a0 / a1 and issues O += P V (m64n128k16,
 // V the MN-major operand; P as bf16 A fragments in pa) as one commit group, left running: the stage's slot and pa
 // must not be reused, nor O read, before a wait completes it.

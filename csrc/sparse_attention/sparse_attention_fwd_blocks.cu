@@ -118,8 +118,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     }
     for (int it = 1; it < stages; ++it) {
       uint32_t pa[kWgTiles][4];  // stage it - 1's P: the register operand of its P V product
-#pragma unroll
-      for (int j = 0; j < kWgTiles; ++j) accumulators_to_a(pa[j], *reinterpret_cast<float(*)[2][4]>(d + 8 * j));
+      stage_p_fragments(pa, d);
       arrive(it);
       stage_scores_wgmma(d, qf, slot(it));
       stage_pv_wgmma(st, pa, slot(it - 1), a0, a1);
@@ -130,8 +129,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     }
     if (stages > 0) {
       uint32_t pa[kWgTiles][4];
-#pragma unroll
-      for (int j = 0; j < kWgTiles; ++j) accumulators_to_a(pa[j], *reinterpret_cast<float(*)[2][4]>(d + 8 * j));
+      stage_p_fragments(pa, d);
       stage_pv_wgmma(st, pa, slot(stages - 1), a0, a1);
     }
     wgmma_wait<0>();
