@@ -25,6 +25,7 @@ namespace sparse_attention {
 namespace {
 
 constexpr int kPairStages = 3;       // per-warp ring depth in phase 2
+constexpr int kEntrySlots = 4;       // phase 2: tiles of entries prefetched into shared memory per warp
 constexpr int kCommonTiles = 2;      // D = 64: 16-key tiles per CTA-wide stage in phase 1 (one barrier per 32 keys)
 constexpr int kCommonStages = 8;     // D = 64: CTA-wide ring depth in phase 1 (7 stages in flight)
 constexpr int kWgSlots = 6;         // D = 128: ring slots of kWgKeys rows in phase 1 (4 in flight; 7: slower)
@@ -37,7 +38,10 @@ struct BlockLayout {
   // D = 128: the common ring starts at the first 1024-aligned byte (the wgmma swizzle's alignment)
   static constexpr int kCommonRingBytes =
       D == 128 ? kWgSlots * kWgStageBytes + 1024 : kCommonStages * kCommonStageBytes;
-  static constexpr int kBytes = kPairRingBytes > kCommonRingBytes ? kPairRingBytes : kCommonRingBytes;
+  // Phase 2's per-warp ring of prefetched tile entries (kEntrySlots tiles of 16), after the K/V rings.
+  static constexpr int kEntryRingBytes = kBlockWarps * kEntrySlots * kTile * 4;
+  static constexpr int kPhase2Bytes = kPairRingBytes + kEntryRingBytes;
+  static constexpr int kBytes = kPhase2Bytes > kCommonRingBytes ? kPhase2Bytes : kCommonRingBytes;
 };
 
 template <int D>
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   // Phase 2: the pair's remaining rows, per warp: tiles of query a's rows alternate with tiles of b's, and each tile
   // is attended to by its own query's heads only (attend_own_tile, transposed: the state moves into one SoftmaxCols
   // per query). The tile entries travel in registers: tile t's (empty-slot mask), t + 1's, t + 2's (gathered this
-  // iteration) and t + 3's (loading).
+  // iteration) and t + 3's (read from the entry ring below).
   static_assert(kPairStages == 3, "the entry registers below follow a 3-stage ring");
   const int64_t pair = static_cast<int64_t>(block) * kBlockPairs + warp;
   const int* work = plan.pair_work + pair * pair_stride(plan.num_idx);
@@ -185,10 +189,25 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   auto issue = [&](int t, int entry) {
     gather_tile_entries<D>(ring + (t % kPairStages) * L::kStageBytes, entry, p.k, p.k_stride, p.v, p.v_stride, g);
   };
+  // Tile j's entries (16 ints) are copied by cp.async into this warp's entry ring with tile j - 3's gather, two
+  // steps before the step that reads them (into e3) after its wait: loaded into a register one step ahead, the
+  // wait for them was the phase's largest stall (ncu, sixteenth session: long scoreboard on the entry register,
+  // 24% of the uniform pattern's samples; the plan's loads queue behind the gathers in L2).
+  int* entries = reinterpret_cast<int*>(smem + L::kPairRingBytes) + warp * kEntrySlots * kTile;
+  auto prefetch_entries = [&](int t) {
+    const int slot = t * kTile + lane;
+    int* dst = entries + (t % kEntrySlots) * kTile + lane;
+    if (lane < kTile) {
+      if (slot < count) cp_async4(dst, work + slot, true);
+      else *dst = -1;
+    }
+  };
   int e0 = tile_entry(work, count, 0), e1 = tile_entry(work, count, 1), e2 = tile_entry(work, count, 2);
   if (tiles > 0) issue(0, e0);
+  prefetch_entries(3);
   cp_async_commit();
   if (tiles > 1) issue(1, e1);
+  prefetch_entries(4);
   cp_async_commit();
   // The third slot (16 D floats: exactly a stage) holds the state's move until tile 2's gather is issued.
   static_assert(16 * D * 4 == L::kStageBytes, "rows_to_cols' scratch is one ring slot");
@@ -202,10 +221,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   }
   auto step = [&](SoftmaxCols<D>& sq, const uint32_t (&qq)[D / 16][2], int t) {
     if (t + 2 < tiles) issue(t + 2, e2);
+    prefetch_entries(t + 5);
     cp_async_commit();
-    const int e3 = tile_entry(work, count, t + 3);
     cp_async_wait_group<kPairStages - 1>();
-    __syncwarp();
+    __syncwarp();  // also: tile t + 3's entries, copied two steps ago, are visible to every lane
+    const int e3 = entries[((t + 3) % kEntrySlots) * kTile + lane % kTile];
     const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;
     // A tile past the shorter list of the pair is all padding: nothing to attend to (the step would be exact no-op).
     if (__any_sync(0xffffffffu, e0 >= 0))
