@@ -239,6 +239,26 @@ def test_block_plan_matches_its_specification():
         torch.ops.keye.sparse_attention_block_plan(idx.new_zeros(4, 2049), None, 10)
 
 
+def test_block_plan_over_several_count_windows():
+    """The plan kernel counts rows in windows of 2^17 rows: lists reaching 400K rows with common rows at the window
+    edges (blocks 0 and 1); a first list with nothing in rows 10-299999, so a whole window is skipped while the other
+    lists hold rows there (the tail block of 8 queries); a slot count that is not a multiple of 4 (4-byte staging
+    copies; the other plan tests take the 16-byte path). Checked exactly against the specification."""
+    g = torch.Generator().manual_seed(7)
+    N, K, S = 40, 302, 400_000
+    edges, far = [0, 3, 131071, 131072, 131073, 262143, 262144, 399999], [0, 3, 300000, 300001, 399999]
+    lists = []
+    for q in range(N):
+        own = torch.randint(0, S, (K - 20,), generator=g).tolist()
+        if q == 32:
+            own = [r for r in own if r < 10 or r >= 300_000]
+        rows = sorted(set((edges if q < 32 else far) + own))
+        lists.append(rows + [-1] * (K - len(rows)))
+    idx = torch.tensor(lists, dtype=torch.int32, device=DEV)
+    assert check_block_plan(idx, None, S) >= 2 * len(edges) + len(far)
+    assert check_block_plan(idx, None, 262_144) >= 2 * 6 + 2  # rows past num_rows become empty slots
+
+
 def test_forward_large_topk_uses_splits():
     lengths, K = [6000], 5000  # more slots than one CTA stages (2048): split and merged by lse
     q, k, v, cu = inputs(lengths, 8, 1, 128)

@@ -1,12 +1,12 @@
 // Builds the block plan (block_plan.h): one CTA per block of 16 queries stages their 16 index lists in shared
-// memory (as K/V rows), intersects them (warps 2q and 2q + 1 merge list q with list 0 and count the matches per
-// entry of list 0), marks the common rows in every list, then warp q < 16 writes query q's remaining rows in 16-row
-// tiles that alternate with those of the other query of its pair.
+// memory (as K/V rows), counts per row how many of lists 1-15 hold it (4-bit counts in shared memory, one window of
+// 128K rows at a time), marks the rows of list 0 that all lists hold as common in every list, then warp q < 16
+// writes query q's remaining rows in 16-row tiles that alternate with those of the other query of its pair.
 //
-// ncu (H200, 32K tokens, 256 threads then): 12.5% occupancy (the 128 KB of staged lists allow one CTA per SM),
-// 0.27 issued instructions per scheduler, stalls mostly on fixed-latency dependencies: a third or more of the
-// instructions were the integer divisions of the staging loops (entry -> query, slot). Hence division-free loops
-// (query outer, slot inner) and 16 warps instead of 8 (4 candidates of the first list per thread).
+// History (ncu, H200, 32K tokens): the first kernel (256 threads, divisions in its staging loops) was latency-bound
+// at 12.5% occupancy; division-free loops took it from 2.68 to 1.74 ms. It then intersected the lists by merge walks
+// (list q against list 0, two warps per walk): 0.71 ms on 1024 threads, instruction-bound (71% SM throughput) on
+// the walks' dependent shared-memory steps, ~11% of the forward. Counting replaces the walks with independent work.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -24,10 +24,14 @@ namespace keye {
 namespace sparse_attention {
 namespace {
 
-constexpr int kPlanThreads = 1024;  // two warps per list in the merge walks; one per query in the last phase
-constexpr int kWalkLanes = 2 * 32;   // lanes that share one list's merge walk
+constexpr int kPlanThreads = 1024;  // one warp per query in the last phase, 32 warps for the counting passes
 constexpr int kCandidates = kMaxChunk / kPlanThreads;  // entries of the first list per thread
 constexpr int kInCommon = 1 << 30;                    // staged entry is in the common set
+// Rows per counting window: a 4-bit count per row (64 KB) and a bit per row of list 0 (16 KB). One window covers
+// every list of a context up to 128K tokens; longer ranges take one window per 128K rows that list 0 reaches.
+constexpr int kWindowRows = 1 << 17;
+constexpr int kCountWords = kWindowRows / 8;
+constexpr int kBitWords = kWindowRows / 32;
 
 // Sort key of a staged entry: its row (mark bit ignored); empty slots (-1) sort last.
 __device__ __forceinline__ unsigned key(int v) { return v < 0 ? UINT_MAX : static_cast<unsigned>(v & kRowMask); }
@@ -42,39 +46,17 @@ __device__ __forceinline__ int lower_bound(const int* list, int lo, int hi, unsi
   return lo;
 }
 
-// Walks this lane's share of the merge of two sorted lists a[0, na) and b[0, nb) (valid rows only) and calls
-// on_match(i, j) for every a[i] == b[j]. The merge takes a[i] before b[j] when a[i] <= b[j], so equal entries are
-// adjacent in it and the match is seen where a[i] is taken, whichever lane's share b[j] falls in. Lane l (of
-// kWalkLanes) walks merge positions [2 m l, 2 m (l + 1)) with m odd and 2 m kWalkLanes > n = na + nb: about 65
-// dependent steps for two full lists (130 with one warp per list), where a binary search per entry of a costs ~11
-// per entry and list. Why 2 m: for similar lists lane l starts near entry m l of both, and with m odd a warp's 32
-// shared-memory loads fall in 32 different banks (with equal shares of n / 32 = 128 every lane hit the same bank:
-// measured 1.74 -> 1.60 ms only).
-template <typename OnMatch>
-__device__ __forceinline__ void merge_walk(const int* a, int na, const int* b, int nb, int lane, OnMatch on_match) {
-  const int n = na + nb, m = ((n + 2 * kWalkLanes - 1) / (2 * kWalkLanes) + 1) | 1;
-  const int d0 = min(n, 2 * m * lane), d1 = min(n, 2 * m * (lane + 1));
-  // Merge-path split at diagonal d0: the number of a's entries among the first d0 merged ones.
-  int lo = max(0, d0 - nb), hi = min(d0, na);
-  while (lo < hi) {
-    const int mid = (lo + hi) / 2;
-    if (key(a[mid]) <= key(b[d0 - mid - 1])) lo = mid + 1;
-    else hi = mid;
-  }
-  int i = lo, j = d0 - lo;
-  unsigned av = i < na ? key(a[i]) : UINT_MAX, bv = j < nb ? key(b[j]) : UINT_MAX;
-  // Branch-free steps (one shared load each): with a branch per list the lanes of a warp that advance in a and those
-  // that advance in b ran one after the other.
-  for (int d = d0; d < d1; ++d) {
-    // Within the merge both lists cannot be exhausted, so the UINT_MAX sentinels never compare equal here.
-    if (av == bv) on_match(i, j);
-    const bool take_a = av <= bv;
-    i += take_a;
-    j += !take_a;
-    const int next = take_a ? i : j;
-    const unsigned v = next < (take_a ? na : nb) ? key((take_a ? a : b)[next]) : UINT_MAX;
-    av = take_a ? v : av;
-    bv = take_a ? bv : v;
+// Calls f(i) for every slot i < K of a list, spread over the CTA so that the 32 lanes of a warp take slots about
+// K / 32 apart: sorted lists hold runs of adjacent rows (the recent window), and adjacent lanes counting adjacent
+// rows would hit the same 8-row count word at once (serialised shared-memory atomics). The stride is odd so the
+// lanes' list entries fall in 32 different banks (with a stride of 64 every lane read the same bank: the first
+// build of the counting plan took 1.14 ms at 32K, slower than the merge walks it replaced).
+template <typename F>
+__device__ __forceinline__ void for_each_slot(int K, F f) {
+  const int stride = ((K + 31) / 32) | 1, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int j = warp; j < stride; j += kPlanThreads / 32) {
+    const int i = lane * stride + j;
+    if (i < K) f(i);
   }
 }
 
@@ -88,8 +70,16 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   // Stage the raw lists with cp.async (all of a thread's loads in flight at once), then turn positions into rows.
   __shared__ int64_t base[kBlockQueries];
   if (tid < nq) base[tid] = ix.row_base ? ix.row_base[q0 + tid] : 0;
-  for (int q = 0; q < nq; ++q)
-    for (int i = tid; i < K; i += kPlanThreads) cp_async4(lists + q * K + i, ix.idx + (q0 + q) * ix.idx_stride + i, true);
+  // 16-byte copies where every list row is 16-byte aligned (K = 2048: 8 copies per thread instead of 32).
+  const bool wide = K % 4 == 0 && ix.idx_stride % 4 == 0 && reinterpret_cast<uintptr_t>(ix.idx) % 16 == 0;
+  for (int q = 0; q < nq; ++q) {
+    const int* src = ix.idx + (q0 + q) * ix.idx_stride;
+    if (wide) {
+      for (int i = 4 * tid; i < K; i += 4 * kPlanThreads) cp_async16(lists + q * K + i, src + i, true);
+    } else {
+      for (int i = tid; i < K; i += kPlanThreads) cp_async4(lists + q * K + i, src + i, true);
+    }
+  }
   cp_async_wait_all();
   __syncthreads();
   for (int q = 0; q < nq; ++q) {
@@ -109,28 +99,53 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   }
   const bool sorted = !__syncthreads_or(unsorted);
 
-  // The common set: entries of list 0 that every other list holds. Warps 2q and 2q + 1 (1 <= q < nq) merge list q
-  // with list 0 and count the matches per entry of list 0 (lists are strictly increasing, so at most one per list);
-  // entries counted nq - 1 times are common. A second walk marks them in list q.
-  __shared__ int hits[kMaxChunk];
-  for (int i = tid; i < K; i += kPlanThreads) hits[i] = 0;
-  __syncthreads();
+  // The common set: entries of list 0 that every other list holds (lists are strictly increasing, so a row is
+  // counted at most once per list). Per window of rows [w0, w0 + span): a 4-bit count per row of the lists 1 ..
+  // nq - 1 (at most 15, so the counts never carry into each other) and a bit per row of list 0; an entry is common
+  // when its row is in list 0 and counted nq - 1 times. Every pass is independent shared-memory work; the merge
+  // walks this replaced were chains of dependent loads (0.71 ms of the 32K forward, instruction-bound).
+  unsigned* counts = reinterpret_cast<unsigned*>(lists + kBlockQueries * K);
+  unsigned* in_first = counts + kCountWords;
   const int n0 = sorted ? lower_bound(lists, 0, K, UINT_MAX) : 0;  // valid entries sort first
-  const int walk_list = warp / 2, walk_lane = (warp % 2) * 32 + lane;
-  int* list_q = lists + walk_list * K;
-  const int nq_valid = sorted && walk_list >= 1 && walk_list < nq ? lower_bound(list_q, 0, K, UINT_MAX) : 0;
-  if (nq_valid > 0)
-    merge_walk(lists, n0, list_q, nq_valid, walk_lane, [&](int i, int) { atomicAdd(&hits[i], 1); });
-  __syncthreads();  // every count is in
+  const unsigned last = n0 > 0 ? key(lists[n0 - 1]) : 0u;
   const int* cand = lists + tid * kCandidates;
   uint32_t in_all = 0;
-#pragma unroll
-  for (int c = 0; c < kCandidates; ++c)
-    if (tid * kCandidates + c < n0 && hits[tid * kCandidates + c] == nq - 1) in_all |= 1u << c;
-  if (__syncthreads_or(in_all != 0) && nq_valid > 0) {  // no second walk when nothing is common
-    merge_walk(lists, n0, list_q, nq_valid, walk_lane, [&](int i, int j) {
-      if (hits[i] == nq - 1) list_q[j] |= kInCommon;
+  for (int first = 0; first < n0;) {  // first: list 0's first entry in the window
+    const unsigned w0 = key(lists[first]), span = min(static_cast<unsigned>(kWindowRows), last - w0 + 1);
+    for (int w = tid; w < static_cast<int>((span + 7) / 8); w += kPlanThreads) counts[w] = 0;
+    for (int w = tid; w < static_cast<int>((span + 31) / 32); w += kPlanThreads) in_first[w] = 0;
+    __syncthreads();
+    for (int q = 1; q < nq; ++q) {
+      const int* list = lists + q * K;
+      for_each_slot(K, [&](int i) {
+        const unsigned r = key(list[i]) - w0;  // empty slots and rows outside the window wrap past span
+        if (r < span) atomicAdd(&counts[r / 8], 1u << (4 * (r % 8)));
+      });
+    }
+    for_each_slot(K, [&](int i) {
+      const unsigned r = key(lists[i]) - w0;
+      if (r < span) atomicOr(&in_first[r / 32], 1u << (r % 32));
     });
+    __syncthreads();
+    auto common_row = [&](unsigned r) {
+      return ((counts[r / 8] >> (4 * (r % 8))) & 15u) == static_cast<unsigned>(nq - 1);
+    };
+#pragma unroll
+    for (int c = 0; c < kCandidates; ++c) {
+      if (tid * kCandidates + c >= n0) continue;
+      const unsigned r = key(cand[c]) - w0;
+      if (r < span && common_row(r)) in_all |= 1u << c;
+    }
+    for (int q = 1; q < nq; ++q) {
+      int* list = lists + q * K;
+      for_each_slot(K, [&](int i) {
+        const unsigned r = key(list[i]) - w0;
+        if (r < span && ((in_first[r / 32] >> (r % 32)) & 1u) && common_row(r)) list[i] |= kInCommon;
+      });
+    }
+    // Next window: list 0's first entry past this one (windows without an entry of list 0 are skipped).
+    first = lower_bound(lists, first, n0, w0 + span);
+    __syncthreads();  // counts read before the next window clears them
   }
 
   // Compact the common rows (list 0 order, ascending) with a block scan of the per-thread counts.
@@ -203,7 +218,7 @@ at::Tensor build_block_plan(const IndexParams& ix, const at::Tensor& like, cudaS
   int* pair_len = pair_work + pairs * stride;
   plan = BlockPlan{common, common_len, pair_work, pair_len, static_cast<int>(K)};
   if (blocks == 0) return buf;
-  const int smem = static_cast<int>(kBlockQueries * K * sizeof(int));
+  const int smem = static_cast<int>((kBlockQueries * K + kCountWords + kBitWords) * sizeof(int));
   C10_CUDA_CHECK(cudaFuncSetAttribute(block_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   block_plan_kernel<<<static_cast<unsigned>(blocks), kPlanThreads, smem, stream>>>(ix, common, common_len, pair_work,
                                                                                    pair_len);
