@@ -46,58 +46,114 @@ __device__ __forceinline__ int lower_bound(const int* list, int lo, int hi, unsi
   return lo;
 }
 
-// Calls f(i) for every slot i < K of a list, spread over the CTA so that the 32 lanes of a warp take slots about
-// K / 32 apart: sorted lists hold runs of adjacent rows (the recent window), and adjacent lanes counting adjacent
-// rows would hit the same 8-row count word at once (serialised shared-memory atomics). The stride is odd so the
-// lanes' list entries fall in 32 different banks (with a stride of 64 every lane read the same bank: the first
-// build of the counting plan took 1.14 ms at 32K, slower than the merge walks it replaced).
-template <typename F>
-__device__ __forceinline__ void for_each_slot(int K, F f) {
-  const int stride = ((K + 31) / 32) | 1, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int j = warp; j < stride; j += kPlanThreads / 32) {
-    const int i = lane * stride + j;
-    if (i < K) f(i);
+// The two slots of every list this thread takes in the counting passes (valid[c] false where there is none).
+// Lane l takes slots of its own segment [l seg, (l + 1) seg) of the list, seg = ceil(K / 32), so the lanes of a
+// warp hold rows far apart: sorted lists hold runs of adjacent rows (the recent window), and adjacent lanes
+// counting adjacent rows would hit the same 8-row count word at once (serialised shared-memory atomics). Within the
+// segment the slot is rotated by the lane, (j + l) % seg, so the lanes' 32 loads fall in 32 different banks (with
+// seg = 64 and no rotation every lane read the same bank: that build took 1.14 ms at 32K).
+struct CountSlots {
+  int slot[2];
+  bool valid[2];
+};
+template <bool kFull>  // kFull: K = kMaxChunk, every slot valid
+__device__ __forceinline__ CountSlots count_slots(int K) {
+  const int seg = (K + 31) / 32, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  static_assert(kMaxChunk <= 2 * 32 * (kPlanThreads / 32), "two slots per thread and list cover a list");
+  CountSlots s;
+#pragma unroll
+  for (int c = 0; c < 2; ++c) {
+    const int j = warp + 32 * c;
+    s.slot[c] = lane * seg + (j + lane) % seg;
+    s.valid[c] = kFull || (j < seg && s.slot[c] < K);
   }
+  return s;
 }
 
+// kK: the slot count when it is kMaxChunk (the Keye shape; every per-list offset is then a compile-time constant and
+// no slot needs a range check), else 0 (K from ix.num_idx).
+template <int kK>
 __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexParams ix, int* common, int* common_len,
                                                                   int* pair_work, int* pair_len) {
-  extern __shared__ int lists[];  // [kBlockQueries][K] rows, -1 = empty slot
-  const int K = ix.num_idx, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  static_assert(kK == 0 || kK == kMaxChunk, "kK: 0 or kMaxChunk");
+  extern __shared__ __align__(16) int lists[];  // [kBlockQueries][K] rows, -1 = empty slot
+  const int K = kK ? kK : ix.num_idx, tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x) * kBlockQueries;
   const int nq = static_cast<int>(min(static_cast<int64_t>(kBlockQueries), ix.num_queries - q0));
 
   // Stage the raw lists with cp.async (all of a thread's loads in flight at once), then turn positions into rows.
-  __shared__ int64_t base[kBlockQueries];
-  if (tid < nq) base[tid] = ix.row_base ? ix.row_base[q0 + tid] : 0;
-  // 16-byte copies where every list row is 16-byte aligned (K = 2048: 8 copies per thread instead of 32).
+  // Every per-list loop below is unrolled over the 16 lists with a fixed number of slots per thread (K <= 2048 =
+  // 2 x 1024): with a loop per list of two iterations the loop and address overhead was most of the kernel's
+  // instructions (ncu: 204 K warp instructions per block, issue-bound).
+  static_assert(kMaxChunk <= 2 * kPlanThreads, "two slots per thread and list");
+  // 16-byte copies where every list row is 16-byte aligned.
   const bool wide = K % 4 == 0 && ix.idx_stride % 4 == 0 && reinterpret_cast<uintptr_t>(ix.idx) % 16 == 0;
-  for (int q = 0; q < nq; ++q) {
-    const int* src = ix.idx + (q0 + q) * ix.idx_stride;
-    if (wide) {
-      for (int i = 4 * tid; i < K; i += 4 * kPlanThreads) cp_async16(lists + q * K + i, src + i, true);
-    } else {
-      for (int i = tid; i < K; i += kPlanThreads) cp_async4(lists + q * K + i, src + i, true);
+  if (kK != 0 && wide) {
+    // The block's 16 x 512 pieces of 16 bytes, 8 per thread: piece tid + 1024 m is piece tid % 512 of list
+    // 2 m + tid / 512.
+    constexpr int kPieces = kMaxChunk / 4;
+    const int piece = tid % kPieces;
+#pragma unroll
+    for (int m = 0; m < kBlockQueries * kPieces / kPlanThreads; ++m) {
+      const int q = m * (kPlanThreads / kPieces) + tid / kPieces;
+      if (q < nq) cp_async16(lists + q * kMaxChunk + 4 * piece, ix.idx + (q0 + q) * ix.idx_stride + 4 * piece, true);
     }
+  } else {
+    const int* src = ix.idx + q0 * ix.idx_stride;
+#pragma unroll
+    for (int q = 0; q < kBlockQueries; ++q, src += ix.idx_stride) {
+      if (q >= nq) break;
+      if (wide) {
+        if (4 * tid < K) cp_async16(lists + q * K + 4 * tid, src + 4 * tid, true);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int i = tid + c * kPlanThreads;
+          if (i < K) cp_async4(lists + q * K + i, src + i, true);
+        }
+      }
+    }
+  }
+  // A valid slot x (x >= 0, base + x < num_rows) becomes row base + x (< 2^29), any other -1. The row test is one
+  // unsigned compare against the list's limit num_rows - base, clamped to [0, 2^32 - 1].
+  __shared__ unsigned limit[kBlockQueries];
+  __shared__ int base[kBlockQueries];
+  if (tid < nq) {
+    const int b0 = ix.row_base ? ix.row_base[q0 + tid] : 0;
+    base[tid] = b0;
+    limit[tid] = static_cast<unsigned>(min(max(ix.num_rows - b0, int64_t{0}), int64_t{UINT_MAX}));
   }
   cp_async_wait_all();
   __syncthreads();
-  for (int q = 0; q < nq; ++q) {
-    for (int i = tid; i < K; i += kPlanThreads) {
-      const int x = lists[q * K + i];
-      const int64_t row = base[q] + static_cast<int64_t>(x);
-      lists[q * K + i] = (x >= 0 && row < ix.num_rows) ? static_cast<int>(row) : -1;
-    }
-  }
-  __syncthreads();
+  // Rows and sortedness in one pass: thread t converts slots 2t and 2t + 1 of every list and checks them against
+  // their successors (slot 2t + 2 is converted here too); the rows are written back after the CTA-wide vote, when
+  // every thread has read the raw slots it needs.
+  static_assert(kMaxChunk == 2 * kPlanThreads && kCandidates == 2, "thread t owns slots 2t and 2t + 1");
+  const int i0 = 2 * tid;
+  int rows[kBlockQueries][2];
   bool unsorted = false;
-  for (int q = 0; q < nq; ++q) {
-    for (int i = tid; i + 1 < K; i += kPlanThreads) {
-      const int a = lists[q * K + i], b = lists[q * K + i + 1];
-      unsorted |= (a < 0 && b >= 0) || (a >= 0 && b >= 0 && b <= a);
-    }
+#pragma unroll
+  for (int q = 0; q < kBlockQueries; ++q) {
+    if (q >= nq) break;
+    const int b0 = base[q];
+    const unsigned lim = limit[q];
+    auto row_of = [&](int x) { return x >= 0 && static_cast<unsigned>(x) < lim ? b0 + x : -1; };
+    auto out_of_order = [](int a, int b) { return (a < 0 && b >= 0) || (a >= 0 && b >= 0 && b <= a); };
+    const int* list = lists + q * K;
+    rows[q][0] = i0 < K ? row_of(list[i0]) : -1;
+    rows[q][1] = i0 + 1 < K ? row_of(list[i0 + 1]) : -1;
+    const int next = i0 + 2 < K ? row_of(list[i0 + 2]) : -1;
+    if (i0 + 1 < K) unsorted |= out_of_order(rows[q][0], rows[q][1]);
+    if (i0 + 2 < K) unsorted |= out_of_order(rows[q][1], next);
   }
   const bool sorted = !__syncthreads_or(unsorted);
+#pragma unroll
+  for (int q = 0; q < kBlockQueries; ++q) {
+    if (q >= nq) break;
+    if (i0 < K) lists[q * K + i0] = rows[q][0];
+    if (i0 + 1 < K) lists[q * K + i0 + 1] = rows[q][1];
+  }
+  __syncthreads();
 
   // The common set: entries of list 0 that every other list holds (lists are strictly increasing, so a row is
   // counted at most once per list). Per window of rows [w0, w0 + span): a 4-bit count per row of the lists 1 ..
@@ -108,24 +164,28 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   unsigned* in_first = counts + kCountWords;
   const int n0 = sorted ? lower_bound(lists, 0, K, UINT_MAX) : 0;  // valid entries sort first
   const unsigned last = n0 > 0 ? key(lists[n0 - 1]) : 0u;
-  const int* cand = lists + tid * kCandidates;
+  const int cand[kCandidates] = {rows[0][0], rows[0][1]};  // this thread's slots of list 0
+  const CountSlots counted = count_slots<kK != 0>(K);
+  __shared__ unsigned dummy[32];
   uint32_t in_all = 0;
   for (int first = 0; first < n0;) {  // first: list 0's first entry in the window
     const unsigned w0 = key(lists[first]), span = min(static_cast<unsigned>(kWindowRows), last - w0 + 1);
     for (int w = tid; w < static_cast<int>((span + 7) / 8); w += kPlanThreads) counts[w] = 0;
     for (int w = tid; w < static_cast<int>((span + 31) / 32); w += kPlanThreads) in_first[w] = 0;
     __syncthreads();
-    for (int q = 1; q < nq; ++q) {
-      const int* list = lists + q * K;
-      for_each_slot(K, [&](int i) {
-        const unsigned r = key(list[i]) - w0;  // empty slots and rows outside the window wrap past span
-        if (r < span) atomicAdd(&counts[r / 8], 1u << (4 * (r % 8)));
-      });
+#pragma unroll
+    for (int q = 0; q < kBlockQueries; ++q) {
+      if (q >= nq) break;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if (!counted.valid[c]) continue;
+        const unsigned r = key(lists[q * K + counted.slot[c]]) - w0;  // empty slots, rows outside: past span
+        // Rows outside the window add nothing to a dummy word of this lane: no branch around the atomic.
+        const bool in = r < span;
+        if (q == 0) atomicOr(in ? &in_first[r / 32] : &dummy[lane], in ? 1u << (r % 32) : 0u);
+        else atomicAdd(in ? &counts[r / 8] : &dummy[lane], in ? 1u << (4 * (r % 8)) : 0u);
+      }
     }
-    for_each_slot(K, [&](int i) {
-      const unsigned r = key(lists[i]) - w0;
-      if (r < span) atomicOr(&in_first[r / 32], 1u << (r % 32));
-    });
     __syncthreads();
     auto common_row = [&](unsigned r) {
       return ((counts[r / 8] >> (4 * (r % 8))) & 15u) == static_cast<unsigned>(nq - 1);
@@ -136,12 +196,18 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
       const unsigned r = key(cand[c]) - w0;
       if (r < span && common_row(r)) in_all |= 1u << c;
     }
-    for (int q = 1; q < nq; ++q) {
-      int* list = lists + q * K;
-      for_each_slot(K, [&](int i) {
-        const unsigned r = key(list[i]) - w0;
-        if (r < span && ((in_first[r / 32] >> (r % 32)) & 1u) && common_row(r)) list[i] |= kInCommon;
-      });
+#pragma unroll
+    for (int q = 1; q < kBlockQueries; ++q) {
+      if (q >= nq) break;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if (!counted.valid[c]) continue;
+        int* e = lists + q * K + counted.slot[c];
+        const int v = *e;
+        const unsigned r = key(v) - w0, rc = r < span ? r : 0u;  // rc: a row inside the window to read
+        // Bitwise &: both words are read unconditionally, one predicated store instead of three branches.
+        if ((r < span) & ((in_first[rc / 32] >> (rc % 32)) & 1u) & common_row(rc)) *e = v | kInCommon;
+      }
     }
     // Next window: list 0's first entry past this one (windows without an entry of list 0 are skipped).
     first = lower_bound(lists, first, n0, w0 + span);
@@ -186,6 +252,7 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   const int q = warp, h = warp % 2, bit = h ? kSeenHi : kSeenLo;
   int n = 0;
   if (writer && q < nq) {
+#pragma unroll 4
     for (int b0 = 0; b0 < K; b0 += 32) {
       const int i = b0 + lane;
       const int v = i < K ? lists[q * K + i] : -1;
@@ -219,9 +286,9 @@ at::Tensor build_block_plan(const IndexParams& ix, const at::Tensor& like, cudaS
   plan = BlockPlan{common, common_len, pair_work, pair_len, static_cast<int>(K)};
   if (blocks == 0) return buf;
   const int smem = static_cast<int>((kBlockQueries * K + kCountWords + kBitWords) * sizeof(int));
-  C10_CUDA_CHECK(cudaFuncSetAttribute(block_plan_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  block_plan_kernel<<<static_cast<unsigned>(blocks), kPlanThreads, smem, stream>>>(ix, common, common_len, pair_work,
-                                                                                   pair_len);
+  auto kernel = K == kMaxChunk ? block_plan_kernel<kMaxChunk> : block_plan_kernel<0>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  kernel<<<static_cast<unsigned>(blocks), kPlanThreads, smem, stream>>>(ix, common, common_len, pair_work, pair_len);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return buf;
 }
