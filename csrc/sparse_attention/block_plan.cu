@@ -6,7 +6,9 @@
 // History (ncu, H200, 32K tokens): the first kernel (256 threads, divisions in its staging loops) was latency-bound
 // at 12.5% occupancy; division-free loops took it from 2.68 to 1.74 ms. It then intersected the lists by merge walks
 // (list q against list 0, two warps per walk): 0.71 ms on 1024 threads, instruction-bound (71% SM throughput) on
-// the walks' dependent shared-memory steps, ~11% of the forward. Counting replaces the walks with independent work.
+// the walks' dependent shared-memory steps, ~11% of the forward. Counting replaced the walks with independent work
+// (0.60 ms), and unrolling every per-list loop over the 16 lists cut its 204 K warp instructions per block to 109 K
+// (0.38 ms; NOTES.md, seventeenth session).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -50,8 +52,9 @@ __device__ __forceinline__ int lower_bound(const int* list, int lo, int hi, unsi
 // Lane l takes slots of its own segment [l seg, (l + 1) seg) of the list, seg = ceil(K / 32), so the lanes of a
 // warp hold rows far apart: sorted lists hold runs of adjacent rows (the recent window), and adjacent lanes
 // counting adjacent rows would hit the same 8-row count word at once (serialised shared-memory atomics). Within the
-// segment the slot is rotated by the lane, (j + l) % seg, so the lanes' 32 loads fall in 32 different banks (with
-// seg = 64 and no rotation every lane read the same bank: that build took 1.14 ms at 32K).
+// segment the slot is rotated by the lane, (j + l) % seg, so with seg a multiple of 32 (K = 2048: seg = 64) the
+// lanes' 32 loads fall in 32 different banks (with seg = 64 and no rotation every lane read the same bank: that
+// build took 1.14 ms at 32K).
 struct CountSlots {
   int slot[2];
   bool valid[2];
