@@ -217,8 +217,8 @@ def check_block_plan(idx, row_base, num_rows):
 
 
 def test_block_plan_matches_its_specification():
-    """The plan kernel's common sets and pair lists exactly: realistic lists (large common sets, found by merging
-    every list with the first), varlen causal lists through row_base with a block of identical lists, an empty query
+    """The plan kernel's common sets and pair lists exactly: realistic lists (large common sets), the same in rows that
+    are not 16-byte aligned, varlen causal lists through row_base with a block of identical lists, an empty query
     and a tail block, rows past num_rows (empty slots), lists with repeated rows (no common set)."""
     from keye.bench.sparse_attention import realistic_indices, uniform_indices
 
@@ -234,6 +234,10 @@ def test_block_plan_matches_its_specification():
     assert check_block_plan(idx, row_base, 600) > 0  # rows 600+ become empty slots (at the ends of sorted lists)
     for T, K in ((5, 8), (17, 2048), (40, 1)):
         check_block_plan(causal_indices([T], K), None, T)
+    # 2048 slots in rows that are not 16-byte aligned (row stride 2049): the K = 2048 kernel's 4-byte staging copies.
+    padded = torch.full((2500, 2049), -1, dtype=torch.int32, device=DEV)
+    padded[:, 1:] = realistic_indices(2500, 2048, DEV)
+    assert check_block_plan(padded[:, 1:], None, 2500) > 100 * 1024
     assert check_block_plan(uniform_indices(2500, 2048, DEV)[2048:], None, 2500) == 0  # repeats: not sorted
     with pytest.raises(ValueError, match="slots per query"):
         torch.ops.keye.sparse_attention_block_plan(idx.new_zeros(4, 2049), None, 10)
