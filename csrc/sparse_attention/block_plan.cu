@@ -73,6 +73,18 @@ __device__ __forceinline__ CountSlots count_slots(int K) {
   return s;
 }
 
+// Calls f(q, slot) for this thread's count slots of lists q_first .. nq - 1 (unrolled over the lists).
+template <typename F>
+__device__ __forceinline__ void for_each_counted(const CountSlots& counted, int q_first, int nq, F f) {
+#pragma unroll
+  for (int q = q_first; q < kBlockQueries; ++q) {
+    if (q >= nq) break;
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      if (counted.valid[c]) f(q, counted.slot[c]);
+  }
+}
+
 // kK: the slot count when it is kMaxChunk (the Keye shape; every per-list offset is then a compile-time constant and
 // no slot needs a range check), else 0 (K from ix.num_idx).
 template <int kK>
@@ -88,7 +100,6 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
   // Every per-list loop below is unrolled over the 16 lists with a fixed number of slots per thread (K <= 2048 =
   // 2 x 1024): with a loop per list of two iterations the loop and address overhead was most of the kernel's
   // instructions (ncu: 204 K warp instructions per block, issue-bound).
-  static_assert(kMaxChunk <= 2 * kPlanThreads, "two slots per thread and list");
   // 16-byte copies where every list row is 16-byte aligned.
   const bool wide = K % 4 == 0 && ix.idx_stride % 4 == 0 && reinterpret_cast<uintptr_t>(ix.idx) % 16 == 0;
   if (kK != 0 && wide) {
@@ -176,19 +187,13 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
     for (int w = tid; w < static_cast<int>((span + 7) / 8); w += kPlanThreads) counts[w] = 0;
     for (int w = tid; w < static_cast<int>((span + 31) / 32); w += kPlanThreads) in_first[w] = 0;
     __syncthreads();
-#pragma unroll
-    for (int q = 0; q < kBlockQueries; ++q) {
-      if (q >= nq) break;
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if (!counted.valid[c]) continue;
-        const unsigned r = key(lists[q * K + counted.slot[c]]) - w0;  // empty slots, rows outside: past span
-        // Rows outside the window add nothing to a dummy word of this lane: no branch around the atomic.
-        const bool in = r < span;
-        if (q == 0) atomicOr(in ? &in_first[r / 32] : &dummy[lane], in ? 1u << (r % 32) : 0u);
-        else atomicAdd(in ? &counts[r / 8] : &dummy[lane], in ? 1u << (4 * (r % 8)) : 0u);
-      }
-    }
+    for_each_counted(counted, 0, nq, [&](int q, int slot) {
+      const unsigned r = key(lists[q * K + slot]) - w0;  // empty slots, rows outside: past span
+      // Rows outside the window add nothing to a dummy word of this lane: no branch around the atomic.
+      const bool in = r < span;
+      if (q == 0) atomicOr(in ? &in_first[r / 32] : &dummy[lane], in ? 1u << (r % 32) : 0u);
+      else atomicAdd(in ? &counts[r / 8] : &dummy[lane], in ? 1u << (4 * (r % 8)) : 0u);
+    });
     __syncthreads();
     auto common_row = [&](unsigned r) {
       return ((counts[r / 8] >> (4 * (r % 8))) & 15u) == static_cast<unsigned>(nq - 1);
@@ -199,19 +204,13 @@ __global__ void __launch_bounds__(kPlanThreads) block_plan_kernel(const IndexPar
       const unsigned r = key(cand[c]) - w0;
       if (r < span && common_row(r)) in_all |= 1u << c;
     }
-#pragma unroll
-    for (int q = 1; q < kBlockQueries; ++q) {
-      if (q >= nq) break;
-#pragma unroll
-      for (int c = 0; c < 2; ++c) {
-        if (!counted.valid[c]) continue;
-        int* e = lists + q * K + counted.slot[c];
-        const int v = *e;
-        const unsigned r = key(v) - w0, rc = r < span ? r : 0u;  // rc: a row inside the window to read
-        // Bitwise &: both words are read unconditionally, one predicated store instead of three branches.
-        if ((r < span) & ((in_first[rc / 32] >> (rc % 32)) & 1u) & common_row(rc)) *e = v | kInCommon;
-      }
-    }
+    for_each_counted(counted, 1, nq, [&](int q, int slot) {
+      int* e = lists + q * K + slot;
+      const int v = *e;
+      const unsigned r = key(v) - w0, rc = r < span ? r : 0u;  // rc: a row inside the window to read
+      // Bitwise &: both words are read unconditionally, one predicated store instead of three branches.
+      if ((r < span) & ((in_first[rc / 32] >> (rc % 32)) & 1u) & common_row(rc)) *e = v | kInCommon;
+    });
     // Next window: list 0's first entry past this one (windows without an entry of list 0 are skipped).
     first = lower_bound(lists, first, n0, w0 + span);
     __syncthreads();  // counts read before the next window clears them

@@ -251,9 +251,8 @@ __device__ __forceinline__ void gather_tile_entries(uint8_t* dst, int entry, con
 // A CTA-wide stage of kTiles consecutive tiles (tiles kTiles * stage ..) of a work list into dst (each tile's K
 // then V, tiles kStageBytes apart), tiles past the list skipped: the block kernels' common-row ring. Thread
 // threadIdx.x % kLanes copies chunks lane, lane + kLanes, ... of each tile (K's 16-byte chunks, then V's); their
-// entries come from stage_entries,
-// loaded a stage before the copies are issued (in line, every thread waited one L2 round trip for its row numbers
-// while the whole CTA stood between two barriers; NOTES.md, issue 4).
+// entries come from stage_entries, loaded a stage before the copies are issued (in line, every thread waited one L2
+// round trip for its row numbers while the whole CTA stood between two barriers; NOTES.md, issue 4).
 template <int D, int kLanes>
 constexpr int kTileChunksPerLane = 2 * kTile * (D / 8) / kLanes;
 
