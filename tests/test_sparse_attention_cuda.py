@@ -173,6 +173,31 @@ def test_block_and_pair_kernels_agree():
 SEEN_LO, SEEN_HI, ROW_MASK = 1 << 30, 1 << 29, (1 << 29) - 1
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("rise", [0.02, 0.5])
+def test_forward_scores_rising_along_the_keys(D, rise):
+    """Scores that climb with the key position (rise: log2 units per position), so every row's running max moves
+    all along its list: slower than the kernels' max slack at 0.02 (~1.3 per 64-key stage: P grows past 1 between
+    moves of the reference max) and past it at every stage at 0.5. Block kernel (common and private rows) and pair
+    kernel against the fp32 reference."""
+    from keye.bench.sparse_attention import realistic_indices
+
+    T = 4096
+    q, k, v, cu = inputs([T], 32, 4, D)
+    u = F.normalize(torch.randn(D, device=DEV), dim=0)
+    slope = rise / (4.0 * D ** -0.5 * 1.4426950408889634)  # q . u = 4: score = rise * position (log2 units)
+    q = (q.float() * 0.02 + 4.0 * u).to(torch.bfloat16)
+    k = (k.float() * 0.02 + (torch.arange(T, device=DEV) * slope)[:, None, None] * u).to(torch.bfloat16)
+    idx = realistic_indices(T, 2048, DEV)
+    o_ref, lse_ref = ref.sparse_attention(q.float(), k.float(), v.float(), idx, cu)
+    for share_blocks in (True, False):
+        poison_next_alloc(q.numel() * 2)
+        o, lse = _fwd(q, k, v, idx, share_blocks)
+        assert rel_err(o, o_ref) < O_RTOL, share_blocks
+        # lse reaches ~0.35 T here: fp32 scores carry a relative error of a few 1e-7
+        assert ((lse - lse_ref).abs() <= LSE_ATOL + 1e-5 * lse_ref.abs()).all(), share_blocks
+
+
 def block_plan_spec(idx, row_base, num_rows):
     """The block plan (csrc/sparse_attention/block_plan.h) in Python: per block of 16 queries the rows all of them
     selected when every list is sorted (valid rows strictly increasing, empty slots last), and per query pair the

@@ -99,18 +99,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
       cp_async_commit();
       stage_entries_wgmma<kBlockThreads>(ge, common, n_common, j + kAhead + 1);
     };
-    int entry_next[kWgTiles];  // the stage's tiles' entries (visibility), loaded a stage ahead
-#pragma unroll
-    for (int j = 0; j < kWgTiles; ++j) entry_next[j] = tile_entry(common, n_common, j);
     auto softmax = [&](int it, float (&d)[kWgKeys / 2], float& a0, float& a1) {
-      int entry[kWgTiles];
-#pragma unroll
-      for (int j = 0; j < kWgTiles; ++j) {
-        entry[j] = entry_next[j];
-        entry_next[j] = tile_entry(common, n_common, (it + 1) * kWgTiles + j);
-      }
-      // Slots past the list were zero-filled and score -inf, so a last, partial stage needs no special case here.
-      stage_softmax_wgmma(st, d, entry, p.scale_log2, a0, a1);
+      // Slots past the list (zero-filled) score -inf by position: only a last, partial stage has any.
+      const int valid = n_common - it * kWgKeys;
+      if (valid >= kWgKeys) stage_softmax_wgmma<false>(st, d, valid, p.scale_log2, a0, a1);
+      else stage_softmax_wgmma<true>(st, d, valid, p.scale_log2, a0, a1);
     };
     float d[kWgKeys / 2];  // S of the current stage, then its P (fp32)
     float a0 = 1.f, a1 = 1.f;
