@@ -198,6 +198,24 @@ def test_forward_scores_rising_along_the_keys(D, rise):
         assert ((lse - lse_ref).abs() <= LSE_ATOL + 1e-5 * lse_ref.abs()).all(), share_blocks
 
 
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("scale", [-0.2, 0.0, 0.3])
+def test_forward_explicit_scales(D, scale):
+    """A scale other than D^-0.5: negative (the block kernel folds its sign into Q), zero (uniform weights over the
+    selected keys), larger; block kernel (realistic lists: common and private rows) and pair kernel."""
+    from keye.bench.sparse_attention import realistic_indices
+
+    T = 3000
+    q, k, v, cu = inputs([T], 32, 4, D)
+    idx = realistic_indices(T, 2048, DEV)
+    o_ref, lse_ref = ref.sparse_attention(q.float(), k.float(), v.float(), idx, cu, scale=scale)
+    for share_blocks in (True, False):
+        poison_next_alloc(q.numel() * 2)
+        o, lse = torch.ops.keye.sparse_attention_fwd(q, k, v, idx, None, scale, 1, True, share_blocks)
+        assert rel_err(o, o_ref) < O_RTOL, share_blocks
+        assert (lse - lse_ref).abs().max() < LSE_ATOL, share_blocks
+
+
 def block_plan_spec(idx, row_base, num_rows):
     """The block plan (csrc/sparse_attention/block_plan.h) in Python: per block of 16 queries the rows all of them
     selected when every list is sorted (valid rows strictly increasing, empty slots last), and per query pair the

@@ -55,23 +55,33 @@ struct SoftmaxRows {
   }
 };
 
-// The end of an online-softmax step over NT work-list tiles, once the scores in s are scaled and masked (keys a row
-// does not see at -inf) and mx0 / mx1 are this thread's maxima of its two rows: the running max and sum are updated,
-// s becomes P = exp2(s - max) (fp32), and a0 / a1 get the factors O's two rows must be rescaled by (rescale_rows)
-// before this P V is added. The running max moves only when a row's new maximum passes it by more than kMaxSlack
-// (log2 units), so P stays below 2^kMaxSlack and the steps that keep it skip O's rescale; the result is exact either
-// way (O and l share the reference). With a strict max, O was rescaled in ~3 of 4 64-key stages of random scores.
-template <int D, int NT>
-__device__ __forceinline__ void softmax_finish(SoftmaxRows<D>& st, float (&s)[NT][2][4], float mx0, float mx1,
-                                               float& a0, float& a1) {
+// The reference max of an online-softmax step: row maxima nm0 / nm1 (log2 units) of this step's scores come in;
+// out come the bases b0 / b1 this step's P = exp2(s - b) takes and the factors a0 / a1 O's two rows must be rescaled
+// by (rescale_rows) before this P V is added. The reference moves only when a row's new maximum passes it by more
+// than kMaxSlack, so P stays below 2^kMaxSlack and the steps that keep it skip O's rescale; the result is exact
+// either way (O and l share the reference). With a strict max, O was rescaled in ~3 of 4 64-key stages of random
+// scores.
+template <int D>
+__device__ __forceinline__ void move_reference_max(SoftmaxRows<D>& st, float nm0, float nm1, float& b0, float& b1,
+                                                   float& a0, float& a1) {
   constexpr float kMaxSlack = 8.f;
-  const float nm0 = quad_max(mx0), nm1 = quad_max(mx1);
   const float mn0 = nm0 > st.m0 + kMaxSlack ? nm0 : st.m0, mn1 = nm1 > st.m1 + kMaxSlack ? nm1 : st.m1;
-  const float b0 = mn0 == -INFINITY ? 0.f : mn0, b1 = mn1 == -INFINITY ? 0.f : mn1;
+  b0 = mn0 == -INFINITY ? 0.f : mn0;
+  b1 = mn1 == -INFINITY ? 0.f : mn1;
   a0 = fast_exp2(st.m0 - b0);
   a1 = fast_exp2(st.m1 - b1);
   st.m0 = mn0;
   st.m1 = mn1;
+}
+
+// The end of an online-softmax step over NT work-list tiles, once the scores in s are scaled and masked (keys a row
+// does not see at -inf) and mx0 / mx1 are this thread's maxima of its two rows: the reference max moves
+// (move_reference_max), s becomes P = exp2(s - b) (fp32), and the sums are updated.
+template <int D, int NT>
+__device__ __forceinline__ void softmax_finish(SoftmaxRows<D>& st, float (&s)[NT][2][4], float mx0, float mx1,
+                                               float& a0, float& a1) {
+  float b0, b1;
+  move_reference_max(st, quad_max(mx0), quad_max(mx1), b0, b1, a0, a1);
   float (&ps)[NT][2][4] = s;
 #pragma unroll
   for (int j = 0; j < NT; ++j) {
@@ -224,33 +234,59 @@ __device__ __forceinline__ void stage_scores_wgmma(float (&d)[kWgKeys / 2], cons
   wgmma_commit();
 }
 
-// stage_softmax_wgmma: a completed S of common rows in d through softmax_finish (d becomes P, fp32); O's factors
-// in a0 / a1. Every query of the block sees every row of the common list, so the only keys to mask are the slots
+// stage_softmax_wgmma: the online-softmax step of a completed S of common rows in d (d becomes P, fp32; O's factors
+// in a0 / a1). Every query of the block sees every row of the common list, so the only keys to mask are the slots
 // past its end, by position (valid = the list's length minus the stage's first slot; the caller passes kMasked =
 // false for a full stage, which then takes no mask at all). Masked by the entries' seen bits, as the other tiles
 // are, every stage paid a shuffle per 8 keys and three instructions per score: 5% of the realistic 32K forward.
+// scale_log2 must be >= 0 (the block kernel folds a negative scale into Q), so the scale goes into the exponent,
+// P = exp2(s * scale - b) with b = scale * max s, one FFMA per score; maxima and sums reduce as trees (a loop of
+// dependent fmaxf was 16 long). Both: realistic 32K forward -1%.
 template <bool kMasked>
 __device__ __forceinline__ void stage_softmax_wgmma(SoftmaxRows<128>& st, float (&d)[kWgKeys / 2], int valid,
                                                     float scale_log2, float& a0, float& a1) {
   fence_operands(d);
   float(&s)[kWgTiles][2][4] = *reinterpret_cast<float(*)[kWgTiles][2][4]>(&d);
   const int vq = valid - (static_cast<int>(threadIdx.x) % 4) * 2;  // key j * 16 + nt * 8 + c is valid iff < vq
-  float mx0 = -INFINITY, mx1 = -INFINITY;
+  auto keep = [&](int j, int nt, int c) { return !kMasked || j * 16 + nt * 8 + c < vq; };
+  static_assert(kWgTiles * 4 == 16, "a row's 16 scores per thread reduce in four levels");
+  float r0[16], r1[16];
+#pragma unroll
+  for (int j = 0; j < kWgTiles; ++j)
+#pragma unroll
+    for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        r0[(j * 2 + nt) * 2 + c] = keep(j, nt, c) ? s[j][nt][c] : -INFINITY;
+        r1[(j * 2 + nt) * 2 + c] = keep(j, nt, c) ? s[j][nt][2 + c] : -INFINITY;
+      }
+  // Four fixed levels (as one loop over the level width the arrays went to the stack: not unrolled).
+#pragma unroll
+  for (int i = 0; i < 8; ++i) r0[i] = fmaxf(r0[i], r0[i + 8]), r1[i] = fmaxf(r1[i], r1[i + 8]);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) r0[i] = fmaxf(r0[i], r0[i + 4]), r1[i] = fmaxf(r1[i], r1[i + 4]);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) r0[i] = fmaxf(r0[i], r0[i + 2]), r1[i] = fmaxf(r1[i], r1[i + 2]);
+  r0[0] = fmaxf(r0[0], r0[1]), r1[0] = fmaxf(r1[0], r1[1]);
+  float b0, b1;
+  move_reference_max(st, quad_max(r0[0]) * scale_log2, quad_max(r1[0]) * scale_log2, b0, b1, a0, a1);
+  float add0[kWgTiles], add1[kWgTiles];
 #pragma unroll
   for (int j = 0; j < kWgTiles; ++j) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
+    for (int nt = 0; nt < 2; ++nt)
 #pragma unroll
       for (int c = 0; c < 2; ++c) {
-        const bool keep = !kMasked || j * 16 + nt * 8 + c < vq;
-        s[j][nt][c] = keep ? s[j][nt][c] * scale_log2 : -INFINITY;
-        s[j][nt][2 + c] = keep ? s[j][nt][2 + c] * scale_log2 : -INFINITY;
-        mx0 = fmaxf(mx0, s[j][nt][c]);
-        mx1 = fmaxf(mx1, s[j][nt][2 + c]);
+        const float p0 = fast_exp2(fmaf(s[j][nt][c], scale_log2, -b0));
+        const float p1 = fast_exp2(fmaf(s[j][nt][2 + c], scale_log2, -b1));
+        s[j][nt][c] = keep(j, nt, c) ? p0 : 0.f;
+        s[j][nt][2 + c] = keep(j, nt, c) ? p1 : 0.f;
       }
-    }
+    add0[j] = (s[j][0][0] + s[j][0][1]) + (s[j][1][0] + s[j][1][1]);
+    add1[j] = (s[j][0][2] + s[j][0][3]) + (s[j][1][2] + s[j][1][3]);
   }
-  softmax_finish<128, kWgTiles>(st, s, mx0, mx1, a0, a1);
+  st.l0 = st.l0 * a0 + ((add0[0] + add0[1]) + (add0[2] + add0[3]));
+  st.l1 = st.l1 * a1 + ((add1[0] + add1[1]) + (add1[2] + add1[3]));
 }
 
 // stage_p_fragments: P from stage_softmax_wgmma (fp32, in d) as the bf16 A fragments of stage_pv_wgmma.

@@ -54,6 +54,14 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
   const bool active = qa < p.ix.num_queries, has_b = qa + 1 < p.ix.num_queries;
   uint32_t qf[D / 16][4] = {};
   if (active) load_row_fragments<D>(qf, p.q, p.q_stride, static_cast<int>(qa), has_b, 2, p.group, g);
+  // A negative scale goes into Q (a sign flip, exact), so every softmax below takes scale >= 0.
+  const float scale_log2 = fabsf(p.scale_log2);
+  if (p.scale_log2 < 0.f) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) qf[kk][i] ^= 0x80008000u;
+  }
   SoftmaxRows<D> st;
   st.init();
 
@@ -102,8 +110,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     auto softmax = [&](int it, float (&d)[kWgKeys / 2], float& a0, float& a1) {
       // Slots past the list (zero-filled) score -inf by position: only a last, partial stage has any.
       const int valid = n_common - it * kWgKeys;
-      if (valid >= kWgKeys) stage_softmax_wgmma<false>(st, d, valid, p.scale_log2, a0, a1);
-      else stage_softmax_wgmma<true>(st, d, valid, p.scale_log2, a0, a1);
+      if (valid >= kWgKeys) stage_softmax_wgmma<false>(st, d, valid, scale_log2, a0, a1);
+      else stage_softmax_wgmma<true>(st, d, valid, scale_log2, a0, a1);
     };
     float d[kWgKeys / 2];  // S of the current stage, then its P (fp32)
     float a0 = 1.f, a1 = 1.f;
@@ -161,8 +169,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
       const uint8_t* const vs[2] = {base + Layout<D>::kTileBytes, base + L::kStageBytes + Layout<D>::kTileBytes};
       // A last, odd tile goes alone: the stage's second tile was not gathered (stale shared memory; P = 0 times a
       // NaN pattern there would still poison O).
-      if (2 * it + 1 < common_tiles) attend_tiles<D, 2>(st, qf, ks, vs, entry, p.scale_log2);
-      else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], p.scale_log2);
+      if (2 * it + 1 < common_tiles) attend_tiles<D, 2>(st, qf, ks, vs, entry, scale_log2);
+      else attend_tile<D>(st, qf, ks[0], vs[0], entry[0], scale_log2);
       __syncthreads();  // every warp is done with the stage before it is refilled
     }
   }
@@ -222,7 +230,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1) sparse_attention_fwd_blocks_
     const uint8_t* ks = ring + (t % kPairStages) * L::kStageBytes;
     // A tile past the shorter list of the pair is all padding: nothing to attend to (the step would be exact no-op).
     if (__any_sync(0xffffffffu, e0 >= 0))
-      attend_own_tile<D>(sq, qq, ks, ks + Layout<D>::kTileBytes, e0, p.scale_log2);
+      attend_own_tile<D>(sq, qq, ks, ks + Layout<D>::kTileBytes, e0, scale_log2);
     __syncwarp();  // every lane is done with this stage before it is refilled
     e0 = e1, e1 = e2, e2 = e3;
   };
