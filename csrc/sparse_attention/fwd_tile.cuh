@@ -260,7 +260,8 @@ __device__ __forceinline__ void stage_softmax_wgmma(SoftmaxRows<128>& st, float 
         r0[(j * 2 + nt) * 2 + c] = keep(j, nt, c) ? s[j][nt][c] : -INFINITY;
         r1[(j * 2 + nt) * 2 + c] = keep(j, nt, c) ? s[j][nt][2 + c] : -INFINITY;
       }
-  // Four fixed levels (as one loop over the level width the arrays went to the stack: not unrolled).
+  // Four levels written out: as one loop over the level width, that loop was not unrolled and r0 / r1 went to the
+  // stack.
 #pragma unroll
   for (int i = 0; i < 8; ++i) r0[i] = fmaxf(r0[i], r0[i + 8]), r1[i] = fmaxf(r1[i], r1[i + 8]);
 #pragma unroll
