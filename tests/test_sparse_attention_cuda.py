@@ -102,8 +102,9 @@ def test_forward_neighbours_share_keys(Hq, Hkv):
     check_forward(q, k, v, realistic_indices(T2, 2048, DEV), cu)
 
 
-def _fwd(q, k, v, idx, share_blocks):
-    return torch.ops.keye.sparse_attention_fwd(q, k, v, idx, None, q.shape[-1] ** -0.5, 1, True, share_blocks)
+def _fwd(q, k, v, idx, share_blocks, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.ops.keye.sparse_attention_fwd(q, k, v, idx, None, scale, 1, True, share_blocks)
 
 
 @pytest.mark.parametrize("D", [64, 128])
@@ -211,7 +212,7 @@ def test_forward_explicit_scales(D, scale):
     o_ref, lse_ref = ref.sparse_attention(q.float(), k.float(), v.float(), idx, cu, scale=scale)
     for share_blocks in (True, False):
         poison_next_alloc(q.numel() * 2)
-        o, lse = torch.ops.keye.sparse_attention_fwd(q, k, v, idx, None, scale, 1, True, share_blocks)
+        o, lse = _fwd(q, k, v, idx, share_blocks, scale)
         assert rel_err(o, o_ref) < O_RTOL, share_blocks
         assert (lse - lse_ref).abs().max() < LSE_ATOL, share_blocks
 
