@@ -35,24 +35,39 @@ __device__ __forceinline__ void wgmma_m64n16k32_rs(float (&d)[8], const uint32_t
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(accumulate));
 }
 
-// d[64] (+)= A (64 x 32 e4m3 from registers, fragment as in wgmma_m64n16k32_rs) * B (128 x 32 e4m3, K-major smem
-// descriptor). kAccumulate = false overwrites d without reading it, so the registers carry no dependency on their
-// old values.
+// The 64 fp32 accumulator operands of an m64n128 wgmma (d[0..63], constraint "+f" or "=f").
+#define KEYE_ACC64(c)                                                                                                 \
+  c(d[0]), c(d[1]), c(d[2]), c(d[3]), c(d[4]), c(d[5]), c(d[6]), c(d[7]), c(d[8]), c(d[9]), c(d[10]), c(d[11]),     \
+      c(d[12]), c(d[13]), c(d[14]), c(d[15]), c(d[16]), c(d[17]), c(d[18]), c(d[19]), c(d[20]), c(d[21]), c(d[22]),  \
+      c(d[23]), c(d[24]), c(d[25]), c(d[26]), c(d[27]), c(d[28]), c(d[29]), c(d[30]), c(d[31]), c(d[32]), c(d[33]),  \
+      c(d[34]), c(d[35]), c(d[36]), c(d[37]), c(d[38]), c(d[39]), c(d[40]), c(d[41]), c(d[42]), c(d[43]), c(d[44]),  \
+      c(d[45]), c(d[46]), c(d[47]), c(d[48]), c(d[49]), c(d[50]), c(d[51]), c(d[52]), c(d[53]), c(d[54]), c(d[55]),  \
+      c(d[56]), c(d[57]), c(d[58]), c(d[59]), c(d[60]), c(d[61]), c(d[62]), c(d[63])
+#define KEYE_ACC_RW(x) "+f"(x)
+#define KEYE_ACC_W(x) "=f"(x)
+#define KEYE_ACC64_REGS "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// d[64] (+)= A (64 x 32 e4m3, K-major smem descriptor) * B (128 x 32 e4m3, K-major smem descriptor): both operands
+// from shared memory, so no thread touches the A tile.
 template <bool kAccumulate>
-__device__ __forceinline__ void wgmma_m64n128k32_rs(float (&d)[64], const uint32_t (&a)[4], uint64_t desc_b) {
+__device__ __forceinline__ void wgmma_m64n128k32_ss(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
   if constexpr (kAccumulate)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " KEYE_ACC64_REGS
+                 ", %64, %65, p, 1, 1;\n}\n"
+                 : KEYE_ACC64(KEYE_ACC_RW)
+                 : "l"(desc_a), "l"(desc_b));
   else
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, {%64, %65, %66, %67}, %68, p, 1, 1;\n}\n"
-        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3]), "=f"(d[4]), "=f"(d[5]), "=f"(d[6]), "=f"(d[7]), "=f"(d[8]), "=f"(d[9]), "=f"(d[10]), "=f"(d[11]), "=f"(d[12]), "=f"(d[13]), "=f"(d[14]), "=f"(d[15]), "=f"(d[16]), "=f"(d[17]), "=f"(d[18]), "=f"(d[19]), "=f"(d[20]), "=f"(d[21]), "=f"(d[22]), "=f"(d[23]), "=f"(d[24]), "=f"(d[25]), "=f"(d[26]), "=f"(d[27]), "=f"(d[28]), "=f"(d[29]), "=f"(d[30]), "=f"(d[31]), "=f"(d[32]), "=f"(d[33]), "=f"(d[34]), "=f"(d[35]), "=f"(d[36]), "=f"(d[37]), "=f"(d[38]), "=f"(d[39]), "=f"(d[40]), "=f"(d[41]), "=f"(d[42]), "=f"(d[43]), "=f"(d[44]), "=f"(d[45]), "=f"(d[46]), "=f"(d[47]), "=f"(d[48]), "=f"(d[49]), "=f"(d[50]), "=f"(d[51]), "=f"(d[52]), "=f"(d[53]), "=f"(d[54]), "=f"(d[55]), "=f"(d[56]), "=f"(d[57]), "=f"(d[58]), "=f"(d[59]), "=f"(d[60]), "=f"(d[61]), "=f"(d[62]), "=f"(d[63])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b));
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " KEYE_ACC64_REGS
+                 ", %64, %65, p, 1, 1;\n}\n"
+                 : KEYE_ACC64(KEYE_ACC_W)
+                 : "l"(desc_a), "l"(desc_b));
 }
+#undef KEYE_ACC64
+#undef KEYE_ACC_RW
+#undef KEYE_ACC_W
+#undef KEYE_ACC64_REGS
 
 // Keys as the register (A) operand, read from plain row-major [keys][D] shared memory (a bulk copy lands them
 // there unswizzled). The A fragment of lane 4g + t holds, per 32-byte k-step ks, the 4-byte groups t and 4 + t of
@@ -96,14 +111,19 @@ __device__ __forceinline__ void rs_fragment(uint32_t (&a)[4], const KeySlice<D>&
 }
 
 // Query block [N columns][D] (column c = row c of q, zero past valid_cols) into swizzled shared memory, each row
-// permuted as rs_logical_group says; 16-byte global loads by threads tid = 0 .. kThreads - 1.
-template <int D, int N, int kThreads>
-__device__ __forceinline__ void stage_rs_queries(const uint8_t* q, int valid_cols, uint8_t* q_s, int tid) {
+// permuted as rs_logical_group says (kRsOrder, for keys in registers) or in its own order (keys from shared memory
+// too); 16-byte global loads by threads tid = 0 .. kThreads - 1.
+template <int D, int N, int kThreads, bool kRsOrder = true>
+__device__ __forceinline__ void stage_query_block(const uint8_t* q, int valid_cols, uint8_t* q_s, int tid) {
   constexpr int C = D / 16;  // 16-byte chunks of a row
   for (int i = tid; i < N * C; i += kThreads) {
     const int col = i / C, chunk = i % C;
     uint4 v = make_uint4(0u, 0u, 0u, 0u);
     if (col < valid_cols) v = *reinterpret_cast<const uint4*>(q + static_cast<int64_t>(col) * D + 16 * chunk);
+    if constexpr (!kRsOrder) {
+      *reinterpret_cast<uint4*>(q_s + swz<D>(col, chunk)) = v;
+      continue;
+    }
     const uint32_t words[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
     for (int j = 0; j < 4; ++j) {

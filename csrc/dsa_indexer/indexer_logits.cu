@@ -5,13 +5,16 @@
 // Operand order (as DeepGEMM's fp8_mqa_logits): keys are the M operand and the CTA's (query, head) block the N
 // operand, so an accumulator row is one key and its columns are (query, head) pairs.
 //
-// CTA: one warpgroup, four per SM; a key tile is 64 keys (one wgmma M tile, one cache page), the column block
-// N = 128 (query, head) columns, loaded once into swizzled shared memory. One thread moves whole key tiles (64 x
-// D contiguous bytes, then their fp32 scales) with bulk copies into a ring of shared-memory stages, completion
-// tracked by one mbarrier per stage; every thread reads its A fragment of the current tile into registers (keys
-// in a permuted D order, rs_logical_group in dsa_device.cuh) and runs wgmma in the RS form. The earlier version
-// (v4 in NOTES.md) loaded tiles with per-thread cp.async into swizzled smem: its per-tile address math (key rows,
-// page lookups, predicates) was ~500 of the ~1000 instructions of its loop.
+// CTA: one warpgroup (at least four per SM; the Keye instantiation D = 64, H = 16 uses 96 registers, so five fit);
+// a key tile is 64 keys (one wgmma M tile, one cache page), the column block N = 128 (query, head) columns, loaded
+// once into swizzled shared memory. One thread moves whole key tiles with TMA tensor copies (a 2-D tensor map over
+// the keys, common/tensor_map.h) into a ring of shared-memory stages, already in the swizzle wgmma reads, so both
+// wgmma operands come from shared memory and no thread touches the keys: each stage has a "full" mbarrier (the
+// copy's bytes) and an "empty" one (each warp arrives after its wgmma wait), and there is no CTA barrier in the
+// loop. The key scales are read from global memory a tile ahead. Rows past the key array land as zeros.
+// History (NOTES.md): v4 loaded tiles with per-thread cp.async (~500 of its ~1000 loop instructions were address
+// math); v6 moved them by plain bulk copies, which cannot swizzle, so every thread read its A fragment into
+// registers (keys in a permuted D order) behind a CTA barrier per tile; v7 (this) +11-19% over v6 in one A/B.
 //
 // The head sum sum_h coef[q, h] * ReLU(dot) runs on tensor cores too, as a bf16 m16n8k16 GEMM against the
 // block-diagonal coefficient matrix: with D_I = 64 a CUDA-core epilogue (ReLU, multiply-add, shuffles) costs as
@@ -27,6 +30,7 @@
 
 #include "common/check.h"
 #include "common/device.h"
+#include "common/tensor_map.h"
 #include "dsa_indexer/dsa_indexer.h"
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_device.cuh"
@@ -35,21 +39,18 @@
 namespace keye {
 namespace {
 
-constexpr int kThreads = 128;  // one warpgroup: four CTAs per SM run independent pipelines
+constexpr int kThreads = 128;  // one warpgroup: the CTAs on an SM run independent pipelines
 constexpr int kTileKeys = 64;  // one wgmma M tile = one cache page
 constexpr int kColumns = 128;  // (query, head) columns of the CTA: the wgmma N
 constexpr int kMaxTilesPerCta = 32;  // key tiles one CTA walks (page ids staged in shared memory)
 
-// Key tiles in shared memory: kStages - 1 in flight while one is read (D = 128: fewer, to keep 3 CTAs per SM).
+// Key tiles in shared memory: up to kStages in flight (D = 128: fewer, to keep 4 CTAs per SM). A stage is one
+// tile's keys (64 x D bytes, a multiple of the 1024-byte swizzle alignment); the scales are read from global memory.
 template <int D>
 constexpr int stages() { return D == 128 ? 4 : 6; }
-// One stage: the tile's keys, then its scales; 16 bytes of slack because an unaligned scale run is copied from
-// the 16-byte boundary below it.
-template <int D>
-constexpr int stage_bytes() { return kTileKeys * D + kTileKeys * 4 + 16; }
 template <int D>
 constexpr size_t smem_bytes() {
-  return 1024 + kColumns * D + stages<D>() * stage_bytes<D>() + stages<D>() * 8 + kColumns * 4 + kMaxTilesPerCta * 4;
+  return 1024 + kColumns * D + stages<D>() * kTileKeys * D + 2 * stages<D>() * 8 + kColumns * 4 + kMaxTilesPerCta * 4;
 }
 
 struct LogitsParams {
@@ -73,19 +74,23 @@ struct LogitsParams {
 };
 
 template <int D, int H>
-__global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const LogitsParams p) {
+__global__ void __launch_bounds__(kThreads, 4)
+    indexer_logits_kernel(const LogitsParams p, const __grid_constant__ CUtensorMap key_map) {
   constexpr int QB = kColumns / H;  // queries of the CTA
   constexpr int S = stages<D>();
   constexpr int kKeyBytes = kTileKeys * D;
   static_assert(kColumns % H == 0, "the column block must hold whole queries");
 
   extern __shared__ uint8_t smem_raw[];
-  // The swizzled query block must start on a multiple of 8 rows * D bytes: align the carve-up to 1024 bytes.
-  uint8_t* q_s = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
-  uint8_t* ring = q_s + kColumns * D;  // [S][stage_bytes]
-  uint64_t* full = reinterpret_cast<uint64_t*>(ring + S * stage_bytes<D>());  // [S]: the tile landed
-  float* coef_s = reinterpret_cast<float*>(full + S);  // [kColumns]
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem_raw);  // [S]: the tile landed
+  uint64_t* empty = full + S;  // [S]: every warp is done with the tile
+  float* coef_s = reinterpret_cast<float*>(empty + S);  // [kColumns]
   int* page_s = reinterpret_cast<int*>(coef_s + kColumns);  // [kMaxTilesPerCta], paged only
+  // The swizzled tiles must start on a multiple of 8 rows * D bytes: the query block and the ring from the next
+  // 1024-byte boundary.
+  uint8_t* tiles = reinterpret_cast<uint8_t*>(page_s + kMaxTilesPerCta);
+  uint8_t* q_s = tiles + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(tiles)) & 1023)) & 1023);
+  uint8_t* ring = q_s + kColumns * D;  // [S][kKeyBytes]
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const int seq = blockIdx.y / p.row_groups;
@@ -115,7 +120,10 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
       page_s[i] = page >= 0 && page < p.num_pages ? page : -1;
     }
   if (tid == 0) {
-    for (int st = 0; st < S; ++st) mbarrier_init(full + st, 1);
+    for (int st = 0; st < S; ++st) {
+      mbarrier_init(full + st, 1);
+      mbarrier_init(empty + st, kThreads / 32);
+    }
     fence_mbarrier_init();
   }
   __syncthreads();  // page ids and barriers
@@ -124,36 +132,17 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   const uint64_t policy = paged ? l2_evict_first_policy() : l2_evict_last_policy();
   auto issue = [&](int i) {  // thread 0 only: tile tile_begin + i into stage i % S
     const int st = i % S;
-    uint8_t* dst = ring + st * stage_bytes<D>();
-    if (paged) {
-      const int page = page_s[i];
-      if (page < 0) return mbarrier_arrive_expect_tx(full + st, 0);
-      mbarrier_arrive_expect_tx(full + st, kKeyBytes + kTileKeys * 4);
-      bulk_copy_g2s(dst, p.k + static_cast<int64_t>(page) * kKeyBytes, kKeyBytes, full + st, policy);
-      bulk_copy_g2s(dst + kKeyBytes, p.k_scale + static_cast<int64_t>(page) * kTileKeys, kTileKeys * 4, full + st,
-                    policy);
-      return;
-    }
-    // Contiguous scales are copied from the 16-byte boundary at or below the tile's first one (bulk copies need
-    // 16-byte addresses and sizes; the bytes around the run lie in the same 16-byte pieces of the same
-    // allocation), so the tile's scale r sits at float shift + r of its stage (the same shift for every tile:
-    // they start 256 bytes apart).
-    const int64_t key0 = (tile_begin + i) * kTileKeys;
-    const int rows = static_cast<int>(min(static_cast<int64_t>(kTileKeys), seq_keys - key0));
-    const uintptr_t a = reinterpret_cast<uintptr_t>(p.k_scale + key0);
-    const uintptr_t lo = a & ~uintptr_t{15}, hi = (a + 4 * rows + 15) & ~uintptr_t{15};
-    mbarrier_arrive_expect_tx(full + st, rows * D + static_cast<uint32_t>(hi - lo));
-    bulk_copy_g2s(dst, p.k + key0 * D, rows * D, full + st, policy);
-    bulk_copy_g2s(dst + kKeyBytes, reinterpret_cast<const void*>(lo), static_cast<uint32_t>(hi - lo), full + st,
-                  policy);
+    // An unmapped page reads the box above row 0, which lies wholly outside the tensor: zeros.
+    const int row = paged ? (page_s[i] >= 0 ? page_s[i] * kTileKeys : -kTileKeys)
+                          : static_cast<int>((tile_begin + i) * kTileKeys);
+    mbarrier_arrive_expect_tx(full + st, kKeyBytes);
+    tma_load_2d(ring + st * kKeyBytes, &key_map, 0, row, full + st, policy);
   };
   if (tid == 0)
     for (int i = 0; i < S && i < ntiles; ++i) issue(i);
 
-  // Query block (permuted for the RS fragments; zero for missing queries, which then add nothing) and its
-  // coefficients.
-  const int shift = paged ? 0 : static_cast<int>((reinterpret_cast<uintptr_t>(p.k_scale) & 15) >> 2);
-  stage_rs_queries<D, kColumns, kThreads>(p.q + row0 * H * D, nq * H, q_s, tid);
+  // Query block (zero for missing queries, which then add nothing) and its coefficients.
+  stage_query_block<D, kColumns, kThreads, false>(p.q + row0 * H * D, nq * H, q_s, tid);
   for (int i = tid; i < kColumns; i += kThreads) coef_s[i] = i < nq * H ? p.coef[row0 * H + i] : 0.f;
   fence_async_shared();  // the query block is read by wgmma (async proxy)
   __syncthreads();
@@ -180,39 +169,49 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
   const int r0 = 16 * warp + g;  // this thread's key rows in a tile: r0 and r0 + 8
   constexpr int P = (KM / NO >= 4 && NO == 1) ? 4 : (KM / NO >= 2 ? 2 : 1);  // partial sums per output tile
 
+  // Loop-carried per-thread state, advanced a tile per iteration (ptxas rematerialised the same values from scratch
+  // in every tile when they were loop-invariant): the output address of query 2t's row at key row r0, and how many
+  // keys of the sequence remain from row r0 of the tile on (rows r0 and r0 + 8 exist while it is > 0 / > 8).
+  // Queries past nq are never stored; their pointer stays on the CTA's last row.
+  float* out_ptr = p.out + (row0 + min(2 * t, nq - 1)) * p.ld + tile_begin * kTileKeys + r0;
+  int64_t keys_left = seq_keys - tile_begin * kTileKeys - r0;
+  int64_t cols_left = p.out_cols - tile_begin * kTileKeys - r0;
+  // The key scales of tile i for this thread's rows (zero for keys the sequence does not have), read from global
+  // memory a tile ahead.
+  auto key_scales = [&](int i, int64_t left, float (&ks)[2]) {
+    const int64_t page = paged ? page_s[i] : tile_begin + i;  // prefill: tile i's keys as a "page" of 64
+    const float* src = p.k_scale + page * kTileKeys + r0;
+    ks[0] = page >= 0 && left > 0 ? __ldg(src) : 0.f;
+    ks[1] = page >= 0 && left > 8 ? __ldg(src + 8) : 0.f;
+  };
+  float ksc_next[2];
+  key_scales(0, keys_left, ksc_next);
+
   for (int i = 0; i < ntiles; ++i) {
     const int st = i % S;
+    const float ksc[2] = {ksc_next[0], ksc_next[1]};
+    if (i + 1 < ntiles) key_scales(i + 1, keys_left - kTileKeys, ksc_next);
     mbarrier_wait_parity(full + st, (i / S) & 1);
-    const uint8_t* tile = ring + st * stage_bytes<D>();
-    const int64_t key0 = (tile_begin + i) * kTileKeys;
-    const bool page_ok = !paged || page_s[i] >= 0;
-    KeySlice<D> ka[2];
-    float ksc[2];
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int r = r0 + 8 * hf;
-      const bool valid = page_ok && key0 + r < seq_keys;
-      load_key_slice(ka[hf], tile + r * D, t, valid);
-      ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kKeyBytes)[shift + r] : 0.f;
-    }
-    fence_async_shared();  // these reads are done before the refill (async proxy) after the barrier
-    __syncthreads();  // every thread has its registers: stage st can be refilled
-    if (tid == 0 && i + S < ntiles) issue(i + S);
-
     float acc[kColumns / 2];
+    const uint64_t desc_k = smem_desc<D>(ring + st * kKeyBytes);
     wgmma_fence();
 #pragma unroll
     for (int k = 0; k < D / 32; ++k) {
-      uint32_t a[4];
-      rs_fragment(a, ka[0], ka[1], k);
       if (k == 0)
-        wgmma_m64n128k32_rs<false>(acc, a, desc_q);
+        wgmma_m64n128k32_ss<false>(acc, desc_k, desc_q);
       else
-        wgmma_m64n128k32_rs<true>(acc, a, desc_q + 2 * k);
+        wgmma_m64n128k32_ss<true>(acc, desc_k + 2 * k, desc_q + 2 * k);
     }
     wgmma_commit();
     wgmma_wait<0>();
     fence_operands(acc);
+    // wgmma is the ring's only reader: the tile is free. Stage i - 1 is refilled a tile late, so the producer
+    // thread finds its empty barrier complete instead of waiting for the other warps' arrivals on this tile.
+    if (lane == 0) mbarrier_arrive(empty + st);
+    if (tid == 0 && i >= 1 && i - 1 + S < ntiles) {
+      mbarrier_wait_parity(empty + (i - 1) % S, ((i - 1) / S) & 1);
+      issue(i - 1 + S);
+    }
 
     // Head sum as a bf16 tensor-core GEMM over this warp's 16 keys: the wgmma accumulator of two adjacent
     // 8-column groups is exactly an m16n8k16 A fragment, so one cvt.rn.relu.bf16x2 per two values prepares it (the
@@ -234,22 +233,23 @@ __global__ void __launch_bounds__(kThreads, 4) indexer_logits_kernel(const Logit
     }
 
     // Scale by the key's k_scale and store: one instruction writes 8 consecutive keys of 4 queries (4 sectors).
+    // A key the sequence does not have is written as 0 whatever its shared-memory row held (ksc = 0 marks it).
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int64_t key = key0 + r0 + 8 * hf;
-      if (key >= p.out_cols) continue;
-      float* out_col = p.out + row0 * p.ld + key;
+      if (cols_left <= 8 * hf) continue;
 #pragma unroll
       for (int o = 0; o < NO; ++o)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int qi = o * 8 + 2 * t + e;
           float v = part[o][0][2 * hf + e];
 #pragma unroll
           for (int pp = 1; pp < P; ++pp) v += part[o][pp][2 * hf + e];
-          if (qi < nq) out_col[qi * p.ld] = v * ksc[hf];
+          if (o * 8 + 2 * t + e < nq) out_ptr[(o * 8 + e) * p.ld + 8 * hf] = ksc[hf] != 0.f ? v * ksc[hf] : 0.f;
         }
     }
+    out_ptr += kTileKeys;
+    keys_left -= kTileKeys;
+    cols_left -= kTileKeys;
   }
 }
 
@@ -260,6 +260,10 @@ void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t str
   constexpr size_t smem = smem_bytes<D>();
   auto kernel = indexer_logits_kernel<D, H>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  const bool paged = p.block_table != nullptr;
+  const CUtensorMap key_map = byte_rows_tensor_map(
+      p.k, paged ? static_cast<int64_t>(p.num_pages) * kTileKeys : p.num_keys, D, kTileKeys,
+      paged ? "indexer_logits_paged" : "indexer_logits");
   LogitsParams q = p;
   q.row_groups = (p.rows_per_seq + QB - 1) / QB;
   // Enough CTAs to fill the GPU several times over, each walking a run of key tiles.
@@ -269,7 +273,7 @@ void launch(const LogitsParams& p, int num_tiles, int num_seqs, cudaStream_t str
   const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, q.row_groups * num_seqs);
   KEYE_CHECK(ctas_per_tile <= 65535, "keye.indexer_logits: ", ctas_per_tile, " query blocks of ", QB,
              " queries in one call exceed the grid limit of 65535; pass fewer query rows per call");
-  kernel<<<grid, kThreads, smem, stream>>>(q);
+  kernel<<<grid, kThreads, smem, stream>>>(q, key_map);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

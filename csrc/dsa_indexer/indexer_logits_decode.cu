@@ -59,7 +59,7 @@ template <int D, int H>
 __device__ __forceinline__ void stage_queries(const DecodeLogitsArgs& p, const CtaWork& w, uint8_t* q_s,
                                               float* coef_s, int* page_s) {
   const int tid = threadIdx.x;
-  stage_rs_queries<D, kColumns, kThreads>(p.q + w.row0 * H * D, w.nq * H, q_s, tid);
+  stage_query_block<D, kColumns, kThreads>(p.q + w.row0 * H * D, w.nq * H, q_s, tid);
   if (tid < kColumns) coef_s[tid] = tid < w.nq * H ? p.coef[w.row0 * H + tid] : 0.f;
   for (int i = tid; i < w.ntiles; i += kThreads) {
     const int page = p.block_table[w.seq * p.bt_stride + w.tile_begin + i];
