@@ -391,6 +391,31 @@ def test_paged_logits_match_reference(H, D, n):
         assert_scores_close(out[b * n + rows, cols_], q8[b], qs[b], w[b], keys, kscale, rows, cols_)
 
 
+@pytest.mark.parametrize("H,D,n", [NARROW[0], WIDE[0], WIDE[2]])
+def test_paged_logits_ignore_cache_bytes_past_the_sequence(H, D, n):
+    """The last page of a sequence may hold anything past seq_len (here NaN bytes, e4m3 0x7F, and NaN scales): the
+    visible scores still match the reference, and the kernels write the rest of that page's columns as 0, never
+    NaN (the wide kernel reads the whole page as one TMA box and masks by key scale)."""
+    lens = [n + 5, 64 * 3 + 17, 1000]
+    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
+    for b, L in enumerate(lens):
+        page = int(block_table[b, L // 64])
+        k_cache[page, L % 64:].view(torch.uint8).fill_(0x7F)
+        k_scale_cache[page, L % 64:] = float("nan")
+    cols = block_table.shape[1] * 64
+    out = torch.full((len(lens) * n, cols), float("nan"), device=DEV)
+    torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out)
+    for b, L in enumerate(lens):
+        pages = block_table[b, : math.ceil(L / 64)].long()
+        keys = k_cache[pages].reshape(-1, D)[:L]
+        kscale = k_scale_cache[pages].reshape(-1)[:L]
+        vis = torch.arange(L, device=DEV) <= (L - n + torch.arange(n, device=DEV)).unsqueeze(1)
+        rows, cols_ = vis.nonzero(as_tuple=True)
+        assert_scores_close(out[b * n + rows, cols_], q8[b], qs[b], w[b], keys, kscale, rows, cols_)
+        tail = out[b * n: (b + 1) * n, L: math.ceil(L / 64) * 64]
+        assert torch.equal(tail, torch.zeros_like(tail)), f"sequence {b}: columns past seq_len not written as 0"
+
+
 def test_decode_is_graph_capturable():
     """Whole op captured and replayed; the 70000-token sequence takes the split-row top-k (zeroed workspace
     allocated inside the capture)."""
