@@ -369,6 +369,19 @@ NARROW = [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 12
 WIDE = [(16, 64, 2), (64, 32, 1), (4, 128, 40)]
 
 
+def assert_paged_scores_close(out, lens, q8, qs, w, k_cache, k_scale_cache, block_table):
+    """out [B * n, cols] from indexer_logits_paged against the reference at every key each query sees: query j of
+    sequence b (length L) sees its first L - n + 1 + j keys."""
+    n, D = q8.shape[1], q8.shape[3]
+    for b, L in enumerate(lens):
+        pages = block_table[b, : math.ceil(L / 64)].long()
+        keys = k_cache[pages].reshape(-1, D)[:L]
+        kscale = k_scale_cache[pages].reshape(-1)[:L]
+        vis = torch.arange(L, device=DEV) <= (L - n + torch.arange(n, device=DEV)).unsqueeze(1)
+        rows, cols = vis.nonzero(as_tuple=True)
+        assert_scores_close(out[b * n + rows, cols], q8[b], qs[b], w[b], keys, kscale, rows, cols)
+
+
 @pytest.mark.parametrize("H,D,n", NARROW + WIDE)
 def test_paged_logits_match_reference(H, D, n):
     """Paged scores against the reference, every visible key of every sequence: n * H_I <= 16 runs the streaming
@@ -382,13 +395,7 @@ def test_paged_logits_match_reference(H, D, n):
     out = torch.empty(len(lens) * n, cols, device=DEV)
     with ops.index_checks(False):
         torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out)
-    for b, L in enumerate(lens):
-        pages = block_table[b, : math.ceil(L / 64)].long()
-        keys = k_cache[pages].reshape(-1, D)[:L]
-        kscale = k_scale_cache[pages].reshape(-1)[:L]
-        vis = torch.arange(L, device=DEV) <= (L - n + torch.arange(n, device=DEV)).unsqueeze(1)
-        rows, cols_ = vis.nonzero(as_tuple=True)
-        assert_scores_close(out[b * n + rows, cols_], q8[b], qs[b], w[b], keys, kscale, rows, cols_)
+    assert_paged_scores_close(out, lens, q8, qs, w, k_cache, k_scale_cache, block_table)
 
 
 @pytest.mark.parametrize("H,D,n", [NARROW[0], WIDE[0], WIDE[2]])
@@ -405,13 +412,8 @@ def test_paged_logits_ignore_cache_bytes_past_the_sequence(H, D, n):
     cols = block_table.shape[1] * 64
     out = torch.full((len(lens) * n, cols), float("nan"), device=DEV)
     torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out)
+    assert_paged_scores_close(out, lens, q8, qs, w, k_cache, k_scale_cache, block_table)
     for b, L in enumerate(lens):
-        pages = block_table[b, : math.ceil(L / 64)].long()
-        keys = k_cache[pages].reshape(-1, D)[:L]
-        kscale = k_scale_cache[pages].reshape(-1)[:L]
-        vis = torch.arange(L, device=DEV) <= (L - n + torch.arange(n, device=DEV)).unsqueeze(1)
-        rows, cols_ = vis.nonzero(as_tuple=True)
-        assert_scores_close(out[b * n + rows, cols_], q8[b], qs[b], w[b], keys, kscale, rows, cols_)
         tail = out[b * n: (b + 1) * n, L: math.ceil(L / 64) * 64]
         assert torch.equal(tail, torch.zeros_like(tail)), f"sequence {b}: columns past seq_len not written as 0"
 
