@@ -1,5 +1,5 @@
-// Bulk copies (TMA without a tensor map) from global to shared memory, their mbarriers, and L2 cache policies
-// (the DSA indexer's score kernels and the fused MoE decode kernel).
+// Bulk copies from global to shared memory (TMA without a tensor map, and 2-D tensor copies through one), their
+// mbarriers, and L2 cache policies (the DSA indexer's score kernels and the fused MoE decode kernel).
 #pragma once
 
 #include <cstdint>
