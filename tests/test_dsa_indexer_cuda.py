@@ -164,9 +164,10 @@ def _topk_rows_on_path(s, lens, topk, path, min_extra_len):
 def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     """Few long rows are split over many CTAs (three kernels); with more than two rows per SM each row gets one
     CTA. Both paths: exact indices and scores, ties to the lower column, candidate-list overflow, and rows whose
-    sample (the one-CTA kernel's first try at 32K+ elements) misleads both ways: list too short, list overflowing."""
+    sample (the one-CTA kernel's first try at 32K+ elements) misleads both ways: list too short, list overflowing.
+    These rows are 100K wide, so the one-CTA kernel runs its three-CTAs-per-SM configuration (40 KB data area)."""
     topk = 256
-    lens = [0, 1, topk - 1, topk, topk + 1, 3000, 60000, 70001, 100000, 90003, 80000, 65536]
+    lens = [0, 1, topk - 1, topk, topk + 1, 3000, 60000, 70001, 100000, 90003, 80000, 65536, 20000]
     L = max(lens)
     s = torch.randn(len(lens), L, device=DEV)
     s[4] = s[4].round()  # many exact ties
@@ -190,6 +191,7 @@ def test_topk_rows_exact_on_ties_nan_and_long_rows(path):
     stride = (lens[11] // 32) & ~3
     chunks = (torch.arange(32, device=DEV)[:, None] * stride + torch.arange(128, device=DEV)).flatten()
     s[11, chunks] = -100.0 - torch.rand(chunks.numel(), device=DEV)
+    s[12] = (s[12] * 2).round() / 2  # ties; a row past the 10,240-column row cache of calls with 32K+ columns
     s, lengths, idx, sc = _topk_rows_on_path(s, lens, topk, path, min_extra_len=topk + 1)
     want, want_sc = ref.select_topk(s, lengths, topk)
     assert torch.equal(idx, want)

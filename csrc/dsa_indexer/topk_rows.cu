@@ -10,9 +10,10 @@
 // it meets the elements: candidate lists are filled in any order (one shared-memory atomic per warp and pass,
 // no block-wide scan), and a pass gives each thread the columns that make its loads coalesced.
 // Where the row lives:
-//   rows up to `cap_keys` long are read from global memory once, into shared memory, and selected there;
+//   rows up to `cap_keys` long (20,480; 10,240 in calls with rows of 32K+ columns) are read from global memory
+//   once, into shared memory, and selected there;
 //   rows of kSampleMinLength or more: a sample of the row (kSampleChunks contiguous chunks spread over it, 4096
-//   elements) gives a first-digit bin that about 2 * topk elements of the row should reach; one pass collects
+//   elements) gives a first-digit bin that about 1.4 * topk elements of the row should reach; one pass collects
 //   the elements at or above it into shared memory as (value, column) pairs, and if at least topk and at most
 //   the list's capacity were found, the exact selection runs on that list (one read of the row). Otherwise (a
 //   sample that misled, or too many elements in that bin), and for rows between the two lengths, the first
@@ -39,7 +40,9 @@
 namespace keye {
 namespace {
 
-constexpr int kThreads = 512;  // with <= 64 registers and ~113 KB of shared memory: two rows per SM at once
+// 512 threads per row: with <= 64 registers and ~113 KB of shared memory two rows per SM at once; in calls with rows
+// of 32K+ columns (<= 40 registers, ~73 KB) three, so that one CTA's list selection runs while the others read.
+constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kFirstBits = 13;  // 1/16-octave bins (estimate for Gaussian-like scores: ~2K keys in the 128K bin)
 constexpr int kBins = 1 << kFirstBits;
@@ -51,6 +54,8 @@ constexpr int kHalf = kThreads * 4;
 constexpr int kPass = kThreads * kItems;
 constexpr int kMaxSmemData = 80 * 1024;  // row cache / candidate list (with the 32 KB histogram: ~113 KB)
 constexpr int kListCap = kMaxSmemData / 8;  // (value, column) pairs of a candidate list
+// The data area of calls with rows of kSampleMinLength+ columns: ~73 KB per CTA in all, three CTAs per SM.
+constexpr int kLeanSmemData = 40 * 1024;
 constexpr int kBitmapCols = kBins * 32;  // columns one bitmap window covers (the histogram's 32 KB as bits)
 constexpr int kSampleChunks = 32;        // the sample of a long row: chunks of kSampleChunkLen elements
 constexpr int kSampleChunkLen = kPass / kSampleChunks;  // 128: one pass of the block
@@ -58,6 +63,9 @@ constexpr int kSampleChunkLen = kPass / kSampleChunks;  // 128: one pass of the 
 // layer of 32K / 64K / 128K tokens): from 65536 columns on 3.3 / 8.0 / 19.2, from 32768 3.1 / 7.1 / 18.1, from
 // 20481 3.3 / 7.4 / 18.9 (with v4's ordered candidate pass the sample lost below 64K: NOTES.md).
 constexpr int kSampleMinLength = 32768;
+// The sampled bin is the one ~kSampleTargetPct / 100 * topk elements of the row should reach (the 5120 pairs of
+// the 40 KB data area hold that list; 2 * topk lists of ~5.5K overflowed it; 1.25 measured the same as 1.4).
+constexpr long long kSampleTargetPct = 140;
 
 __device__ __forceinline__ uint32_t order_key(float x) {
   if (x != x) x = -INFINITY;
@@ -446,10 +454,11 @@ __device__ int collect(const GlobalRow& src, int begin, int end, const Threshold
   return sh.list_len;
 }
 
-__global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols,
-                                                             const int* __restrict__ lengths, int topk,
-                                                             int offset, int* __restrict__ indices,
-                                                             float* __restrict__ out_scores, int cap_keys) {
+// kCtasPerSm: 2 (64 registers; the 80 KB data area) or 3 (40 registers, some spilled; the 40 KB one).
+template <int kCtasPerSm>
+__global__ void __launch_bounds__(kThreads, kCtasPerSm)
+    topk_rows_kernel(const float* __restrict__ scores, int64_t ld, int cols, const int* __restrict__ lengths, int topk,
+                     int offset, int* __restrict__ indices, float* __restrict__ out_scores, int cap_keys) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
   uint8_t* data = smem_raw + ((sizeof(Shared) + 15) / 16) * 16;
@@ -480,18 +489,18 @@ __global__ void __launch_bounds__(kThreads) topk_rows_kernel(const float* __rest
     finish_and_emit(src, n, n, th, sh, row, topk, out_idx, out_sc, offset);
     return;
   }
-  // Rows past cap_keys only get here, so cap_keys is the whole data area: kListCap pairs.
-  constexpr int cap_pairs = kListCap;
+  // Rows past cap_keys only get here, so cap_keys is the whole data area: cap_keys / 2 pairs.
+  const int cap_pairs = cap_keys / 2;
   float* lvals = reinterpret_cast<float*>(data);
   int* lcols = reinterpret_cast<int*>(data) + cap_pairs;
   auto store = [&](int pos, float x, int col) { lvals[pos] = x, lcols[pos] = col; };
   const SmemList list{lvals, lcols};
-  // First try: the first-digit bin that ~2 * topk elements reach in a sample (rank scaled to the sample's size),
-  // and one pass that collects every element at or above it.
+  // First try: the first-digit bin that ~1.4 * topk elements reach in a sample (rank scaled to the sample's
+  // size), and one pass that collects every element at or above it.
   if (n >= kSampleMinLength) {
     constexpr int kSample = kSampleChunks * kSampleChunkLen;
     Threshold est;
-    est.need = min(kSample, static_cast<int>((2LL * topk * kSample + n - 1) / n) + 32);
+    est.need = min(kSample, static_cast<int>((kSampleTargetPct * topk * kSample + 100LL * n - 1) / (100LL * n)) + 32);
     radix_step<kFirstBits>(RowSample{{row}, (n / kSampleChunks) & ~3}, kSample, 32 - kFirstBits, est, sh);
     const int len = collect(grow, 0, n, est, cap_pairs, sh, store);
     if (len >= topk && len <= cap_pairs) {
@@ -666,7 +675,11 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
   if (R == 0) return;
   const at::cuda::CUDAGuard guard(scores.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), kMaxSmemData / 4));
+  // Rows of 32K+ columns: three CTAs per SM (a 40 KB data area, 40 registers), so one CTA's list selection runs
+  // while the others read their rows; shorter calls keep the 80 KB row cache at two CTAs per SM (NOTES.md).
+  const bool three_per_sm = cols >= kSampleMinLength;
+  const int data_bytes = three_per_sm ? kLeanSmemData : kMaxSmemData;
+  const int cap_keys = static_cast<int>(std::min<int64_t>(std::max<int64_t>(cols, 1), data_bytes / 4));
   const size_t shared_head = ((sizeof(Shared) + 15) / 16) * 16;  // Shared, then the data area
   const size_t smem = shared_head + static_cast<size_t>(cap_keys) * 4;
   const int sms = sm_count(scores.get_device());
@@ -714,9 +727,10 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
     launch_dependent(topk_split_finish, dim3(static_cast<unsigned>(R)), dim3(kThreads), finish_smem, stream, a);
     return;
   }
+  auto kernel = three_per_sm ? topk_rows_kernel<3> : topk_rows_kernel<2>;
   C10_CUDA_CHECK(
-      cudaFuncSetAttribute(topk_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  topk_rows_kernel<<<static_cast<unsigned>(R), kThreads, smem, stream>>>(
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  kernel<<<static_cast<unsigned>(R), kThreads, smem, stream>>>(
       scores.data_ptr<float>(), scores.stride(0), static_cast<int>(cols), lengths.data_ptr<int>(),
       static_cast<int>(topk), static_cast<int>(index_offset), indices.data_ptr<int>(), sc_ptr, cap_keys);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
