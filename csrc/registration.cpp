@@ -34,10 +34,10 @@ TORCH_LIBRARY(keye, m) {
       "-> ()");
   m.def(
       "indexer_logits_paged(Tensor q8, Tensor q_scale, Tensor w, Tensor k_cache, Tensor k_scale_cache, "
-      "Tensor block_table, Tensor seq_lens, Tensor(a!) out) -> ()");
+      "Tensor block_table, Tensor seq_lens, Tensor(a!) out, Tensor(b!)? group_max=None) -> ()");
   m.def(
       "topk_rows(Tensor scores, Tensor lengths, int topk, int index_offset, Tensor(a!) indices, "
-      "Tensor(b!)? out_scores=None) -> ()");
+      "Tensor(b!)? out_scores=None, Tensor? group_max=None) -> ()");
   m.def(
       "indexer_cache_append(Tensor k8, Tensor k_scale, Tensor(a!) k_cache, Tensor(b!) k_scale_cache, "
       "Tensor slot_mapping) -> ()");

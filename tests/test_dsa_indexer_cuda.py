@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import keye.ops as ops
+import keye.ops.dsa_indexer as dsa_indexer_ops
 from keye.bench.dsa_indexer import selection_mismatch
 from keye.ops.reference import dsa_indexer as ref
 from conftest import poison_next_alloc, rel_err
@@ -327,6 +328,73 @@ def test_scores_unchanged_beside_a_concurrent_topk():
             assert not wrong.any(), f"{int(wrong.sum())} query rows scored differently beside the top-k kernel"
 
 
+
+def group_maxima(s):
+    """The maximum of every 8 consecutive columns of s [R, L] (L a multiple of 8), NaN skipped (-inf if all are):
+    the group_max the decode score kernel writes."""
+    return torch.where(s.isnan(), float("-inf"), s).view(s.shape[0], -1, 8).amax(-1)
+
+
+def test_topk_rows_with_group_maxima_exact():
+    """topk_rows bounded by group maxima (the decode path): exact indices and scores against the reference on rows
+    that take each branch: bounded lists (random rows, lengths not a multiple of 8 with huge scores just past the
+    length, which the stored maxima include and the kernel must not count), ties at the threshold, NaN and signed
+    zeros, +-inf, rows with fewer groups than topk (whole row as the list), a row whose list overflows (one value
+    everywhere: the whole-row global path) and rows of at most topk."""
+    topk, L = 512, 64 * 1200
+    lens = [L, L - 3, 40_001, 9000, 4100, 8191, 6000, topk + 1, topk, 5, 0, L, L, L, 20_000, 60_000, L]
+    s = torch.randn(len(lens), L, device=DEV)
+    for r, n in enumerate(lens):
+        s[r, n:] = 1e30  # past the row: never selected, but in the stored maximum of a partial last group
+    s[2] = (s[2] * 4).round() / 4  # ties at the threshold
+    s[2, 40_001:] = 1e30
+    s[3, :300] = float("nan")
+    s[3, 300:900:2] = -0.0
+    s[3, 301:900:2] = 0.0
+    s[4, 17] = float("inf")
+    s[4, 18] = float("-inf")
+    s[11] = 1.0  # one value everywhere: more groups reach the bound than the group list holds
+    s[11, 777] = 2.0
+    s[12] = torch.linspace(-1, 1, L, device=DEV)  # every selected element in the last groups
+    s[13] = -s[13].abs()  # all negative
+    s[14, :20_000:7] = 3.0  # 2,858 equal maxima: the bound's bin is all ties
+    s[14, 20_000:] = 1e30
+    s[15, :60_000] = 1.0  # 7,500 groups fit the group list, 60,000 candidates do not fit the candidate list
+    s[15, 33] = 2.0
+    s[16] *= 0.1  # 4,000 groups hold one 5.0 each: that many listed groups (several load rounds per thread), ties
+    s[16, 8 * torch.randperm(L // 8, device=DEV)[:4000] + 3] = 5.0
+    lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
+    gmax = group_maxima(s)
+    poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
+    idx = torch.empty(len(lens), topk, dtype=torch.int32, device=DEV)
+    sc = torch.empty(len(lens), topk, device=DEV)
+    torch.ops.keye.topk_rows(s, lengths, topk, 0, idx, sc, gmax)
+    want, want_sc = ref.select_topk(s, lengths, topk)
+    for r in range(len(lens)):
+        assert torch.equal(idx[r], want[r]), f"row {r} (length {lens[r]})"
+        assert torch.equal(sc[r], want_sc[r]), f"row {r} (length {lens[r]})"
+    idx2 = torch.empty_like(idx)
+    torch.ops.keye.topk_rows(s, lengths, topk, 3, idx2, None, gmax)  # index offset, no scores
+    assert torch.equal(idx2, torch.where(want >= 0, want + 3, want))
+    # Rows whose width is not a multiple of 4 (a view): the last group's vectors straddle the row's end.
+    cols = L - 3
+    narrow = s[:, :cols]
+    lengths = lengths.clamp(max=cols)
+    torch.ops.keye.topk_rows(narrow, lengths, topk, 0, idx, sc, gmax)
+    want, want_sc = ref.select_topk(narrow, lengths, topk)
+    assert torch.equal(idx, want)
+    assert torch.equal(sc, want_sc)
+
+
+def test_topk_rows_group_max_argument_errors():
+    s = torch.randn(2, 256, device=DEV)
+    lengths = torch.tensor([256, 100], dtype=torch.int32, device=DEV)
+    idx = torch.empty(2, 16, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="'group_max' must have shape"):
+        torch.ops.keye.topk_rows(s, lengths, 16, 0, idx, None, torch.zeros(2, 16, device=DEV))
+    with pytest.raises(ValueError, match="'group_max' must have dtype"):
+        torch.ops.keye.topk_rows(s, lengths, 16, 0, idx, None, torch.zeros(2, 32, device=DEV).half())
+
 def _paged_case(lens, n, H, D):
     pages_per_seq = [math.ceil(L / 64) for L in lens]
     num_pages = sum(pages_per_seq) + 3
@@ -367,6 +435,37 @@ def test_decode_matches_reference(H, D, n):
         assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
 
 
+
+@pytest.mark.parametrize("H,D,n", [(16, 64, 1), (8, 32, 2), (4, 128, 4), (16, 32, 1)])
+def test_decode_long_contexts_match_reference(H, D, n, monkeypatch):
+    """Contexts of at least 2 * 8 * topk keys with n * H_I <= 16 (and, lowered here, enough rows): the score kernel
+    writes group maxima and the top-k is bounded by them. Sequences short and long in one batch, lengths not a
+    multiple of 8."""
+    monkeypatch.setattr(dsa_indexer_ops, "GROUP_MAX_MIN_ROWS", 1)
+    topk = 512
+    lens = [n, 600, 9001, 20_003, 3 * 4096 + 7]
+    args = _paged_case(lens, n, H, D)
+    assert dsa_indexer_ops.decode_uses_group_max(len(lens) * n, n, H, args[5].shape[1] * 64, topk)
+    idx, sc = ops.indexer_topk_decode(*args, topk, return_scores=True)
+    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = args
+    for b, L in enumerate(lens):
+        pages = block_table[b, : math.ceil(L / 64)].long()
+        keys = k_cache[pages].reshape(-1, D)[:L]
+        kscale = k_scale_cache[pages].reshape(-1)[:L]
+        full = ref.indexer_scores(q8[b], qs[b], w[b], keys, kscale)
+        assert_selection_close(idx[b], full, torch.arange(L - n + 1, L + 1, device=DEV), topk)
+        pos = idx[b].long()
+        rows, slots = (pos >= 0).nonzero(as_tuple=True)
+        assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
+    # The same scores through topk_rows without the maxima select exactly the same.
+    cols = block_table.shape[1] * 64
+    out = torch.empty(len(lens) * n, cols, device=DEV)
+    torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out)
+    lengths = (seq_lens.view(-1, 1) + torch.arange(1 - n, 1, device=DEV)).view(-1).int()
+    plain = torch.empty(len(lens) * n, topk, dtype=torch.int32, device=DEV)
+    torch.ops.keye.topk_rows(out, lengths, topk, 0, plain, None)
+    assert torch.equal(idx.view(-1, topk), plain)
+
 NARROW = [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4), (4, 32, 3)]
 WIDE = [(16, 64, 2), (64, 32, 1), (4, 128, 40)]
 
@@ -400,6 +499,30 @@ def test_paged_logits_match_reference(H, D, n):
     assert_paged_scores_close(out, lens, q8, qs, w, k_cache, k_scale_cache, block_table)
 
 
+
+@pytest.mark.parametrize("H,D,n", NARROW)
+def test_paged_group_maxima(H, D, n):
+    """group_max from the streaming kernel: every group with a key below seq_len holds the maximum of the scores
+    the kernel wrote for those keys (bit-exact), -inf where a group has none; the wide kernel refuses it."""
+    lens = [n, 63 + n, 64 * 70 + 5, 64 * 300, 1000]
+    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = _paged_case(lens, n, H, D)
+    cols = block_table.shape[1] * 64
+    out = torch.empty(len(lens) * n, cols, device=DEV)
+    poison_next_alloc(len(lens) * n * cols // 8 * 4)
+    gmax = torch.empty(len(lens) * n, cols // 8, device=DEV)
+    torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out, gmax)
+    for b, L in enumerate(lens):
+        rows = slice(b * n, (b + 1) * n)
+        keys = torch.arange(math.ceil(L / 64) * 64, device=DEV)
+        want = torch.where(keys < L, out[rows, : keys.numel()], float("-inf"))
+        want = group_maxima(want)
+        assert torch.equal(gmax[rows, : want.shape[1]], want), f"sequence {b} (length {L})"
+    if n * H <= 16:
+        wide = _paged_case([100], 2, 16, D)
+        wide_out = torch.empty(2, wide[5].shape[1] * 64, device=DEV)
+        with pytest.raises(ValueError, match="streaming kernel only"):
+            torch.ops.keye.indexer_logits_paged(*wide, wide_out, torch.empty(2, wide_out.shape[1] // 8, device=DEV))
+
 @pytest.mark.parametrize("H,D,n", [NARROW[0], WIDE[0], WIDE[2]])
 def test_paged_logits_ignore_cache_bytes_past_the_sequence(H, D, n):
     """The last page of a sequence may hold anything past seq_len (here NaN bytes, e4m3 0x7F, and NaN scales): the
@@ -420,9 +543,12 @@ def test_paged_logits_ignore_cache_bytes_past_the_sequence(H, D, n):
         assert torch.equal(tail, torch.zeros_like(tail)), f"sequence {b}: columns past seq_len not written as 0"
 
 
-def test_decode_is_graph_capturable():
+@pytest.mark.parametrize("min_rows", [64, 1])
+def test_decode_is_graph_capturable(min_rows, monkeypatch):
     """Whole op captured and replayed; the 70000-token sequence takes the split-row top-k (zeroed workspace
+    allocated inside the capture) or, with the row threshold lowered, the group-maximum one (its maxima buffer
     allocated inside the capture)."""
+    monkeypatch.setattr(dsa_indexer_ops, "GROUP_MAX_MIN_ROWS", min_rows)
     args = _paged_case([700, 70000], 1, 16, 64)
     with ops.index_checks(False):
         ops.indexer_topk_decode(*args, 256)  # warm-up (kernel attributes, allocator)

@@ -350,7 +350,8 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const 
 
 void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
                                const at::Tensor& k_cache, const at::Tensor& k_scale_cache,
-                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out) {
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out,
+                               const std::optional<at::Tensor>& group_max) {
   const char* op = "indexer_logits_paged";
   check_indexer_queries(q8, q_scale, w, 4, op);
   const int64_t B = q8.size(0), n = q8.size(1), H = q8.size(2), D = q8.size(3);
@@ -359,6 +360,15 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, 
   check_int32_batch(seq_lens, 1, B, q8, op, "seq_lens", "[B]");
   const int64_t max_pages = block_table.size(1);
   check_out(out, B * n, max_pages * 64, q8, op);
+  if (group_max.has_value()) {
+    const at::Tensor& g = *group_max;
+    KEYE_CHECK(n * H <= 16, "keye.", op, ": argument 'group_max' is written by the streaming kernel only, for at "
+               "most 16 (query, head) columns per sequence; got n * H_I = ", n * H);
+    check_dense(g, q8, "q8", {at::kFloat}, 2, op, "group_max", "[B * n, groups]");
+    KEYE_CHECK(g.size(0) == B * n && g.size(1) >= max_pages * 64 / kScoreGroupKeys, "keye.", op,
+               ": argument 'group_max' must have shape [", B * n, ", >= ", max_pages * 64 / kScoreGroupKeys,
+               "] (one maximum per ", kScoreGroupKeys, " keys), got ", dims_str(g.sizes()));
+  }
   check_aligned16(q8, op, "q8");
   check_aligned16(k_cache, op, "k_cache");
   check_aligned16(k_scale_cache, op, "k_scale_cache");
@@ -385,9 +395,15 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, 
     args.out_cols = out.size(1);
     return args;
   };
-  if (n * H <= 16)  // the streaming kernel of indexer_logits_decode.cu: whole pages by bulk copy
-    return indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), paged_args(DecodeLogitsArgs{}),
-                                        num_tiles, static_cast<int>(B), stream);
+  if (n * H <= 16) {  // the streaming kernel of indexer_logits_decode.cu: whole pages by bulk copy
+    DecodeLogitsArgs args = paged_args(DecodeLogitsArgs{});
+    if (group_max.has_value()) {
+      args.group_max = group_max->data_ptr<float>();
+      args.gm_ld = group_max->stride(0);
+    }
+    return indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), args, num_tiles,
+                                        static_cast<int>(B), stream);
+  }
   dispatch(static_cast<int>(H), static_cast<int>(D), paged_args(LogitsParams{}), num_tiles, static_cast<int>(B),
            stream);
 }

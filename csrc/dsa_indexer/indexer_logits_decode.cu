@@ -11,6 +11,9 @@
 // Keys reach the tensor core as the register operand in a permuted D order (rs_logical_group in
 // dsa_device.cuh): 16-byte, conflict-free shared loads, and the cache keeps its natural layout.
 //
+// Optionally (DecodeLogitsArgs::group_max) the kernel also writes the maximum of every 8 consecutive scores of a row,
+// which topk_rows uses to bound its search (topk_rows.cu, topk_grouped_kernel): +2-3% here at batch 64 / 128K.
+//
 // Measured (H200, B = 64, 128K context, NOTES.md): loading the fragments straight from global memory into
 // registers, three pages ahead, reached 66% of copy bandwidth; this ring 83-85%. The register version's
 // wgmma.fence likely waits for every load still in flight into registers, so its prefetch did not overlap.
@@ -23,6 +26,7 @@
 #include "common/device.h"
 #include "common/pdl.cuh"
 #include "dsa_indexer/dsa_device.cuh"
+#include "dsa_indexer/dsa_indexer.h"
 #include "dsa_indexer/indexer_logits_decode.h"
 
 namespace keye {
@@ -68,11 +72,12 @@ __device__ __forceinline__ void stage_queries(const DecodeLogitsArgs& p, const C
 }
 
 // The head sum of one 64-key tile and its store. acc[4 * cb + 2 * hf + e]: key row r0 + 8 * hf, column
-// 8 * cb + 2t + e; cf / cq: this thread's four columns' coefficients and query slots.
+// 8 * cb + 2t + e; cf / cq: this thread's four columns' coefficients and query slots. score[hf][q] gets the score
+// of key row r0 + 8 * hf for query q (on all four lanes of the quad).
 template <int H>
 __device__ __forceinline__ void head_sum_store(const DecodeLogitsArgs& p, const CtaWork& w, const float (&acc)[8],
                                                const float (&cf)[4], const int (&cq)[4], const float (&ksc)[2],
-                                               int64_t key_r0, int t) {
+                                               int64_t key_r0, int t, float (&score)[2][kColumns / H]) {
   constexpr int QB = kColumns / H;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
@@ -90,7 +95,8 @@ __device__ __forceinline__ void head_sum_store(const DecodeLogitsArgs& p, const 
     for (int q = 0; q < QB; ++q) {
       part[q] += __shfl_xor_sync(0xffffffffu, part[q], 1);
       part[q] += __shfl_xor_sync(0xffffffffu, part[q], 2);
-      if (q < w.nq && t == (q & 3) && key < p.out_cols) p.out[(w.row0 + q) * p.ld + key] = part[q] * ksc[hf];
+      score[hf][q] = part[q] * ksc[hf];
+      if (q < w.nq && t == (q & 3) && key < p.out_cols) p.out[(w.row0 + q) * p.ld + key] = score[hf][q];
     }
   }
 }
@@ -120,14 +126,42 @@ __device__ __forceinline__ void tile_wgmma(float (&acc)[8], const KeySlice<D>& l
   fence_operands(acc);
 }
 
-template <int D>
-constexpr int stage_bytes() { return kTileKeys * D + kTileKeys * 4; }
-template <int D>
-constexpr size_t smem_bytes() {
-  return 1024 + kColumns * D + kStages * stage_bytes<D>() + kStages * 8 + kColumns * 4 + kMaxDecodeTilesPerCta * 4;
+// Group maxima (DecodeLogitsArgs::group_max): per query and tile, the maxima of the tile's kGroupsPerTile groups
+// of kScoreGroupKeys keys (a warp's 16 key rows are two groups: hf = 0, 1), staged in shared memory and written
+// per CTA as one contiguous run per query row (one 4-byte store per group from scattered lanes cost the kernel
+// 10-16%, NOTES.md ninth session; writing them as the top-k's order keys instead of floats cost ~5% more).
+constexpr int kGroupsPerTile = kTileKeys / kScoreGroupKeys;
+static_assert(kScoreGroupKeys == 8, "a warp's key rows r0 + 8 hf (r0 = 16 warp + g, g < 8) form two groups");
+template <int H>
+__device__ __forceinline__ void stage_group_max(const CtaWork& w, const float (&score)[2][kColumns / H],
+                                                int64_t key_r0, int i, int lane, float* gm_s) {
+  constexpr int QB = kColumns / H;
+  static_assert(QB <= 4, "lane q of the quad holds query q's maximum");
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const bool in_seq = key_r0 + 8 * hf < w.seq_keys;
+#pragma unroll
+    for (int q = 0; q < QB; ++q) {
+      float m = in_seq ? score[hf][q] : -INFINITY;
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
+      if (lane == q && q < w.nq) gm_s[q * kMaxDecodeTilesPerCta * kGroupsPerTile + i * kGroupsPerTile +
+                                      2 * (threadIdx.x / 32) + hf] = m;
+    }
+  }
 }
 
-template <int D, int H>
+template <int D>
+constexpr int stage_bytes() { return kTileKeys * D + kTileKeys * 4; }
+template <int D, int H, bool kGroupMax>
+constexpr size_t smem_bytes() {
+  constexpr int kGroupMaxBytes = kGroupMax ? kColumns / H * kMaxDecodeTilesPerCta * kGroupsPerTile * 4 : 0;
+  return 1024 + kColumns * D + kStages * stage_bytes<D>() + kStages * 8 + kColumns * 4 + kMaxDecodeTilesPerCta * 4 +
+         kGroupMaxBytes;
+}
+
+template <int D, int H, bool kGroupMax>
 __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const DecodeLogitsArgs p) {
   constexpr int kPageBytes = kTileKeys * D;
   extern __shared__ uint8_t smem_raw[];
@@ -136,6 +170,7 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
   uint64_t* full = reinterpret_cast<uint64_t*>(ring + kStages * stage_bytes<D>());
   float* coef_s = reinterpret_cast<float*>(full + kStages);
   int* page_s = reinterpret_cast<int*>(coef_s + kColumns);
+  float* gm_s = reinterpret_cast<float*>(page_s + kMaxDecodeTilesPerCta);  // kGroupMax: [QB][tiles * 8]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   grid_dependency_wait();  // launched as a programmatic dependent: inputs may come from the kernel before
   allow_dependent_launch();
@@ -185,7 +220,17 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
     __syncthreads();  // every thread has its registers: stage st can be refilled (next iteration's issue)
     float acc[8];
     tile_wgmma<D>(acc, ka[0], ka[1], desc_q);
-    head_sum_store<H>(p, w, acc, cf, cq, ksc, key0 + r0, t);
+    float score[2][kColumns / H];
+    head_sum_store<H>(p, w, acc, cf, cq, ksc, key0 + r0, t, score);
+    if constexpr (kGroupMax) stage_group_max<H>(w, score, key0 + r0, i, lane, gm_s);
+  }
+  if constexpr (kGroupMax) {
+    __syncthreads();
+    const int n = w.ntiles * kGroupsPerTile;
+    for (int q = 0; q < w.nq; ++q)
+      for (int j = tid; j < n; j += kThreads)
+        p.group_max[(w.row0 + q) * p.gm_ld + static_cast<int64_t>(w.tile_begin) * kGroupsPerTile + j] =
+            gm_s[q * kMaxDecodeTilesPerCta * kGroupsPerTile + j];
   }
 }
 
@@ -205,10 +250,10 @@ void launch(const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t
   DecodeLogitsArgs q = p;
   q.tiles_per_cta = decode_tiles_per_cta(num_tiles, num_seqs);
   const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, num_seqs);
-  constexpr size_t smem = smem_bytes<D>();
-  C10_CUDA_CHECK(cudaFuncSetAttribute(indexer_logits_decode_kernel<D, H>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
-  launch_dependent(indexer_logits_decode_kernel<D, H>, grid, dim3(kThreads), smem, stream, q);
+  const size_t smem = p.group_max ? smem_bytes<D, H, true>() : smem_bytes<D, H, false>();
+  auto kernel = p.group_max ? indexer_logits_decode_kernel<D, H, true> : indexer_logits_decode_kernel<D, H, false>;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  launch_dependent(kernel, grid, dim3(kThreads), smem, stream, q);
 }
 
 template <int D>

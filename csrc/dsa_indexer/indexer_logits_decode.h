@@ -26,6 +26,8 @@ struct DecodeLogitsArgs {
   float* out;                // [B * n, >= max_pages * 64]
   int64_t ld;
   int64_t out_cols;
+  float* group_max;          // null, or [B * n, >= max_pages * 64 / kScoreGroupKeys] (dsa_indexer.h)
+  int64_t gm_ld;
 };
 
 void indexer_logits_decode_narrow(int H, int D, const DecodeLogitsArgs& p, int num_tiles, int num_seqs,

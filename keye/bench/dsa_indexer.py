@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from keye import ops
 from keye.bench.timing import capture_graph, median_ms, rel_err
-from keye.ops.dsa_indexer import _CHUNK_BYTES, score_chunk_rows
+from keye.ops.dsa_indexer import _CHUNK_BYTES, GROUP_KEYS, decode_uses_group_max, score_chunk_rows
 from keye.ops.reference import dsa_indexer as ref
 
 H_I, D_I, TOPK = 16, 64, 2048
@@ -154,8 +154,11 @@ def decode_cases(batches: list[int], contexts: list[int], device: torch.device, 
                 graph = capture_graph(lambda: ops.indexer_topk_decode(*args))  # without per-launch host cost
                 graph_ms = median_ms(graph.replay, device, reps)
                 buf = torch.empty(B, ctx, device=device)
+                # The score kernel as the op runs it (with the group maxima where the op asks for them).
+                gmax = (torch.empty(B, ctx // GROUP_KEYS, device=device)
+                        if decode_uses_group_max(B, 1, H_I, ctx, TOPK) else None)
                 scores_ms = median_ms(lambda: torch.ops.keye.indexer_logits_paged(
-                    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, buf), device, reps)
+                    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, buf, gmax), device, reps)
             nbytes = B * ctx * (D_I + 4)
             records.append({"op": "indexer_decode", "batch": B, "context": ctx, "check": "ok" if ok else "FAIL",
                             "decode_ms": ms, "graph_ms": graph_ms, "scores_ms": scores_ms, "bytes": nbytes,

@@ -13,7 +13,9 @@ the sum of its |terms| of the reference's (exact float64 sums rounded once); dec
 The selection itself is exact on the kernel's scores (ties to lower positions) and identical run to run.
 
 Prefill works through the sequences in query chunks: the chunk's scores [rows, keys] (fp32, at most
-max_chunk_bytes) are written by the score kernel and read by the top-k kernel; no T x T matrix exists.
+max_chunk_bytes) are written by the score kernel and read by the top-k kernel; no T x T matrix exists. Decode with
+many rows of long contexts has the score kernel also write the maximum of every 8 scores, which bound the top-k's
+search (decode_uses_group_max).
 """
 
 from __future__ import annotations
@@ -26,6 +28,22 @@ from keye.ops.reference import dsa_indexer as ref
 
 _CHUNK_BYTES = 1 << 30
 _ROW_BLOCK = 128  # (query, head) columns of one score-kernel CTA: chunks hold whole CTAs of queries
+GROUP_KEYS = 8  # scores per group maximum (kScoreGroupKeys in csrc/dsa_indexer/dsa_indexer.h)
+# Decode bounds the top-k by group maxima from contexts of this many groups per selected key (2: 32K keys at topk
+# 2048; with fewer the bound would take most of the row) and from this many query rows. H200, same-process A/B
+# (NOTES.md, twenty-first session): one CTA per row takes ~18-21 us of serial steps, so with few rows the split
+# chain, which spreads a row over many CTAs, is faster (1 row of 128K: 36.5 vs 39.7 us); from 64 rows the group
+# maxima win (64 x 128K: 197.9 -> 190.3 us, 128 x 128K: 378.6 -> 342.8), and at 32 rows they tie.
+GROUP_MAX_MIN_GROUPS_PER_TOPK = 2
+GROUP_MAX_MIN_ROWS = 64
+
+
+def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
+    """Whether indexer_topk_decode has the score kernel write group maxima and bounds the top-k by them: the
+    streaming score kernel (n * H_I <= 16), at least GROUP_MAX_MIN_ROWS query rows and contexts of at least
+    GROUP_MAX_MIN_GROUPS_PER_TOPK groups per selected key."""
+    return (n * heads <= 16 and rows >= GROUP_MAX_MIN_ROWS
+            and cols >= GROUP_MAX_MIN_GROUPS_PER_TOPK * GROUP_KEYS * topk)
 
 
 def score_chunk_rows(max_len: int, heads: int, max_chunk_bytes: int) -> tuple[int, int]:
@@ -104,16 +122,23 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     B, n, H, D = q8.shape
     dev = q8.device
     seq_lens32 = seq_lens.to(torch.int32).contiguous()
-    buf = torch.empty(B * n, block_table.shape[1] * ref.PAGE_SIZE, dtype=torch.float32, device=dev)
+    cols = block_table.shape[1] * ref.PAGE_SIZE
+    buf = torch.empty(B * n, cols, dtype=torch.float32, device=dev)
+    # Many rows of long contexts with the streaming score kernel: it also writes the maximum of every 8 scores, and
+    # the top-k kernel bounds its search by them (one kernel per row reading a fraction of it instead of three
+    # kernels reading all of it twice).
+    group_max = None
+    if decode_uses_group_max(B * n, n, H, cols, topk):
+        group_max = torch.empty(B * n, cols // GROUP_KEYS, dtype=torch.float32, device=dev)
     torch.ops.keye.indexer_logits_paged(q8.contiguous(), q_scale.contiguous(), w.contiguous(), k_cache, k_scale_cache,
-                                        block_table, seq_lens32, buf)
+                                        block_table, seq_lens32, buf, group_max)
     # Query j of a sequence sees its first seq_len - n + 1 + j keys (no small kernels at all for n = 1: in a CUDA
     # graph each costs ~1 us, a few percent of the op).
     lengths = seq_lens32 if n == 1 else (
         seq_lens32.view(B, 1) + torch.arange(1 - n, 1, dtype=torch.int32, device=dev)).view(-1)
     indices = torch.empty(B * n, topk, dtype=torch.int32, device=dev)
     scores = torch.empty(B * n, topk, dtype=torch.float32, device=dev) if return_scores else None
-    torch.ops.keye.topk_rows(buf, lengths, topk, 0, indices, scores)
+    torch.ops.keye.topk_rows(buf, lengths, topk, 0, indices, scores, group_max)
     indices = indices.view(B, n, topk)
     if physical:
         pos = indices.clamp(min=0).long().view(B, n * topk)
