@@ -421,7 +421,19 @@ def test_decode_matches_reference(H, D, n):
     args = _paged_case(lens, n, H, D)
     idx, sc = ops.indexer_topk_decode(*args, topk, return_scores=True)
     phys = ops.indexer_topk_decode(*args, topk, physical=True)
+    _check_decode(idx, sc, args, lens, topk)
+    block_table = args[5]
+    for b in range(len(lens)):
+        pos = idx[b].long()
+        slot = block_table[b].long()[pos.clamp(min=0) // 64] * 64 + pos.clamp(min=0) % 64
+        assert torch.equal(phys[b].long(), torch.where(pos >= 0, slot, -1))
+
+
+def _check_decode(idx, sc, args, lens, topk):
+    """Decode selections idx / scores sc [B, n, topk] of the paged case args against the reference, sequence by
+    sequence (query j of a sequence of length L sees its first L - n + 1 + j keys)."""
     q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = args
+    n, D = q8.shape[1], q8.shape[3]
     for b, L in enumerate(lens):
         pages = block_table[b, : math.ceil(L / 64)].long()
         keys = k_cache[pages].reshape(-1, D)[:L]
@@ -429,8 +441,6 @@ def test_decode_matches_reference(H, D, n):
         full = ref.indexer_scores(q8[b], qs[b], w[b], keys, kscale)
         assert_selection_close(idx[b], full, torch.arange(L - n + 1, L + 1, device=DEV), topk)
         pos = idx[b].long()
-        slot = block_table[b].long()[pos.clamp(min=0) // 64] * 64 + pos.clamp(min=0) % 64
-        assert torch.equal(phys[b].long(), torch.where(pos >= 0, slot, -1))
         rows, slots = (pos >= 0).nonzero(as_tuple=True)
         assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
 
@@ -447,16 +457,8 @@ def test_decode_long_contexts_match_reference(H, D, n, monkeypatch):
     args = _paged_case(lens, n, H, D)
     assert dsa_indexer_ops.decode_uses_group_max(len(lens) * n, n, H, args[5].shape[1] * 64, topk)
     idx, sc = ops.indexer_topk_decode(*args, topk, return_scores=True)
+    _check_decode(idx, sc, args, lens, topk)
     q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = args
-    for b, L in enumerate(lens):
-        pages = block_table[b, : math.ceil(L / 64)].long()
-        keys = k_cache[pages].reshape(-1, D)[:L]
-        kscale = k_scale_cache[pages].reshape(-1)[:L]
-        full = ref.indexer_scores(q8[b], qs[b], w[b], keys, kscale)
-        assert_selection_close(idx[b], full, torch.arange(L - n + 1, L + 1, device=DEV), topk)
-        pos = idx[b].long()
-        rows, slots = (pos >= 0).nonzero(as_tuple=True)
-        assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
     # The same scores through topk_rows without the maxima select exactly the same.
     cols = block_table.shape[1] * 64
     out = torch.empty(len(lens) * n, cols, device=DEV)
