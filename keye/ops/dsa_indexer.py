@@ -31,9 +31,10 @@ _ROW_BLOCK = 128  # (query, head) columns of one score-kernel CTA: chunks hold w
 GROUP_KEYS = 8  # scores per group maximum (kScoreGroupKeys in csrc/dsa_indexer/dsa_indexer.h)
 # Decode bounds the top-k by group maxima from contexts of this many groups per selected key (2: 32K keys at topk
 # 2048; with fewer the bound would take most of the row) and from this many query rows. H200, same-process A/B
-# (NOTES.md, twenty-first session): one CTA per row takes ~18-21 us of serial steps, so with few rows the split
+# (NOTES.md, twenty-first session): one CTA per row spends ~20 us in serial steps, so with few rows the split
 # chain, which spreads a row over many CTAs, is faster (1 row of 128K: 36.5 vs 39.7 us); from 64 rows the group
-# maxima win (64 x 128K: 197.9 -> 190.3 us, 128 x 128K: 378.6 -> 342.8), and at 32 rows they tie.
+# maxima win at 128K keys (64 rows: 197.9 -> 190.3 us, 128 rows: 378.6 -> 342.8) and tie at 32K-64K keys; at 32
+# rows of 128K they tie.
 GROUP_MAX_MIN_GROUPS_PER_TOPK = 2
 GROUP_MAX_MIN_ROWS = 64
 
