@@ -328,7 +328,6 @@ def test_scores_unchanged_beside_a_concurrent_topk():
             assert not wrong.any(), f"{int(wrong.sum())} query rows scored differently beside the top-k kernel"
 
 
-
 def group_maxima(s):
     """The maximum of every 8 consecutive columns of s [R, L] (L a multiple of 8), NaN skipped (-inf if all are):
     the group_max the decode score kernel writes."""
@@ -395,6 +394,7 @@ def test_topk_rows_group_max_argument_errors():
     with pytest.raises(ValueError, match="'group_max' must have dtype"):
         torch.ops.keye.topk_rows(s, lengths, 16, 0, idx, None, torch.zeros(2, 32, device=DEV).half())
 
+
 def _paged_case(lens, n, H, D):
     pages_per_seq = [math.ceil(L / 64) for L in lens]
     num_pages = sum(pages_per_seq) + 3
@@ -445,7 +445,6 @@ def _check_decode(idx, sc, args, lens, topk):
         assert_scores_close(sc[b][rows, slots], q8[b], qs[b], w[b], keys, kscale, rows, pos[rows, slots])
 
 
-
 @pytest.mark.parametrize("H,D,n", [(16, 64, 1), (8, 32, 2), (4, 128, 4), (16, 32, 1)])
 def test_decode_long_contexts_match_reference(H, D, n, monkeypatch):
     """Contexts of at least 2 * 8 * topk keys with n * H_I <= 16 (and, lowered here, enough rows): the score kernel
@@ -467,6 +466,7 @@ def test_decode_long_contexts_match_reference(H, D, n, monkeypatch):
     plain = torch.empty(len(lens) * n, topk, dtype=torch.int32, device=DEV)
     torch.ops.keye.topk_rows(out, lengths, topk, 0, plain, None)
     assert torch.equal(idx.view(-1, topk), plain)
+
 
 NARROW = [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4), (4, 32, 3)]
 WIDE = [(16, 64, 2), (64, 32, 1), (4, 128, 40)]
@@ -501,7 +501,6 @@ def test_paged_logits_match_reference(H, D, n):
     assert_paged_scores_close(out, lens, q8, qs, w, k_cache, k_scale_cache, block_table)
 
 
-
 @pytest.mark.parametrize("H,D,n", NARROW)
 def test_paged_group_maxima(H, D, n):
     """group_max from the streaming kernel: every group with a key below seq_len holds the maximum of the scores
@@ -519,11 +518,11 @@ def test_paged_group_maxima(H, D, n):
         want = torch.where(keys < L, out[rows, : keys.numel()], float("-inf"))
         want = group_maxima(want)
         assert torch.equal(gmax[rows, : want.shape[1]], want), f"sequence {b} (length {L})"
-    if n * H <= 16:
-        wide = _paged_case([100], 2, 16, D)
-        wide_out = torch.empty(2, wide[5].shape[1] * 64, device=DEV)
-        with pytest.raises(ValueError, match="streaming kernel only"):
-            torch.ops.keye.indexer_logits_paged(*wide, wide_out, torch.empty(2, wide_out.shape[1] // 8, device=DEV))
+    wide = _paged_case([100], 2, 16, D)  # 32 (query, head) columns: the 128-column kernel
+    wide_out = torch.empty(2, wide[5].shape[1] * 64, device=DEV)
+    with pytest.raises(ValueError, match="streaming kernel only"):
+        torch.ops.keye.indexer_logits_paged(*wide, wide_out, torch.empty(2, wide_out.shape[1] // 8, device=DEV))
+
 
 @pytest.mark.parametrize("H,D,n", [NARROW[0], WIDE[0], WIDE[2]])
 def test_paged_logits_ignore_cache_bytes_past_the_sequence(H, D, n):
