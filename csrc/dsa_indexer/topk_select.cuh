@@ -473,7 +473,7 @@ struct GroupedRows {
   float* out_scores;
 };
 
-// Launches it on `stream` for `rows` rows (one CTA each), as a programmatic dependent of the kernel before it.
+// Launches it on `stream` for `rows` rows (one CTA each).
 void launch_topk_grouped(const GroupedRows& a, int64_t rows, cudaStream_t stream);
 
 }  // namespace keye
