@@ -268,8 +268,9 @@ void launch_topk_grouped(const GroupedRows& a, int64_t rows, cudaStream_t stream
   const size_t smem = ((sizeof(Shared) + 15) / 16) * 16 + kGroupedData;  // Shared, then the data area
   C10_CUDA_CHECK(cudaFuncSetAttribute(topk_grouped_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       static_cast<int>(smem)));
-  // A plain launch: as a programmatic dependent of the score kernel (its CTAs resident and waiting while the score
-  // kernel drains) the op took 1.6-4.7 us longer at every batch measured (NOTES.md, twenty-second session).
+  // A plain launch: as a programmatic dependent of the score kernel (CTAs that each hold a whole SM, resident early
+  // and waiting; why that costs was not measured) the op took 1.6-4.7 us longer at every batch measured (NOTES.md,
+  // twenty-second session).
   topk_grouped_kernel<<<static_cast<unsigned>(rows), kThreads, smem, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
