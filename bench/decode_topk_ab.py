@@ -2,7 +2,8 @@
 the split chain (plain streaming score kernel + topk_rows) against the group-maximum path (the score kernel also
 writing every 8 scores' maximum + topk_rows bounded by them), plus the score kernel alone with and without the
 maxima and keye.ops.indexer_topk_decode as shipped. CUDA graphs, timed round-robin with the L2 flushed; the two
-paths' indices and scores are compared. The twenty-first session's table in README.md and NOTES.md comes from it:
+paths' indices and scores are compared. The twenty-first and twenty-second sessions' tables in README.md and
+NOTES.md come from it:
     python3 bench/decode_topk_ab.py"""
 import torch
 from keye import ops

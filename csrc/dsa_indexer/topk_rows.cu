@@ -7,6 +7,7 @@
 
 #include "common/check.h"
 #include "common/device.h"
+#include "common/pdl.cuh"
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/topk_select.cuh"
 

@@ -35,7 +35,6 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common/pdl.cuh"
 #include "dsa_indexer/dsa_indexer.h"
 
 namespace keye {

@@ -34,7 +34,8 @@ GROUP_KEYS = 8  # scores per group maximum (kScoreGroupKeys in csrc/dsa_indexer/
 # (NOTES.md, twenty-first session): one CTA per row spends ~20 us in serial steps, so with few rows the split
 # chain, which spreads a row over many CTAs, is faster (1 row of 128K: 36.5 vs 39.7 us); from 64 rows the group
 # maxima win at 128K keys (64 rows: 197.9 -> 190.3 us, 128 rows: 378.6 -> 342.8) and tie at 32K-64K keys; at 32
-# rows of 128K they tie.
+# rows of 128K they tie. The twenty-second session's run (group maxima launched plainly) kept the rule: 1 / 8 / 32
+# rows of 128K 35.2 / 59.9 / 118.1 us split against 38.4 / 60.0 / 116.9, 64 rows 197.6 against 188.7.
 GROUP_MAX_MIN_GROUPS_PER_TOPK = 2
 GROUP_MAX_MIN_ROWS = 64
 
