@@ -341,7 +341,7 @@ def test_topk_rows_with_group_maxima_exact():
     zeros, +-inf, rows with fewer groups than topk (whole row as the list), a row whose list overflows (one value
     everywhere: the whole-row global path) and rows of at most topk."""
     topk, L = 512, 64 * 1200
-    lens = [L, L - 3, 40_001, 9000, 4100, 8191, 6000, topk + 1, topk, 5, 0, L, L, L, 20_000, 60_000, L]
+    lens = [L, L - 3, 40_001, 9000, 4100, 8191, 6000, topk + 1, topk, 5, 0, L, L, L, 20_000, 60_000, L, L]
     s = torch.randn(len(lens), L, device=DEV)
     for r, n in enumerate(lens):
         s[r, n:] = 1e30  # past the row: never selected, but in the stored maximum of a partial last group
@@ -362,6 +362,8 @@ def test_topk_rows_with_group_maxima_exact():
     s[15, 33] = 2.0
     s[16] *= 0.1  # 4,000 groups hold one 5.0 each: that many listed groups (several load rounds per thread), ties
     s[16, 8 * torch.randperm(L // 8, device=DEV)[:4000] + 3] = 5.0
+    v = s[17].topk(topk - 20).values[-1]  # 40 copies of a value near the threshold: ties ranked inside a small bin
+    s[17, torch.randperm(L, device=DEV)[:40]] = v
     lengths = torch.tensor(lens, dtype=torch.int32, device=DEV)
     gmax = group_maxima(s)
     poison_next_alloc(len(lens) * topk * 4, byte=0x7F)

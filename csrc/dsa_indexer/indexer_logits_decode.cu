@@ -71,36 +71,6 @@ __device__ __forceinline__ void stage_queries(const DecodeLogitsArgs& p, const C
   }
 }
 
-// The head sum of one 64-key tile and its store. acc[4 * cb + 2 * hf + e]: key row r0 + 8 * hf, column
-// 8 * cb + 2t + e; cf / cq: this thread's four columns' coefficients and query slots. score[hf][q] gets the score
-// of key row r0 + 8 * hf for query q (on all four lanes of the quad).
-template <int H>
-__device__ __forceinline__ void head_sum_store(const DecodeLogitsArgs& p, const CtaWork& w, const float (&acc)[8],
-                                               const float (&cf)[4], const int (&cq)[4], const float (&ksc)[2],
-                                               int64_t key_r0, int t, float (&score)[2][kColumns / H]) {
-  constexpr int QB = kColumns / H;
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    float part[QB];
-#pragma unroll
-    for (int q = 0; q < QB; ++q) part[q] = 0.f;
-#pragma unroll
-    for (int c = 0; c < 4; ++c) {
-      const float v = cf[c] * fmaxf(acc[4 * (c / 2) + 2 * hf + (c & 1)], 0.f);
-#pragma unroll
-      for (int q = 0; q < QB; ++q) part[q] += cq[c] == q ? v : 0.f;
-    }
-    const int64_t key = key_r0 + 8 * hf;
-#pragma unroll
-    for (int q = 0; q < QB; ++q) {
-      part[q] += __shfl_xor_sync(0xffffffffu, part[q], 1);
-      part[q] += __shfl_xor_sync(0xffffffffu, part[q], 2);
-      score[hf][q] = part[q] * ksc[hf];
-      if (q < w.nq && t == (q & 3) && key < p.out_cols) p.out[(w.row0 + q) * p.ld + key] = score[hf][q];
-    }
-  }
-}
-
 template <int H>
 __device__ __forceinline__ void my_columns(const float* coef_s, int t, float (&cf)[4], int (&cq)[4]) {
 #pragma unroll
@@ -133,21 +103,21 @@ __device__ __forceinline__ void tile_wgmma(float (&acc)[8], const KeySlice<D>& l
 constexpr int kGroupsPerTile = kTileKeys / kScoreGroupKeys;
 static_assert(kScoreGroupKeys == 8, "a warp's key rows r0 + 8 hf (r0 = 16 warp + g, g < 8) form two groups");
 template <int H>
-__device__ __forceinline__ void stage_group_max(const CtaWork& w, const float (&score)[2][kColumns / H],
-                                                int64_t key_r0, int i, int lane, float* gm_s) {
+__device__ __forceinline__ void stage_group_max(const float (&score)[2][kColumns / H], int col, int key_end, int nq,
+                                                int i, int warp, int lane, float* gm_s) {
   constexpr int QB = kColumns / H;
   static_assert(QB <= 4, "lane q of the quad holds query q's maximum");
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    const bool in_seq = key_r0 + 8 * hf < w.seq_keys;
+    const bool in_seq = col + 8 * hf < key_end;
 #pragma unroll
     for (int q = 0; q < QB; ++q) {
       float m = in_seq ? score[hf][q] : -INFINITY;
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 4));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 8));
       m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 16));
-      if (lane == q && q < w.nq) gm_s[q * kMaxDecodeTilesPerCta * kGroupsPerTile + i * kGroupsPerTile +
-                                      2 * (threadIdx.x / 32) + hf] = m;
+      if (lane == q && q < nq) gm_s[q * kMaxDecodeTilesPerCta * kGroupsPerTile + i * kGroupsPerTile +
+                                    2 * warp + hf] = m;
     }
   }
 }
@@ -161,9 +131,41 @@ constexpr size_t smem_bytes() {
          kGroupMaxBytes;
 }
 
+// The head sum of one 64-key tile and its store. acc[4 * cb + 2 * hf + e]: key row r0 + 8 * hf, column
+// 8 * cb + 2t + e; cf / cq: this thread's four columns' coefficients and query slots; col: row r0's key offset in the
+// CTA's run (out_run points at the run's first column of query row 0; columns from col_end on are not stored).
+// score[hf][q] gets the score of key row r0 + 8 * hf for query q (on all four lanes of the quad).
+template <int H>
+__device__ __forceinline__ void head_sum_store(const float (&acc)[8], const float (&cf)[4], const int (&cq)[4],
+                                                   const float (&ksc)[2], float* out_run, int64_t ld, int nq, int col,
+                                                   int col_end, int t, float (&score)[2][kColumns / H]) {
+  constexpr int QB = kColumns / H;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    float part[QB];
+#pragma unroll
+    for (int q = 0; q < QB; ++q) part[q] = 0.f;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const float v = cf[c] * fmaxf(acc[4 * (c / 2) + 2 * hf + (c & 1)], 0.f);
+#pragma unroll
+      for (int q = 0; q < QB; ++q) part[q] += cq[c] == q ? v : 0.f;
+    }
+    const int k = col + 8 * hf;
+#pragma unroll
+    for (int q = 0; q < QB; ++q) {
+      part[q] += __shfl_xor_sync(0xffffffffu, part[q], 1);
+      part[q] += __shfl_xor_sync(0xffffffffu, part[q], 2);
+      score[hf][q] = part[q] * ksc[hf];
+      if (q < nq && t == (q & 3) && k < col_end) out_run[q * ld + k] = score[hf][q];
+    }
+  }
+}
+
 template <int D, int H, bool kGroupMax>
 __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const DecodeLogitsArgs p) {
   constexpr int kPageBytes = kTileKeys * D;
+  constexpr int QB = kColumns / H;
   extern __shared__ uint8_t smem_raw[];
   uint8_t* q_s = smem_raw + ((1024 - (static_cast<uint32_t>(__cvta_generic_to_shared(smem_raw)) & 1023)) & 1023);
   uint8_t* ring = q_s + kColumns * D;
@@ -184,8 +186,8 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
   fence_async_shared();
   __syncthreads();
   const uint64_t policy = l2_evict_first_policy();
-  auto issue = [&](int i) {  // thread 0 only
-    const int st = i % kStages, page = page_s[i];
+  auto issue = [&](int i, int st) {  // thread 0 only: page i of the run into stage st
+    const int page = page_s[i];
     uint8_t* dst = ring + st * stage_bytes<D>();
     if (page < 0) return mbarrier_arrive_expect_tx(full + st, 0);
     mbarrier_arrive_expect_tx(full + st, stage_bytes<D>());
@@ -194,35 +196,52 @@ __global__ void __launch_bounds__(kThreads) indexer_logits_decode_kernel(const D
                   policy);
   };
   if (tid == 0)
-    for (int s = 0; s < kStages - 1 && s < w.ntiles; ++s) issue(s);
+    for (int s = 0; s < kStages - 1 && s < w.ntiles; ++s) issue(s, s);
   float cf[4];
   int cq[4];
   my_columns<H>(coef_s, t, cf, cq);
   const uint64_t desc_q = smem_desc<D>(q_s);
   const int r0 = 16 * warp + g;
+  // Key offsets from the run's first key: keys below key_end are in the sequence, columns below col_end are stored.
+  const int64_t run0 = static_cast<int64_t>(w.tile_begin) * kTileKeys;
+  const int key_end = static_cast<int>(min(w.seq_keys - run0, static_cast<int64_t>(w.ntiles) * kTileKeys));
+  const int col_end = static_cast<int>(min(p.out_cols - run0, static_cast<int64_t>(w.ntiles) * kTileKeys));
+  float* out_run = p.out + w.row0 * p.ld + run0;
+  int st = 0, st_issue = kStages - 1;
+  uint32_t parity = 0;
   for (int i = 0; i < w.ntiles; ++i) {
-    if (tid == 0 && i + kStages - 1 < w.ntiles) issue(i + kStages - 1);
-    const int st = i % kStages;
-    mbarrier_wait_parity(full + st, (i / kStages) & 1);
+    if (tid == 0 && i + kStages - 1 < w.ntiles) issue(i + kStages - 1, st_issue);
+    st_issue = st_issue + 1 == kStages ? 0 : st_issue + 1;
+    mbarrier_wait_parity(full + st, parity);
     const uint8_t* tile = ring + st * stage_bytes<D>();
-    const bool page_ok = page_s[i] >= 0;
-    const int64_t key0 = static_cast<int64_t>(w.tile_begin + i) * kTileKeys;
+    const int col0 = i * kTileKeys;
     KeySlice<D> ka[2];
     float ksc[2];
+    if (page_s[i] >= 0 && col0 + kTileKeys <= key_end) {  // a full page (block-uniform)
 #pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int r = r0 + 8 * hf;
-      const bool valid = page_ok && key0 + r < w.seq_keys;
-      load_key_slice(ka[hf], tile + r * D, t, valid);
-      ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kPageBytes)[r] : 0.f;
+      for (int hf = 0; hf < 2; ++hf) {
+        load_key_slice(ka[hf], tile + (r0 + 8 * hf) * D, t, true);
+        ksc[hf] = reinterpret_cast<const float*>(tile + kPageBytes)[r0 + 8 * hf];
+      }
+    } else {
+      const bool page_ok = page_s[i] >= 0;
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int r = r0 + 8 * hf;
+        const bool valid = page_ok && col0 + r < key_end;
+        load_key_slice(ka[hf], tile + r * D, t, valid);
+        ksc[hf] = valid ? reinterpret_cast<const float*>(tile + kPageBytes)[r] : 0.f;
+      }
     }
     fence_async_shared();  // these reads are done before the refill (async proxy) after the barrier
     __syncthreads();  // every thread has its registers: stage st can be refilled (next iteration's issue)
+    st = st + 1 == kStages ? 0 : st + 1;
+    parity ^= st == 0;
     float acc[8];
     tile_wgmma<D>(acc, ka[0], ka[1], desc_q);
-    float score[2][kColumns / H];
-    head_sum_store<H>(p, w, acc, cf, cq, ksc, key0 + r0, t, score);
-    if constexpr (kGroupMax) stage_group_max<H>(w, score, key0 + r0, i, lane, gm_s);
+    float score[2][QB];
+    head_sum_store<H>(acc, cf, cq, ksc, out_run, p.ld, w.nq, col0 + r0, col_end, t, score);
+    if constexpr (kGroupMax) stage_group_max<H>(score, col0 + r0, key_end, w.nq, i, warp, lane, gm_s);
   }
   if constexpr (kGroupMax) {
     __syncthreads();

@@ -15,11 +15,12 @@ namespace {
 // thread CTA): the maxima as order keys into shared memory (one coalesced read), lb from a histogram of the pair
 // maxima (or of the group maxima where there are fewer than 4 * topk pairs), the groups reaching lb listed in column
 // order (~topk plus the bin's excess), their scores read (about an eighth of the row for independent scores) and
-// the elements at or above lb kept as (order key, column) in column order, three radix steps on that list, and the
-// output written in order by one scan (no bitmap). Every ordered list comes from per-thread contiguous runs and one
-// block scan. Rows with more groups than the staging area holds (past 256K columns), more groups at lb than the
-// group list holds, or more candidates than the list holds (scores crowded into few groups, many ties) take the
-// whole-row global path (exact, slower). Measured against the split chain: NOTES.md.
+// the elements at or above lb kept as (order key, column) in column order, the list's threshold found
+// (list_threshold), and the output written in order by one scan (no bitmap). Every ordered list comes from
+// per-thread contiguous runs and one block scan. Rows with more groups than the staging area holds (past 256K
+// columns), more groups at lb than the group list holds, or more candidates than the list holds (scores crowded
+// into few groups, many ties) take the whole-row global path (exact, slower). Measured against the split chain:
+// NOTES.md.
 constexpr int kMaxGroups = 32768;              // staged maxima: rows up to 256K columns
 constexpr int kGroupCap = 8192;                // groups whose maximum reaches lb
 constexpr int kCandCap = 8192;                 // candidates (order key, column), in the staged maxima's place
@@ -58,6 +59,78 @@ __device__ void emit_ordered(const uint32_t* keys, const int* cols, int m, const
   }
 }
 
+// The threshold of the top th.need keys of a candidate list whose keys all lie in [lo, hi]. Each step histograms
+// the keys in the current range into 2^kRangeBits bins spread over that range (not over fixed bits of the key) and
+// narrows the range to the bin that holds the need-th largest key, until that bin holds at most kRankMax keys; those
+// are then ranked against each other (ties to the lower list position, i.e. the lower column). Fixed 11/11/10-bit
+// digits took three steps on these lists: every candidate lies within a binade or two of lb, so the top 11 bits put
+// them all in a few bins. Over [lb, max] a 2048-bin step should leave only a few keys in the bin for independent
+// scores (estimated, not counted). H200, twenty-third session: 1.0-3.7 us faster than the three fixed-digit steps
+// for the kernel alone and up to 1.6 us for the decode op, never slower, identical indices (NOTES.md).
+// Returns the threshold in emit_ordered's form: keys above th.prefix, and the first th.need keys equal to it (all of
+// them when th.done).
+constexpr int kRangeBits = 11;
+constexpr int kRankMax = 128;
+__device__ void list_threshold(const uint32_t* keys, int m, uint32_t lo, uint32_t hi, Threshold& th, Shared& sh) {
+  const int tid = threadIdx.x;
+  uint32_t span = hi - lo;
+  for (;;) {
+    const int shift = max(0, 32 - __clz(static_cast<int>(span)) - kRangeBits);  // span >> shift < 2^kRangeBits
+    for (int b = tid; b < (1 << kRangeBits); b += kThreads) sh.hist[b] = 0;
+    __syncthreads();
+    for (int i = tid; i < m; i += kThreads) {
+      const uint32_t d = keys[i] - lo;  // keys below lo wrap past span
+      if (d <= span) atomicAdd(&sh.hist[d >> shift], 1u);
+    }
+    __syncthreads();
+    Threshold bin;
+    bin.need = th.need;
+    select_bin<kRangeBits>(0, bin, sh);
+    const uint32_t bin_lo = lo + (bin.prefix << shift);
+    const int count = sh.sel_count;  // keys in the bin (select_bin's last barrier is behind every reader)
+    th.need = bin.need;
+    th.prefix = bin_lo;
+    th.mask = ~0u;
+    if (bin.done) {  // the whole bin is taken: every key >= bin_lo
+      th.done = true;
+      return;
+    }
+    if (shift == 0) return;  // one key value: the first th.need of its keys
+    if (count <= kRankMax) {
+      // The bin's keys in list order into shared memory (the histogram's first words), then each ranked.
+      uint32_t* small = sh.hist;
+      const int per = (m + kThreads - 1) / kThreads, first = min(m, per * tid), last = min(m, first + per);
+      int c = 0;
+      for (int i = first; i < last; ++i) c += keys[i] - bin_lo < (1u << shift);
+      int total;
+      int pos = block_exclusive_scan(c, sh, &total);
+      for (int i = first; i < last; ++i)
+        if (keys[i] - bin_lo < (1u << shift)) small[pos++] = keys[i];
+      __syncthreads();
+      if (tid < count) {
+        const uint32_t k = small[tid];
+        int above = 0, equal_before = 0;
+        for (int j = 0; j < count; ++j) {
+          const uint32_t x = small[j];
+          above += x > k;
+          equal_before += x == k && j < tid;
+        }
+        if (above + equal_before == th.need - 1) {  // the last key taken (exactly one thread)
+          sh.sel_bin = static_cast<int>(k);
+          sh.sel_above = above;
+        }
+      }
+      __syncthreads();
+      th.prefix = static_cast<uint32_t>(sh.sel_bin);
+      th.need -= sh.sel_above;
+      __syncthreads();  // sh.sel_* are read before any later writer
+      return;
+    }
+    lo = bin_lo;
+    span = (1u << shift) - 1;
+  }
+}
+
 __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const GroupedRows a) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
@@ -89,6 +162,7 @@ __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const Grouped
   // the last vector and the last, partial group (its maximum over the columns this row sees: the stored one may
   // include columns past its length).
   const float* gm = a.group_max + r * a.gm_ld;
+  if (tid == 0) sh.list_max = 0;  // the largest candidate key (published by the barriers before the selection)
   const int vecs = full / 4;
   constexpr int kVecs = kMaxGroups / (4 * kThreads);
   uint32_t pmax[kVecs][2];
@@ -208,6 +282,7 @@ __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const Grouped
       }
     return m;
   };
+  uint32_t kmax = 0;
   auto write = [&](const float4 (&x)[kRoundGroups][2], const int (&c0)[kRoundGroups], uint64_t kept, int& at) {
 #pragma unroll
     for (int g = 0; g < kRoundGroups; ++g)
@@ -217,7 +292,9 @@ __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const Grouped
 #pragma unroll
         for (int i = 0; i < 4; ++i)
           if ((kept >> (8 * g + 4 * h + i)) & 1u) {
-            lkeys[at] = order_key(xs[i]);
+            const uint32_t k = order_key(xs[i]);
+            kmax = max(kmax, k);
+            lkeys[at] = k;
             lcols[at] = c0[g] + 4 * h + i;
             ++at;
           }
@@ -250,15 +327,14 @@ __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const Grouped
       write(x, c0, kept_mask(x, c0), pos);
     }
   }
+  kmax = __reduce_max_sync(0xffffffffu, kmax);
+  if (lane == 0) atomicMax(&sh.list_max, kmax);
   __syncthreads();
 
-  // The exact selection on the list: radix steps of 11, 11 and 10 bits (stopping once a bin is taken whole).
+  // The exact selection on the list (every key >= lb, or any key when all).
   Threshold th;
   th.need = a.topk;
-  const SmemKeys list{lkeys};
-  radix_step<11>(list, m, 21, th, sh);
-  if (!th.done) radix_step<11>(list, m, 10, th, sh);
-  if (!th.done) radix_step<10>(list, m, 0, th, sh);
+  list_threshold(lkeys, m, all ? 0u : lb, sh.list_max, th, sh);
   emit_ordered(lkeys, lcols, m, th, sh, out_idx, out_sc, a.offset);
 }
 

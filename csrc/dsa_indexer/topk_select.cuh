@@ -84,6 +84,7 @@ struct Shared {
   alignas(16) uint32_t hist[kBins];  // histograms; the emit step's column bitmap
   int warp_sums[kWarps];
   int sel_bin, sel_above, sel_count, list_len, cut;
+  uint32_t list_max;
 };
 
 // Exclusive prefix sum of v over the block (thread order); *total gets the block's sum. All threads call
