@@ -35,7 +35,10 @@ namespace {
 constexpr int kThreads = 128;  // one warpgroup
 constexpr int kTileKeys = 64;  // one wgmma M tile = one cache page
 constexpr int kColumns = 16;   // (query, head) columns: the wgmma N
-constexpr int kStages = 6;     // pages in shared memory: kStages - 1 in flight while one is read
+// Pages in shared memory: kStages - 1 in flight while one is read. 4 (~21 KB per CTA, ten CTAs per SM) rather than 6
+// (seven): the same bytes in flight per SM, more warps to overlap one CTA's arithmetic with another's wait;
+// 3 / 4 / 5 / 6 stages: 179.6 / 179.7 / 179.9 / 181.2 us for the op at B = 64, 128K (NOTES.md, twenty-third session).
+constexpr int kStages = 4;
 constexpr int kMaxDecodeTilesPerCta = 16;  // pages one CTA walks (their ids are staged in shared memory)
 
 // The CTA's sequence, query rows and run of pages.
@@ -137,8 +140,8 @@ constexpr size_t smem_bytes() {
 // score[hf][q] gets the score of key row r0 + 8 * hf for query q (on all four lanes of the quad).
 template <int H>
 __device__ __forceinline__ void head_sum_store(const float (&acc)[8], const float (&cf)[4], const int (&cq)[4],
-                                                   const float (&ksc)[2], float* out_run, int64_t ld, int nq, int col,
-                                                   int col_end, int t, float (&score)[2][kColumns / H]) {
+                                               const float (&ksc)[2], float* out_run, int64_t ld, int nq, int col,
+                                               int col_end, int t, float (&score)[2][kColumns / H]) {
   constexpr int QB = kColumns / H;
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
