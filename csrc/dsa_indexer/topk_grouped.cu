@@ -65,7 +65,7 @@ __device__ void emit_ordered(const uint32_t* keys, const int* cols, int m, const
 // are then ranked against each other (ties to the lower list position, i.e. the lower column). Fixed 11/11/10-bit
 // digits took three steps on these lists: every candidate lies within a binade or two of lb, so the top 11 bits put
 // them all in a few bins. Over [lb, max] a 2048-bin step should leave only a few keys in the bin for independent
-// scores (estimated, not counted). H200, twenty-third session: 1.0-3.7 us faster than the three fixed-digit steps
+// scores (estimated, not counted). H200, twenty-third session: 0.3-3.7 us faster than the three fixed-digit steps
 // for the kernel alone and up to 1.6 us for the decode op, never slower, identical indices (NOTES.md).
 // Returns the threshold in emit_ordered's form: keys above th.prefix, and the first th.need keys equal to it (all of
 // them when th.done).
