@@ -19,7 +19,8 @@
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -I csrc bench/indexer_decode_stream_ceiling.cu \
 //     -o /tmp/idsc && /tmp/idsc
 //
-// H200, 2026-12-01 (twenty-third session; two calls, copy 4268-4269 GB/s, 80% of copy = 167 us; us, second round):
+// H200, 2026-12-01 (twenty-third session; two calls, copy 4268-4269 GB/s, 80% of copy = 167 us; us, second round;
+// a third run of this file as committed gave every row within 1 us of these):
 // flat 137.9 (96.9% of copy); flat paged 141.8 (94.2%), in order 138.8; ring T=16 S=6 151.2-151.5 (88.3%), pages
 // in order 149.8, bare 151.1, nowrite 145.5, keys only 142.7; S = 3 / 4 / 8: 151.6 / 151.0 / 151.7; T = 8 / 32:
 // 150.8 / 152.9; cp.async ring S = 3 / 4 / 6 / 8: 151.9 / 151.6 / 151.6 / 150.8; persistent S = 6 / 8 / 12 at 7 / 6 /
@@ -188,9 +189,11 @@ __global__ void __launch_bounds__(128) ring_cp_async(const Args a, int pages_per
   }
 }
 
-// Scattered pages read with 16-byte loads into registers, no shared memory: unit u of the keys is chunk u % 256 of
-// flattened page u / 256 (table lookup), then the scales likewise; 8 loads in flight per thread.
-__global__ void __launch_bounds__(256) flat_paged(const Args a) {
+// 16-byte loads into registers, no shared memory, 8 in flight per thread: the keys then the scales, unit by unit.
+// kPaged: unit u of the keys is chunk u % 256 of flattened page u / 256 (table lookup), the scales likewise (the
+// pages scattered as the kernel sees them); else both arrays are read linearly.
+template <bool kPaged>
+__global__ void __launch_bounds__(256) flat(const Args a) {
   const int64_t key_units = NP * (PAGE / 16), units = key_units + NP * (SCALES / 16);
   const int64_t stride = int64_t(gridDim.x) * 256;
   uint32_t acc = 0;
@@ -198,33 +201,14 @@ __global__ void __launch_bounds__(256) flat_paged(const Args a) {
     uint4 v[8];
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      const int64_t i = b + u * stride;
+      const int64_t i = b + u * stride, j = i - key_units;
       const uint4* src;
-      if (i < key_units) {
-        src = reinterpret_cast<const uint4*>(a.keys + int64_t(__ldg(a.table + i / 256)) * PAGE) + i % 256;
-      } else {
-        const int64_t j = i - key_units;
-        src = reinterpret_cast<const uint4*>(a.scales + int64_t(__ldg(a.table + j / 16)) * SCALES) + j % 16;
-      }
-      v[u] = i < units ? __ldg(src) : make_uint4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < 8; ++u) acc ^= fold(v[u]);
-  }
-  if (acc == 0x9e3779b9u) a.out[0] = 1.f;
-}
-
-__global__ void __launch_bounds__(256) flat(const Args a) {
-  const int64_t units = NP * (PAGE + SCALES) / 16, key_units = NP * PAGE / 16;
-  const int64_t stride = int64_t(gridDim.x) * 256;
-  uint32_t acc = 0;
-  for (int64_t b = blockIdx.x * 256 + threadIdx.x; b < units; b += 8 * stride) {
-    uint4 v[8];
-#pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int64_t i = b + u * stride;
-      const uint4* src = i < key_units ? reinterpret_cast<const uint4*>(a.keys) + i
-                                       : reinterpret_cast<const uint4*>(a.scales) + (i - key_units);
+      if (kPaged)
+        src = i < key_units
+                  ? reinterpret_cast<const uint4*>(a.keys + int64_t(__ldg(a.table + i / 256)) * PAGE) + i % 256
+                  : reinterpret_cast<const uint4*>(a.scales + int64_t(__ldg(a.table + j / 16)) * SCALES) + j % 16;
+      else
+        src = i < key_units ? reinterpret_cast<const uint4*>(a.keys) + i : reinterpret_cast<const uint4*>(a.scales) + j;
       v[u] = i < units ? __ldg(src) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
@@ -299,10 +283,10 @@ int main() {
         CPS == 4 ? "4/SM" : CPS == 6 ? "6/SM" : CPS == 7 ? "7/SM" : "n/SM")); report(nm, us); }
   for (int round = 0; round < 2; ++round) {  // round 0 warms the clocks up; read round 1
     printf("-- round %d\n", round);
-    { float us = median_us([&] { flat<<<sms * 8, 256>>>(a); }); CK(cudaGetLastError()); report("flat", us); }
-    { float us = median_us([&] { flat_paged<<<sms * 8, 256>>>(a); }); CK(cudaGetLastError());
+    { float us = median_us([&] { flat<false><<<sms * 8, 256>>>(a); }); CK(cudaGetLastError()); report("flat", us); }
+    { float us = median_us([&] { flat<true><<<sms * 8, 256>>>(a); }); CK(cudaGetLastError());
       report("flat paged (LDG, scattered)", us); }
-    { float us = median_us([&] { flat_paged<<<sms * 8, 256>>>(lin); }); CK(cudaGetLastError());
+    { float us = median_us([&] { flat<true><<<sms * 8, 256>>>(lin); }); CK(cudaGetLastError());
       report("flat paged (LDG, pages in order)", us); }
     RING(6, kFull, false, 16, 0, "ring T=16 (the kernel's)")
     { auto k = ring<6, kFull, false>; float us = median_us([&] { k<<<int(NP / 16), 128, 6 * STAGE>>>(lin, 16); });
