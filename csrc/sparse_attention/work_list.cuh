@@ -21,7 +21,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kTile = 16;                   // keys per warp tile (the N of one pair of m16n8 MMAs)
 constexpr int kMaxChunk = 2048;             // index slots per query one CTA stages in shared memory
-constexpr int kSeg = kMaxChunk / kThreads;  // slots per thread while staging
 // A work-list entry is a K/V row (< 2^29) plus which fragment rows see it: bit 30 rows 0-7, bit 29 rows 8-15.
 constexpr int kRowMask = (1 << 29) - 1;
 constexpr int kSeenLo = 1 << 30;
@@ -52,8 +51,10 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // Builds the CTA's work list for split `split` of queries qa (and qa + 1 when has_b) in work[0, 2 * chunk) and
-// returns its length. Called by every thread of the CTA; ends with the list visible to all threads.
+// returns its length. Called by every thread of the CTA (W warps); ends with the list visible to all threads.
+template <int W = kWarps>
 __device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, bool has_b, int split) {
+  constexpr int kSeg = kMaxChunk / (32 * W);  // slots per thread while staging
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int first = split * p.chunk;
   const int count = max(0, min(p.num_idx - first, p.chunk));
@@ -85,11 +86,11 @@ __device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, b
     }
 #pragma unroll
     for (int d = 16; d > 0; d /= 2) used = max(used, __shfl_xor_sync(0xffffffffu, used, d));
-    __shared__ int warp_used[kWarps];
+    __shared__ int warp_used[W];
     if (lane == 0) warp_used[warp] = used;
     __syncthreads();
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) used = max(used, warp_used[w]);
+    for (int w = 0; w < W; ++w) used = max(used, warp_used[w]);
     return used;
   }
   load(qa + 1, eb, work + p.chunk);
@@ -157,12 +158,12 @@ __device__ inline int stage_work_list(const IndexParams& p, int* work, int qa, b
     const int y = __shfl_up_sync(0xffffffffu, incl, d);
     if (lane >= d) incl += y;
   }
-  __shared__ int warp_sums[kWarps];
+  __shared__ int warp_sums[W];
   if (lane == 31) warp_sums[warp] = incl;
   __syncthreads();  // also: every thread is done reading the staged lists
   int before = 0, total = 0;
 #pragma unroll
-  for (int w = 0; w < kWarps; ++w) {
+  for (int w = 0; w < W; ++w) {
     before += w < warp ? warp_sums[w] : 0;
     total += warp_sums[w];
   }
