@@ -7,8 +7,10 @@
 //
 //   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a bench/sparse_decode_gather_ceiling.cu -o /tmp/sdgc && /tmp/sdgc
 //
-// H200, 2026-12-01 (twenty-fourth session; copy 4270 GB/s; us, second round): per head, 256 / 512 / 1024 threads,
-// 8 loads each: 101.4 / 58.9 / 47.6 (66.0% of copy); 1024 x 16: 51.2; per slot 69.5 / 54.7 / 49.9; 1024 x 16: 55.6.
+// H200, 2026-12-01 (twenty-fourth session; this file as committed, copy 4273 GB/s; us, second round): per head,
+// 256 / 512 / 1024 threads, 8 loads each: 92.9 / 59.1 / 47.5 (66.1% of copy); 1024 x 16: 51.3; per slot 69.5 /
+// 54.6 / 49.8; 1024 x 16: 54.6. (The first run, two separate kernels: the same within 1 us except per head at 256
+// threads, 101.4.)
 // Whole slots are no faster; the keye decode kernel (own-heads, 8 warps) takes 48.0 us for the same shape in one
 // CUDA graph call, about this naive ceiling (NOTES.md, issue 4).
 #include <cuda_runtime.h>
@@ -19,42 +21,23 @@
 #include <algorithm>
 constexpr int B = 32, CTX = 131072, K = 2048, H = 4;
 __device__ __forceinline__ uint32_t fold(uint4 v) { return v.x ^ v.y ^ v.z ^ v.w; }
-// (a): CTA (seq, head): rows of 256 B at slot * 1024 + head * 256, K then V; thread t takes chunks t, t + T, ...
-template <int T, int U>
-__global__ void __launch_bounds__(T) per_head(const uint8_t* k, const uint8_t* v, const int* slots, uint32_t* out) {
+// CTA (seq, h): kWholeSlots false: KV head h's 256-byte rows of all 2048 slots (16 chunks per row), K then V;
+// true: whole 1 KB slots (64 chunks) of the h-th quarter of the slots. Thread t takes chunks t, t + T, ...
+template <int T, int U, bool kWholeSlots>
+__global__ void __launch_bounds__(T) gather(const uint8_t* k, const uint8_t* v, const int* slots, uint32_t* out) {
   const int seq = blockIdx.x / H, h = blockIdx.x % H;
-  const int* sl = slots + seq * K;
-  constexpr int chunks = K * 2 * 16;  // 16 chunks per 256 B row, K and V
+  constexpr int rows = kWholeSlots ? K / H : K, row_chunks = kWholeSlots ? 64 : 16, chunks = rows * 2 * row_chunks;
+  const int* sl = slots + seq * K + (kWholeSlots ? h * rows : 0);
+  const int offset = kWholeSlots ? 0 : h * 256;
   uint32_t acc = 0;
   for (int c0 = threadIdx.x; c0 < chunks; c0 += T * U) {
     uint4 x[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int c = c0 + u * T;
-      const int kv = c / (K * 16), r = (c / 16) % K, ch = c % 16;
-      const uint8_t* base = kv ? v : k;
-      x[u] = c < chunks ? __ldg(reinterpret_cast<const uint4*>(base + (int64_t(seq) * CTX + sl[r]) * 1024 + h * 256) + ch) : make_uint4(0,0,0,0);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) acc ^= fold(x[u]);
-  }
-  if (acc == 0x9e3779b9u) out[0] = acc;
-}
-// (b): CTA (seq, quarter): whole 1 KB slots (64 chunks), K then V
-template <int T, int U>
-__global__ void __launch_bounds__(T) per_slot(const uint8_t* k, const uint8_t* v, const int* slots, uint32_t* out) {
-  const int seq = blockIdx.x / H, part = blockIdx.x % H;
-  const int* sl = slots + seq * K + part * (K / H);
-  constexpr int chunks = (K / H) * 2 * 64;
-  uint32_t acc = 0;
-  for (int c0 = threadIdx.x; c0 < chunks; c0 += T * U) {
-    uint4 x[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int c = c0 + u * T;
-      const int kv = c / ((K / H) * 64), r = (c / 64) % (K / H), ch = c % 64;
-      const uint8_t* base = kv ? v : k;
-      x[u] = c < chunks ? __ldg(reinterpret_cast<const uint4*>(base + (int64_t(seq) * CTX + sl[r]) * 1024) + ch) : make_uint4(0,0,0,0);
+      const int kv = c / (rows * row_chunks), r = (c / row_chunks) % rows, ch = c % row_chunks;
+      const uint8_t* base = (kv ? v : k) + (int64_t(seq) * CTX + sl[r]) * 1024 + offset;
+      x[u] = c < chunks ? __ldg(reinterpret_cast<const uint4*>(base) + ch) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) acc ^= fold(x[u]);
@@ -89,14 +72,14 @@ int main() {
   auto rep = [&](const char* n, float us) { printf("%-28s %6.1f us %5.1f%% of copy\n", n, us, moved / us / 1e3 / copy * 100); };
   for (int round = 0; round < 2; ++round) {
     printf("-- round %d\n", round);
-    rep("per head T256 U8", med([&] { per_head<256, 8><<<B * H, 256>>>(k, v, slots, out); }));
-    rep("per head T512 U8", med([&] { per_head<512, 8><<<B * H, 512>>>(k, v, slots, out); }));
-    rep("per head T1024 U8", med([&] { per_head<1024, 8><<<B * H, 1024>>>(k, v, slots, out); }));
-    rep("per head T1024 U16", med([&] { per_head<1024, 16><<<B * H, 1024>>>(k, v, slots, out); }));
-    rep("per slot T256 U8", med([&] { per_slot<256, 8><<<B * H, 256>>>(k, v, slots, out); }));
-    rep("per slot T512 U8", med([&] { per_slot<512, 8><<<B * H, 512>>>(k, v, slots, out); }));
-    rep("per slot T1024 U8", med([&] { per_slot<1024, 8><<<B * H, 1024>>>(k, v, slots, out); }));
-    rep("per slot T1024 U16", med([&] { per_slot<1024, 16><<<B * H, 1024>>>(k, v, slots, out); }));
+    rep("per head T256 U8", med([&] { gather<256, 8, false><<<B * H, 256>>>(k, v, slots, out); }));
+    rep("per head T512 U8", med([&] { gather<512, 8, false><<<B * H, 512>>>(k, v, slots, out); }));
+    rep("per head T1024 U8", med([&] { gather<1024, 8, false><<<B * H, 1024>>>(k, v, slots, out); }));
+    rep("per head T1024 U16", med([&] { gather<1024, 16, false><<<B * H, 1024>>>(k, v, slots, out); }));
+    rep("per slot T256 U8", med([&] { gather<256, 8, true><<<B * H, 256>>>(k, v, slots, out); }));
+    rep("per slot T512 U8", med([&] { gather<512, 8, true><<<B * H, 512>>>(k, v, slots, out); }));
+    rep("per slot T1024 U8", med([&] { gather<1024, 8, true><<<B * H, 1024>>>(k, v, slots, out); }));
+    rep("per slot T1024 U16", med([&] { gather<1024, 16, true><<<B * H, 1024>>>(k, v, slots, out); }));
   }
   printf("%s\n", cudaGetErrorString(cudaGetLastError()));
   return 0;
