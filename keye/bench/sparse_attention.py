@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import capture_graph, layers_that_fit, median_ms, rel_err
+from keye.bench.timing import capture_graph, kernel_ms, layers_that_fit, median_ms, rel_err
 from keye.ops.reference import sparse_attention as ref
 
 Q_HEADS, KV_HEADS, HEAD_DIM, TOPK = 32, 4, 128, 2048
@@ -240,6 +240,7 @@ def decode_cases(batches, contexts, device, reps) -> list[dict]:
                                           for qq, cc, ss in stack])
             ms = median_ms(graph.replay, device, reps)
             ms_l = median_ms(graph_l.replay, device, reps) / L
+            ms_k = kernel_ms(graph.replay, device, reps=reps)
             del stack, graph_l
             flat = [c.view(-1, KV_HEADS, HEAD_DIM) for c in cache]
             o_ref, lse_ref = ref.attend(q[:2, 0].float(), flat[0].float(), flat[1].float(), slots[:2, 0], HEAD_DIM ** -0.5)
@@ -250,7 +251,8 @@ def decode_cases(batches, contexts, device, reps) -> list[dict]:
             gathered = B * TOPK * KV_HEADS * HEAD_DIM * 2 * 2
             records.append({"op": "sparse_attention_decode", "batch": B, "context": ctx, "check": "ok" if ok else "FAIL",
                             "graph_ms": ms, "gather_GBps": gathered / ms / 1e6, "graph_layers": L,
-                            "per_layer_ms": ms_l, "per_layer_GBps": gathered / ms_l / 1e6, "dense_sdpa_ms": dense,
+                            "per_layer_ms": ms_l, "per_layer_GBps": gathered / ms_l / 1e6,
+                            "kernels_ms": ms_k, "kernels_GBps": gathered / ms_k / 1e6, "dense_sdpa_ms": dense,
                             "speedup_vs_dense": dense / ms})
         torch.cuda.empty_cache()
     return records
@@ -267,21 +269,26 @@ def table(report: dict, copy_gbps: float) -> str:
              f"{'gather GB/s':>11} "
              f"{'SDPA ms':>9} {'x SDPA':>7} {'flex ms':>8} {'bwd ms':>9} {'pair bwd':>9} {'det bwd':>8} "
              f"{'flash bwd':>9} {'x flash':>7}"]
+
+    def g(key, fmt):  # a measurement that may be missing (baseline unavailable, not run)
+        return format(r[key], fmt) if key in r else "-"
+
     for r in report["results"]:
         if r["op"] != "sparse_attention":
             continue
-        g = lambda key, fmt: format(r[key], fmt) if key in r else "-"
         lines.append(f"{r['pattern']:>10} {r['tokens']:>7} {r['check']:>5} {r['next_query_share']:>6.2f} "
                      f"{r['fwd_ms']:>9.2f} {g('pair_kernel_fwd_ms', '.2f'):>8} {r['TFLOPs']:>8.0f} {r['gather_GBps']:>11.0f} {g('sdpa_fwd_ms', '.2f'):>9} "
                      f"{g('speedup_vs_sdpa', '.2f'):>7} {g('flex_fwd_ms', '.2f'):>8} {g('bwd_ms', '.1f'):>9} "
                      f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('det_bwd_ms', '.1f'):>8} {g('flash_bwd_ms', '.2f'):>9} "
                      f"{g('bwd_speedup_vs_flash', '.3f'):>7}")
     lines.append(f"{'decode batch':>12} {'ctx':>7} {'check':>5} {'graph ms':>9} {'gather GB/s':>11} {'% copy':>7} "
-                 f"{'dense SDPA ms':>13} {'x dense':>8}  per layer in a graph of L layers")
+                 f"{'kernels ms':>10} {'% copy':>7} {'dense SDPA ms':>13} {'x dense':>8}  per layer in a graph of L layers")
     for r in report["results"]:
         if r["op"] == "sparse_attention_decode":
             lines.append(f"{r['batch']:>12} {r['context']:>7} {r['check']:>5} {r['graph_ms']:>9.4f} "
                          f"{r['gather_GBps']:>11.0f} {100 * r['gather_GBps'] / copy_gbps:>6.0f}% "
+                         f"{g('kernels_ms', '.4f'):>10} "
+                         f"{(format(100 * r['kernels_GBps'] / copy_gbps, '.0f') + '%') if 'kernels_GBps' in r else '-':>7} "
                          f"{r['dense_sdpa_ms']:>13.3f} {r['speedup_vs_dense']:>8.1f}  L = {r['graph_layers']}: "
                          f"{r['per_layer_ms']:.4f} ms, {r['per_layer_GBps']:.0f} GB/s, "
                          f"{100 * r['per_layer_GBps'] / copy_gbps:.0f}% copy")

@@ -1,7 +1,8 @@
 """Timing, ceilings and the self-check's error measure for the microbenchmarks.
 
 GPU: CUDA events around each call, L2 flushed before each timed call (so the kernels are measured
-reading from HBM, as they would inside a model), median of many runs. CPU: perf_counter median.
+reading from HBM, as they would inside a model), median of many runs; kernel_ms: the kernels' own durations
+(torch.profiler), without launch overhead. CPU: perf_counter median.
 Ceilings measured in the same process: device copy and write bandwidth, and the bf16 GEMM rate.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from typing import Callable
 
 import torch
@@ -73,6 +75,41 @@ def median_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.de
     return {name: statistics.median(s.elapsed_time(e) for s, e in ev) for name, ev in events.items()}
 
 
+def kernel_ms(fn: Callable[[], object], device: torch.device, match: str | None = None, reps: int = 30,
+              warmup: int = 3) -> float:
+    """Median over calls of the summed GPU durations of fn's kernels (those whose name contains `match`, or all;
+    memcpy / memset records count as kernels): the profiler's CUPTI records, L2 flushed before each call. The
+    kernels' own time, without the launch or graph overhead that an event pair around one short call includes (~4 us
+    for a graph of one kernel on the H200); DeepGEMM's and FlashMLA's benchmarks report this figure. Raises if no
+    kernel is counted (a wrong name must not read as 0 ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        raise ValueError(f"kernel_ms: needs a CUDA device, got {device}")
+    for _ in range(warmup):
+        fn()
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.uint8, device=device)
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings():  # "Profiler clears events at the end of each cycle": one cycle here
+        warnings.simplefilter("ignore", UserWarning)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(reps):
+                flush.zero_()
+                torch.cuda._sleep(1)  # a marker kernel: each call's kernels follow one
+                fn()
+            torch.cuda.synchronize(device)
+        events = prof.events()
+    kernels = sorted((e for e in events if e.device_type == torch.autograd.DeviceType.CUDA),
+                     key=lambda e: e.time_range.start)
+    marks = [i for i, e in enumerate(kernels) if "spin_kernel" in e.name] + [len(kernels) + 1]
+    calls = []
+    for m, nxt in zip(marks, marks[1:]):  # the flush's fill kernel stands just before the next marker
+        calls.append(sum(e.device_time for e in kernels[m + 1:nxt - 1] if match is None or match in e.name) / 1e3)
+    if not calls or min(calls) <= 0:
+        raise RuntimeError(f"kernel_ms: no kernel {'named like ' + repr(match) if match else ''} ran in some call")
+    return statistics.median(calls)
+
+
 def capture_graph(*calls: Callable[[], object]) -> torch.cuda.CUDAGraph:
     """A CUDA graph of the calls in order; each runs once first, outside the graph (warm-up, lazy allocations)."""
     for call in calls:
@@ -95,7 +132,9 @@ def copy_bandwidth_gbs(device: torch.device, nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate, counting bytes read plus bytes written."""
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src), device, reps=20)
+    # ~50 ms of copies first (clocks up). Measured after large allocations were freed it once read 3799 GB/s
+    # against 4241-4276 fresh (NOTES.md): measure the ceilings before the workloads.
+    ms = median_ms(lambda: dst.copy_(src), device, reps=20, warmup=50)
     return 2 * nbytes / ms / 1e6
 
 
