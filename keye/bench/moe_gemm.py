@@ -10,10 +10,11 @@ vary as they do in a model. Per GEMM (rows already in expert order; T*8 rows):
 Layer (route -> permute -> gate_up -> SwiGLU -> down -> weighted combine), forward and forward + backward:
   keye        keye.ops.moe
   torch       the same keye routing/permutation ops with torch._grouped_mm and F.silu(g) * u (autograd backward)
-FLOPs: GEMM 2*rows*K*N; layer forward 6*T*k*H*I, forward + backward 18*T*k*H*I. The forward is timed twice from
+FLOPs: GEMM 2*rows*K*N; layer forward 6*T*k*H*I, forward + backward 18*T*k*H*I. The forward is timed three ways from
 4096 tokens: one call (the host's launch latency before the first kernels included) and queued (the GPU busy
-until the host has launched the whole layer, as inside a model). Decode (T <= 64): CUDA-graph replay of the
-layer, GB/s on the weights of the experts actually routed to, against the measured copy rate.
+until the host has launched the whole layer, as inside a model), and its kernels' own durations summed
+(keye.bench.timing.kernel_ms). Decode (T <= 64): CUDA-graph replay of the layer (and its kernels alone), GB/s on the
+weights of the experts actually routed to, against the measured copy rate.
 Contenders are timed round-robin (keye.bench.timing.median_ms_interleaved). Each comparison is preceded by a self-check of keye's output against torch's (relative error < 1e-2). Index checks
 are off for the timings (keye.ops.index_checks(False)), as in production.
 """
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from keye import ops
-from keye.bench.timing import capture_graph, layers_that_fit, median_ms_interleaved, rel_err
+from keye.bench.timing import capture_graph, kernel_ms, layers_that_fit, median_ms_interleaved, rel_err
 
 SHAPES = {"keye": (2048, 768, 128, 8), "dsv3": (7168, 2048, 256, 8), "e64": (2048, 1408, 64, 8)}
 TOKENS = {"keye": (1, 8, 16, 64, 4096, 16384, 65536), "dsv3": (1, 64, 4096, 16384),
@@ -120,8 +121,12 @@ def layer_case(shape, T, device, reps, backward):
         if T >= 4096:  # the same, with the host's launches ahead of the GPU (as inside a model)
             ms = median_ms_interleaved(fwd, device, reps, queue_ahead=True)
             rec["keye_fwd_queued_ms"], rec["torch_fwd_queued_ms"] = ms["keye"], ms["torch"]
+            # and the kernels' own durations, summed per call (profiler): no host latency, no gaps between kernels
+            rec["keye_fwd_kernels_ms"] = kernel_ms(fwd["keye"], device, reps=max(3, reps // 2))
+            rec["torch_fwd_kernels_ms"] = kernel_ms(fwd["torch"], device, reps=max(3, reps // 2))
     flops = 6 * T * K * H * I
-    for key in ("keye_fwd", "torch_fwd", "keye_fwd_queued", "torch_fwd_queued"):
+    for key in ("keye_fwd", "torch_fwd", "keye_fwd_queued", "torch_fwd_queued", "keye_fwd_kernels",
+                "torch_fwd_kernels"):
         if key + "_ms" in rec:
             rec[key + "_TFLOPs"] = flops / rec[key + "_ms"] / 1e9
     if T <= 64:  # decode: CUDA-graph replay (how decode runs), bandwidth on the weights of the experts routed to
@@ -142,6 +147,8 @@ def layer_case(shape, T, device, reps, backward):
             per_layer = t / (L if key.endswith("graphL") else 1)
             rec[f"{key}_ms"] = per_layer
             rec[f"{key}_GBps"] = rec["weight_bytes"] / per_layer / 1e6
+        rec["keye_kernels_ms"] = kernel_ms(graphs["keye_graph"].replay, device, reps=reps)  # one layer, profiler
+        rec["keye_kernels_GBps"] = rec["weight_bytes"] / rec["keye_kernels_ms"] / 1e6
         del graphs, stack
     if backward:
         leaves = [t.clone().requires_grad_() for t in (x, weights, w1, w2)]
@@ -204,10 +211,15 @@ def _layer_line(r: dict, copy_gbps: float | None) -> str:
           f"{r['keye_graph_ms'] * 1e3:.1f} us, torch {r['torch_graph_ms'] * 1e3:.1f} us ({r['torch_graph_GBps']:.0f} GB/s); "
           f"per layer in a graph of {r['graph_layers']}: keye {r['keye_graphL_ms'] * 1e3:.1f} us "
           f"({r['keye_graphL_GBps']:.0f} GB/s, {pct(r['keye_graphL_GBps'])}), torch {r['torch_graphL_ms'] * 1e3:.1f} us "
-          f"({r['torch_graphL_GBps']:.0f} GB/s)" if "keye_graph_GBps" in r else f"{'-':>7} {'-':>7}")
+          f"({r['torch_graphL_GBps']:.0f} GB/s); keye's kernels alone (profiler) {r['keye_kernels_ms'] * 1e3:.1f} us "
+          f"({pct(r['keye_kernels_GBps'])})" if "keye_graph_GBps" in r else f"{'-':>7} {'-':>7}")
     if "keye_fwd_queued_ms" in r:
         bw += (f"  queued (host ahead): keye {r['keye_fwd_queued_ms']:.4f} ms {r['keye_fwd_queued_TFLOPs']:.0f} TF, "
                f"torch {r['torch_fwd_queued_ms']:.4f} ms {r['torch_fwd_queued_TFLOPs']:.0f} TF")
+    if "keye_fwd_kernels_ms" in r:
+        bw += (f"  kernels alone (profiler): keye {r['keye_fwd_kernels_ms']:.4f} ms "
+               f"{r['keye_fwd_kernels_TFLOPs']:.0f} TF, torch {r['torch_fwd_kernels_ms']:.4f} ms "
+               f"{r['torch_fwd_kernels_TFLOPs']:.0f} TF")
     return (f"{r['shape']:<6}{r['tokens']:>7} {r['check']:>6} {r['keye_fwd_ms']:9.4f} {r['torch_fwd_ms']:10.4f} "
             f"{r['keye_fwd_TFLOPs']:8.0f} {r['torch_fwd_TFLOPs']:9.0f} {r['x_torch_fwd']:8.2f} {fb} {bw}")
 

@@ -273,6 +273,9 @@ def table(report: dict, copy_gbps: float) -> str:
     def g(key, fmt):  # a measurement that may be missing (baseline unavailable, not run)
         return format(r[key], fmt) if key in r else "-"
 
+    def kernel_pct(r):
+        return f"{100 * r['kernels_GBps'] / copy_gbps:.0f}%" if "kernels_GBps" in r else "-"
+
     for r in report["results"]:
         if r["op"] != "sparse_attention":
             continue
@@ -282,13 +285,14 @@ def table(report: dict, copy_gbps: float) -> str:
                      f"{g('pair_kernel_bwd_ms', '.1f'):>9} {g('det_bwd_ms', '.1f'):>8} {g('flash_bwd_ms', '.2f'):>9} "
                      f"{g('bwd_speedup_vs_flash', '.3f'):>7}")
     lines.append(f"{'decode batch':>12} {'ctx':>7} {'check':>5} {'graph ms':>9} {'gather GB/s':>11} {'% copy':>7} "
-                 f"{'kernels ms':>10} {'% copy':>7} {'dense SDPA ms':>13} {'x dense':>8}  per layer in a graph of L layers")
+                 f"{'kernels ms':>10} {'% copy':>7} {'dense SDPA ms':>13} {'x dense':>8}  "
+                 "per layer in a graph of L layers")
     for r in report["results"]:
         if r["op"] == "sparse_attention_decode":
             lines.append(f"{r['batch']:>12} {r['context']:>7} {r['check']:>5} {r['graph_ms']:>9.4f} "
                          f"{r['gather_GBps']:>11.0f} {100 * r['gather_GBps'] / copy_gbps:>6.0f}% "
                          f"{g('kernels_ms', '.4f'):>10} "
-                         f"{(format(100 * r['kernels_GBps'] / copy_gbps, '.0f') + '%') if 'kernels_GBps' in r else '-':>7} "
+                         f"{kernel_pct(r):>7} "
                          f"{r['dense_sdpa_ms']:>13.3f} {r['speedup_vs_dense']:>8.1f}  L = {r['graph_layers']}: "
                          f"{r['per_layer_ms']:.4f} ms, {r['per_layer_GBps']:.0f} GB/s, "
                          f"{100 * r['per_layer_GBps'] / copy_gbps:.0f}% copy")
