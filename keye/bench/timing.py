@@ -106,7 +106,7 @@ def kernel_ms(fn: Callable[[], object], device: torch.device, match: str | None 
     for m, nxt in zip(marks, marks[1:]):  # the flush's fill kernel stands just before the next marker
         calls.append(sum(e.device_time for e in kernels[m + 1:nxt - 1] if match is None or match in e.name) / 1e3)
     if not calls or min(calls) <= 0:
-        raise RuntimeError(f"kernel_ms: no kernel {'named like ' + repr(match) if match else ''} ran in some call")
+        raise RuntimeError(f"kernel_ms: no kernel{' named like ' + repr(match) if match else ''} ran in some call")
     return statistics.median(calls)
 
 
