@@ -332,6 +332,13 @@ template <int D>
 struct SoftmaxCols {
   float acc[D / 16][4];
   float m[2], l[2];
+
+  __device__ __forceinline__ void init() {
+#pragma unroll
+    for (int mt = 0; mt < D / 16; ++mt) acc[mt][0] = acc[mt][1] = acc[mt][2] = acc[mt][3] = 0.f;
+    m[0] = m[1] = -INFINITY;
+    l[0] = l[1] = 0.f;
+  }
 };
 
 // Moves a pair's SoftmaxRows (rows 0-7 query a's heads, 8-15 query b's) into one SoftmaxCols per query through

@@ -176,10 +176,7 @@ __global__ void __launch_bounds__(32 * W, W == 4 ? 2 : 1) sparse_attention_fwd_o
   for (int kk = 0; kk < D / 16; ++kk) qt[kk][0] = qf[kk][0], qt[kk][1] = qf[kk][2];
 
   SoftmaxCols<D> st;
-#pragma unroll
-  for (int mt = 0; mt < D / 16; ++mt) st.acc[mt][0] = st.acc[mt][1] = st.acc[mt][2] = st.acc[mt][3] = 0.f;
-  st.m[0] = st.m[1] = -INFINITY;
-  st.l[0] = st.l[1] = 0.f;
+  st.init();
   warp_tile_loop<D, W>(p, smem, work, count_work, g, [&](const uint8_t* ks, const uint8_t* vs, int entry) {
     attend_own_tile<D>(st, qt, ks, vs, entry, p.scale_log2);
   });
