@@ -20,7 +20,9 @@ def test_kernel_ms_sums_each_calls_kernels_and_leaves_out_the_launch():
     one = kernel_ms(lambda: dst.copy_(src), dev, reps=10)
     two = kernel_ms(lambda: (dst.copy_(src), dst2.copy_(src)), dev, reps=10)
     assert 1.7 < two / one < 2.3  # both copies of a call are counted, once each
-    assert one <= median_ms(lambda: dst.copy_(src), dev, reps=10) * 1.05
+    # A 512 MB copy takes ~0.13 ms, its launch a few us: the kernel record is most of the event-timed call, not all.
+    event = median_ms(lambda: dst.copy_(src), dev, reps=10)
+    assert 0.8 * event <= one <= 1.05 * event
     # A graph of one tiny kernel: the event pair around a replay includes the graph launch, the kernel record not.
     x = torch.zeros(1, device=dev)
     g = capture_graph(lambda: x.add_(1))

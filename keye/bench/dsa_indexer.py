@@ -241,8 +241,8 @@ def table(report: dict, copy_gbps: float) -> str:
         if r["op"] == "indexer_decode":
             lines.append(f"{r['batch']:>14} {r['context']:>7} {r['check']:>5} {r['decode_ms']:>9.3f} "
                          f"{r['GBps']:>7.0f} {r['graph_ms']:>9.3f} {r['graph_GBps']:>7.0f} "
-                         f"{100 * r['graph_GBps'] / copy_gbps:>6.0f}% {r.get('kernels_ms', float('nan')):>10.3f} "
-                         f"{100 * r.get('kernels_GBps', float('nan')) / copy_gbps:>6.0f}% "
+                         f"{100 * r['graph_GBps'] / copy_gbps:>6.0f}% {r['kernels_ms']:>10.3f} "
+                         f"{100 * r['kernels_GBps'] / copy_gbps:>6.0f}% "
                          f"{r['scores_ms']:>10.3f} {r['scores_GBps']:>7.0f}")
     for r in report["results"]:
         if r["op"] == "indexer_loss":
