@@ -318,11 +318,14 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, c
                  static_cast<int>(I), static_cast<int>(E)};
   const dim3 grid(static_cast<unsigned>(I / kCols), static_cast<unsigned>(slots));
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // Rows per weight pass, from the average slots per routed expert (registers grow with it; a pass with fewer
-  // real rows wastes arithmetic, not bandwidth).
-  const int64_t avg = (slots + std::min(E, slots) - 1) / std::min(E, slots);
-  if (avg <= 1) decode_gate_up_kernel<1><<<grid, kThreads, 0, stream>>>(p);
-  else if (avg <= 2) decode_gate_up_kernel<2><<<grid, kThreads, 0, stream>>>(p);
+  // Rows per weight pass (registers grow with it; a pass with fewer real rows wastes arithmetic, not bandwidth; a
+  // slot past a pass's rows costs another pass over the expert's weights). One while experts are rarely routed to
+  // twice (slots <= E / 8), else 2 up to E slots, then from the average slots per expert. H200, Keye shape, per
+  // layer in a CUDA graph of 8 (NOTES.md, twenty-sixth session), 1 / 2 rows: T = 1 30.1 / 30.8 us, T = 2 (E / 8
+  // slots) 55.9 / 57.1, T = 4 (E / 4) 93.9 / 89.6, T = 8 (E / 2) 172.2 / 156.4; 64 experts, T = 2 (E / 4) 94.1 / 92.4.
+  const int64_t rows = slots * 8 <= E ? 1 : slots <= E ? 2 : (slots + E - 1) / E;
+  if (rows <= 1) decode_gate_up_kernel<1><<<grid, kThreads, 0, stream>>>(p);
+  else if (rows <= 2) decode_gate_up_kernel<2><<<grid, kThreads, 0, stream>>>(p);
   else decode_gate_up_kernel<4><<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;

@@ -28,10 +28,12 @@ from keye.ops._dispatch import use_kernel
 from keye.ops.reference.moe import check_experts_args
 from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS, decode_fused_preferred
 
-# Rows per expert (on average) up to which the decode kernels replace the grouped GEMMs. H200 (NOTES.md, MoE layer):
-# at 1 row per routed expert (T = 1) they beat the GEMM path; at 4 (T = 64, Keye shape) the tensor-core GEMMs were
-# 3.5x faster (344 vs 1207 us), so only batches with at most one row per expert on average take them.
-DECODE_MAX_ROWS_PER_EXPERT = 1
+# Routed slots per expert (T * top_k / E) up to which the decode kernels replace the grouped GEMMs. H200, per layer in
+# a CUDA graph of 8 (NOTES.md, twenty-sixth session), decode kernels / grouped GEMMs: Keye shape (E = 128, top-8)
+# T = 4 (0.25) 89.6 / 112.8 us, T = 8 (0.5) 156.4 / 161.8, T = 12 (0.75) 214.7 / 199.6, T = 16 (1.0) 274.7 / 232.2;
+# 64 experts, T = 4 (0.5) 147.1 / 149.9, T = 8 (1.0) 251.8 / 223.1. The GEMMs read each routed expert once at
+# 79-83% of copy from 1 slot per expert; the decode kernels fall to 55-67% there.
+DECODE_MAX_ROWS_PER_EXPERT = 0.5
 
 
 @functools.lru_cache(maxsize=None)
