@@ -69,6 +69,21 @@ def test_cuda_path_matches_reference(T, K, E, skew, unrouted):
         assert rel_err(got.grad, exp.grad) < 2e-2
 
 
+def test_decode_preferred_follows_the_measured_crossovers():
+    """keye.ops.moe's choice between the decode kernels and the grouped GEMMs (132 SMs, the H200's): the batches where
+    the decode kernels measured faster take them (Keye T <= 8, 2048/1408/64 T <= 4, DeepSeek-V3 shape T <= 2; T = 3
+    there was not measured), larger ones the GEMMs."""
+    from keye.ops.moe import decode_preferred
+
+    def decode_batches(E, I):
+        return [T for T in range(1, 33) if decode_preferred(8 * T, E, I, 132)]
+
+    assert decode_batches(128, 768) == list(range(1, 9))
+    assert decode_batches(64, 1408) == list(range(1, 5))
+    assert decode_batches(256, 2048) == [1, 2, 3]
+    assert not decode_preferred(8, 8, 16, 132), "8 slots on 8 experts: more than half a slot per expert"
+
+
 @pytest.mark.gpu
 def test_cuda_backward_is_deterministic():
     x, w, ids, gu, dn = make(2048, 8, 128, 256, 128, "cuda", torch.bfloat16, True, 0.05)
@@ -85,8 +100,8 @@ def test_cuda_backward_is_deterministic():
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 5, 8, 9, 64, 200])
 def test_cuda_inference_path_matches_reference(T):
-    """Without gradients, batches with at most half a routed slot per expert (T * K <= E / 2: T = 1, 5, 8 here) take
-    the decode kernels, larger ones the grouped GEMMs."""
+    """Without gradients, small batches take the decode kernels (keye.ops.moe.decode_preferred: T = 1, 5, 8 here),
+    larger ones the grouped GEMMs."""
     x, w, ids, gu, dn = make(T, 8, 128, 512, 256, "cuda", torch.bfloat16, False, 0.05)
     with torch.no_grad():
         out = ops.moe(x, w, ids, gu, dn)

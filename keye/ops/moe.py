@@ -28,12 +28,19 @@ from keye.ops._dispatch import use_kernel
 from keye.ops.reference.moe import check_experts_args
 from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS, decode_fused_preferred
 
-# Routed slots per expert (T * top_k / E) up to which the decode kernels replace the grouped GEMMs. H200, per layer in
-# a CUDA graph of 8 (NOTES.md, twenty-sixth session), decode kernels / grouped GEMMs: Keye shape (E = 128, top-8)
-# T = 4 (0.25) 89.6 / 112.8 us, T = 8 (0.5) 156.4 / 161.8, T = 12 (0.75) 214.7 / 199.6, T = 16 (1.0) 274.7 / 232.2;
-# 64 experts, T = 4 (0.5) 147.1 / 149.9, T = 8 (1.0) 251.8 / 223.1. The GEMMs read each routed expert once at
-# 79-83% of copy from 1 slot per expert; the decode kernels fall to 55-67% there.
+# Where the decode kernels replace the grouped GEMMs (no gradients): while the routed slots (T * top_k) are at most
+# half the experts and the gate_up GEMM would have at most 3 waves of 256-column tiles over the SMs (one tile row per
+# routed expert: fewer tiles leave SMs idle or each on a long K loop). H200, per layer in CUDA graphs (NOTES.md,
+# twenty-sixth session), decode kernels / grouped GEMMs, us:
+#   Keye 2048/768/128 (6 tiles per slot):   T = 4 89.6 / 112.8, T = 8 156.4 / 161.8, T = 10 182.6 / 178.8,
+#                                           T = 12 214.7 / 199.6, T = 16 274.7 / 232.2
+#   2048/1408/64 (11 tiles per slot):        T = 2 93.0 / 106.5, T = 4 147.1 / 149.9, T = 6 187.8 / 186.3,
+#                                           T = 8 251.8 / 223.1
+#   7168/2048/256 (16 tiles per slot):       T = 1 198.3 / 228.6, T = 2 415.4 / 429.6, T = 4 776.8 / 757.9,
+#                                           T = 8 1358 / 1239
 DECODE_MAX_ROWS_PER_EXPERT = 0.5
+DECODE_MAX_TILE_WAVES = 3
+DECODE_TILE_COLUMNS = 256
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,10 +48,26 @@ def _hopper_or_newer(device_index: int) -> bool:  # cached: the query costs ~6 u
     return torch.cuda.get_device_capability(device_index) >= (9, 0)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+
+
+def decode_preferred(slots: int, experts: int, inter: int, sms: int) -> bool:
+    """Whether keye.ops.moe runs `slots` routed (token, expert) pairs without gradients on the decode kernels rather
+    than the grouped GEMMs (see the measurements above)."""
+    tiles = slots * -(-2 * inter // DECODE_TILE_COLUMNS)
+    return slots <= DECODE_MAX_ROWS_PER_EXPERT * experts and tiles <= DECODE_MAX_TILE_WAVES * sms
+
+
 def _fast_path_ok(x, gate_up, down) -> bool:
     return (use_kernel(x, gate_up, down)
             and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16
-            and _hopper_or_newer(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+            and _hopper_or_newer(_device_index(x)))
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
@@ -58,7 +81,7 @@ def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torc
     check_experts_args(x, weights, ids, gate_up, down)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
-    if not needs_grad and ids.numel() <= DECODE_MAX_ROWS_PER_EXPERT * gate_up.shape[0]:
+    if not needs_grad and decode_preferred(ids.numel(), gate_up.shape[0], down.shape[1], _sm_count(_device_index(x))):
         fused = decode_fused_preferred(ids.shape[0], ids.shape[1], x.shape[1], down.shape[1])
         if fused or ids.shape[1] * down.shape[1] <= DECODE_MAX_ACTIVATIONS:
             return _decode(x, weights, ids, gate_up, down, fused)
