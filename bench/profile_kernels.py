@@ -38,7 +38,9 @@ from keye import ops
 from keye.bench.timing import capture_graph
 
 
-def kernel_times(fn, iters):
+def kernel_times(fn, iters, counts=None):
+    """ms of CUDA time per iteration of fn, by kernel name (first 90 characters); `counts`, if given, is filled
+    with the launches per iteration of each name."""
     fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -49,6 +51,8 @@ def kernel_times(fn, iters):
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[e.name[:90]] += e.device_time / iters / 1000.0  # ms per iteration
+            if counts is not None:
+                counts[e.name[:90]] = counts.get(e.name[:90], 0) + 1 / iters
     return per_kernel
 
 
