@@ -26,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
                             "the dsa suite's prefill 8192,32768,65536,131072)")
     bench.add_argument("--reps", type=int, help="timed runs per measurement (median is reported)")
     bench.add_argument("--json", help="also write the full report as JSON to this path")
-    bench.add_argument("--suite", choices=("all", "moe", "dsa", "attn", "gemm"), default="all",
-                       help="which kernels: MoE routing/permutation, the DSA indexer, sparse attention or the MoE "
+    bench.add_argument("--suite", choices=("all", "moe", "norm", "dsa", "attn", "gemm"), default="all",
+                       help="which kernels: MoE routing/permutation, the RMSNorms (+ RoPE), the DSA indexer, sparse attention or the MoE "
                             "grouped GEMMs and layer (the last three GPU only), or all")
     sub.add_parser("info", help="versions and whether the CUDA kernels are available")
     args = parser.parse_args(argv)

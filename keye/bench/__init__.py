@@ -9,7 +9,7 @@ import torch
 
 import keye
 from keye import ops
-from keye.bench import dsa_indexer, moe_gemm, moe_permute, moe_router, sparse_attention
+from keye.bench import dsa_indexer, moe_gemm, moe_permute, moe_router, norm, sparse_attention
 from keye.bench.timing import copy_bandwidth_gbs, gemm_tflops, write_bandwidth_gbs
 
 
@@ -33,6 +33,9 @@ def run(tokens: list[int], reps: int, device: torch.device, suites=("moe",), att
         for T in tokens:
             report["results"] += moe_router.run_case(T, device, reps, on_gpu)
             report["results"] += moe_permute.run_case(T, device, reps, on_gpu)
+    if "norm" in suites:
+        for T in sorted({1, 16, *tokens}):  # decode batches too: there the norms are launch-bound
+            report["results"] += norm.run_case(T, device, reps, on_gpu)
     if "dsa" in suites and on_gpu:  # FP8 kernels only; the references run in the tests instead
         report["dsa_indexer"] = dsa_indexer.run(device, reps, **({"tokens": attn_tokens} if attn_tokens else {}))
     if "attn" in suites and on_gpu:
@@ -93,7 +96,7 @@ def main(args) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokens = args.tokens or ([4096, 16384, 65536] if device.type == "cuda" else [1024, 4096])
     reps = args.reps or (50 if device.type == "cuda" else 5)
-    suites = ("moe", "dsa", "attn", "gemm") if args.suite == "all" else (args.suite,)
+    suites = ("moe", "norm", "dsa", "attn", "gemm") if args.suite == "all" else (args.suite,)
     report = run(tokens, reps, device, suites, attn_tokens=args.tokens)
     text = table(report)
     print(text)

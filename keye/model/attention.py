@@ -71,11 +71,12 @@ class Indexer(nn.Module):
         """x [T, hidden] -> q8 [T, H_I, D_I] fp8, q_scale [T, H_I], w [T, H_I], k8 [T, D_I] fp8, k_scale [T]."""
         T = x.shape[0]
         qw = self.q_proj(x)
-        q = self.q_norm(qw[:, : self.heads * self.dim].reshape(T, self.heads, self.dim))
+        q = keye.ops.rms_norm_rope(qw[:, : self.heads * self.dim].reshape(T, self.heads, self.dim),
+                                   self.q_norm.weight, cos, sin, self.q_norm.eps)
         w = qw[:, self.heads * self.dim:]  # raw per-head weights (no softmax / sigmoid)
         k = F.layer_norm(self.k_proj(x).float(), (self.dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
                          self.k_norm.eps)
-        q8, q_scale = keye.ops.indexer_rotate_quantize(apply_rope(q, cos, sin))
+        q8, q_scale = keye.ops.indexer_rotate_quantize(q)
         k8, k_scale = keye.ops.indexer_rotate_quantize(apply_rope(k, cos, sin))
         return q8, q_scale, w, k8, k_scale
 
@@ -97,8 +98,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
-        q = apply_rope(self.q_norm(self.q_proj(x).view(T, self.heads, self.head_dim)), ctx.cos, ctx.sin)
-        k = apply_rope(self.k_norm(self.k_proj(x).view(T, self.kv_heads, self.head_dim)), ctx.cos, ctx.sin)
+        q = keye.ops.rms_norm_rope(self.q_proj(x).view(T, self.heads, self.head_dim), self.q_norm.weight, ctx.cos,
+                                   ctx.sin, self.q_norm.eps)
+        k = keye.ops.rms_norm_rope(self.k_proj(x).view(T, self.kv_heads, self.head_dim), self.k_norm.weight,
+                                   ctx.cos, ctx.sin, self.k_norm.eps)
         v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
         sparse = ctx.mode == "sparse" or (ctx.mode == "auto" and ctx.max_len > self.topk)
         # With a cache the index keys are needed even on the dense path (later steps may be sparse).

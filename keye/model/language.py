@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+import keye.ops
+
 from keye.model.attention import Attention, AttentionContext
 from keye.model.config import KeyeConfig
 from keye.model.moe import SparseMoeBlock
@@ -22,8 +24,9 @@ class DecoderLayer(nn.Module):
         self.mlp = SparseMoeBlock(config)
 
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm  # x + attention, and its norm, in one kernel
+        h, x = keye.ops.add_rms_norm(self.self_attn(self.input_layernorm(x), ctx), x, norm.weight, norm.eps)
+        return x + self.mlp(h)
 
 
 class LanguageModel(nn.Module):

@@ -1,9 +1,11 @@
-"""RMSNorm as in Qwen3: normalise in fp32, scale by the weight in the input dtype."""
+"""RMSNorm as in Qwen3: normalise in fp32, scale by the weight in the input dtype (keye.ops.rms_norm)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+import keye.ops
 
 
 class RMSNorm(nn.Module):
@@ -13,9 +15,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return keye.ops.rms_norm(x, self.weight, self.eps)
 
 
 __all__ = ["RMSNorm"]

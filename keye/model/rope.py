@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from keye.ops.reference.norm import apply_rope, rotate_half  # noqa: F401  (the model's RoPE, re-exported)
+
 
 def inverse_frequencies(dim: int, theta: float, device=None) -> torch.Tensor:
     """theta^(-2j/dim) for j < dim/2 (fp32)."""
@@ -49,19 +51,6 @@ def vision_rope_cos_sin(rows: torch.Tensor, cols: torch.Tensor, head_dim: int, t
     f = torch.cat([rows.float().unsqueeze(-1) * inv, cols.float().unsqueeze(-1) * inv], dim=-1)
     emb = torch.cat([f, f], dim=-1)
     return emb.cos(), emb.sin()
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([-b, a], dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D] (or [T, D]) rotated by cos/sin [T, D]; computed in fp32, returned in x's dtype."""
-    if x.dim() == 3:
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    xf = x.float()
-    return (xf * cos + rotate_half(xf) * sin).to(x.dtype)
 
 
 __all__ = ["inverse_frequencies", "mrope_cos_sin", "vision_rope_cos_sin", "rotate_half", "apply_rope"]

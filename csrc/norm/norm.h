@@ -1,0 +1,23 @@
+// RMSNorm kernels of the language model: the row norm (with an optional residual add in front) and the per-head
+// q / k norm followed by rotate-half RoPE. Semantics: keye/ops/reference/norm.py.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace keye {
+
+// x [..., D] -> weight * round(x * rsqrt(mean(x^2) + eps)), in x's dtype (weight must share it).
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// (rms_norm(x + residual), x + residual): the sum rounded to x's dtype before it is normalised.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const at::Tensor& residual,
+                                                     const at::Tensor& weight, double eps);
+
+// x [T, H, D] -> rope(rms_norm(x)) with cos / sin [T, D] fp32 (rotate-half pairs j, j + D/2); D in {32, 64, 128,
+// 256}. Output contiguous [T, H, D] in x's dtype.
+at::Tensor rms_norm_rope_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos,
+                              const at::Tensor& sin, double eps);
+
+}  // namespace keye
