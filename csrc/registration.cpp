@@ -53,10 +53,11 @@ TORCH_LIBRARY(keye, m) {
   m.def(
       "sparse_attention_block_plan(Tensor indices, Tensor? row_base, int num_rows) -> (Tensor common, "
       "Tensor common_len, Tensor pair_work, Tensor pair_len)");
-  // RMSNorm, its residual-add form, and per-head RMSNorm + RoPE (keye/ops/norm.py adds autograd).
+  // RMSNorm, its residual-add form, per-head RMSNorm + RoPE and LayerNorm + RoPE (keye/ops/norm.py adds autograd).
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("add_rms_norm(Tensor x, Tensor residual, Tensor weight, float eps) -> (Tensor out, Tensor sum)");
   m.def("rms_norm_rope(Tensor x, Tensor weight, Tensor cos, Tensor sin, float eps) -> Tensor");
+  m.def("layer_norm_rope(Tensor x, Tensor weight, Tensor bias, Tensor cos, Tensor sin, float eps) -> Tensor");
   // Process-wide switch for the value-range checks that need a device->host sync; returns the old value.
   m.def("set_index_checks(bool enabled) -> bool", [](bool enabled) {
     const bool old = keye::index_checks_enabled();
@@ -89,4 +90,5 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("rms_norm", &keye::rms_norm_cuda);
   m.impl("add_rms_norm", &keye::add_rms_norm_cuda);
   m.impl("rms_norm_rope", &keye::rms_norm_rope_cuda);
+  m.impl("layer_norm_rope", &keye::layer_norm_rope_cuda);
 }

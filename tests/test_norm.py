@@ -37,6 +37,11 @@ def test_reference_add_rms_norm_and_rope_compose_their_parts():
     y = ref.rms_norm_rope(x, torch.ones(32), cos, sin, 1e-6)
     # RoPE rotates pairs (j, j + D/2): each head keeps the norm RMSNorm gave it, sqrt(D)
     assert torch.allclose(y.norm(dim=-1), torch.full((3, 4), 32 ** 0.5), rtol=1e-4)
+    # LayerNorm + RoPE in fp32 from bf16: zero mean and unit variance per head before the rotation, so norm sqrt(D)
+    k = ref.layer_norm_rope((x * 5 + 3).bfloat16(), torch.ones(32).bfloat16(), torch.zeros(32).bfloat16(), cos, sin,
+                            1e-6)
+    assert k.dtype == torch.float32
+    assert torch.allclose(k.norm(dim=-1), torch.full((3, 4), 32 ** 0.5), rtol=1e-4)
 
 
 def test_argument_errors_name_the_argument():
@@ -50,6 +55,8 @@ def test_argument_errors_name_the_argument():
         keye.ops.rms_norm_rope(x[0], torch.ones(64), cos, sin)
     with pytest.raises(ValueError, match="'cos' must be \\[T, D\\]"):
         keye.ops.rms_norm_rope(x, torch.ones(64), cos[:3], sin)
+    with pytest.raises(ValueError, match="'weight' must be \\[D\\]"):
+        keye.ops.layer_norm_rope(x, torch.ones(64), torch.zeros(32), cos, sin)
 
 
 # ---- kernels (GPU) -----------------------------------------------------------------------------------------
@@ -119,6 +126,25 @@ def test_rms_norm_rope_kernel_matches_reference(dtype, D, T, H):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [32, 64, 128, 256])
+@pytest.mark.parametrize("T,H", [(1, 1), (77, 1), (300, 3), (0, 1)])
+def test_layer_norm_rope_kernel_matches_reference(dtype, D, T, H):
+    x = torch.randn(T, H, D, device="cuda", dtype=dtype) * 3 + 1
+    w, b = torch.randn(D, device="cuda", dtype=dtype), torch.randn(D, device="cuda", dtype=dtype)
+    cos, sin = (t.cuda() for t in rope_tables(T, D, offset=500))
+    poison_next_alloc(T * H * D * 4)
+    got = keye.ops.layer_norm_rope(x, w, b, cos, sin, 1e-6)
+    want = ref.layer_norm_rope(x, w, b, cos, sin, 1e-6)
+    assert got.dtype == torch.float32 and got.shape == want.shape
+    assert rel_err(got, want) < 1e-5  # fp32 throughout: only the mean / variance summation order differs
+    # the indexer's key layout: k_proj's output rows as [T, 1, D] views of a wider buffer
+    wide = torch.randn(T, 3 * D, device="cuda", dtype=dtype)
+    xv = wide[:, D: 2 * D].view(T, 1, D) if T else wide[:, :D].view(0, 1, D)
+    assert rel_err(keye.ops.layer_norm_rope(xv, w, b, cos, sin, 1e-5), ref.layer_norm_rope(xv, w, b, cos, sin, 1e-5)) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_rms_norm_rope_kernel_on_views(dtype):
     T, H, D = 50, 16, 64
     # the indexer's layout: H * D query values then H weights per row (rows 1040 elements apart)
@@ -140,26 +166,27 @@ def test_gradients_follow_the_reference():
     x = torch.randn(6, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     r = torch.randn(6, 4, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.rand(128, device="cuda", dtype=torch.bfloat16) + 0.5).requires_grad_()
+    b = torch.randn(128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     cos, sin = (t.cuda() for t in rope_tables(6, 128))
     g1, g2 = torch.randn_like(x), torch.randn_like(x)
 
     def grads(fn):
-        for t in (x, r, w):
+        for t in (x, r, w, b):
             t.grad = None
         out = fn()
         outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, (g1, g2)[: len(outs)])
-        return [None if t.grad is None else t.grad.clone() for t in (x, r, w)]
+        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip((g1, g2), outs)])
+        return [None if t.grad is None else t.grad.clone() for t in (x, r, w, b)]
 
     for op, args in ((keye.ops.rms_norm, (x, w)), (keye.ops.add_rms_norm, (x, r, w)),
-                     (keye.ops.rms_norm_rope, (x, w, cos, sin))):
+                     (keye.ops.rms_norm_rope, (x, w, cos, sin)), (keye.ops.layer_norm_rope, (x, w, b, cos, sin))):
         got = grads(lambda: op(*args, 1e-6))
         with keye.ops.force_reference():
             want = grads(lambda: op(*args, 1e-6))
-        for a, b in zip(got, want):
-            assert (a is None) == (b is None)
-            if a is not None:
-                assert rel_err(a, b) < 1e-6, op.__name__  # the same reference computation runs in both backwards
+        for mine, theirs in zip(got, want):
+            assert (mine is None) == (theirs is None)
+            if mine is not None:
+                assert rel_err(mine, theirs) < 1e-6, op.__name__  # the same reference computation runs in both backwards
     # only the sum's gradient wanted: the norm output's is None
     for t in (x, r, w):
         t.grad = None
@@ -181,6 +208,8 @@ def test_kernel_argument_errors():
         torch.ops.keye.rms_norm_rope(x[..., :64], w[:64], cos[:, :64].half(), cos[:, :64], 1e-6)
     with pytest.raises(ValueError, match="'residual' must have x's shape"):
         torch.ops.keye.add_rms_norm(x, x[:2], w, 1e-6)
+    with pytest.raises(ValueError, match="'bias' must have x's dtype bfloat16, got float32"):
+        torch.ops.keye.layer_norm_rope(x[..., :64], w[:64], w[:64].float(), cos[:, :64], cos[:, :64], 1e-6)
     with pytest.raises(ValueError, match="'eps' must be finite"):
         torch.ops.keye.rms_norm(x, w, float("nan"))
     with pytest.raises(ValueError, match="must be a CUDA tensor"):

@@ -1,5 +1,6 @@
-// RMSNorm kernels of the language model: the row norm (with an optional residual add in front) and the per-head
-// q / k norm followed by rotate-half RoPE. Semantics: keye/ops/reference/norm.py.
+// Norm kernels of the language model: the row RMSNorm (with an optional residual add in front), the per-head
+// q / k RMSNorm followed by rotate-half RoPE, and the indexer key's LayerNorm followed by RoPE.
+// Semantics: keye/ops/reference/norm.py.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -19,5 +20,10 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const 
 // 256}. Output contiguous [T, H, D] in x's dtype.
 at::Tensor rms_norm_rope_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos,
                               const at::Tensor& sin, double eps);
+
+// x [T, H, D] -> rope(layer_norm(x.float(), weight, bias)) in fp32 (the DSA indexer's key path); weight and bias
+// [D] in x's dtype, D in {32, 64, 128, 256}. Output contiguous fp32 [T, H, D].
+at::Tensor layer_norm_rope_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                const at::Tensor& cos, const at::Tensor& sin, double eps);
 
 }  // namespace keye

@@ -1,9 +1,10 @@
 // RMSNorm as Qwen3 computes it (normalise in fp32, round to the input dtype, multiply by the weight in that dtype),
-// its residual-add form, and per-head RMSNorm followed by rotate-half RoPE: the q / k path of every attention
-// layer. Eager PyTorch spends ~7 kernels on one norm and ~7 more on RoPE; a decode step of the 48-layer model ran
-// ~240 norms (NOTES.md, twenty-sixth session). One warp per row, fp32 math, each rounding where the reference
-// (keye/ops/reference/norm.py) rounds; RoPE's two products and their sum are rounded separately as PyTorch does
-// (no FMA contraction), so only the mean's summation order differs from the reference.
+// its residual-add form, per-head RMSNorm followed by rotate-half RoPE (the q / k path of every attention layer)
+// and LayerNorm followed by RoPE (the indexer's key path). Eager PyTorch spends ~7 kernels on one norm and ~7 more
+// on RoPE; a decode step of the 48-layer model ran ~240 norms (NOTES.md, twenty-sixth session). One warp per row,
+// fp32 math, each rounding where the reference (keye/ops/reference/norm.py) rounds; RoPE's two products and their
+// sum are rounded separately as PyTorch does (no FMA contraction), so only the summation order of the mean (and
+// LayerNorm's variance) differs from the reference.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "common/check.h"
 #include "norm/norm.h"
@@ -116,12 +118,15 @@ __global__ void __launch_bounds__(32 * kWarps)
 }
 
 // One warp per (token, head) row of D = 32 E elements, lane l holding elements [l E, l E + E): the rotate-half
-// partner of element j (j +- D / 2) sits at the same position in lane l ^ 16.
-template <typename T, int E>
+// partner of element j (j +- D / 2) sits at the same position in lane l ^ 16. The norm before RoPE is Qwen3's
+// RMSNorm (rounded to T twice, output T) or, with kLayerNorm, torch's LayerNorm of x.float() (mean and biased
+// variance in fp32, output fp32: the indexer's key path).
+template <typename T, int E, bool kLayerNorm>
 __global__ void __launch_bounds__(32 * kWarps)
-    rms_norm_rope_kernel(const T* __restrict__ x, int64_t heads, int64_t x_stride_t, int64_t x_stride_h,
-                         const T* __restrict__ weight, const float* __restrict__ cos, const float* __restrict__ sin,
-                         int64_t cs_stride, T* __restrict__ out, int64_t rows, float eps) {
+    norm_rope_kernel(const T* __restrict__ x, int64_t heads, int64_t x_stride_t, int64_t x_stride_h,
+                     const T* __restrict__ weight, const T* __restrict__ bias, const float* __restrict__ cos,
+                     const float* __restrict__ sin, int64_t cs_stride,
+                     std::conditional_t<kLayerNorm, float, T>* __restrict__ out, int64_t rows, float eps) {
   constexpr int D = 32 * E;
   const int lane = threadIdx.x & 31;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
@@ -132,12 +137,25 @@ __global__ void __launch_bounds__(32 * kWarps)
   load_vec<T, E>(weight + lane * E, w);
   load_vec<float, E>(cos + t * cs_stride + lane * E, c);
   load_vec<float, E>(sin + t * cs_stride + lane * E, s);
-  float sum_sq = 0.f;
+  if constexpr (kLayerNorm) {
+    float b[E], sum = 0.f, sum_sq = 0.f;
+    load_vec<T, E>(bias + lane * E, b);
 #pragma unroll
-  for (int i = 0; i < E; ++i) sum_sq += v[i] * v[i];
-  const float inv = inverse_rms(warp_sum(sum_sq), D, eps);
+    for (int i = 0; i < E; ++i) sum += v[i];
+    const float mean = warp_sum(sum) * (1.f / D);
 #pragma unroll
-  for (int i = 0; i < E; ++i) v[i] = rounded<T>(w[i] * rounded<T>(v[i] * inv));
+    for (int i = 0; i < E; ++i) sum_sq += (v[i] - mean) * (v[i] - mean);
+    const float rstd = rsqrtf(warp_sum(sum_sq) * (1.f / D) + eps);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = w[i] * ((v[i] - mean) * rstd) + b[i];
+  } else {
+    float sum_sq = 0.f;
+#pragma unroll
+    for (int i = 0; i < E; ++i) sum_sq += v[i] * v[i];
+    const float inv = inverse_rms(warp_sum(sum_sq), D, eps);
+#pragma unroll
+    for (int i = 0; i < E; ++i) v[i] = rounded<T>(w[i] * rounded<T>(v[i] * inv));
+  }
   float o[E];
 #pragma unroll
   for (int i = 0; i < E; ++i) {
@@ -145,7 +163,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     const float rot = lane < 16 ? -partner : partner;  // rotate_half: [-x2, x1]
     o[i] = __fadd_rn(__fmul_rn(v[i], c[i]), __fmul_rn(rot, s[i]));
   }
-  store_vec<T, E>(out + row * D + lane * E, o);
+  store_vec<std::conditional_t<kLayerNorm, float, T>, E>(out + row * D + lane * E, o);
 }
 
 bool aligned(const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -199,12 +217,15 @@ void launch_rms_norm(const at::Tensor& x, const at::Tensor* residual, const at::
   const unsigned grid = grid_for(rows, op);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float e = static_cast<float>(eps);
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, 32 * kWarps, 0, stream>>>(xp, x.stride(0), rp, rs, wp, op_, sp, rows, D, e);
+  };
   if (residual) {
-    if (vec) rms_norm_kernel<T, kVec, true><<<grid, 32 * kWarps, 0, stream>>>(xp, x.stride(0), rp, rs, wp, op_, sp, rows, D, e);
-    else rms_norm_kernel<T, 1, true><<<grid, 32 * kWarps, 0, stream>>>(xp, x.stride(0), rp, rs, wp, op_, sp, rows, D, e);
+    if (vec) launch(rms_norm_kernel<T, kVec, true>);
+    else launch(rms_norm_kernel<T, 1, true>);
   } else {
-    if (vec) rms_norm_kernel<T, kVec, false><<<grid, 32 * kWarps, 0, stream>>>(xp, x.stride(0), rp, rs, wp, op_, sp, rows, D, e);
-    else rms_norm_kernel<T, 1, false><<<grid, 32 * kWarps, 0, stream>>>(xp, x.stride(0), rp, rs, wp, op_, sp, rows, D, e);
+    if (vec) launch(rms_norm_kernel<T, kVec, false>);
+    else launch(rms_norm_kernel<T, 1, false>);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -218,26 +239,75 @@ void dispatch_rms_norm(const at::Tensor& x, const at::Tensor* residual, const at
   }
 }
 
-template <typename T, int E>
-void launch_rope(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
-                 at::Tensor& out, double eps, const char* op) {
+template <typename T, int E, bool kLayerNorm>
+void launch_rope(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, const at::Tensor& cos,
+                 const at::Tensor& sin, at::Tensor& out, double eps, const char* op) {
+  using Out = std::conditional_t<kLayerNorm, float, T>;
   const int64_t rows = x.size(0) * x.size(1);
-  rms_norm_rope_kernel<T, E><<<grid_for(rows, op), 32 * kWarps, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  norm_rope_kernel<T, E, kLayerNorm><<<grid_for(rows, op), 32 * kWarps, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<const T*>(x.data_ptr()), x.size(1), x.stride(0), x.stride(1),
-      static_cast<const T*>(weight.data_ptr()), cos.data_ptr<float>(), sin.data_ptr<float>(), cos.stride(0),
-      static_cast<T*>(out.data_ptr()), rows, static_cast<float>(eps));
+      static_cast<const T*>(weight.data_ptr()), bias ? static_cast<const T*>(bias->data_ptr()) : nullptr,
+      cos.data_ptr<float>(), sin.data_ptr<float>(), cos.stride(0), static_cast<Out*>(out.data_ptr()), rows,
+      static_cast<float>(eps));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-template <typename T>
-void dispatch_rope_dim(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos, const at::Tensor& sin,
-                       at::Tensor& out, double eps, const char* op) {
+template <typename T, bool kLayerNorm>
+void dispatch_rope_dim(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, const at::Tensor& cos,
+                       const at::Tensor& sin, at::Tensor& out, double eps, const char* op) {
   switch (x.size(2)) {
-    case 32: launch_rope<T, 1>(x, weight, cos, sin, out, eps, op); break;
-    case 64: launch_rope<T, 2>(x, weight, cos, sin, out, eps, op); break;
-    case 128: launch_rope<T, 4>(x, weight, cos, sin, out, eps, op); break;
-    default: launch_rope<T, 8>(x, weight, cos, sin, out, eps, op); break;
+    case 32: launch_rope<T, 1, kLayerNorm>(x, weight, bias, cos, sin, out, eps, op); break;
+    case 64: launch_rope<T, 2, kLayerNorm>(x, weight, bias, cos, sin, out, eps, op); break;
+    case 128: launch_rope<T, 4, kLayerNorm>(x, weight, bias, cos, sin, out, eps, op); break;
+    default: launch_rope<T, 8, kLayerNorm>(x, weight, bias, cos, sin, out, eps, op); break;
   }
+}
+
+// Checks, stride / alignment fixes and the launch shared by rms_norm_rope and layer_norm_rope.
+template <bool kLayerNorm>
+at::Tensor norm_rope(const at::Tensor& x, const at::Tensor& weight, const at::Tensor* bias, const at::Tensor& cos,
+                     const at::Tensor& sin, double eps, const char* op) {
+  check_norm_args(op, x, weight, eps);
+  check_dim(x, 3, op, "x", "[T, H, D]");
+  const int64_t T = x.size(0), D = x.size(2);
+  KEYE_CHECK(D == 32 || D == 64 || D == 128 || D == 256, "keye.", op, ": head dim D must be 32, 64, 128 or 256, ",
+             "got x of shape ", dims_str(x.sizes()));
+  if (bias) {
+    check_cuda(*bias, op, "bias");
+    check_same_device(*bias, x, op, "bias", "x");
+    KEYE_CHECK(bias->scalar_type() == x.scalar_type(), "keye.", op, ": argument 'bias' must have x's dtype ",
+               dtype_name(x.scalar_type()), ", got ", dtype_name(bias->scalar_type()));
+    check_dim(*bias, 1, op, "bias", "[D]");
+    check_size(*bias, 0, D, op, "bias", "x's head dim");
+  }
+  for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
+    check_cuda(*t, op, name);
+    check_same_device(*t, x, op, name, "x");
+    check_dtype(*t, {at::kFloat}, op, name);
+    check_dim(*t, 2, op, name, "[T, D]");
+    check_size(*t, 0, T, op, name, "x's token count");
+    check_size(*t, 1, D, op, name, "x's head dim");
+  }
+  const auto out_type = kLayerNorm ? at::kFloat : x.scalar_type();
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_type).memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(x.device());
+  // Lane accesses of D / 32 elements need rows (and heads) aligned to that many bytes, up to 16; copies otherwise.
+  const int64_t xb = std::min<int64_t>(D / 32 * x.element_size(), 16), cb = std::min<int64_t>(D / 32 * 4, 16);
+  const bool x_ok = x.stride(2) == 1 && aligned(x.data_ptr(), xb) && (x.stride(0) * x.element_size()) % xb == 0 &&
+                    (x.stride(1) * x.element_size()) % xb == 0;
+  const at::Tensor xs = x_ok ? x : x.contiguous();
+  const bool cs_ok = cos.stride(1) == 1 && sin.stride(1) == 1 && cos.stride(0) == sin.stride(0) &&
+                     rows_aligned(cos, cb) && rows_aligned(sin, cb);
+  const at::Tensor c = cs_ok ? cos : cos.contiguous(), s = cs_ok ? sin : sin.contiguous();
+  const at::Tensor w = weight.contiguous(), b = bias ? bias->contiguous() : at::Tensor();
+  const at::Tensor* bp = bias ? &b : nullptr;
+  switch (x.scalar_type()) {
+    case at::kBFloat16: dispatch_rope_dim<__nv_bfloat16, kLayerNorm>(xs, w, bp, c, s, out, eps, op); break;
+    case at::kHalf: dispatch_rope_dim<__half, kLayerNorm>(xs, w, bp, c, s, out, eps, op); break;
+    default: dispatch_rope_dim<float, kLayerNorm>(xs, w, bp, c, s, out, eps, op); break;
+  }
+  return out;
 }
 
 }  // namespace
@@ -276,38 +346,12 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cuda(const at::Tensor& x, const 
 
 at::Tensor rms_norm_rope_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& cos,
                               const at::Tensor& sin, double eps) {
-  const char* op = "rms_norm_rope";
-  check_norm_args(op, x, weight, eps);
-  check_dim(x, 3, op, "x", "[T, H, D]");
-  const int64_t T = x.size(0), D = x.size(2);
-  KEYE_CHECK(D == 32 || D == 64 || D == 128 || D == 256, "keye.", op, ": head dim D must be 32, 64, 128 or 256, ",
-             "got x of shape ", dims_str(x.sizes()));
-  for (const auto& [t, name] : {std::pair{&cos, "cos"}, std::pair{&sin, "sin"}}) {
-    check_cuda(*t, op, name);
-    check_same_device(*t, x, op, name, "x");
-    check_dtype(*t, {at::kFloat}, op, name);
-    check_dim(*t, 2, op, name, "[T, D]");
-    check_size(*t, 0, T, op, name, "x's token count");
-    check_size(*t, 1, D, op, name, "x's head dim");
-  }
-  at::Tensor out = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (out.numel() == 0) return out;
-  const c10::cuda::CUDAGuard guard(x.device());
-  // Lane accesses of D / 32 elements need rows (and heads) aligned to that many bytes, up to 16; copies otherwise.
-  const int64_t xb = std::min<int64_t>(D / 32 * x.element_size(), 16), cb = std::min<int64_t>(D / 32 * 4, 16);
-  const bool x_ok = x.stride(2) == 1 && aligned(x.data_ptr(), xb) && (x.stride(0) * x.element_size()) % xb == 0 &&
-                    (x.stride(1) * x.element_size()) % xb == 0;
-  const at::Tensor xs = x_ok ? x : x.contiguous();
-  const bool cs_ok = cos.stride(1) == 1 && sin.stride(1) == 1 && cos.stride(0) == sin.stride(0) && rows_aligned(cos, cb) &&
-                     rows_aligned(sin, cb);
-  const at::Tensor c = cs_ok ? cos : cos.contiguous(), s = cs_ok ? sin : sin.contiguous();
-  const at::Tensor w = weight.contiguous();
-  switch (x.scalar_type()) {
-    case at::kBFloat16: dispatch_rope_dim<__nv_bfloat16>(xs, w, c, s, out, eps, op); break;
-    case at::kHalf: dispatch_rope_dim<__half>(xs, w, c, s, out, eps, op); break;
-    default: dispatch_rope_dim<float>(xs, w, c, s, out, eps, op); break;
-  }
-  return out;
+  return norm_rope<false>(x, weight, nullptr, cos, sin, eps, "rms_norm_rope");
+}
+
+at::Tensor layer_norm_rope_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                const at::Tensor& cos, const at::Tensor& sin, double eps) {
+  return norm_rope<true>(x, weight, &bias, cos, sin, eps, "layer_norm_rope");
 }
 
 }  // namespace keye

@@ -72,14 +72,14 @@ def table(report: dict) -> str:
     if ceil:
         lines.append(f"ceilings: copy {ceil['copy_GBps']:.0f} GB/s (read+write), write-only {ceil['write_GBps']:.0f} GB/s, "
                      f"bf16 GEMM {ceil['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
-    head = f"{'op':<14}{'tokens':>7} {'check':>5} {'kernel ms':>10} {'ref ms':>9} {'base ms':>9} " \
+    head = f"{'op':<16}{'tokens':>7} {'check':>5} {'kernel ms':>10} {'ref ms':>9} {'base ms':>9} " \
            f"{'x ref':>7} {'x base':>7} {'GB/s':>7} {'% copy':>7}"
     if report["results"]:
         lines += [head, "-" * len(head)]
     for r in report["results"]:
         f = lambda k, fmt: format(r[k], fmt) if k in r else "-"
         pct = f"{100 * r['copy_fraction']:.0f}%" if "copy_fraction" in r else "-"
-        lines.append(f"{r['op']:<14}{r['tokens']:>7} {r['check']:>5} {f('kernel_ms', '.4f'):>10} "
+        lines.append(f"{r['op']:<16}{r['tokens']:>7} {r['check']:>5} {f('kernel_ms', '.4f'):>10} "
                      f"{f('reference_ms', '.4f'):>9} {f('baseline_ms', '.4f'):>9} "
                      f"{f('speedup_vs_reference', '.2f'):>7} {f('speedup_vs_baseline', '.2f'):>7} "
                      f"{r['GBps']:>7.0f} {pct:>7}")

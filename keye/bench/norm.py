@@ -1,6 +1,6 @@
 """Microbenchmark of the language model's norms on Keye shapes (hidden 2048; 32 query heads of 128), bf16.
 
-  kernel     torch.ops.keye.rms_norm / add_rms_norm / rms_norm_rope
+  kernel     torch.ops.keye.rms_norm / add_rms_norm / rms_norm_rope / layer_norm_rope (the indexer key, 1 x 64)
   reference  keye.ops.reference.norm: the eager PyTorch modules the model ran before (~7 kernels per norm)
   baseline   torch.nn.functional.rms_norm (PyTorch's own fused norm; rms_norm and add_rms_norm's norm only; it
              rounds once, not twice, so it is a speed baseline, not the specification)
@@ -17,7 +17,7 @@ from keye.bench.timing import median_ms, rel_err
 from keye.model.rope import mrope_cos_sin
 from keye.ops import reference as ref
 
-HIDDEN, HEADS, HEAD_DIM, EPS = 2048, 32, 128, 1e-6
+HIDDEN, HEADS, HEAD_DIM, INDEX_DIM, EPS = 2048, 32, 128, 64, 1e-6
 
 
 def _record(op, T, check, nbytes, reference, kernel, baseline, device, reps, on_gpu) -> dict:
@@ -34,7 +34,10 @@ def run_case(T: int, device: torch.device, reps: int, on_gpu: bool) -> list[dict
     bf = dict(device=device, dtype=torch.bfloat16)
     x, res, w = torch.randn(T, HIDDEN, **bf), torch.randn(T, HIDDEN, **bf) * 4, torch.randn(HIDDEN, **bf)
     q, qw = torch.randn(T, HEADS, HEAD_DIM, **bf), torch.randn(HEAD_DIM, **bf)
-    cos, sin = (t.to(device) for t in mrope_cos_sin(torch.arange(T).expand(3, -1), HEAD_DIM, 1e6, [16, 24, 24]))
+    k, kw, kb = torch.randn(T, 1, INDEX_DIM, **bf), torch.randn(INDEX_DIM, **bf), torch.randn(INDEX_DIM, **bf)
+    pos = torch.arange(T).expand(3, -1)
+    cos, sin = (t.to(device) for t in mrope_cos_sin(pos, HEAD_DIM, 1e6, [16, 24, 24]))
+    icos, isin = (t.to(device) for t in mrope_cos_sin(pos, INDEX_DIM, 1e6, [8, 12, 12]))
     row = T * HIDDEN * 2
 
     def ok(got, want):  # the kernels may differ from the reference only by the mean's summation order
@@ -57,4 +60,9 @@ def run_case(T: int, device: torch.device, reps: int, on_gpu: bool) -> list[dict
     out.append(_record("rms_norm_rope", T, ok([got], [want]), 2 * q.numel() * 2 + 2 * cos.numel() * 4,
                        lambda: ref.rms_norm_rope(q, qw, cos, sin, EPS),
                        lambda: kern.rms_norm_rope(q, qw, cos, sin, EPS), None, device, reps, on_gpu))
+    want = ref.layer_norm_rope(k, kw, kb, icos, isin, EPS)
+    got = kern.layer_norm_rope(k, kw, kb, icos, isin, EPS) if on_gpu else want
+    out.append(_record("layer_norm_rope", T, ok([got], [want]), k.numel() * (2 + 4) + 2 * icos.numel() * 4,
+                       lambda: ref.layer_norm_rope(k, kw, kb, icos, isin, EPS),
+                       lambda: kern.layer_norm_rope(k, kw, kb, icos, isin, EPS), None, device, reps, on_gpu))
     return out

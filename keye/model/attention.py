@@ -27,7 +27,6 @@ import keye.ops
 from keye.model.cache import CacheStep, PagedKVCache
 from keye.model.config import KeyeConfig
 from keye.model.norm import RMSNorm
-from keye.model.rope import apply_rope
 from keye.ops.reference.dsa_indexer import PAGE_SIZE
 
 MODES = ("auto", "sparse", "dense")
@@ -74,10 +73,10 @@ class Indexer(nn.Module):
         q = keye.ops.rms_norm_rope(qw[:, : self.heads * self.dim].reshape(T, self.heads, self.dim),
                                    self.q_norm.weight, cos, sin, self.q_norm.eps)
         w = qw[:, self.heads * self.dim:]  # raw per-head weights (no softmax / sigmoid)
-        k = F.layer_norm(self.k_proj(x).float(), (self.dim,), self.k_norm.weight.float(), self.k_norm.bias.float(),
-                         self.k_norm.eps)
+        k = keye.ops.layer_norm_rope(self.k_proj(x).view(T, 1, self.dim), self.k_norm.weight, self.k_norm.bias, cos,
+                                     sin, self.k_norm.eps)  # fp32
         q8, q_scale = keye.ops.indexer_rotate_quantize(q)
-        k8, k_scale = keye.ops.indexer_rotate_quantize(apply_rope(k, cos, sin))
+        k8, k_scale = keye.ops.indexer_rotate_quantize(k.view(T, self.dim))
         return q8, q_scale, w, k8, k_scale
 
 
@@ -144,11 +143,12 @@ class Attention(nn.Module):
         out = []
         for a in range(0, n, block):
             b = min(a + block, n)
+            seq_lens = step.seq_lens if b == n else step.seq_lens - (n - b)  # (no kernel for the usual one block)
             slots = keye.ops.indexer_topk_decode(q8[:, a:b], q_scale[:, a:b], w[:, a:b], cache.index_k[L],
-                                                 cache.index_scale[L], step.block_table, step.seq_lens - (n - b),
-                                                 self.topk, physical=True)
+                                                 cache.index_scale[L], step.block_table, seq_lens, self.topk,
+                                                 physical=True)
             out.append(keye.ops.sparse_attention_decode(q[:, a:b], cache.k[L], cache.v[L], slots)[0])
-        return torch.cat(out, dim=1)
+        return out[0] if len(out) == 1 else torch.cat(out, dim=1)
 
     def _cached(self, q, k, v, index, sparse, ctx):
         cache, step, L = ctx.cache, ctx.step, self.layer_idx

@@ -13,7 +13,7 @@ from keye.ops.moe_gemm import (
     moe_swiglu, moe_swiglu_backward,
 )
 from keye.ops.moe import moe
-from keye.ops.norm import add_rms_norm, rms_norm, rms_norm_rope
+from keye.ops.norm import add_rms_norm, layer_norm_rope, rms_norm, rms_norm_rope
 
 from keye.ops.dsa_indexer import (
     indexer_cache_append, indexer_rotate_quantize, indexer_topk_decode, indexer_topk_prefill,
@@ -31,4 +31,5 @@ __all__ = [
     "moe_decode_down", "moe_decode", "moe_grouped_gemm_configs",
     "indexer_rotate_quantize", "indexer_topk_prefill", "indexer_topk_decode", "indexer_cache_append", "indexer_loss",
     "sparse_attention", "sparse_attention_decode", "rms_norm", "add_rms_norm", "rms_norm_rope",
+    "layer_norm_rope",
 ]

@@ -1,11 +1,13 @@
-"""RMSNorm ops of the language model: the row norm, its residual-add form, and per-head RMSNorm + RoPE.
+"""Norm ops of the language model: the row RMSNorm, its residual-add form, per-head RMSNorm + RoPE, and the
+indexer key's LayerNorm + RoPE.
 
     y = keye.ops.rms_norm(x, weight, eps)                      # x [..., D]
     y, s = keye.ops.add_rms_norm(x, residual, weight, eps)     # s = x + residual, y = rms_norm(s)
     q = keye.ops.rms_norm_rope(q, q_norm_weight, cos, sin, eps)  # q [T, H, D], cos / sin [T, D] fp32
+    k = keye.ops.layer_norm_rope(k, ln_weight, ln_bias, cos, sin, eps)  # k [T, H, D] -> fp32
 
 Semantics: keye/ops/reference/norm.py (the rounding steps of Qwen3's modules). The CUDA kernels take x in bf16,
-fp16 or fp32 with the weight in x's dtype (rms_norm_rope: D in 32 / 64 / 128 / 256); other combinations, CPU
+fp16 or fp32 with the weight (and bias) in x's dtype (the RoPE ops: D in 32 / 64 / 128 / 256); other combinations, CPU
 tensors and keye.ops.force_reference() run the reference. Gradients (both paths) come from the reference,
 recomputed in the backward: the kernels save nothing but their inputs.
 """
@@ -55,20 +57,39 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
     return ref.add_rms_norm(x, residual, weight, eps)
 
 
+def _check_rope_args(op: str, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dim() != 3:
+        raise ValueError(f"keye.{op}: argument 'x' must be 3-D [T, H, D], got shape {list(x.shape)}")
+    T, _, D = x.shape
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (T, D):
+            raise ValueError(f"keye.{op}: argument '{name}' must be [T, D] = [{T}, {D}], got shape {list(t.shape)}")
+
+
+def _rope_kernel_ok(x, weight, cos, sin, *others) -> bool:
+    return (_kernel_ok(x, weight, *others) and x.shape[-1] in _ROPE_DIMS and cos.dtype == sin.dtype == torch.float32
+            and use_kernel(cos, sin))
+
+
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6
                   ) -> torch.Tensor:
     """Per-head RMSNorm, then rotate-half RoPE: x [T, H, D], weight [D], cos / sin [T, D] -> [T, H, D]."""
     _check_weight("rms_norm_rope", x, weight)
-    if x.dim() != 3:
-        raise ValueError(f"keye.rms_norm_rope: argument 'x' must be 3-D [T, H, D], got shape {list(x.shape)}")
-    T, _, D = x.shape
-    for name, t in (("cos", cos), ("sin", sin)):
-        if tuple(t.shape) != (T, D):
-            raise ValueError(f"keye.rms_norm_rope: argument '{name}' must be [T, D] = [{T}, {D}], got shape "
-                             f"{list(t.shape)}")
-    if _kernel_ok(x, weight) and D in _ROPE_DIMS and cos.dtype == sin.dtype == torch.float32 and use_kernel(cos, sin):
+    _check_rope_args("rms_norm_rope", x, cos, sin)
+    if _rope_kernel_ok(x, weight, cos, sin):
         return torch.ops.keye.rms_norm_rope(x, weight, cos, sin, float(eps))
     return ref.rms_norm_rope(x, weight, cos, sin, eps)
+
+
+def layer_norm_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm of x.float() then RoPE, in fp32: x [T, H, D], weight / bias [D], cos / sin [T, D] -> fp32."""
+    _check_weight("layer_norm_rope", x, weight)
+    _check_weight("layer_norm_rope", x, bias)
+    _check_rope_args("layer_norm_rope", x, cos, sin)
+    if _rope_kernel_ok(x, weight, cos, sin, bias):
+        return torch.ops.keye.layer_norm_rope(x, weight, bias, cos, sin, float(eps))
+    return ref.layer_norm_rope(x, weight, bias, cos, sin, eps)
 
 
 # ---- autograd: the reference recomputed in the backward --------------------------------------------------------
@@ -109,11 +130,13 @@ def _register() -> None:
     def _(x, weight, cos, sin, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
-    torch.library.impl(lib + "rms_norm", "CPU")(ref.rms_norm)
-    torch.library.impl(lib + "add_rms_norm", "CPU")(ref.add_rms_norm)
-    torch.library.impl(lib + "rms_norm_rope", "CPU")(ref.rms_norm_rope)
-    for name, fn in (("rms_norm", ref.rms_norm), ("add_rms_norm", ref.add_rms_norm),
-                     ("rms_norm_rope", ref.rms_norm_rope)):
+    @torch.library.register_fake(lib + "layer_norm_rope")
+    def _(x, weight, bias, cos, sin, eps):
+        return torch.empty_like(x, dtype=torch.float32, memory_format=torch.contiguous_format)
+
+    for name in ("rms_norm", "add_rms_norm", "rms_norm_rope", "layer_norm_rope"):
+        fn = getattr(ref, name)
+        torch.library.impl(lib + name, "CPU")(fn)
         torch.library.register_autograd(lib + name, lambda ctx, *g, fn=fn: _reference_grads(fn, ctx, g),
                                         setup_context=_save_inputs)
 
@@ -121,4 +144,4 @@ def _register() -> None:
 if kernels_available():
     _register()
 
-__all__ = ["rms_norm", "add_rms_norm", "rms_norm_rope"]
+__all__ = ["rms_norm", "add_rms_norm", "rms_norm_rope", "layer_norm_rope"]

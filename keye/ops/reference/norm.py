@@ -1,5 +1,5 @@
-"""RMSNorm and rotate-half RoPE as Qwen3 / Keye compute them: the specification of keye.ops.rms_norm,
-add_rms_norm and rms_norm_rope.
+"""RMSNorm, LayerNorm and rotate-half RoPE as Qwen3 / Keye compute them: the specification of keye.ops.rms_norm,
+add_rms_norm, rms_norm_rope and layer_norm_rope.
 
 RMSNorm normalises in fp32, rounds to the input dtype, then multiplies by the weight in that dtype (so a bf16
 model rounds twice). RoPE (NeoX rotate-half layout) pairs channel j with j + D/2 and is computed in fp32:
@@ -9,6 +9,7 @@ x * cos + rotate_half(x) * sin, rounded to x's dtype.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -44,4 +45,11 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
     return apply_rope(rms_norm(x, weight, eps), cos, sin)
 
 
-__all__ = ["rms_norm", "add_rms_norm", "rotate_half", "apply_rope", "rms_norm_rope"]
+def layer_norm_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    eps: float) -> torch.Tensor:
+    """LayerNorm of x.float() (fp32 weight and bias), then RoPE, all in fp32: x [T, H, D] -> fp32 [T, H, D] (the DSA
+    indexer's key path)."""
+    return apply_rope(F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps), cos, sin)
+
+
+__all__ = ["rms_norm", "add_rms_norm", "rotate_half", "apply_rope", "rms_norm_rope", "layer_norm_rope"]
