@@ -42,6 +42,7 @@ TORCH_LIBRARY(keye, m) {
   m.def(
       "indexer_cache_append(Tensor k8, Tensor k_scale, Tensor(a!) k_cache, Tensor(b!) k_scale_cache, "
       "Tensor slot_mapping) -> ()");
+  m.def("paged_slots(Tensor positions, Tensor block_table) -> Tensor");
   // Top-k sparse GQA attention forward and backward (keye/ops/sparse_attention.py adds autograd).
   m.def(
       "sparse_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor indices, Tensor? row_base, float scale, "
@@ -84,6 +85,7 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("indexer_logits_paged", &keye::indexer_logits_paged_cuda);
   m.impl("topk_rows", &keye::topk_rows_cuda);
   m.impl("indexer_cache_append", &keye::indexer_cache_append_cuda);
+  m.impl("paged_slots", &keye::paged_slots_cuda);
   m.impl("sparse_attention_fwd", &keye::sparse_attention_fwd_cuda);
   m.impl("sparse_attention_bwd", &keye::sparse_attention_bwd_cuda);
   m.impl("sparse_attention_block_plan", &keye::sparse_attention_block_plan_cuda);

@@ -637,3 +637,21 @@ def test_opcheck():
                           (k8[:5], ks[:5], k_cache.clone(), k_scale_cache.clone(), slots), test_utils=FP8_OPCHECK)
     torch.library.opcheck(torch.ops.keye.indexer_rotate_quantize.default, (torch.randn(7, 4, D, device=DEV),),
                           test_utils=FP8_OPCHECK)
+
+
+def test_paged_slots_kernel_matches_reference():
+    B, pages = 5, 9
+    wide = torch.randint(0, 1000, (B, 2 * pages), dtype=torch.int32, device=DEV)
+    table = wide[:, 3: 3 + pages]  # rows strided: the block table as a view of a wider one
+    for shape in ((B, 1, 2048), (B, 3, 17), (B, 0)):
+        positions = torch.randint(-1, pages * 64 + 40, shape, dtype=torch.int32, device=DEV)  # some past the table
+        poison_next_alloc(positions.numel() * 4, byte=0x7F)
+        got = torch.ops.keye.paged_slots(positions, table)
+        assert torch.equal(got, ref.paged_slots(positions, table))
+        p = positions.long().view(B, -1)
+        inside = (p >= 0) & (p < pages * 64)
+        assert torch.equal(got.view(B, -1) < 0, ~inside)
+    with pytest.raises(ValueError, match="'positions' must be \\[B, ...\\] with B = block_table.size\\(0\\) = 5"):
+        torch.ops.keye.paged_slots(positions[:2], table)
+    with pytest.raises(ValueError, match="'block_table' must have dtype int32"):
+        torch.ops.keye.paged_slots(positions, table.long())

@@ -41,6 +41,9 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
                     const std::optional<at::Tensor>& group_max);
 
 // Token i of k8 [N, D] / k_scale [N] goes to cache slot slot_mapping[i] (page * 64 + offset); -1 skips it.
+// positions [B, ...] int32 within each sequence (-1 = empty) -> cache slots block_table[b, p / 64] * 64 + p % 64.
+at::Tensor paged_slots_cuda(const at::Tensor& positions, const at::Tensor& block_table);
+
 void indexer_cache_append_cuda(const at::Tensor& k8, const at::Tensor& k_scale, const at::Tensor& k_cache,
                                const at::Tensor& k_scale_cache, const at::Tensor& slot_mapping);
 

@@ -261,10 +261,20 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
         sc = indexer_scores(q8[b], q_scale[b], w[b], keys, kscale)
         visible = torch.arange(L - n + 1, L + 1, device=q8.device)
         idx, top = select_topk(sc, visible, topk)
-        if physical:
-            slot = block_table[b].long()[idx.clamp(min=0).long() // PAGE_SIZE] * PAGE_SIZE + idx.clamp(min=0) % PAGE_SIZE
-            idx = torch.where(idx >= 0, slot.int(), idx)
         out[b] = idx
         if scores is not None:
             scores[b] = top
+    if physical:
+        out = paged_slots(out, block_table)
     return (out, scores) if return_scores else out
+
+
+def paged_slots(positions: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
+    """Positions within each sequence [B, ...] int32 -> cache slots block_table[b, p // 64] * 64 + p % 64 (-1 stays
+    -1; a position past the table becomes -1)."""
+    B = block_table.shape[0]
+    pos = positions.reshape(B, -1).long()
+    page = pos.clamp(min=0) // PAGE_SIZE
+    inside = (pos >= 0) & (page < block_table.shape[1])
+    slot = block_table.long().gather(1, page.clamp(max=block_table.shape[1] - 1)) * PAGE_SIZE + pos % PAGE_SIZE
+    return torch.where(inside, slot, -1).int().view(positions.shape)
