@@ -68,16 +68,35 @@ class Indexer(nn.Module):
 
     def forward(self, x, cos, sin):
         """x [T, hidden] -> q8 [T, H_I, D_I] fp8, q_scale [T, H_I], w [T, H_I], k8 [T, D_I] fp8, k_scale [T]."""
-        T = x.shape[0]
-        qw = self.q_proj(x)
+        return self.from_projections(self.q_proj(x), self.k_proj(x), cos, sin)
+
+    def from_projections(self, qw, k, cos, sin):
+        """The same from q_proj(x) [T, H_I * D_I + H_I] and k_proj(x) [T, D_I] (rows may be strided views)."""
+        T = qw.shape[0]
         q = keye.ops.rms_norm_rope(qw[:, : self.heads * self.dim].reshape(T, self.heads, self.dim),
                                    self.q_norm.weight, cos, sin, self.q_norm.eps)
         w = qw[:, self.heads * self.dim:]  # raw per-head weights (no softmax / sigmoid)
-        k = keye.ops.layer_norm_rope(self.k_proj(x).view(T, 1, self.dim), self.k_norm.weight, self.k_norm.bias, cos,
-                                     sin, self.k_norm.eps)  # fp32
+        k = keye.ops.layer_norm_rope(k.view(T, 1, self.dim), self.k_norm.weight, self.k_norm.bias, cos, sin,
+                                     self.k_norm.eps)  # fp32
         q8, q_scale = keye.ops.indexer_rotate_quantize(q)
         k8, k_scale = keye.ops.indexer_rotate_quantize(k.view(T, self.dim))
         return q8, q_scale, w, k8, k_scale
+
+
+def _packed_weight(linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
+    """The linears' weights as one [sum of outputs, in] tensor when they are consecutive rows of one buffer
+    (Attention.pack_input_projections), else None. Checked on every call: a weight replaced since (load_checkpoint's
+    assignment, .to(), FSDP) simply takes the per-linear path; an in-place update (load_state_dict) is seen."""
+    w0 = linears[0].weight
+    storage, offset = w0.untyped_storage().data_ptr(), w0.storage_offset()
+    for lin in linears:
+        w = lin.weight
+        if (w.untyped_storage().data_ptr() != storage or w.storage_offset() != offset or not w.is_contiguous()
+                or w.dtype != w0.dtype or w.shape[1] != w0.shape[1]):
+            return None
+        offset += w.numel()
+    return w0.as_strided((sum(lin.weight.shape[0] for lin in linears), w0.shape[1]), (w0.shape[1], 1),
+                         w0.storage_offset())
 
 
 class Attention(nn.Module):
@@ -95,17 +114,44 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps=c.rms_norm_eps)
         self.sa_indexer = Indexer(c)
 
+    def input_projections(self) -> tuple[nn.Linear, ...]:
+        """The linears that read the layer input, in packing order: q, k, v, then the indexer's q and k."""
+        return self.q_proj, self.k_proj, self.v_proj, self.sa_indexer.q_proj, self.sa_indexer.k_proj
+
+    def pack_input_projections(self) -> None:
+        """Copy the five input projections' weights into one buffer and make them views of it, so inference reads
+        them with one GEMM (decode on the H200: 35 -> 10 us per layer; NOTES.md). Values, names and the
+        state_dict are unchanged; idempotent. Training (gradients wanted) keeps one GEMM per linear."""
+        linears = self.input_projections()
+        if _packed_weight(linears) is not None or any(lin.weight.is_meta for lin in linears):
+            return
+        packed = torch.cat([lin.weight.detach() for lin in linears])
+        row = 0
+        for lin in linears:
+            n = lin.weight.shape[0]
+            lin.weight = nn.Parameter(packed[row: row + n], requires_grad=lin.weight.requires_grad)
+            row += n
+
+    def _project(self, x: torch.Tensor, need_index: bool) -> list[torch.Tensor]:
+        linears = self.input_projections()[: 5 if need_index else 3]
+        grad = torch.is_grad_enabled() and any(lin.weight.requires_grad for lin in linears)
+        packed = None if grad else _packed_weight(linears)  # a prefix of the packed rows serves q, k, v alone
+        if packed is None:
+            return [lin(x) for lin in linears]
+        return list(F.linear(x, packed).split([lin.weight.shape[0] for lin in linears], dim=-1))
+
     def forward(self, x: torch.Tensor, ctx: AttentionContext) -> torch.Tensor:
         T = x.shape[0]
-        q = keye.ops.rms_norm_rope(self.q_proj(x).view(T, self.heads, self.head_dim), self.q_norm.weight, ctx.cos,
-                                   ctx.sin, self.q_norm.eps)
-        k = keye.ops.rms_norm_rope(self.k_proj(x).view(T, self.kv_heads, self.head_dim), self.k_norm.weight,
-                                   ctx.cos, ctx.sin, self.k_norm.eps)
-        v = self.v_proj(x).view(T, self.kv_heads, self.head_dim)
         sparse = ctx.mode == "sparse" or (ctx.mode == "auto" and ctx.max_len > self.topk)
         # With a cache the index keys are needed even on the dense path (later steps may be sparse).
         need_index = sparse or (ctx.cache is not None and ctx.mode != "dense")
-        index = self.sa_indexer(x, ctx.index_cos, ctx.index_sin) if need_index else None
+        q, k, v, *index_proj = self._project(x, need_index)
+        q = keye.ops.rms_norm_rope(q.view(T, self.heads, self.head_dim), self.q_norm.weight, ctx.cos, ctx.sin,
+                                   self.q_norm.eps)
+        k = keye.ops.rms_norm_rope(k.view(T, self.kv_heads, self.head_dim), self.k_norm.weight, ctx.cos, ctx.sin,
+                                   self.k_norm.eps)
+        v = v.view(T, self.kv_heads, self.head_dim)
+        index = self.sa_indexer.from_projections(*index_proj, ctx.index_cos, ctx.index_sin) if need_index else None
         if ctx.cache is None:
             o = self._sparse(q, k, v, index, ctx) if sparse else self._dense(q, k, v, ctx)
         else:

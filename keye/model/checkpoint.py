@@ -207,7 +207,7 @@ def load_checkpoint(path: str, *, device="cpu", dtype: torch.dtype = torch.bfloa
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:  # check_checkpoint guarantees this cannot happen; guard against made-up weights anyway
         raise CheckpointError(f"keye.load_checkpoint: parameters left unloaded: {still_meta[:_LIST]}")
-    return model.eval()
+    return model.pack_input_projections().eval()
 
 
 def _export_tensors(model: KeyeVL, expert_layout: str):
@@ -256,7 +256,8 @@ def save_checkpoint(model: KeyeVL, path: str, *, max_shard_bytes: int = 5 * 2 **
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        data = {name: make().detach().to("cpu").contiguous() for name, _, _, make in shard}
+        # copies: safetensors refuses tensors that share memory (packed projections are views of one buffer)
+        data = {name: make().detach().to("cpu", copy=True).contiguous() for name, _, _, make in shard}
         save_file(data, os.path.join(path, fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in data})
         del data

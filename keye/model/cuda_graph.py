@@ -29,7 +29,7 @@ class GraphedDecoder:
                              f"{cache.device}")
         if not cache.with_index:
             raise ValueError("keye.GraphedDecoder: the graph takes the sparse path and needs the index cache")
-        self.model, self.cache = model, cache
+        self.model, self.cache = model.pack_input_projections(), cache
         self.graphs: dict[int, tuple] = {}
 
     def _buffers(self, B: int):

@@ -97,6 +97,7 @@ def generate(model: KeyeVL, requests: Sequence[GenerationRequest], *, cache: Pag
     if not requests:
         return []
     cfg = model.config
+    model.pack_input_projections()  # one GEMM per layer for q, k, v and the indexer's inputs
     ids_list = [_check_request(i, r, cfg.vocab_size) for i, r in enumerate(requests)]
     param = next(model.parameters())
     dev = param.device

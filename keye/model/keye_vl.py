@@ -66,6 +66,14 @@ class KeyeVL(nn.Module):
             _fail(f"'attention_mode' must be one of {MODES}, got {mode!r}")
         self._attention_mode = mode
 
+    def pack_input_projections(self) -> "KeyeVL":
+        """Per decoder layer, one buffer for the attention's five input projections (q, k, v, indexer q and k), so
+        inference runs one GEMM instead of five (Attention.pack_input_projections). load_checkpoint, generate and
+        GraphedDecoder call it; values and the state_dict are unchanged."""
+        for layer in self.model.layers:
+            layer.self_attn.pack_input_projections()
+        return self
+
     # ---- embeddings -------------------------------------------------------------------------------------------
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, chunk_patches: int = 8192

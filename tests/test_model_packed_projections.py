@@ -1,0 +1,80 @@
+"""Attention's packed input projections (q, k, v, indexer q and k as views of one buffer, one GEMM at inference)."""
+
+import pytest
+import torch
+
+from conftest import rel_err
+from keye.model import KeyeVL, load_checkpoint, save_checkpoint, tiny_config
+from keye.model.attention import _packed_weight
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def pair():
+    torch.manual_seed(0)
+    a = KeyeVL(tiny_config()).eval()
+    b = KeyeVL(tiny_config()).eval()
+    b.load_state_dict(a.state_dict())
+    return a, b.pack_input_projections()
+
+
+def packed(model):
+    return [_packed_weight(layer.self_attn.input_projections()) for layer in model.model.layers]
+
+
+@pytest.mark.parametrize("mode", ["dense", "sparse"])
+def test_packed_model_computes_the_same_logits(mode):
+    plain, pk = pair()
+    assert all(p is not None for p in packed(pk)) and all(p is None for p in packed(plain))
+    for name, t in plain.state_dict().items():
+        assert torch.equal(pk.state_dict()[name], t), name
+    ids = torch.randint(0, 240, (40,))
+    with torch.no_grad():
+        assert rel_err(pk(ids, attention_mode=mode), plain(ids, attention_mode=mode)) < 1e-5
+    # the packed GEMM really runs: corrupting the buffer through one view changes the output
+    with torch.no_grad():
+        pk.model.layers[0].self_attn.v_proj.weight.mul_(3)
+        assert rel_err(pk(ids, attention_mode=mode), plain(ids, attention_mode=mode)) > 1e-3
+
+
+def test_in_place_loads_reach_the_packed_buffer_and_replacements_fall_back():
+    plain, pk = pair()
+    torch.manual_seed(1)
+    other = KeyeVL(tiny_config()).eval()
+    pk.load_state_dict(other.state_dict())  # copy_ into the views
+    assert all(p is not None for p in packed(pk))
+    ids = torch.randint(0, 240, (30,))
+    with torch.no_grad():
+        assert rel_err(pk(ids), other(ids)) < 1e-5
+        pk.model.layers[1].self_attn.k_proj.weight = torch.nn.Parameter(other.model.layers[1].self_attn.k_proj.weight
+                                                                       .clone())
+        assert packed(pk)[1] is None and packed(pk)[0] is not None
+        assert rel_err(pk(ids), other(ids)) < 1e-5
+        half = pk.bfloat16()  # .to() gives every parameter its own storage: the per-linear path, still correct
+        assert all(p is None for p in packed(half))
+        assert torch.equal(half(ids), other.bfloat16()(ids))
+
+
+def test_training_gets_a_gradient_for_q_k_v():
+    _, pk = pair()
+    pk.train()
+    loss = pk(torch.randint(0, 240, (20,)), attention_mode="sparse").float().square().mean()
+    loss.backward()
+    for layer in pk.model.layers:
+        for lin in layer.self_attn.input_projections()[:3]:  # (the indexer learns from its own losses, not this one)
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+
+
+def test_packed_model_saves_and_loads_packed(tmp_path):
+    plain, pk = pair()
+    save_checkpoint(pk, str(tmp_path))  # views of one buffer: saved as separate tensors
+    loaded = load_checkpoint(str(tmp_path), dtype=torch.float32)
+    assert all(p is not None for p in packed(loaded))
+    for name, t in plain.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], t), name
