@@ -42,10 +42,12 @@ def test_greedy_generation_equals_uncached_recomputation(model):
     assert res.tokens == greedy_reference(model, ids, 8) and res.finish_reason == "length"
 
 
-@pytest.mark.parametrize("temperature,top_p", [(0.0, 1.0), (0.8, 0.9)])
-def test_batch_of_different_lengths_equals_each_alone(model, temperature, top_p):
-    reqs = [GenerationRequest(prompt(n), max_new_tokens=k, temperature=temperature, top_p=top_p, seed=i,
-                              stop_token_ids=[]) for i, (n, k) in enumerate([(3, 9), (40, 5), (17, 12), (70, 1)])]
+@pytest.mark.parametrize("temperatures,top_p", [((0.0,), 1.0), ((0.8,), 0.9), ((0.0, 0.8), 0.9)])
+def test_batch_of_different_lengths_equals_each_alone(model, temperatures, top_p):
+    """Greedy, sampled, and both in one batch (the greedy rows are picked together, the sampled ones row by row)."""
+    reqs = [GenerationRequest(prompt(n), max_new_tokens=k, temperature=temperatures[i % len(temperatures)],
+                              top_p=top_p, seed=i, stop_token_ids=[])
+            for i, (n, k) in enumerate([(3, 9), (40, 5), (17, 12), (70, 1)])]
     batch = generate(model, reqs, prefill_chunk=16)
     for r, got in zip(reqs, batch):
         alone = generate(model, [r], prefill_chunk=64)[0]

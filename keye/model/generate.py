@@ -55,6 +55,19 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+def _sample_rows(logits: torch.Tensor, requests: list[GenerationRequest], gens: list[torch.Generator]) -> list[int]:
+    """One token per row of logits [B, V]: the greedy rows' argmaxes in one kernel and one device-to-host copy
+    (instead of a cast, an argmax and a sync per row), the sampled rows one by one with their own generators (so a
+    request draws the same tokens alone or in a batch)."""
+    greedy = [row for row, r in enumerate(requests) if r.temperature == 0]
+    picks = {}
+    if greedy:
+        rows = logits if len(greedy) == len(requests) else logits[greedy]
+        picks = dict(zip(greedy, rows.float().argmax(-1).tolist()))  # argmax: lowest id on ties, as sample()
+    return [picks[row] if row in picks else sample(logits[row], r.temperature, r.top_p, gen)
+            for row, (r, gen) in enumerate(zip(requests, gens))]
+
+
 def _check_request(i: int, r: GenerationRequest, vocab: int) -> torch.Tensor:
     def fail(msg):
         raise ValueError(f"{OP}: request {i}: {msg}")
@@ -148,9 +161,9 @@ def generate(model: KeyeVL, requests: Sequence[GenerationRequest], *, cache: Pag
             else:  # plain token embeddings: a generated <|image_pad|> id is text here, not a vision placeholder
                 logits = model(inputs_embeds=model.model.embed_tokens(ids), position_ids=pos, cache=cache,
                                step=step, logits="last")
-            for row, i in enumerate(live):
+            for i, tok in zip(live, _sample_rows(logits, [requests[i] for i in live], [gens[i] for i in live])):
                 next_pos[i] += 1
-                pending[i] = sample(logits[row], requests[i].temperature, requests[i].top_p, gens[i])
+                pending[i] = tok
     finally:
         for s in seqs:
             cache.release(s)
