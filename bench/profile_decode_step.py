@@ -103,28 +103,47 @@ def profile_shape(model, cfg, ctx, B, n=10, top=40):
     counts = {}
     times = kernel_times(graph.replay, 3, counts)
     print(f" graph replay kernels: {sum(counts.values()):.0f} per step, summed duration {sum(times.values()):.2f} ms")
-    for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"  {ms * 1e3:9.1f} us/step {counts[name]:6.1f}x  {name}")
+    print_top_kernels(times, counts, top)
+    print(f" eager step {host_ms(eager_step):.1f} ms", flush=True)
 
-    for _ in range(2):
-        eager_step()
+
+def host_ms(fn, warmup=2, reps=3):
+    """ms per call of fn timed on the host (the GPU synchronised before and after the timed calls)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     t = time.perf_counter()
-    for _ in range(3):
-        eager_step()
+    for _ in range(reps):
+        fn()
     torch.cuda.synchronize()
-    print(f" eager step {(time.perf_counter() - t) / 3 * 1e3:.1f} ms", flush=True)
+    return (time.perf_counter() - t) / reps * 1e3
 
 
-def main():
+def print_top_kernels(times, counts, top):
+    """The `top` kernels by summed time per step (kernel_times' output) with their launches per step."""
+    for name, ms in sorted(times.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {ms * 1e3:9.1f} us/step {counts[name]:6.1f}x  {name[:110]}")
+
+
+def full_model():
+    """(config, model): the full Keye-VL-2.0-30B-A3B with random bf16 weights on the GPU."""
     cfg = keye_vl_2_30b_a3b()
     t = time.perf_counter()
     model = random_model(cfg, "cuda")
     torch.cuda.synchronize()
     print(f"weights {time.perf_counter() - t:.1f} s", flush=True)
-    shapes = [tuple(int(v) for v in s.split("x")) for s in sys.argv[1:]] or [(131072, 1), (32768, 1), (8192, 16)]
+    return cfg, model
+
+
+def shapes_from_argv(default):
+    """[(context, batch)] from CONTEXTxBATCH arguments, else `default`."""
+    return [tuple(int(v) for v in s.split("x")) for s in sys.argv[1:]] or default
+
+
+def main():
+    cfg, model = full_model()
     with torch.no_grad():
-        for ctx, B in shapes:
+        for ctx, B in shapes_from_argv([(131072, 1), (32768, 1), (8192, 16)]):
             profile_shape(model, cfg, ctx, B)
             torch.cuda.empty_cache()
 

@@ -3,17 +3,13 @@
 import pytest
 import torch
 
+import test_model_modules
 from conftest import rel_err
 from keye.model import KeyeVL, load_checkpoint, save_checkpoint, tiny_config
 from keye.model.attention import _packed_weight
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+one_thread = test_model_modules.one_thread  # shared autouse fixture
 
 
 def pair():
