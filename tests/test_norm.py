@@ -55,7 +55,7 @@ def test_argument_errors_name_the_argument():
         keye.ops.rms_norm_rope(x[0], torch.ones(64), cos, sin)
     with pytest.raises(ValueError, match="'cos' must be \\[T, D\\]"):
         keye.ops.rms_norm_rope(x, torch.ones(64), cos[:3], sin)
-    with pytest.raises(ValueError, match="'weight' must be \\[D\\]"):
+    with pytest.raises(ValueError, match="'bias' must be \\[D\\]"):
         keye.ops.layer_norm_rope(x, torch.ones(64), torch.zeros(32), cos, sin)
 
 
@@ -140,7 +140,8 @@ def test_layer_norm_rope_kernel_matches_reference(dtype, D, T, H):
     # the indexer's key layout: k_proj's output rows as [T, 1, D] views of a wider buffer
     wide = torch.randn(T, 3 * D, device="cuda", dtype=dtype)
     xv = wide[:, D: 2 * D].view(T, 1, D) if T else wide[:, :D].view(0, 1, D)
-    assert rel_err(keye.ops.layer_norm_rope(xv, w, b, cos, sin, 1e-5), ref.layer_norm_rope(xv, w, b, cos, sin, 1e-5)) < 1e-5
+    got = keye.ops.layer_norm_rope(xv, w, b, cos, sin, 1e-5)
+    assert rel_err(got, ref.layer_norm_rope(xv, w, b, cos, sin, 1e-5)) < 1e-5
 
 
 @pytest.mark.gpu
@@ -186,7 +187,8 @@ def test_gradients_follow_the_reference():
         for mine, theirs in zip(got, want):
             assert (mine is None) == (theirs is None)
             if mine is not None:
-                assert rel_err(mine, theirs) < 1e-6, op.__name__  # the same reference computation runs in both backwards
+                # the same reference computation runs in both backwards
+                assert rel_err(mine, theirs) < 1e-6, op.__name__
     # only the sum's gradient wanted: the norm output's is None
     for t in (x, r, w):
         t.grad = None

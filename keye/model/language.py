@@ -7,7 +7,6 @@ import torch
 import torch.nn as nn
 
 import keye.ops
-
 from keye.model.attention import Attention, AttentionContext
 from keye.model.config import KeyeConfig
 from keye.model.moe import SparseMoeBlock

@@ -7,9 +7,9 @@ indexer key's LayerNorm + RoPE.
     k = keye.ops.layer_norm_rope(k, ln_weight, ln_bias, cos, sin, eps)  # k [T, H, D] -> fp32
 
 Semantics: keye/ops/reference/norm.py (the rounding steps of Qwen3's modules). The CUDA kernels take x in bf16,
-fp16 or fp32 with the weight (and bias) in x's dtype (the RoPE ops: D in 32 / 64 / 128 / 256); other combinations, CPU
-tensors and keye.ops.force_reference() run the reference. Gradients (both paths) come from the reference,
-recomputed in the backward: the kernels save nothing but their inputs.
+fp16 or fp32 with the weight (and bias) in x's dtype (the RoPE ops: D in 32 / 64 / 128 / 256); other
+combinations, CPU tensors and keye.ops.force_reference() run the reference. Gradients (both paths) come from the
+reference, recomputed in the backward: the kernels save nothing but their inputs.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ _KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROPE_DIMS = (32, 64, 128, 256)
 
 
-def _check_weight(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+def _check_weight(op: str, x: torch.Tensor, weight: torch.Tensor, name: str = "weight") -> None:
     if x.dim() < 1:
         raise ValueError(f"keye.{op}: argument 'x' must have at least one dim, got a scalar")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"keye.{op}: argument 'weight' must be [D] with D = x's last dim {x.shape[-1]}, got "
+        raise ValueError(f"keye.{op}: argument '{name}' must be [D] with D = x's last dim {x.shape[-1]}, got "
                          f"shape {list(weight.shape)}")
 
 
@@ -85,7 +85,7 @@ def layer_norm_rope(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, c
                     eps: float = 1e-6) -> torch.Tensor:
     """LayerNorm of x.float() then RoPE, in fp32: x [T, H, D], weight / bias [D], cos / sin [T, D] -> fp32."""
     _check_weight("layer_norm_rope", x, weight)
-    _check_weight("layer_norm_rope", x, bias)
+    _check_weight("layer_norm_rope", x, bias, "bias")
     _check_rope_args("layer_norm_rope", x, cos, sin)
     if _rope_kernel_ok(x, weight, cos, sin, bias):
         return torch.ops.keye.layer_norm_rope(x, weight, bias, cos, sin, float(eps))
