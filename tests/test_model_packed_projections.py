@@ -57,6 +57,29 @@ def test_in_place_loads_reach_the_packed_buffer_and_replacements_fall_back():
         assert torch.equal(half(ids), other.bfloat16()(ids))
 
 
+def test_packing_keeps_the_parameter_objects_an_optimizer_holds():
+    plain, _ = pair()
+    model = KeyeVL(tiny_config()).eval()
+    model.load_state_dict(plain.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = {name: p for name, p in model.named_parameters()}
+    model.pack_input_projections()  # as generate() does between training steps, e.g. in RL
+    assert all(p is before[name] for name, p in model.named_parameters())
+    assert all(p is not None for p in packed(model))
+    model.train()
+    model(torch.randint(0, 240, (12,)), attention_mode="sparse").float().square().mean().backward()
+    opt.step()  # updates in place, through the views: the packed buffer sees the step
+    assert all(p is not None for p in packed(model))
+    v = model.model.layers[0].self_attn.v_proj.weight
+    assert not torch.equal(v, plain.model.layers[0].self_attn.v_proj.weight)
+    with torch.no_grad():
+        model.eval()
+        unpacked = KeyeVL(tiny_config()).eval()
+        unpacked.load_state_dict(model.state_dict())
+        ids = torch.randint(0, 240, (25,))
+        assert rel_err(model(ids), unpacked(ids)) < 1e-5
+
+
 def test_training_gets_a_gradient_for_q_k_v():
     _, pk = pair()
     pk.train()

@@ -120,8 +120,9 @@ class Attention(nn.Module):
 
     def pack_input_projections(self) -> None:
         """Copy the five input projections' weights into one buffer and make them views of it, so inference reads
-        them with one GEMM (decode on the H200: 35 -> 10 us per layer; NOTES.md). Values, names and the
-        state_dict are unchanged; idempotent. Training (gradients wanted) keeps one GEMM per linear."""
+        them with one GEMM (decode on the H200: 35 -> 10 us per layer; NOTES.md). Values, names, the state_dict
+        and the Parameter objects are unchanged (only their storage moves: an optimizer holding them keeps
+        updating the model); idempotent. Training (gradients wanted) keeps one GEMM per linear."""
         linears = self.input_projections()
         if _packed_weight(linears) is not None or any(lin.weight.is_meta for lin in linears):
             return
@@ -129,7 +130,7 @@ class Attention(nn.Module):
         row = 0
         for lin in linears:
             n = lin.weight.shape[0]
-            lin.weight = nn.Parameter(packed[row: row + n], requires_grad=lin.weight.requires_grad)
+            lin.weight.data = packed[row: row + n]
             row += n
 
     def _project(self, x: torch.Tensor, need_index: bool) -> list[torch.Tensor]:
