@@ -87,6 +87,8 @@ def _packed_weight(linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
     """The linears' weights as one [sum of outputs, in] tensor when they are consecutive rows of one buffer
     (Attention.pack_input_projections), else None. Checked on every call: a weight replaced since (load_checkpoint's
     assignment, .to(), FSDP) simply takes the per-linear path; an in-place update (load_state_dict) is seen."""
+    if any(type(lin.weight.data) is not torch.Tensor for lin in linears):  # e.g. FSDP's DTensor shards
+        return None
     w0 = linears[0].weight
     storage, offset = w0.untyped_storage().data_ptr(), w0.storage_offset()
     for lin in linears:
@@ -124,7 +126,8 @@ class Attention(nn.Module):
         and the Parameter objects are unchanged (only their storage moves: an optimizer holding them keeps
         updating the model); idempotent. Training (gradients wanted) keeps one GEMM per linear."""
         linears = self.input_projections()
-        if _packed_weight(linears) is not None or any(lin.weight.is_meta for lin in linears):
+        if (_packed_weight(linears) is not None or any(lin.weight.is_meta for lin in linears)
+                or any(type(lin.weight.data) is not torch.Tensor for lin in linears)):  # meta, or sharded (DTensor)
             return
         packed = torch.cat([lin.weight.detach() for lin in linears])
         row = 0
