@@ -83,11 +83,16 @@ class Indexer(nn.Module):
         return q8, q_scale, w, k8, k_scale
 
 
+def _plain_weights(linears: tuple[nn.Linear, ...]) -> bool:
+    """Whether every weight is an ordinary materialised tensor (not meta, not a sharded DTensor under FSDP)."""
+    return all(type(lin.weight.data) is torch.Tensor and not lin.weight.is_meta for lin in linears)
+
+
 def _packed_weight(linears: tuple[nn.Linear, ...]) -> torch.Tensor | None:
     """The linears' weights as one [sum of outputs, in] tensor when they are consecutive rows of one buffer
     (Attention.pack_input_projections), else None. Checked on every call: a weight replaced since (load_checkpoint's
     assignment, .to(), FSDP) simply takes the per-linear path; an in-place update (load_state_dict) is seen."""
-    if any(type(lin.weight.data) is not torch.Tensor for lin in linears):  # e.g. FSDP's DTensor shards
+    if not _plain_weights(linears):
         return None
     w0 = linears[0].weight
     storage, offset = w0.untyped_storage().data_ptr(), w0.storage_offset()
@@ -126,8 +131,7 @@ class Attention(nn.Module):
         and the Parameter objects are unchanged (only their storage moves: an optimizer holding them keeps
         updating the model); idempotent. Training (gradients wanted) keeps one GEMM per linear."""
         linears = self.input_projections()
-        if (_packed_weight(linears) is not None or any(lin.weight.is_meta for lin in linears)
-                or any(type(lin.weight.data) is not torch.Tensor for lin in linears)):  # meta, or sharded (DTensor)
+        if not _plain_weights(linears) or _packed_weight(linears) is not None:
             return
         packed = torch.cat([lin.weight.detach() for lin in linears])
         row = 0

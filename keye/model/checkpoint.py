@@ -257,7 +257,8 @@ def save_checkpoint(model: KeyeVL, path: str, *, max_shard_bytes: int = 5 * 2 **
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         # copies: safetensors refuses tensors that share memory (packed projections are views of one buffer)
-        data = {name: make().detach().to("cpu", copy=True).contiguous() for name, _, _, make in shard}
+        data = {name: make().detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+                for name, _, _, make in shard}
         save_file(data, os.path.join(path, fname), metadata={"format": "pt"})
         weight_map.update({name: fname for name in data})
         del data
