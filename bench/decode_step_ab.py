@@ -5,13 +5,15 @@
 Random bf16 weights and random caches (as bench/profile_decode_step.py), one new token per sequence, each variant
 captured as its own CUDA graph (GraphedDecoder) and replayed round-robin with the L2 flushed:
   fused        the model as it is: norm kernels (keye.ops.rms_norm, add_rms_norm, rms_norm_rope,
-               layer_norm_rope) and packed input projections (one GEMM per layer for q, k, v, indexer q and k)
+               layer_norm_rope), packed input projections (one GEMM per layer for q, k, v, indexer q and k) and
+               the indexer's selection from candidate lists at long contexts (keye.ops.dsa_indexer.decode_uses_lists)
+  no lists     the same with the indexer's earlier top-k paths (split chain, or group maxima from 64 rows)
   unpacked     the norm kernels, one GEMM per projection
   eager norms  the norms' PyTorch references (what the model ran before) and one GEMM per projection
 Also prints each variant's eager step, its kernels per step, the fused step's largest kernels, and how far the
 variants' logits are apart (random weights amplify last-bit differences through near-tied top-k choices).
-Numbers of the twenty-seventh session (measured as .ab/s27/step_ab.py, the same steps before this file's
-refactor into functions, which has not run on a GPU): NOTES.md ("Model decode step").
+Numbers: NOTES.md ("Model decode step"): the twenty-seventh session's measured as .ab/s27/step_ab.py (the same
+steps before this file's refactor into functions), the twenty-eighth session's with this file.
 """
 import os
 import sys
@@ -25,19 +27,25 @@ from profile_kernels import kernel_times  # noqa: E402
 
 import keye.model.attention as attention_module  # noqa: E402
 import keye.ops  # noqa: E402
+import keye.ops.dsa_indexer as dsa_indexer_ops  # noqa: E402
 from keye.bench.timing import median_ms_interleaved, rel_err  # noqa: E402
 from keye.model.cuda_graph import GraphedDecoder  # noqa: E402
 from keye.ops import reference as ref  # noqa: E402
 
 FUSED = {n: getattr(keye.ops, n) for n in ("rms_norm", "add_rms_norm", "rms_norm_rope", "layer_norm_rope")}
 PACKED = attention_module._packed_weight
+LISTS = dsa_indexer_ops.LISTS_MIN_KEYS_PER_TOPK
+VARIANTS = (("fused", True, True, True), ("no lists", True, True, False), ("unpacked", True, False, False),
+            ("eager norms", False, False, False))
 
 
-def use(fused: bool, packed: bool = True):
-    """Route the model through the norm kernels or their references, the packed GEMM or one per projection."""
+def use(fused: bool, packed: bool = True, lists: bool = True):
+    """Route the model through the norm kernels or their references, the packed GEMM or one per projection, the
+    indexer's candidate lists or its earlier top-k paths."""
     for n, f in FUSED.items():
         setattr(keye.ops, n, f if fused else getattr(ref, n))
     attention_module._packed_weight = PACKED if packed else (lambda linears: None)
+    dsa_indexer_ops.LISTS_MIN_KEYS_PER_TOPK = LISTS if lists else 1 << 40
 
 
 def compare_shape(model, cfg, ctx, B):
@@ -46,10 +54,10 @@ def compare_shape(model, cfg, ctx, B):
     ids = torch.randint(0, 100000, (B,), device="cuda")
     pos = torch.full((3, B), ctx, dtype=torch.long, device="cuda")
     decs, outs = {}, {}
-    for name, fused, packed in (("fused", True, True), ("unpacked", True, False), ("eager norms", False, False)):
+    for name, fused, packed, lists in VARIANTS:
         use(True, True)
         decs[name] = GraphedDecoder(model, cache)  # packs (once): only then switch the variant's paths
-        use(fused, packed)
+        use(fused, packed, lists)
         outs[name] = decs[name](step, ids, pos)
         ms = host_ms(lambda: model(inputs_embeds=model.model.embed_tokens(ids), position_ids=pos, cache=cache,
                                    step=step, logits="last", attention_mode="sparse"), 1, 3)

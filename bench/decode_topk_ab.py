@@ -1,9 +1,10 @@
-"""Decode selection, two top-k paths in one process (H_I=16, D_I=64, top-2048, one query per sequence):
-the split chain (plain streaming score kernel + topk_rows) against the group-maximum path (the score kernel also
-writing every 8 scores' maximum + topk_rows bounded by them), plus the score kernel alone with and without the
-maxima and keye.ops.indexer_topk_decode as shipped. CUDA graphs, timed round-robin with the L2 flushed; the two
-paths' indices and scores are compared. The twenty-first and twenty-second sessions' tables in README.md and
-NOTES.md come from it:
+"""Decode selection, three top-k paths in one process (H_I=16, D_I=64, top-2048, one query per sequence):
+the split chain (plain streaming score kernel + topk_rows), the group-maximum path (the score kernel also
+writing every 8 scores' maximum + topk_rows bounded by them) and the candidate lists (indexer_topk_paged: each
+score-kernel CTA lists its own candidates, one CTA per row selects from the lists), plus the score kernel alone
+with and without the maxima and keye.ops.indexer_topk_decode as shipped. CUDA graphs, timed round-robin with the
+L2 flushed; the paths' indices and scores are compared with the split chain's. The twenty-first to twenty-eighth
+sessions' tables in README.md and NOTES.md come from it:
     python3 bench/decode_topk_ab.py"""
 import torch
 from keye import ops
@@ -25,7 +26,7 @@ for B, ctx in cases:
     buf = torch.empty(B, cols, device=dev)
     gm = torch.empty(B, cols // 8, device=dev)
     outs = {k: (torch.empty(B, TOPK, dtype=torch.int32, device=dev), torch.empty(B, TOPK, device=dev))
-            for k in ("split", "grouped")}
+            for k in ("split", "grouped", "lists")}
     with ops.index_checks(False):
         g = {"split": capture_graph(
                  lambda: K.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, buf),
@@ -33,6 +34,9 @@ for B, ctx in cases:
              "grouped": capture_graph(
                  lambda: K.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, buf, gm),
                  lambda: K.topk_rows(buf, seq_lens, TOPK, 0, *outs["grouped"], gm)),
+             "lists": capture_graph(
+                 lambda: K.indexer_topk_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, TOPK, buf,
+                                              *outs["lists"])),
              "scores": capture_graph(
                  lambda: K.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, buf)),
              "scores+gm": capture_graph(
@@ -42,11 +46,11 @@ for B, ctx in cases:
         for gr in g.values():
             gr.replay()
         torch.cuda.synchronize()
-        same = torch.equal(outs["split"][0], outs["grouped"][0]) and torch.equal(outs["split"][1], outs["grouped"][1])
+        same = all(torch.equal(outs["split"][i], outs[k][i]) for k in ("grouped", "lists") for i in (0, 1))
         t = median_ms_interleaved({k: v.replay for k, v in g.items()}, dev, reps=40)
     nbytes = B * ctx * (D_I + 4)
-    pct = {k: nbytes / t[k] / 1e6 / copy * 100 for k in ("split", "grouped", "op")}
+    pct = {k: nbytes / t[k] / 1e6 / copy * 100 for k in ("split", "grouped", "lists", "op")}
     print(f"B{B:>4} ctx {ctx:>6} same={same} " + " ".join(f"{k} {v * 1e3:6.1f}" for k, v in t.items()) +
-          f" us | % copy: split {pct['split']:.1f} grouped {pct['grouped']:.1f} op {pct['op']:.1f}", flush=True)
+          " us | % copy: " + " ".join(f"{k} {v:.1f}" for k, v in pct.items()), flush=True)
     del k_cache, k_scale_cache, block_table, buf, gm, g
     torch.cuda.empty_cache()

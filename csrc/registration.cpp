@@ -37,6 +37,10 @@ TORCH_LIBRARY(keye, m) {
       "indexer_logits_paged(Tensor q8, Tensor q_scale, Tensor w, Tensor k_cache, Tensor k_scale_cache, "
       "Tensor block_table, Tensor seq_lens, Tensor(a!) out, Tensor(b!)? group_max=None) -> ()");
   m.def(
+      "indexer_topk_paged(Tensor q8, Tensor q_scale, Tensor w, Tensor k_cache, Tensor k_scale_cache, "
+      "Tensor block_table, Tensor seq_lens, int topk, Tensor(a!) scores, Tensor(b!) indices, "
+      "Tensor(c!)? out_scores=None) -> ()");
+  m.def(
       "topk_rows(Tensor scores, Tensor lengths, int topk, int index_offset, Tensor(a!) indices, "
       "Tensor(b!)? out_scores=None, Tensor? group_max=None) -> ()");
   m.def(
@@ -83,6 +87,7 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("indexer_rotate_quantize", &keye::indexer_rotate_quantize_cuda);
   m.impl("indexer_logits", &keye::indexer_logits_cuda);
   m.impl("indexer_logits_paged", &keye::indexer_logits_paged_cuda);
+  m.impl("indexer_topk_paged", &keye::indexer_topk_paged_cuda);
   m.impl("topk_rows", &keye::topk_rows_cuda);
   m.impl("indexer_cache_append", &keye::indexer_cache_append_cuda);
   m.impl("paged_slots", &keye::paged_slots_cuda);

@@ -126,8 +126,9 @@ def test_indexer_prefill(noise):
     assert_same_beside_noise(lambda: ops.indexer_topk_prefill(q8, qs, w, k8, ks, cu, TOPK, return_scores=True), noise)
 
 
-def test_indexer_decode(noise):
-    B, ctx = 8, 32768
+@pytest.mark.parametrize("ctx", [32768, 65536])  # the split top-k; the candidate lists (decode_uses_lists)
+def test_indexer_decode(noise, ctx):
+    B = 8
     k_cache, k_scale_cache, block_table = paged_cache(B, ctx, torch.device(DEV))
     q8, qs = ops.indexer_rotate_quantize(torch.randn(B, 1, H_I, D_I, device=DEV, dtype=torch.bfloat16))
     w = torch.randn(B, 1, H_I, device=DEV)

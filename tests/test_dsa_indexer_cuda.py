@@ -453,6 +453,7 @@ def test_decode_long_contexts_match_reference(H, D, n, monkeypatch):
     writes group maxima and the top-k is bounded by them. Sequences short and long in one batch, lengths not a
     multiple of 8."""
     monkeypatch.setattr(dsa_indexer_ops, "GROUP_MAX_MIN_ROWS", 1)
+    monkeypatch.setattr(dsa_indexer_ops, "LISTS_MIN_KEYS_PER_TOPK", 1 << 30)
     topk = 512
     lens = [n, 600, 9001, 20_003, 3 * 4096 + 7]
     args = _paged_case(lens, n, H, D)
@@ -468,6 +469,63 @@ def test_decode_long_contexts_match_reference(H, D, n, monkeypatch):
     plain = torch.empty(len(lens) * n, topk, dtype=torch.int32, device=DEV)
     torch.ops.keye.topk_rows(out, lengths, topk, 0, plain, None)
     assert torch.equal(idx.view(-1, topk), plain)
+
+
+def _plain_selection(args, topk):
+    """The op's scores and the whole-row top-k of them (topk_rows, no bound): what every decode path must select."""
+    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = args
+    B, n = q8.shape[:2]
+    out = torch.empty(B * n, block_table.shape[1] * 64, device=DEV)
+    torch.ops.keye.indexer_logits_paged(q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens, out)
+    lengths = (seq_lens.view(-1, 1) + torch.arange(1 - n, 1, device=DEV)).view(-1).int()
+    idx = torch.empty(B * n, topk, dtype=torch.int32, device=DEV)
+    sc = torch.empty(B * n, topk, device=DEV)
+    torch.ops.keye.topk_rows(out, lengths, topk, 0, idx, sc)
+    return idx.view(B, n, topk), sc.view(B, n, topk)
+
+
+@pytest.mark.parametrize("H,D,n", [(16, 64, 1), (8, 32, 2), (4, 128, 4), (16, 128, 1)])
+def test_decode_candidate_lists_match_reference(H, D, n, monkeypatch):
+    """Contexts of LISTS_MIN_KEYS_PER_TOPK keys per selected key: the score kernel's CTAs list their candidates and
+    the selection reads the lists (indexer_topk_paged). Short rows (emit all), rows whose lists are shorter than
+    topk (whole-row fallback), long rows, n > 1; the result equals the plain top-k of the same scores exactly,
+    indices and scores."""
+    monkeypatch.setattr(dsa_indexer_ops, "LISTS_MAX_ROWS", 64)
+    topk = 256
+    lens = [n, 300, 700, 9001, 20_003, 3 * 4096 + 7]
+    args = _paged_case(lens, n, H, D)
+    assert dsa_indexer_ops.decode_uses_lists(len(lens) * n, n, H, args[5].shape[1] * 64, topk)
+    poison_next_alloc(len(lens) * n * topk * 4, byte=0x7F)
+    idx, sc = ops.indexer_topk_decode(*args, topk, return_scores=True)
+    _check_decode(idx, sc, args, lens, topk)
+    want_idx, want_sc = _plain_selection(args, topk)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(sc, want_sc)
+
+
+def test_decode_candidate_lists_units_above_the_threshold():
+    """Units whose bound lies above the row's threshold (the top keys crowded into a few units: their key scales x
+    100), units whose lists overflow (a run of exactly tied zero scores: k_scale 0), rows with several of both: the
+    selection re-reads those units and still equals the plain top-k exactly."""
+    topk = 256
+    lens = [40_000, 30_011, 25_600]
+    args = _paged_case(lens, 1, 16, 64)
+    assert dsa_indexer_ops.decode_uses_lists(len(lens), 1, 16, args[5].shape[1] * 64, topk)
+    q8, qs, w, k_cache, k_scale_cache, block_table, seq_lens = args
+    for b, L in enumerate(lens):
+        pos = torch.arange(L, device=DEV)
+        slot = block_table[b].long()[pos // 64] * 64 + pos % 64
+        scale = k_scale_cache.view(-1)
+        crowd = (pos >= L - 700) | ((pos >= 5000) & (pos < 5300))  # a recent window and an "anchor" block
+        scale[slot[crowd]] *= 100
+        if b != 1:
+            scale[slot[(pos >= 12_000) & (pos < 14_000)]] = 0  # 2000 keys scoring exactly 0
+    idx, sc = ops.indexer_topk_decode(*args, topk, return_scores=True)
+    want_idx, want_sc = _plain_selection(args, topk)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(sc, want_sc)
+    inside = ((idx >= 5000) & (idx < 5300)) | (idx >= seq_lens.view(-1, 1, 1) - 700)
+    assert inside.float().mean() > 0.5, "the boosted keys should dominate the selection (test premise)"
 
 
 NARROW = [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4), (4, 32, 3)]
@@ -546,12 +604,14 @@ def test_paged_logits_ignore_cache_bytes_past_the_sequence(H, D, n):
         assert torch.equal(tail, torch.zeros_like(tail)), f"sequence {b}: columns past seq_len not written as 0"
 
 
-@pytest.mark.parametrize("min_rows", [64, 1])
-def test_decode_is_graph_capturable(min_rows, monkeypatch):
-    """Whole op captured and replayed; the 70000-token sequence takes the split-row top-k (zeroed workspace
-    allocated inside the capture) or, with the row threshold lowered, the group-maximum one (its maxima buffer
-    allocated inside the capture)."""
-    monkeypatch.setattr(dsa_indexer_ops, "GROUP_MAX_MIN_ROWS", min_rows)
+@pytest.mark.parametrize("path", ["lists", "split", "group_max"])
+def test_decode_is_graph_capturable(path, monkeypatch):
+    """Whole op captured and replayed; the 70000-token sequence takes the candidate lists (their workspace
+    allocated inside the capture), or with the lists' threshold raised the split-row top-k (zeroed workspace) or,
+    with the row threshold lowered too, the group-maximum one (its maxima buffer)."""
+    if path != "lists":
+        monkeypatch.setattr(dsa_indexer_ops, "LISTS_MIN_KEYS_PER_TOPK", 1 << 30)
+    monkeypatch.setattr(dsa_indexer_ops, "GROUP_MAX_MIN_ROWS", 1 if path == "group_max" else 64)
     args = _paged_case([700, 70000], 1, 16, 64)
     with ops.index_checks(False):
         ops.indexer_topk_decode(*args, 256)  # warm-up (kernel attributes, allocator)
@@ -607,6 +667,16 @@ def test_errors_name_the_argument():
     q8 = torch.zeros(B, 1, 16, 64, dtype=ref.FP8, device=DEV)
     cache = torch.zeros(1, 64, 64, dtype=ref.FP8, device=DEV), torch.ones(1, 64, device=DEV)
     table, lens = torch.zeros(B, 1, dtype=torch.int32, device=DEV), torch.ones(B, dtype=torch.int32, device=DEV)
+    args = _paged_case([100, 3000], 2, 16, 64)  # 32 (query, head) columns per sequence
+    scores = torch.empty(4, args[5].shape[1] * 64, device=DEV)
+    idx = torch.empty(4, 16, dtype=torch.int32, device=DEV)
+    with pytest.raises(ValueError, match="at most 16 \\(query, head\\) columns per sequence; got n \\* H_I = 32"):
+        torch.ops.keye.indexer_topk_paged(*args, 16, scores, idx)
+    args = _paged_case([100, 3000], 1, 16, 64)
+    with pytest.raises(ValueError, match="'indices' must have shape \\[2, 16\\]"):
+        torch.ops.keye.indexer_topk_paged(*args, 16, scores[:2], idx)
+    with pytest.raises(ValueError, match="'topk' must be an int in \\[1, 4096\\], got 5000"):
+        torch.ops.keye.indexer_topk_paged(*args, 5000, scores[:2], idx[:2])
     with pytest.raises(ValueError, match="65536 sequences in one call exceed the grid limit"):
         ones = torch.ones(B, 1, 16, device=DEV)
         torch.ops.keye.indexer_logits_paged(q8, ones, ones, *cache, table, lens, torch.empty(B, 64, device=DEV))
@@ -632,6 +702,11 @@ def test_opcheck():
     outd = torch.empty(4, block_table.shape[1] * 64, device=DEV)
     torch.library.opcheck(torch.ops.keye.indexer_logits_paged.default,
                           (q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens, outd), test_utils=FP8_OPCHECK)
+    q8d, qsd, wd = (t[:, :1].contiguous() for t in (q8d, qsd, wd))
+    idxd, scd = torch.empty(2, 16, dtype=torch.int32, device=DEV), torch.empty(2, 16, device=DEV)
+    torch.library.opcheck(torch.ops.keye.indexer_topk_paged.default,
+                          (q8d, qsd, wd, k_cache, k_scale_cache, block_table, seq_lens, 16, outd[:2], idxd, scd),
+                          test_utils=FP8_OPCHECK)
     slots = torch.arange(5, dtype=torch.int32, device=DEV)
     torch.library.opcheck(torch.ops.keye.indexer_cache_append.default,
                           (k8[:5], ks[:5], k_cache.clone(), k_scale_cache.clone(), slots), test_utils=FP8_OPCHECK)

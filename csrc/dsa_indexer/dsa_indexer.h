@@ -30,6 +30,18 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, 
                                const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out,
                                const std::optional<at::Tensor>& group_max);
 
+// Scores and selection in one op, for at most 16 (query, head) columns per sequence (the streaming kernel): the
+// scores of every row into scores (as indexer_logits_paged writes out), and per row the selection topk_rows makes
+// of them (lengths as in indexer_topk_decode: query j of sequence b sees seq_lens[b] - n + 1 + j keys) written to
+// indices [B * n, topk] int32 (positions, ascending) and optionally out_scores. Each CTA of the score kernel also
+// lists its candidates (the keys at or above a bound it picks from its own scores, indexer_logits_decode.h), and one
+// CTA per row selects from the lists, re-reading from scores only the units whose bound turns out to lie above the
+// row's threshold (topk_lists.cu).
+void indexer_topk_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
+                             const at::Tensor& k_cache, const at::Tensor& k_scale_cache, const at::Tensor& block_table,
+                             const at::Tensor& seq_lens, int64_t topk, const at::Tensor& scores,
+                             const at::Tensor& indices, const std::optional<at::Tensor>& out_scores);
+
 // Per row r of scores [R, ld] fp32: the min(topk, lengths[r]) highest of its first lengths[r] entries (ties to the
 // lower column, NaN counts as -inf, -0.0 as +0.0), written in ascending column order (+ index_offset) to
 // indices [R, topk] int32, then -1; optionally their scores to out_scores [R, topk] (-inf in empty slots).

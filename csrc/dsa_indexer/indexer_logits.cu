@@ -25,6 +25,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <array>
 #include <cmath>
 #include <cstdint>
 
@@ -35,6 +36,7 @@
 #include "dsa_indexer/dsa_checks.h"
 #include "dsa_indexer/dsa_device.cuh"
 #include "dsa_indexer/indexer_logits_decode.h"
+#include "dsa_indexer/topk_lists.h"
 
 namespace keye {
 namespace {
@@ -348,11 +350,12 @@ void indexer_logits_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const 
   dispatch(static_cast<int>(H), static_cast<int>(D), p, num_tiles, 1, at::cuda::getCurrentCUDAStream());
 }
 
-void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
-                               const at::Tensor& k_cache, const at::Tensor& k_scale_cache,
-                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out,
-                               const std::optional<at::Tensor>& group_max) {
-  const char* op = "indexer_logits_paged";
+namespace {
+
+// The paged ops' common checks; returns {B, n, H, D, max_pages}.
+std::array<int64_t, 5> check_paged(const char* op, const at::Tensor& q8, const at::Tensor& q_scale,
+                                   const at::Tensor& w, const at::Tensor& k_cache, const at::Tensor& k_scale_cache,
+                                   const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out) {
   check_indexer_queries(q8, q_scale, w, 4, op);
   const int64_t B = q8.size(0), n = q8.size(1), H = q8.size(2), D = q8.size(3);
   check_indexer_cache(k_cache, k_scale_cache, q8, "q8", op);
@@ -360,6 +363,42 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, 
   check_int32_batch(seq_lens, 1, B, q8, op, "seq_lens", "[B]");
   const int64_t max_pages = block_table.size(1);
   check_out(out, B * n, max_pages * 64, q8, op);
+  check_aligned16(q8, op, "q8");
+  check_aligned16(k_cache, op, "k_cache");
+  check_aligned16(k_scale_cache, op, "k_scale_cache");
+  return {B, n, H, D, max_pages};
+}
+
+// Both score kernels' argument structs name the paged-cache fields alike.
+template <typename Args>
+Args paged_args(Args args, const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
+                const at::Tensor& k_cache, const at::Tensor& k_scale_cache, const at::Tensor& block_table,
+                const at::Tensor& seq_lens, const at::Tensor& out) {
+  args.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
+  args.coef = score_coefficients(q_scale, w, q8.size(3));
+  args.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
+  args.k_scale = k_scale_cache.data_ptr<float>();
+  args.block_table = block_table.data_ptr<int>();
+  args.seq_lens = seq_lens.data_ptr<int>();
+  args.bt_stride = block_table.stride(0);
+  args.max_pages = static_cast<int>(block_table.size(1));
+  args.num_pages = static_cast<int>(k_cache.size(0));
+  args.rows_per_seq = static_cast<int>(q8.size(1));
+  args.out = out.data_ptr<float>();
+  args.ld = out.stride(0);
+  args.out_cols = out.size(1);
+  return args;
+}
+
+}  // namespace
+
+void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
+                               const at::Tensor& k_cache, const at::Tensor& k_scale_cache,
+                               const at::Tensor& block_table, const at::Tensor& seq_lens, const at::Tensor& out,
+                               const std::optional<at::Tensor>& group_max) {
+  const char* op = "indexer_logits_paged";
+  const auto [B, n, H, D, max_pages] =
+      check_paged(op, q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, out);
   if (group_max.has_value()) {
     const at::Tensor& g = *group_max;
     KEYE_CHECK(n * H <= 16, "keye.", op, ": argument 'group_max' is written by the streaming kernel only, for at "
@@ -369,34 +408,15 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, 
                ": argument 'group_max' must have shape [", B * n, ", >= ", max_pages * 64 / kScoreGroupKeys,
                "] (one maximum per ", kScoreGroupKeys, " keys), got ", dims_str(g.sizes()));
   }
-  check_aligned16(q8, op, "q8");
-  check_aligned16(k_cache, op, "k_cache");
-  check_aligned16(k_scale_cache, op, "k_scale_cache");
   check_index_range(seq_lens, n, max_pages * 64, op, "seq_lens");
   check_index_range(block_table, 0, k_cache.size(0) - 1, op, "block_table");
   if (B == 0 || n == 0 || max_pages == 0) return;
   const at::cuda::CUDAGuard guard(q8.device());
   const int num_tiles = static_cast<int>(max_pages);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  // Both kernels' argument structs name the paged-cache fields alike.
-  auto paged_args = [&](auto args) {
-    args.q = reinterpret_cast<const uint8_t*>(q8.data_ptr());
-    args.coef = score_coefficients(q_scale, w, D);
-    args.k = reinterpret_cast<const uint8_t*>(k_cache.data_ptr());
-    args.k_scale = k_scale_cache.data_ptr<float>();
-    args.block_table = block_table.data_ptr<int>();
-    args.seq_lens = seq_lens.data_ptr<int>();
-    args.bt_stride = block_table.stride(0);
-    args.max_pages = static_cast<int>(max_pages);
-    args.num_pages = static_cast<int>(k_cache.size(0));
-    args.rows_per_seq = static_cast<int>(n);
-    args.out = out.data_ptr<float>();
-    args.ld = out.stride(0);
-    args.out_cols = out.size(1);
-    return args;
-  };
   if (n * H <= 16) {  // the streaming kernel of indexer_logits_decode.cu: whole pages by bulk copy
-    DecodeLogitsArgs args = paged_args(DecodeLogitsArgs{});
+    DecodeLogitsArgs args =
+        paged_args(DecodeLogitsArgs{}, q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, out);
     if (group_max.has_value()) {
       args.group_max = group_max->data_ptr<float>();
       args.gm_ld = group_max->stride(0);
@@ -404,8 +424,72 @@ void indexer_logits_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, 
     return indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), args, num_tiles,
                                         static_cast<int>(B), stream);
   }
-  dispatch(static_cast<int>(H), static_cast<int>(D), paged_args(LogitsParams{}), num_tiles, static_cast<int>(B),
-           stream);
+  dispatch(static_cast<int>(H), static_cast<int>(D),
+           paged_args(LogitsParams{}, q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, out), num_tiles,
+           static_cast<int>(B), stream);
+}
+
+void indexer_topk_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, const at::Tensor& w,
+                             const at::Tensor& k_cache, const at::Tensor& k_scale_cache, const at::Tensor& block_table,
+                             const at::Tensor& seq_lens, int64_t topk, const at::Tensor& scores,
+                             const at::Tensor& indices, const std::optional<at::Tensor>& out_scores) {
+  const char* op = "indexer_topk_paged";
+  const auto [B, n, H, D, max_pages] =
+      check_paged(op, q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, scores);
+  KEYE_CHECK(n * H <= 16, "keye.", op, ": the candidate lists come from the streaming score kernel, for at most 16 "
+             "(query, head) columns per sequence; got n * H_I = ", n * H);
+  KEYE_CHECK(topk >= 1 && topk <= 4096, "keye.", op, ": argument 'topk' must be an int in [1, 4096], got ", topk);
+  KEYE_CHECK(max_pages * 64 < (int64_t{1} << 30), "keye.", op, ": ", max_pages, " pages per sequence do not fit int32 "
+             "positions");
+  check_dense(indices, q8, "q8", {at::kInt}, 2, op, "indices", "[B * n, topk]");
+  KEYE_CHECK(indices.size(0) == B * n && indices.size(1) == topk, "keye.", op, ": argument 'indices' must have shape [",
+             B * n, ", ", topk, "], got ", dims_str(indices.sizes()));
+  float* sc_ptr = nullptr;
+  if (out_scores.has_value()) {
+    check_dense(*out_scores, q8, "q8", {at::kFloat}, 2, op, "out_scores", "[B * n, topk]");
+    KEYE_CHECK(out_scores->sizes() == indices.sizes(), "keye.", op, ": argument 'out_scores' must have shape ",
+               dims_str(indices.sizes()), ", got ", dims_str(out_scores->sizes()));
+    sc_ptr = out_scores->data_ptr<float>();
+  }
+  check_index_range(seq_lens, n, max_pages * 64, op, "seq_lens");
+  check_index_range(block_table, 0, k_cache.size(0) - 1, op, "block_table");
+  if (B == 0 || n == 0) return;
+  const at::cuda::CUDAGuard guard(q8.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  if (max_pages == 0) {  // no keys: every slot empty
+    indices.fill_(-1);
+    if (out_scores.has_value()) out_scores->fill_(-INFINITY);
+    return;
+  }
+  const int num_tiles = static_cast<int>(max_pages), tiles = decode_tiles_per_cta(num_tiles, static_cast<int>(B));
+  const int units = (num_tiles + tiles - 1) / tiles;
+  const auto opts = q8.options().dtype(at::kInt);
+  const at::Tensor cand = at::empty({B * n * units * kDecodeListCap * 2}, opts);
+  const at::Tensor counts = at::empty({B * n * units}, opts), bounds = at::empty({B * n * units}, opts);
+  DecodeLogitsArgs args =
+      paged_args(DecodeLogitsArgs{}, q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens, scores);
+  args.cand = reinterpret_cast<uint2*>(cand.data_ptr<int>());
+  args.cand_count = counts.data_ptr<int>();
+  args.cand_bound = reinterpret_cast<uint32_t*>(bounds.data_ptr<int>());
+  args.cand_units = units;
+  args.topk = static_cast<int>(topk);
+  indexer_logits_decode_narrow(static_cast<int>(H), static_cast<int>(D), args, num_tiles, static_cast<int>(B),
+                               stream);
+  ListRows rows{};
+  rows.scores = scores.data_ptr<float>();
+  rows.ld = scores.stride(0);
+  rows.cols = static_cast<int>(max_pages * 64);
+  rows.seq_lens = seq_lens.data_ptr<int>();
+  rows.rows_per_seq = static_cast<int>(n);
+  rows.cand = args.cand;
+  rows.cand_count = args.cand_count;
+  rows.cand_bound = args.cand_bound;
+  rows.units = units;
+  rows.keys_per_unit = tiles * 64;
+  rows.topk = static_cast<int>(topk);
+  rows.indices = indices.data_ptr<int>();
+  rows.out_scores = sc_ptr;
+  launch_topk_lists(rows, B * n, stream);
 }
 
 }  // namespace keye

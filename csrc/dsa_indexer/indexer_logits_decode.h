@@ -28,7 +28,23 @@ struct DecodeLogitsArgs {
   int64_t out_cols;
   float* group_max;          // null, or [B * n, >= max_pages * 64 / kScoreGroupKeys] (dsa_indexer.h)
   int64_t gm_ld;
+  // Candidate lists (null unless the selection is made from them, topk_lists.cu; exclusive with group_max): per
+  // query row and CTA of the sequence's grid (a "unit" of tiles_per_cta pages), a bound (an order key) and every key
+  // of the row in the unit whose score's order key reaches it, as (order key, column) pairs in column order. The
+  // bound is about the m-th largest of the unit's 8-key group maxima, m a few standard deviations above the share
+  // of the row's topk a unit holds on average (decode_list_rank), so that it is usually below the row's threshold.
+  uint2* cand;               // [B * n, cand_units, kDecodeListCap]
+  int* cand_count;           // [B * n, cand_units]: keys at or above the bound (more than kDecodeListCap: incomplete)
+  uint32_t* cand_bound;      // [B * n, cand_units]
+  int cand_units;            // CTAs per sequence: ceil(max_pages / tiles_per_cta)
+  int topk;
 };
+
+// Entries a unit's candidate list holds; a unit with more is re-read from the scores by the selection.
+constexpr int kDecodeListCap = 128;
+
+// Pages per CTA ("unit") of the narrow kernel for num_seqs sequences of num_tiles pages each on this device.
+int decode_tiles_per_cta(int num_tiles, int num_seqs);
 
 void indexer_logits_decode_narrow(int H, int D, const DecodeLogitsArgs& p, int num_tiles, int num_seqs,
                                   cudaStream_t stream);

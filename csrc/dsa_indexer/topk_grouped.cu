@@ -29,108 +29,6 @@ constexpr int kRoundGroups = 6;                // listed groups a thread loads a
 static_assert(2 * kCandCap <= kMaxGroups, "the candidate list reuses the staged maxima's shared memory");
 static_assert(kScoreGroupKeys == 8, "a group is two 16-byte vectors of scores");
 
-// Writes the selection from a candidate list in ascending column order (list order): every key above the
-// threshold, and of those equal to it the `need` first ones (ties to the lower column), or all of them if done.
-__device__ void emit_ordered(const uint32_t* keys, const int* cols, int m, const Threshold& th, Shared& sh,
-                             int* out_idx, float* out_sc, int offset) {
-  const int per = (m + kThreads - 1) / kThreads, first = min(m, per * static_cast<int>(threadIdx.x));
-  const int last = min(m, first + per);
-  int above = 0, equal = 0;
-  for (int i = first; i < last; ++i) {
-    const uint32_t k = keys[i] & th.mask;
-    above += k > th.prefix;
-    equal += k == th.prefix;
-  }
-  // One scan of both counts (m < 2^16): this thread's first output follows the earlier threads' keys above the
-  // threshold and the first `need` of their keys equal to it.
-  int total;
-  const int before = block_exclusive_scan(equal << 16 | above, sh, &total);
-  const int eq_before = before >> 16;
-  int pos = (before & 0xffff) + (th.done ? eq_before : min(eq_before, th.need));
-  int eq_seen = eq_before;
-  for (int i = first; i < last; ++i) {
-    const uint32_t key = keys[i], k = key & th.mask;
-    bool take = k > th.prefix;
-    if (k == th.prefix) take = th.done || eq_seen++ < th.need;
-    if (!take) continue;
-    out_idx[pos] = cols[i] + offset;
-    if (out_sc) out_sc[pos] = key_value(key);
-    ++pos;
-  }
-}
-
-// The threshold of the top th.need keys of a candidate list whose keys all lie in [lo, hi]. Each step histograms
-// the keys in the current range into 2^kRangeBits bins spread over that range (not over fixed bits of the key) and
-// narrows the range to the bin that holds the need-th largest key, until that bin holds at most kRankMax keys; those
-// are then ranked against each other (ties to the lower list position, i.e. the lower column). Fixed 11/11/10-bit
-// digits took three steps on these lists: every candidate lies within a binade or two of lb, so the top 11 bits put
-// them all in a few bins. Over [lb, max] a 2048-bin step should leave only a few keys in the bin for independent
-// scores (estimated, not counted). H200, twenty-third session: 0.3-3.7 us faster than the three fixed-digit steps
-// for the kernel alone and up to 1.6 us for the decode op, never slower, identical indices (NOTES.md).
-// Returns the threshold in emit_ordered's form: keys above th.prefix, and the first th.need keys equal to it (all of
-// them when th.done).
-constexpr int kRangeBits = 11;
-constexpr int kRankMax = 128;
-__device__ void list_threshold(const uint32_t* keys, int m, uint32_t lo, uint32_t hi, Threshold& th, Shared& sh) {
-  const int tid = threadIdx.x;
-  uint32_t span = hi - lo;
-  for (;;) {
-    const int shift = max(0, 32 - __clz(static_cast<int>(span)) - kRangeBits);  // span >> shift < 2^kRangeBits
-    for (int b = tid; b < (1 << kRangeBits); b += kThreads) sh.hist[b] = 0;
-    __syncthreads();
-    for (int i = tid; i < m; i += kThreads) {
-      const uint32_t d = keys[i] - lo;  // keys below lo wrap past span
-      if (d <= span) atomicAdd(&sh.hist[d >> shift], 1u);
-    }
-    __syncthreads();
-    Threshold bin;
-    bin.need = th.need;
-    select_bin<kRangeBits>(0, bin, sh);
-    const uint32_t bin_lo = lo + (bin.prefix << shift);
-    const int count = sh.sel_count;  // keys in the bin (select_bin's last barrier is behind every reader)
-    th.need = bin.need;
-    th.prefix = bin_lo;
-    th.mask = ~0u;
-    if (bin.done) {  // the whole bin is taken: every key >= bin_lo
-      th.done = true;
-      return;
-    }
-    if (shift == 0) return;  // one key value: the first th.need of its keys
-    if (count <= kRankMax) {
-      // The bin's keys in list order into shared memory (the histogram's first words), then each ranked.
-      uint32_t* small = sh.hist;
-      const int per = (m + kThreads - 1) / kThreads, first = min(m, per * tid), last = min(m, first + per);
-      int c = 0;
-      for (int i = first; i < last; ++i) c += keys[i] - bin_lo < (1u << shift);
-      int total;
-      int pos = block_exclusive_scan(c, sh, &total);
-      for (int i = first; i < last; ++i)
-        if (keys[i] - bin_lo < (1u << shift)) small[pos++] = keys[i];
-      __syncthreads();
-      if (tid < count) {
-        const uint32_t k = small[tid];
-        int above = 0, equal_before = 0;
-        for (int j = 0; j < count; ++j) {
-          const uint32_t x = small[j];
-          above += x > k;
-          equal_before += x == k && j < tid;
-        }
-        if (above + equal_before == th.need - 1) {  // the last key taken (exactly one thread)
-          sh.sel_bin = static_cast<int>(k);
-          sh.sel_above = above;
-        }
-      }
-      __syncthreads();
-      th.prefix = static_cast<uint32_t>(sh.sel_bin);
-      th.need -= sh.sel_above;
-      __syncthreads();  // sh.sel_* are read before any later writer
-      return;
-    }
-    lo = bin_lo;
-    span = (1u << shift) - 1;
-  }
-}
-
 __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const GroupedRows a) {
   extern __shared__ __align__(16) uint8_t smem_raw[];
   Shared& sh = *reinterpret_cast<Shared*>(smem_raw);
@@ -147,13 +45,7 @@ __global__ void __launch_bounds__(kThreads, 1) topk_grouped_kernel(const Grouped
   float* out_sc = a.out_scores ? a.out_scores + r * a.topk : nullptr;
   const int n = row_length(a.lengths, r, a.cols);
   if (n <= a.topk) return emit_all(row, n, a.topk, out_idx, out_sc, a.offset);
-  auto whole_row = [&] {  // exact from global memory, for the rows the lists cannot take
-    const GlobalRow grow{row};
-    Threshold th;
-    th.need = a.topk;
-    radix_step<kFirstBits>(grow, n, 32 - kFirstBits, th, sh);
-    finish_and_emit(grow, n, n, th, sh, row, a.topk, out_idx, out_sc, a.offset);
-  };
+  auto whole_row = [&] { select_whole_row(row, n, a.topk, sh, out_idx, out_sc, a.offset); };
   const int full = n / kScoreGroupKeys, groups = (n + kScoreGroupKeys - 1) / kScoreGroupKeys;
   if (groups > kMaxGroups) return whole_row();
 

@@ -155,7 +155,8 @@ def decode_cases(batches: list[int], contexts: list[int], device: torch.device, 
                 graph_ms = median_ms(graph.replay, device, reps)
                 kernels_ms = kernel_ms(graph.replay, device, reps=reps)
                 buf = torch.empty(B, ctx, device=device)
-                # The score kernel as the op runs it (with the group maxima where the op asks for them).
+                # The score kernel as the op runs it with the group maxima where the op asks for them; where it
+                # selects from candidate lists (decode_uses_lists) the kernel without the lists' epilogue.
                 gmax = (torch.empty(B, ctx // GROUP_KEYS, device=device)
                         if decode_uses_group_max(B, 1, H_I, ctx, TOPK) else None)
                 scores_ms = median_ms(lambda: torch.ops.keye.indexer_logits_paged(

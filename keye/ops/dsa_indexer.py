@@ -14,8 +14,9 @@ The selection itself is exact on the kernel's scores (ties to lower positions) a
 
 Prefill works through the sequences in query chunks: the chunk's scores [rows, keys] (fp32, at most
 max_chunk_bytes) are written by the score kernel and read by the top-k kernel; no T x T matrix exists. Decode with
-many rows of long contexts has the score kernel also write the maximum of every 8 scores, which bound the top-k's
-search (decode_uses_group_max).
+long contexts and few rows has each CTA of the score kernel also list its own candidates, and one CTA per row
+selects from those lists (decode_uses_lists); many rows of long contexts bound the top-k by the maximum of every 8
+scores (decode_uses_group_max).
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ GROUP_KEYS = 8  # scores per group maximum (kScoreGroupKeys in csrc/dsa_indexer/
 # rows of 128K 35.2 / 59.9 / 118.1 us split against 38.4 / 60.0 / 116.9, 64 rows 197.6 against 188.7.
 GROUP_MAX_MIN_GROUPS_PER_TOPK = 2
 GROUP_MAX_MIN_ROWS = 64
+# Decode selects from the score kernel's candidate lists (indexer_topk_paged) from contexts of this many keys per
+# selected key: each CTA lists the keys above about the m-th largest of its group maxima, m a few standard deviations
+# above its expected share of the selection, ~2-3 topk keys per row in all from 32 keys per selected key on (at 16
+# the lists would hold most of a 512-key unit and overflow the selection's shared memory); and up to this many query
+# rows: the lists' epilogue lengthens the score stream, which with many rows costs more than the shorter selection
+# saves (H200, twenty-eighth session, NOTES.md; us, split chain / group maxima / lists: 1 row of 128K 36.0 / 38.9 /
+# 27.5, 8 rows 56.2 / 57.2 / 50.2, 32 rows 116.3 / 112.1 / 128.8, 64 rows 195.4 / 185.5 / 199.3).
+LISTS_MIN_KEYS_PER_TOPK = 32
+LISTS_MAX_ROWS = 16
 
 
 def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
@@ -46,6 +56,13 @@ def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -
     GROUP_MAX_MIN_GROUPS_PER_TOPK groups per selected key."""
     return (n * heads <= 16 and rows >= GROUP_MAX_MIN_ROWS
             and cols >= GROUP_MAX_MIN_GROUPS_PER_TOPK * GROUP_KEYS * topk)
+
+
+def decode_uses_lists(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
+    """Whether indexer_topk_decode selects from the score kernel's candidate lists: the streaming score kernel
+    (n * H_I <= 16), contexts of at least LISTS_MIN_KEYS_PER_TOPK keys per selected key and at most LISTS_MAX_ROWS
+    query rows."""
+    return n * heads <= 16 and cols >= LISTS_MIN_KEYS_PER_TOPK * topk and rows <= LISTS_MAX_ROWS
 
 
 def score_chunk_rows(max_len: int, heads: int, max_chunk_bytes: int) -> tuple[int, int]:
@@ -126,25 +143,35 @@ def indexer_topk_decode(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq
     seq_lens32 = seq_lens.to(torch.int32).contiguous()
     cols = block_table.shape[1] * ref.PAGE_SIZE
     buf = torch.empty(B * n, cols, dtype=torch.float32, device=dev)
+    indices = torch.empty(B * n, topk, dtype=torch.int32, device=dev)
+    scores = torch.empty(B * n, topk, dtype=torch.float32, device=dev) if return_scores else None
+    q8, q_scale, w = q8.contiguous(), q_scale.contiguous(), w.contiguous()
+    if decode_uses_lists(B * n, n, H, cols, topk):
+        torch.ops.keye.indexer_topk_paged(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens32, topk, buf,
+                                          indices, scores)
+        return _decode_result(indices, scores, block_table, B, n, topk, physical)
     # Many rows of long contexts with the streaming score kernel: it also writes the maximum of every 8 scores, and
     # the top-k kernel bounds its search by them (one kernel per row reading a fraction of it instead of three
     # kernels reading all of it twice).
     group_max = None
     if decode_uses_group_max(B * n, n, H, cols, topk):
         group_max = torch.empty(B * n, cols // GROUP_KEYS, dtype=torch.float32, device=dev)
-    torch.ops.keye.indexer_logits_paged(q8.contiguous(), q_scale.contiguous(), w.contiguous(), k_cache, k_scale_cache,
-                                        block_table, seq_lens32, buf, group_max)
+    torch.ops.keye.indexer_logits_paged(q8, q_scale, w, k_cache, k_scale_cache, block_table, seq_lens32, buf,
+                                        group_max)
     # Query j of a sequence sees its first seq_len - n + 1 + j keys (no small kernels at all for n = 1: in a CUDA
     # graph each costs ~1 us, a few percent of the op).
     lengths = seq_lens32 if n == 1 else (
         seq_lens32.view(B, 1) + torch.arange(1 - n, 1, dtype=torch.int32, device=dev)).view(-1)
-    indices = torch.empty(B * n, topk, dtype=torch.int32, device=dev)
-    scores = torch.empty(B * n, topk, dtype=torch.float32, device=dev) if return_scores else None
     torch.ops.keye.topk_rows(buf, lengths, topk, 0, indices, scores, group_max)
+    return _decode_result(indices, scores, block_table, B, n, topk, physical)
+
+
+def _decode_result(indices, scores, block_table, B, n, topk, physical):
+    """indexer_topk_decode's return value from the selection [B * n, topk] (and its scores, or None)."""
     indices = indices.view(B, n, topk)
     if physical:  # one kernel (its arithmetic in PyTorch took ~12 small ones)
         indices = torch.ops.keye.paged_slots(indices, block_table)
-    return (indices, scores.view(B, n, topk)) if return_scores else indices
+    return (indices, scores.view(B, n, topk)) if scores is not None else indices
 
 
 def indexer_cache_append(k8, k_scale, k_cache, k_scale_cache, slot_mapping) -> None:
@@ -163,7 +190,7 @@ def _register() -> None:
 
     torch.library.register_fake("keye::paged_slots")(lambda positions, block_table: torch.empty_like(positions))
     torch.library.impl("keye::paged_slots", "CPU")(ref.paged_slots)
-    for name in ("indexer_logits", "indexer_logits_paged", "topk_rows", "indexer_cache_append"):
+    for name in ("indexer_logits", "indexer_logits_paged", "indexer_topk_paged", "topk_rows", "indexer_cache_append"):
         torch.library.register_fake(f"keye::{name}")(lambda *args, **kwargs: None)
 
     torch.library.impl("keye::indexer_rotate_quantize", "CPU")(lambda x: ref.indexer_rotate_quantize(x))
