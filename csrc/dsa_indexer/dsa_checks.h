@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <optional>
 
 namespace keye {
 
@@ -28,6 +29,21 @@ inline void check_float4_rows(const at::Tensor& t, const char* op, const char* n
   KEYE_CHECK(t.stride(0) % 4 == 0 && reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "keye.", op,
              ": argument '", name, "' must be 16-byte aligned with a row stride that is a multiple of 4, got strides ",
              dims_str(t.strides()));
+}
+
+// A selection's outputs: indices [rows, topk] int32 and optionally out_scores of the same shape, fp32, contiguous,
+// on ref's device. Returns out_scores' data (null without it).
+inline float* check_selection_out(const at::Tensor& indices, const std::optional<at::Tensor>& out_scores, int64_t rows,
+                                  int64_t topk, const at::Tensor& ref, const char* ref_name, const char* op,
+                                  const char* layout) {
+  check_dense(indices, ref, ref_name, {at::kInt}, 2, op, "indices", layout);
+  KEYE_CHECK(indices.size(0) == rows && indices.size(1) == topk, "keye.", op, ": argument 'indices' must have shape [",
+             rows, ", ", topk, "], got ", dims_str(indices.sizes()));
+  if (!out_scores.has_value()) return nullptr;
+  check_dense(*out_scores, ref, ref_name, {at::kFloat}, 2, op, "out_scores", layout);
+  KEYE_CHECK(out_scores->sizes() == indices.sizes(), "keye.", op, ": argument 'out_scores' must have shape ",
+             dims_str(indices.sizes()), ", got ", dims_str(out_scores->sizes()));
+  return out_scores->data_ptr<float>();
 }
 
 // The kernels move q and key rows in 16-byte pieces (vector loads, bulk copies): a view at an odd offset would

@@ -441,16 +441,7 @@ void indexer_topk_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, co
   KEYE_CHECK(topk >= 1 && topk <= 4096, "keye.", op, ": argument 'topk' must be an int in [1, 4096], got ", topk);
   KEYE_CHECK(max_pages * 64 < (int64_t{1} << 30), "keye.", op, ": ", max_pages, " pages per sequence do not fit int32 "
              "positions");
-  check_dense(indices, q8, "q8", {at::kInt}, 2, op, "indices", "[B * n, topk]");
-  KEYE_CHECK(indices.size(0) == B * n && indices.size(1) == topk, "keye.", op, ": argument 'indices' must have shape [",
-             B * n, ", ", topk, "], got ", dims_str(indices.sizes()));
-  float* sc_ptr = nullptr;
-  if (out_scores.has_value()) {
-    check_dense(*out_scores, q8, "q8", {at::kFloat}, 2, op, "out_scores", "[B * n, topk]");
-    KEYE_CHECK(out_scores->sizes() == indices.sizes(), "keye.", op, ": argument 'out_scores' must have shape ",
-               dims_str(indices.sizes()), ", got ", dims_str(out_scores->sizes()));
-    sc_ptr = out_scores->data_ptr<float>();
-  }
+  float* sc_ptr = check_selection_out(indices, out_scores, B * n, topk, q8, "q8", op, "[B * n, topk]");
   check_index_range(seq_lens, n, max_pages * 64, op, "seq_lens");
   check_index_range(block_table, 0, k_cache.size(0) - 1, op, "block_table");
   if (B == 0 || n == 0) return;

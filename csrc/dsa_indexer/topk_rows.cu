@@ -221,17 +221,7 @@ void topk_rows_cuda(const at::Tensor& scores, const at::Tensor& lengths, int64_t
              ": rows of ", cols, " columns with index_offset ", index_offset, " do not fit int32 indices");
   check_dense(lengths, scores, "scores", {at::kInt}, 1, op, "lengths", "[rows]");
   check_size(lengths, 0, R, op, "lengths", "the row count (scores.size(0))");
-  check_dense(indices, scores, "scores", {at::kInt}, 2, op, "indices", "[rows, topk]");
-  KEYE_CHECK(indices.size(0) == R && indices.size(1) == topk, "keye.", op, ": argument 'indices' must have shape [",
-             R, ", ", topk, "], got ", dims_str(indices.sizes()));
-  float* sc_ptr = nullptr;
-  if (out_scores.has_value()) {
-    const at::Tensor& s = *out_scores;
-    check_dense(s, scores, "scores", {at::kFloat}, 2, op, "out_scores", "[rows, topk]");
-    KEYE_CHECK(s.sizes() == indices.sizes(), "keye.", op, ": argument 'out_scores' must have shape ",
-               dims_str(indices.sizes()), ", got ", dims_str(s.sizes()));
-    sc_ptr = s.data_ptr<float>();
-  }
+  float* sc_ptr = check_selection_out(indices, out_scores, R, topk, scores, "scores", op, "[rows, topk]");
   if (group_max.has_value()) {
     const at::Tensor& g = *group_max;
     const int64_t groups = (cols + kScoreGroupKeys - 1) / kScoreGroupKeys;
