@@ -5,7 +5,9 @@ score-kernel CTA lists its own candidates, one CTA per row selects from the list
 with and without the maxima and keye.ops.indexer_topk_decode as shipped. CUDA graphs, timed round-robin with the
 L2 flushed; the paths' indices and scores are compared with the split chain's. The twenty-first to twenty-eighth
 sessions' tables in README.md and NOTES.md come from it:
-    python3 bench/decode_topk_ab.py"""
+    python3 bench/decode_topk_ab.py [BATCHxCONTEXT,...]      (default: the cases below)"""
+import sys
+
 import torch
 from keye import ops
 from keye.bench.dsa_indexer import paged_cache, H_I, D_I, TOPK
@@ -17,6 +19,8 @@ print(f"copy {copy:.0f} GB/s")
 K = torch.ops.keye
 cases = [(1, 32768), (8, 32768), (64, 32768), (1, 65536), (64, 65536), (1, 131072), (8, 131072), (32, 131072),
          (64, 131072), (128, 131072)]
+if len(sys.argv) > 1:
+    cases = [tuple(int(v) for v in case.split("x")) for case in sys.argv[1].split(",")]
 for B, ctx in cases:
     k_cache, k_scale_cache, block_table = paged_cache(B, ctx, dev)
     q8, qs = ops.indexer_rotate_quantize(torch.randn(B, 1, H_I, D_I, device=dev, dtype=torch.bfloat16))

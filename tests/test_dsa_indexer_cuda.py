@@ -490,7 +490,7 @@ def test_decode_candidate_lists_match_reference(H, D, n, monkeypatch):
     the selection reads the lists (indexer_topk_paged). Short rows (emit all), rows whose lists are shorter than
     topk (whole-row fallback), long rows, n > 1; the result equals the plain top-k of the same scores exactly,
     indices and scores."""
-    monkeypatch.setattr(dsa_indexer_ops, "LISTS_MAX_ROWS", 64)
+    monkeypatch.setattr(dsa_indexer_ops, "LISTS_MAX_KEYS", 1 << 30)
     topk = 256
     lens = [n, 300, 700, 9001, 20_003, 3 * 4096 + 7]
     args = _paged_case(lens, n, H, D)
@@ -526,6 +526,22 @@ def test_decode_candidate_lists_units_above_the_threshold():
     assert torch.equal(sc, want_sc)
     inside = ((idx >= 5000) & (idx < 5300)) | (idx >= seq_lens.view(-1, 1, 1) - 700)
     assert inside.float().mean() > 0.5, "the boosted keys should dominate the selection (test premise)"
+
+
+def test_decode_candidate_lists_long_rows():
+    """Rows up to LISTS_MAX_COLS keys: the kernel widens its units (16 pages at 256K keys, so a row has at most
+    kDecodeListUnits = 256) and the result still equals the plain top-k exactly; a shorter row in the same batch
+    leaves most of its units empty."""
+    topk = 2048
+    lens = [dsa_indexer_ops.LISTS_MAX_COLS - 64 - 5, 150_001]  # _paged_case's block table has a spare page
+    args = _paged_case(lens, 1, 16, 64)
+    assert dsa_indexer_ops.decode_uses_lists(len(lens), 1, 16, args[5].shape[1] * 64, topk)
+    poison_next_alloc(len(lens) * topk * 4, byte=0x7F)
+    idx, sc = ops.indexer_topk_decode(*args, topk, return_scores=True)
+    want_idx, want_sc = _plain_selection(args, topk)
+    assert torch.equal(idx, want_idx)
+    assert torch.equal(sc, want_sc)
+    _check_decode(idx, sc, args, lens, topk)
 
 
 NARROW = [(16, 64, 1), (16, 32, 1), (16, 128, 1), (8, 64, 2), (8, 32, 1), (4, 128, 4), (4, 32, 3)]

@@ -452,7 +452,8 @@ void indexer_topk_paged_cuda(const at::Tensor& q8, const at::Tensor& q_scale, co
     if (out_scores.has_value()) out_scores->fill_(-INFINITY);
     return;
   }
-  const int num_tiles = static_cast<int>(max_pages), tiles = decode_tiles_per_cta(num_tiles, static_cast<int>(B));
+  const int num_tiles = static_cast<int>(max_pages);
+  const int tiles = decode_tiles_per_cta(num_tiles, static_cast<int>(B), /*lists=*/true);
   const int units = (num_tiles + tiles - 1) / tiles;
   const auto opts = q8.options().dtype(at::kInt);
   const at::Tensor cand = at::empty({B * n * units * kDecodeListCap * 2}, opts);

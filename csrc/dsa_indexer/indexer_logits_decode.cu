@@ -404,14 +404,16 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? kCtasPerSm : 0)
 
 }  // namespace
 
-int decode_tiles_per_cta(int num_tiles, int num_seqs) {
+int decode_tiles_per_cta(int num_tiles, int num_seqs, bool lists) {
   // About 64 CTAs per SM in all, 8 to kMaxDecodeTilesPerCta (16) pages each (measured at B = 64/128 and 32K/128K
   // context: 16 pages per CTA beat 32 and 64 by 2-12%; below 8 a CTA spends much of its run filling the ring),
   // but fewer pages when that would leave SMs without a CTA (one short sequence).
   const int sms = sm_count(c10::cuda::current_device());
   const int64_t total = static_cast<int64_t>(num_tiles) * num_seqs;
   const int64_t tiles = std::min<int64_t>(kMaxDecodeTilesPerCta, std::max<int64_t>(8, total / (int64_t{sms} * 64)));
-  return static_cast<int>(std::min<int64_t>(tiles, std::max<int64_t>(1, total / sms)));
+  const int balanced = static_cast<int>(std::min<int64_t>(tiles, std::max<int64_t>(1, total / sms)));
+  if (!lists) return balanced;
+  return std::max(balanced, std::min(kMaxDecodeTilesPerCta, (num_tiles + kDecodeListUnits - 1) / kDecodeListUnits));
 }
 
 namespace {
@@ -419,7 +421,7 @@ namespace {
 template <int D, int H>
 void launch(const DecodeLogitsArgs& p, int num_tiles, int num_seqs, cudaStream_t stream) {
   DecodeLogitsArgs q = p;
-  q.tiles_per_cta = decode_tiles_per_cta(num_tiles, num_seqs);
+  q.tiles_per_cta = decode_tiles_per_cta(num_tiles, num_seqs, p.cand != nullptr);
   const dim3 grid((num_tiles + q.tiles_per_cta - 1) / q.tiles_per_cta, num_seqs);
   const Extra extra = p.cand ? Extra::kLists : p.group_max ? Extra::kGroupMax : Extra::kNone;
   const size_t smem = extra == Extra::kLists      ? smem_bytes<D, H, Extra::kLists>()

@@ -42,9 +42,14 @@ struct DecodeLogitsArgs {
 
 // Entries a unit's candidate list holds; a unit with more is re-read from the scores by the selection.
 constexpr int kDecodeListCap = 128;
+// Units per row the candidate lists aim at: with more, a row's lists (~m of its keys per unit, decode_list_rank) can
+// outgrow the selection's shared-memory list (topk_lists.cu), which then selects from the whole row (measured: 8
+// rows of 256K keys at 8 pages per unit, 512 units, took 91 us against 80 for the split top-k).
+constexpr int kDecodeListUnits = 256;
 
-// Pages per CTA ("unit") of the narrow kernel for num_seqs sequences of num_tiles pages each on this device.
-int decode_tiles_per_cta(int num_tiles, int num_seqs);
+// Pages per CTA ("unit") of the narrow kernel for num_seqs sequences of num_tiles pages each on this device; with
+// candidate lists, enough pages that a row has at most kDecodeListUnits units where the kernel allows it (16 pages).
+int decode_tiles_per_cta(int num_tiles, int num_seqs, bool lists);
 
 void indexer_logits_decode_narrow(int H, int D, const DecodeLogitsArgs& p, int num_tiles, int num_seqs,
                                   cudaStream_t stream);

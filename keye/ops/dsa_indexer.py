@@ -42,12 +42,20 @@ GROUP_MAX_MIN_ROWS = 64
 # Decode selects from the score kernel's candidate lists (indexer_topk_paged) from contexts of this many keys per
 # selected key: each CTA lists the keys above about the m-th largest of its group maxima, m a few standard deviations
 # above its expected share of the selection, ~2-3 topk keys per row in all from 32 keys per selected key on (at 16
-# the lists would hold most of a 512-key unit and overflow the selection's shared memory); and up to this many query
-# rows: the lists' epilogue lengthens the score stream, which with many rows costs more than the shorter selection
-# saves (H200, twenty-eighth session, NOTES.md; us, split chain / group maxima / lists: 1 row of 128K 36.0 / 38.9 /
-# 27.5, 8 rows 56.2 / 57.2 / 50.2, 32 rows 116.3 / 112.1 / 128.8, 64 rows 195.4 / 185.5 / 199.3).
+# the lists would hold most of a 512-key unit and overflow the selection's shared memory), up to this many keys per
+# row (the kernel sizes its units so a row has at most 256 of up to 16 pages: csrc/dsa_indexer/indexer_logits_decode.h)
+# and up to this many keys in all (query rows x keys per row): the lists' epilogue lengthens the score stream, which
+# with many keys costs more than the shorter selection saves. H200, us, split chain / group maxima / lists
+# (NOTES.md): twenty-eighth session 1 row of 128K 36.0 / 38.9 / 27.5, 8 rows 56.2 / 57.2 / 50.2, 32 rows 116.3 /
+# 112.1 / 128.8, 64 rows 195.4 / 185.5 / 199.3; twenty-ninth session 12 rows of 128K 67.8 / 67.3 / 61.7, 16 rows
+# 76.5 / 75.3 / 72.0 and 77.1 / 88.7 / 82.2 (two calls), 20 rows 87.6 / 84.3 / 93.0, 24 rows 96.4 / 93.2 / 94.2,
+# 32 rows of 64K 74.8 / 73.7 / 70.4 and 75.8 / 73.8 / 70.8, 48 rows of 64K 100.5 / 92.6 / 93.3; rows past 128K
+# keys (16-page units) half as many keys in all: 1 row of 256K 40.5 / 43.6 / 32.4, 4 rows 59.6 / 59.8 / 45.6,
+# 8 rows 78.8 / 78.6 / 84.4.
 LISTS_MIN_KEYS_PER_TOPK = 32
-LISTS_MAX_ROWS = 16
+LISTS_MAX_COLS = 1 << 18
+LISTS_MAX_KEYS = 1 << 21
+LISTS_WIDE_UNIT_COLS = 1 << 17
 
 
 def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
@@ -60,9 +68,10 @@ def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -
 
 def decode_uses_lists(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
     """Whether indexer_topk_decode selects from the score kernel's candidate lists: the streaming score kernel
-    (n * H_I <= 16), contexts of at least LISTS_MIN_KEYS_PER_TOPK keys per selected key and at most LISTS_MAX_ROWS
-    query rows."""
-    return n * heads <= 16 and cols >= LISTS_MIN_KEYS_PER_TOPK * topk and rows <= LISTS_MAX_ROWS
+    (n * H_I <= 16), contexts of LISTS_MIN_KEYS_PER_TOPK keys per selected key up to LISTS_MAX_COLS keys, and at
+    most LISTS_MAX_KEYS keys over all query rows (rows * cols; half that past LISTS_WIDE_UNIT_COLS keys per row)."""
+    max_keys = LISTS_MAX_KEYS if cols <= LISTS_WIDE_UNIT_COLS else LISTS_MAX_KEYS // 2
+    return n * heads <= 16 and LISTS_MIN_KEYS_PER_TOPK * topk <= cols <= LISTS_MAX_COLS and rows * cols <= max_keys
 
 
 def score_chunk_rows(max_len: int, heads: int, max_chunk_bytes: int) -> tuple[int, int]:
