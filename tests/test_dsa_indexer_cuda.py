@@ -529,9 +529,10 @@ def test_decode_candidate_lists_units_above_the_threshold():
 
 
 def test_decode_candidate_lists_long_rows():
-    """Rows up to LISTS_MAX_COLS keys: the kernel widens its units (16 pages at 256K keys, so a row has at most
-    kDecodeListUnits = 256) and the result still equals the plain top-k exactly; a shorter row in the same batch
-    leaves most of its units empty."""
+    """Rows of up to LISTS_MAX_COLS keys, which the score kernel cuts into its widest units (16 pages at 256K keys,
+    so a row has at most kDecodeListUnits = 256; before, 512 units overflowed the selection's list and it read the
+    whole row, which is exact too, so this checks results, not the unit width): equal to the plain top-k exactly,
+    also for a shorter row in the same batch whose last units lie past its end."""
     topk = 2048
     lens = [dsa_indexer_ops.LISTS_MAX_COLS - 64 - 5, 150_001]  # _paged_case's block table has a spare page
     args = _paged_case(lens, 1, 16, 64)
