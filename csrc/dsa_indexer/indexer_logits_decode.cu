@@ -27,6 +27,7 @@
 #include "common/check.h"
 #include "common/device.h"
 #include "common/pdl.cuh"
+#include "common/warp.cuh"
 #include "dsa_indexer/dsa_device.cuh"
 #include "dsa_indexer/dsa_indexer.h"
 #include "dsa_indexer/indexer_logits_decode.h"
@@ -272,12 +273,7 @@ __device__ void list_candidates(const DecodeLogitsArgs& p, const CtaWork& w, con
       }
     }
     const int count = __popc(take);
-    int incl = count;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const int incl = warp_inclusive_sum(count);
     if (lane == 31) warp_total[warp] = incl;
     __syncthreads();
     int pos = incl - count, total = 0;

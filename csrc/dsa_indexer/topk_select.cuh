@@ -35,6 +35,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/warp.cuh"
 #include "dsa_indexer/dsa_indexer.h"
 #include "dsa_indexer/order_key.cuh"
 
@@ -84,12 +85,7 @@ struct Shared {
 // threads may still read, the second publishes them; every warp then scans the totals itself.
 __device__ int block_exclusive_scan(int v, Shared& sh, int* total) {
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-  int x = v;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int y = __shfl_up_sync(0xffffffffu, x, o);
-    if (lane >= o) x += y;
-  }
+  const int x = warp_inclusive_sum(v);
   __syncthreads();
   if (lane == 31) sh.warp_sums[w] = x;
   __syncthreads();
@@ -429,12 +425,7 @@ __device__ int collect(const GlobalRow& src, int begin, int end, const Threshold
     for (int e = 0; e < kItems; ++e)
       if ((full || item_index(i0, e) < end) && (all || x[e] >= lo)) sel |= 1u << e;
     const int c = __popc(sel);
-    int incl = c;
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) {
-      const int y = __shfl_up_sync(0xffffffffu, incl, o);
-      if (lane >= o) incl += y;
-    }
+    const int incl = warp_inclusive_sum(c);
     int base = 0;
     if (lane == 31) base = atomicAdd(&sh.list_len, incl);
     base = __shfl_sync(0xffffffffu, base, 31);
