@@ -22,12 +22,13 @@ TORCH_LIBRARY(keye, m) {
   // Expert GEMMs grouped by offsets (keye/ops/moe_gemm.py; keye/ops/moe.py composes the layer).
   m.def("moe_grouped_mm(Tensor a, Tensor b, Tensor offsets, bool trans_b=False, int config=-1) -> Tensor");
   m.def("moe_grouped_mm_wgrad(Tensor a, Tensor dy, Tensor offsets, int config=-1) -> Tensor");
+  m.def("moe_grouped_mm_swiglu(Tensor a, Tensor b, Tensor offsets, int config=-1) -> Tensor");
   m.def("moe_grouped_gemm_configs(str kind) -> str[]", &keye::moe_grouped_gemm_configs);
   m.def("moe_swiglu(Tensor h) -> Tensor");
   m.def("moe_swiglu_backward(Tensor h, Tensor d_out, Tensor(a!)? a_out=None) -> Tensor");
-  m.def("moe_decode_gate_up(Tensor x, Tensor ids, Tensor w) -> Tensor");
+  m.def("moe_decode_gate_up(Tensor x, Tensor ids, Tensor w, bool packed=False) -> Tensor");
   m.def("moe_decode_down(Tensor a, Tensor ids, Tensor weights, Tensor w) -> Tensor");
-  m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("moe_decode(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, bool gate_up_packed=False) -> Tensor");
   // DSA lightning indexer building blocks (keye/ops/dsa_indexer.py composes them).
   m.def("indexer_rotate_quantize(Tensor x) -> (Tensor x8, Tensor scale)");
   m.def(
@@ -79,6 +80,7 @@ TORCH_LIBRARY_IMPL(keye, CUDA, m) {
   m.impl("moe_router", &keye::moe_router_cuda);
   m.impl("moe_grouped_mm", &keye::moe_grouped_mm_cuda);
   m.impl("moe_grouped_mm_wgrad", &keye::moe_grouped_mm_wgrad_cuda);
+  m.impl("moe_grouped_mm_swiglu", &keye::moe_grouped_mm_swiglu_cuda);
   m.impl("moe_swiglu", &keye::moe_swiglu_cuda);
   m.impl("moe_swiglu_backward", &keye::moe_swiglu_backward_cuda);
   m.impl("moe_decode_gate_up", &keye::moe_decode_gate_up_cuda);

@@ -38,6 +38,26 @@ def test_kernel_path_tracks_the_fp32_cpu_reference(mode):
     assert rel_err(got.cpu(), ref) < 0.05
 
 
+def test_packed_experts_track_the_plain_model():
+    """KeyeVL.pack_experts on the GPU: prefill through the SwiGLU epilogue (h is not rounded to bf16, so not bitwise;
+    the tolerance of the fp32 comparison above, since near-tied indexer keys may be chosen differently downstream),
+    one-token decode steps through the decode kernels over the packed order (bitwise)."""
+    _, gpu = model_pair()
+    ids = torch.randint(0, 500, (300,), device="cuda")
+    with torch.no_grad():
+        want = gpu(ids)
+        steps = []
+        for packed in (False, True):
+            if packed:
+                err = rel_err(gpu.pack_experts()(ids), want)
+                assert err < 0.05, f"prefill with packed experts: rel. error {err:.3g}"
+            cache = PagedKVCache(gpu.config, 8, dtype=torch.bfloat16, device="cuda")
+            s = cache.new_sequence()
+            steps.append(torch.cat([gpu(ids[i:i + 1], cache=cache, step=cache.prepare([s], 1)) for i in range(8)]))
+    gpu.unpack_experts()
+    assert torch.equal(steps[1], steps[0]), f"decode steps differ: rel. error {rel_err(steps[1], steps[0]):.3g}"
+
+
 def test_gpu_prefill_equals_decode_and_chunked_prefill():
     _, gpu = model_pair()
     T = 200

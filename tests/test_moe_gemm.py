@@ -149,6 +149,60 @@ def test_reference_fused_decode_validation():
         spec.moe_decode(x, ids, weights.double(), w1, w2)
 
 
+def test_reference_pack_gate_up_order():
+    """moe_pack_gate_up's order as its docstring states it: in each 256-column tile t, packed column 8k + 2c + a is gate
+    (k even) or up (k odd) column 128t + 32c + 2(k // 2) + a; unpack inverts it."""
+    E, H, I = 2, 3, 384
+    w = torch.randn(E, H, 2 * I)
+    packed = spec.moe_pack_gate_up(w)
+    for p in range(2 * I):
+        t, q = divmod(p, 256)
+        k, c, a = q // 8, (q % 8) // 2, q % 2
+        src = (k % 2) * I + 128 * t + 32 * c + 2 * (k // 2) + a
+        assert torch.equal(packed[:, :, p], w[:, :, src]), p
+    assert torch.equal(spec.moe_unpack_gate_up(packed), w)
+    with pytest.raises(ValueError, match=r"'gate_up' must have 2I a multiple of 256"):
+        spec.moe_pack_gate_up(torch.randn(E, H, 2 * 100))
+
+
+def test_reference_grouped_mm_swiglu_is_swiglu_of_the_gemm():
+    R, E, K, I = 41, 5, 16, 128
+    a, w = torch.randn(R, K), torch.randn(E, K, 2 * I)
+    off = random_offsets(R, E, tail=3)
+    got = spec.moe_grouped_mm_swiglu(a, spec.moe_pack_gate_up(w), off)
+    h = loop_grouped(a, w, off)
+    assert rel_err(got, F.silu(h[:, :I]) * h[:, I:]) < 1e-5
+    assert (got[int(off[-1]):] == 0).all()
+
+
+def test_reference_decode_takes_packed_gate_up():
+    T, K, E, H, I = 3, 2, 4, 16, 128
+    x, weights = torch.randn(T, H), torch.rand(T, K)
+    ids = random_topk_ids(T, K, E, unrouted=0.2)
+    w1, w2 = torch.randn(E, H, 2 * I), torch.randn(E, I, H)
+    packed = spec.moe_pack_gate_up(w1)
+    assert torch.equal(spec.moe_decode_gate_up(x, ids, packed, packed=True), spec.moe_decode_gate_up(x, ids, w1))
+    assert torch.equal(spec.moe_decode(x[:1], ids[:1], weights[:1], packed, w2, gate_up_packed=True),
+                       spec.moe_decode(x[:1], ids[:1], weights[:1], w1, w2))
+    with pytest.raises(ValueError, match=r"moe_decode_gate_up: argument 'w' must have 2I a multiple of 256"):
+        spec.moe_decode_gate_up(x, ids, w1[:, :, :192], packed=True)
+    with pytest.raises(ValueError, match=r"moe_decode: argument 'gate_up' must have 2I a multiple of 256"):
+        spec.moe_decode(x[:1], ids[:1], weights[:1], w1[:, :, :192], w2[:, :96], gate_up_packed=True)
+
+
+def test_reference_packed_layer_is_the_layer():
+    T, K, E, H, I = 9, 2, 4, 16, 128
+    x, w = torch.randn(T, H), torch.rand(T, K)
+    ids = random_topk_ids(T, K, E, unrouted=0.2)
+    w1, w2 = torch.randn(E, H, 2 * I) * H ** -0.5, torch.randn(E, I, H) * I ** -0.5
+    want = ops.reference.moe(x, w, ids, w1, w2)
+    assert rel_err(ops.moe(x, w, ids, ops.moe_pack_gate_up(w1), w2, gate_up_packed=True), want) < 1e-5
+    with pytest.raises(ValueError, match="gate_up_packed=True is for inference"):
+        ops.moe(x.requires_grad_(), w, ids, ops.moe_pack_gate_up(w1), w2, gate_up_packed=True)
+    with pytest.raises(ValueError, match=r"moe: argument 'gate_up' must have 2I a multiple of 256"):
+        ops.moe(x.detach(), w, ids, w1[:, :, :192], w2[:, :96], gate_up_packed=True)
+
+
 def test_reference_validation():
     a, b = torch.randn(8, 4), torch.randn(2, 4, 6)
     off = torch.tensor([0, 3, 8], dtype=torch.int32)
@@ -251,6 +305,9 @@ def test_decode_kernels(T, K, E, H, I, one):
     assert rel_err(out, spec.moe_decode_down(a.float(), ids, weights, w2.float())) < 1e-2
     assert torch.equal(out, ops.moe_decode_down(a, ids, weights, w2)), "not deterministic"
     assert torch.equal(a, ops.moe_decode_gate_up(x, ids, w1)), "not deterministic"
+    if I % 128 == 0:  # packed gate_up: the same sums in the same order, at other addresses
+        poison_next_alloc(T * K * I * 2)
+        assert torch.equal(ops.moe_decode_gate_up(x, ids, ops.moe_pack_gate_up(w1), packed=True), a)
 
 
 @pytest.mark.gpu
@@ -291,6 +348,9 @@ def test_decode_fused(K, E, H, I, unrouted):
     assert out.shape == (1, H)
     assert rel_err(out, spec.moe_decode(x.float(), ids, weights, w1.float(), w2.float())) < 1e-2
     assert torch.equal(out, ops.moe_decode(x, ids, weights, w1, w2)), "not deterministic"
+    if I % 128 == 0:  # packed gate_up: the same sums in the same order, at other addresses
+        poison_next_alloc(H * 2)
+        assert torch.equal(ops.moe_decode(x, ids, weights, ops.moe_pack_gate_up(w1), w2, gate_up_packed=True), out)
 
 
 @pytest.mark.gpu
@@ -342,6 +402,80 @@ def test_decode_fused_errors_name_the_argument():
         torch.ops.keye.moe_decode(bf16(1, 64), ids, weights, bf16(2, 64, 32), bf16(3, 16, 64))
     with pytest.raises(ValueError, match=r"moe_decode: argument 'weights' must have the shape of 'ids'"):
         torch.ops.keye.moe_decode(bf16(1, 64), ids, weights[:, :1], bf16(2, 64, 32), bf16(2, 16, 64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("R,E,K,I,tail,one", [(1, 4, 64, 128, 0, None), (517, 16, 128, 256, 5, None),
+                                              (3000, 128, 2048, 768, 0, None), (20_000, 128, 2048, 768, 7, None),
+                                              (700, 8, 256, 1408, 0, 5)])
+def test_grouped_mm_swiglu(R, E, K, I, tail, one):
+    """The SwiGLU epilogue against swiglu(fp32 GEMM), every compiled tiling: partial row tiles, empty experts, rows
+    past offsets[E] zero, every row on one expert; I = 1408 is 11 tiles of 128 (an odd number of 256-column tiles,
+    which a 1 x 2 cluster rounds up); an odd number of 64-row tiles for the 2 x 1 cluster; poisoned output so
+    unwritten elements show."""
+    a, w = bf16(R, K), bf16(E, K, 2 * I, scale=K ** -0.5)
+    packed = ops.moe_pack_gate_up(w)
+    off = random_offsets(R, E, tail=tail, device="cuda", one_expert=one)
+    h = spec._grouped(a.float(), w.float(), off, False, "test")
+    want = F.silu(h[:, :I]) * h[:, I:]
+    configs = ops.moe_grouped_gemm_configs("fwd_swiglu")
+    assert len(configs) >= 2
+    for config in [-1, *range(len(configs))]:
+        poison_next_alloc(R * I * 2)
+        got = ops.moe_grouped_mm_swiglu(a, packed, off, config)
+        assert got.shape == (R, I) and not got.isnan().any(), configs[config]
+        assert rel_err(got, want) < 1e-2, configs[config]
+        assert (got[int(off[-1]):] == 0).all(), configs[config]
+        assert torch.equal(got, ops.moe_grouped_mm_swiglu(a, packed, off, config)), f"{configs[config]}: not deterministic"
+    if R < 1000:
+        torch.library.opcheck(torch.ops.keye.moe_grouped_mm_swiglu.default, (a, packed, off))
+    with pytest.raises(ValueError, match=r"moe_grouped_mm_swiglu: argument 'config' must be -1 \(automatic\)"):
+        torch.ops.keye.moe_grouped_mm_swiglu(a, packed, off, len(configs))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,I", [(1, 128, 768), (4, 128, 768), (1, 64, 1408), (64, 128, 768)])
+def test_packed_layer_on_every_path(T, E, I):
+    """keye.ops.moe over packed gate_up takes the path the checkpoint order takes: the decode kernels (T = 1, 4:
+    bitwise the same as unpacked), the one-kernel decode (64 experts of I = 1408: the same), the grouped GEMMs with
+    the SwiGLU epilogue (T = 64: within the bf16 rounding of h that the unpacked path adds)."""
+    K, H = 8, 2048
+    x, w = bf16(T, H), torch.rand(T, K, device="cuda")
+    ids = random_topk_ids(T, K, E, unrouted=0.05, device="cuda")
+    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    with torch.no_grad():
+        plain = ops.moe(x, w, ids, w1, w2)
+        packed = ops.moe(x, w, ids, ops.moe_pack_gate_up(w1), w2, gate_up_packed=True)
+    if T < 64:
+        assert torch.equal(packed, plain)
+    else:
+        assert rel_err(packed, plain) < 1e-2
+    assert rel_err(packed, ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())) < 1e-2
+
+
+@pytest.mark.gpu
+def test_packed_layer_matches_the_layer_and_captures():
+    T, K, E, H, I = 4096, 8, 128, 2048, 768
+    x = bf16(T, H)
+    ids = random_topk_ids(T, K, E, unrouted=0.05, device="cuda")
+    w = torch.rand(T, K, device="cuda")
+    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    packed = ops.moe_pack_gate_up(w1)
+    want = ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())
+    with torch.no_grad():
+        assert rel_err(ops.moe(x, w, ids, packed, w2, gate_up_packed=True), want) < 1e-2
+        with ops.index_checks(False):
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = ops.moe(x, w, ids, packed, w2, gate_up_packed=True)
+            g.replay()
+            first = out.clone()
+            g.replay()
+    assert torch.equal(out, first)
+    assert rel_err(out, want) < 1e-2
+    with pytest.raises(ValueError, match=r"moe_grouped_mm_swiglu: argument 'b' must have 2I a multiple of 256"):
+        torch.ops.keye.moe_grouped_mm_swiglu(bf16(8, 64), bf16(2, 64, 200), torch.tensor([0, 3, 8], dtype=torch.int32,
+                                                                                         device="cuda"))
 
 
 @pytest.mark.gpu

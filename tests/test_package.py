@@ -54,6 +54,9 @@ def test_cpu_op_registration_passes_opcheck():
     torch.library.opcheck(torch.ops.keye.moe_slot_dot.default, (y.detach(), r.dest, x.detach()))
     h, d = torch.randn(16, 32), torch.randn(16, 16)
     torch.library.opcheck(torch.ops.keye.moe_swiglu_backward.default, (h, d, torch.empty(16, 16)))
+    off = torch.tensor([0, 5, 5, 12], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.keye.moe_grouped_mm_swiglu.default,
+                          (torch.randn(16, 8), ops.moe_pack_gate_up(torch.randn(3, 8, 256)), off))
 
 
 @pytest.mark.skipif(not keye.kernels_available(), reason="extension not built")

@@ -51,6 +51,7 @@
 #include "common/device.h"
 #include "moe_gemm/decode_common.cuh"
 #include "moe_gemm/grouped_gemm.h"
+#include "moe_gemm/packed_gate_up.cuh"
 
 namespace keye {
 namespace {
@@ -78,6 +79,7 @@ struct FusedParams {
   float* partial_out;       // [G, H]: each CTA's down sums
   __nv_bfloat16* out;       // [H]
   int hidden, inter, top_k, num_experts;
+  bool packed;              // w1 in moe_pack_gate_up's column order (packed_gate_up.cuh)
 };
 
 // Dynamic shared memory: the ring (bulk-copy targets, first), x in fp32, the activations of this CTA's down rows,
@@ -293,6 +295,8 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
       if (f < down1) {
         const int j = f / I, r = f - j * I;
         const int first = ((j * H + 1) * G - 1) / (routed * H);  // the last CTA whose range starts at or before j * H
+        const int gate_col = p.packed ? packed_gate_column(r) : r;  // where row r's gate and up sums are in partial_h
+        const int up_col = p.packed ? gate_col + kPackedUpOffset : I + r;
         for (int base = first + q; base < G && begin_up[base] < (j + 1) * H; base += 8 * groups) {
           float gv[8], uv[8];
 #pragma unroll
@@ -300,8 +304,8 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
             const int gg = base + i * groups;
             const bool meets = gg < G && begin_up[gg] < (j + 1) * H && begin_up[gg] < begin_up[gg + 1];
             const float* h = p.partial_h + static_cast<int64_t>(j + gg) * 2 * I;
-            gv[i] = meets ? __ldcg(h + r) : 0.0f;
-            uv[i] = meets ? __ldcg(h + I + r) : 0.0f;
+            gv[i] = meets ? __ldcg(h + gate_col) : 0.0f;
+            uv[i] = meets ? __ldcg(h + up_col) : 0.0f;
           }
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
@@ -369,7 +373,7 @@ __global__ void __launch_bounds__(kThreads, 1) moe_decode_fused_kernel(const Fus
 }  // namespace
 
 at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
-                           const at::Tensor& gate_up, const at::Tensor& down) {
+                           const at::Tensor& gate_up, const at::Tensor& down, bool gate_up_packed) {
   const char* op = "moe_decode";
   decode::check_rows_input(x, op, "x", "[1, H]");
   KEYE_CHECK(x.size(0) == 1, "keye.", op, ": argument 'x' must hold one token [1, H], got shape ", dims_str(x.sizes()),
@@ -380,6 +384,9 @@ at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at:
   KEYE_CHECK(gate_up.size(2) % 16 == 0 && I > 0 && I <= kMaxInter, "keye.", op,
              ": argument 'gate_up' must have 2I columns with I a positive multiple of 8 up to ", kMaxInter,
              ", got shape ", dims_str(gate_up.sizes()));
+  KEYE_CHECK(!gate_up_packed || gate_up.size(2) % kPackedGateUpTile == 0, "keye.", op, ": argument 'gate_up' packed ",
+             "(moe_pack_gate_up) must have 2I a multiple of ", kPackedGateUpTile, ", got shape ",
+             dims_str(gate_up.sizes()));
   KEYE_CHECK(H % kChunk == 0 && H > 0 && H <= kMaxHidden, "keye.", op, ": the hidden size H must be a positive ",
              "multiple of ", kChunk, " up to ", kMaxHidden, " (x sits in shared memory beside the weight ring), got ",
              H, "; larger ones take keye.ops.moe_decode_gate_up and moe_decode_down");
@@ -409,7 +416,7 @@ at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at:
                 reinterpret_cast<const __nv_bfloat16*>(gate_up.data_ptr()),
                 reinterpret_cast<const __nv_bfloat16*>(down.data_ptr()), partial_h.data_ptr<float>(),
                 partial_out.data_ptr<float>(), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), static_cast<int>(H),
-                static_cast<int>(I), static_cast<int>(K), static_cast<int>(E)};
+                static_cast<int>(I), static_cast<int>(K), static_cast<int>(E), gate_up_packed};
   static int smem_set[64] = {0};  // per device: the kernel's dynamic shared-memory limit, raised once
   if (smem_set[device & 63] < smem_limit) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(moe_decode_fused_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

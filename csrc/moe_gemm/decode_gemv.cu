@@ -48,6 +48,7 @@
 #include "moe_gemm/decode_common.cuh"
 #include "moe_gemm/decode_streamk.h"
 #include "moe_gemm/grouped_gemm.h"
+#include "moe_gemm/packed_gate_up.cuh"
 
 namespace keye {
 namespace {
@@ -75,6 +76,7 @@ struct DecodeParams {
   int n_out;               // I or H
   int num_experts;         // E
   bool x_vec;              // down: rows of a start 16-byte aligned (I % 8 == 0, aligned data): staged by 16-byte loads
+  bool packed;             // gate_up: w in moe_pack_gate_up's column order (packed_gate_up.cuh)
 };
 
 // gate_up: one batch of this thread's weight loads (rows b0 + lane_row + u * kRowLanes below k1; the rest read as
@@ -128,10 +130,27 @@ __device__ void slice_products(const DecodeParams& p, const __nv_bfloat16* w_sli
   }
 }
 
-// The first of the 8 weight columns this thread reads: lanes 0-3 gate columns, 4-7 the matching up ones.
+// The first of the 8 weight columns this thread reads. Checkpoint order: lanes 0-3 gate columns col0 .. col0 + 31,
+// 4-7 the matching up ones. Packed order: the CTA's 64 contiguous packed columns from 2 * col0 (half of a 256-column
+// tile), even lanes gate and odd lanes up values (packed_gate_up.cuh); see output_column for which outputs they are.
 __device__ __forceinline__ int weight_column(const DecodeParams& p, int col0) {
   const int vec = threadIdx.x % kVecs;
+  if (p.packed) return 2 * col0 + vec * kVecCols;
   return vec < 4 ? col0 + vec * kVecCols : p.n_out + col0 + (vec - 4) * kVecCols;
+}
+
+// Output c (< kCols) of the CTA at col0: its column of a and where its gate and up sums are in a row of `part`
+// (partial sums in weight_column's order: lane vec's 8 columns at 8 * vec).
+struct OutputColumn {
+  int col, gate, up;
+};
+__device__ __forceinline__ OutputColumn output_column(const DecodeParams& p, int col0, int c) {
+  if (!p.packed) return {col0 + c, c, kCols + c};
+  // Lane pair (2j, 2j + 1) holds gate and up of outputs 128t + 32 * (i / 2) + 2 * (4q + j) + i % 2, i < 8, where
+  // col0 = 128t + 32q (the inverse of packed_gate_column over this CTA's packed columns).
+  const int j = c / kVecCols, i = c % kVecCols;
+  const int col = (col0 & ~127) + 32 * (i / 2) + 2 * (4 * ((col0 & 127) / 32) + j) + i % 2;
+  return {col, 2 * kVecCols * j + i, 2 * kVecCols * j + kVecCols + i};
 }
 
 // Grid (I / kCols, T * K).
@@ -145,7 +164,8 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
   const int slot = blockIdx.y, col0 = blockIdx.x * kCols;
   const int e = p.ids[slot];
   if (e < 0 || e >= p.num_experts) {  // unrouted slot: a zero row
-    if (threadIdx.x < kCols) p.out[static_cast<int64_t>(slot) * p.n_out + col0 + threadIdx.x] = __float2bfloat16(0.0f);
+    if (threadIdx.x < kCols)
+      p.out[static_cast<int64_t>(slot) * p.n_out + output_column(p, col0, threadIdx.x).col] = __float2bfloat16(0.0f);
     return;
   }
   // The weights are the long wait: their first batch is in flight before this CTA even knows whether it serves e.
@@ -198,9 +218,10 @@ __global__ void __launch_bounds__(kThreads, 2) decode_gate_up_kernel(const Decod
 #pragma unroll
     for (int r = 0; r < kRows; ++r) reduce_rows<kVecs, kWarps>(acc[r], red, part[r]);
     for (int i = threadIdx.x; i < nr * kCols; i += kThreads) {
-      const int r = i / kCols, c = i % kCols;
-      const float g = part[r][c], u = part[r][kCols + c];
-      p.out[static_cast<int64_t>(rows[r]) * p.n_out + col0 + c] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
+      const int r = i / kCols;
+      const OutputColumn o = output_column(p, col0, i % kCols);
+      const float g = part[r][o.gate], u = part[r][o.up];
+      p.out[static_cast<int64_t>(rows[r]) * p.n_out + o.col] = __float2bfloat16(g / (1.0f + expf(-g)) * u);
     }
     __syncthreads();  // part and rows are rewritten by the next group
   }
@@ -299,13 +320,15 @@ __global__ void __launch_bounds__(kDownThreads, 1) decode_down_kernel(const Deco
 
 }  // namespace
 
-at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w) {
+at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, bool packed) {
   const char* op = "moe_decode_gate_up";
   check_rows_input(x, op, "x", "[T, H]");
   check_weights(w, "w", x, "x", x.size(1), op, "[E, H, 2I]");
   const int64_t E = w.size(0), H = x.size(1), I = w.size(2) / 2;
   KEYE_CHECK(w.size(2) % (2 * kCols) == 0, "keye.", op, ": argument 'w' must have 2I columns with I a multiple of ",
              kCols, ", got shape ", dims_str(w.sizes()));
+  KEYE_CHECK(!packed || w.size(2) % kPackedGateUpTile == 0, "keye.", op, ": argument 'w' packed (moe_pack_gate_up) ",
+             "must have 2I a multiple of ", kPackedGateUpTile, ", got shape ", dims_str(w.sizes()));
   check_decode_ids(ids, x, "x", E, op);
   check_size(ids, 0, x.size(0), op, "ids", "the token count (x.size(0))");
   const int64_t slots = ids.numel();
@@ -316,6 +339,7 @@ at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, c
                  reinterpret_cast<const __nv_bfloat16*>(w.data_ptr()), reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                  static_cast<int>(slots), static_cast<int>(ids.size(1)), static_cast<int>(H), static_cast<int>(w.size(2)),
                  static_cast<int>(I), static_cast<int>(E)};
+  p.packed = packed;
   const dim3 grid(static_cast<unsigned>(I / kCols), static_cast<unsigned>(slots));
   auto stream = c10::cuda::getCurrentCUDAStream();
   // Rows per weight pass (registers grow with it; a pass with fewer real rows wastes arithmetic, not bandwidth; a

@@ -13,6 +13,7 @@
 #include "common/check.h"
 #include "moe_gemm/grouped_gemm.h"
 #include "moe_gemm/grouped_gemm_args.h"
+#include "moe_gemm/packed_gate_up.cuh"
 
 namespace keye {
 namespace {
@@ -35,7 +36,15 @@ const std::vector<ConfigEntry>& configs(GroupedKind kind) {
       table<GroupedKind::kDgrad>(std::make_integer_sequence<int, kNumConfigs[1]>{});
   static const std::vector<ConfigEntry> wgrad =
       table<GroupedKind::kWgrad>(std::make_integer_sequence<int, kNumConfigs[2]>{});
-  return kind == GroupedKind::kFwd ? fwd : kind == GroupedKind::kDgrad ? dgrad : wgrad;
+  static const std::vector<ConfigEntry> fwd_swiglu =
+      table<GroupedKind::kFwdSwiglu>(std::make_integer_sequence<int, kNumConfigs[3]>{});
+  switch (kind) {
+    case GroupedKind::kFwd: return fwd;
+    case GroupedKind::kDgrad: return dgrad;
+    case GroupedKind::kWgrad: return wgrad;
+    case GroupedKind::kFwdSwiglu: return fwd_swiglu;
+  }
+  return fwd;
 }
 
 // Default tile configuration from the average rows per expert (known on the host without a sync) and the
@@ -46,7 +55,9 @@ const std::vector<ConfigEntry>& configs(GroupedKind kind) {
 //   (-6% gate_up, -14% down at 64K tokens), and from 2048 rows when K is short (down, K = 768);
 // - dgrad: pingpong 128x128 from 1024 rows per expert, cooperative 128x256 below;
 // - wgrad: cooperative 128x256 at every size measured;
-// - below ~96 rows per expert the 64-row pingpong tile wastes least on partial tiles.
+// - below ~96 rows per expert the 64-row pingpong tile wastes least on partial tiles;
+// - fwd_swiglu (thirtieth session, Keye gate_up): cooperative 128x256 1x2 at 4K and 16K tokens, pingpong 64x256 2x1
+//   at 64K (4096 rows per expert).
 int default_config(GroupedKind kind, int64_t avg_rows, int64_t k) {
   switch (kind) {
     case GroupedKind::kFwd:
@@ -54,6 +65,7 @@ int default_config(GroupedKind kind, int64_t avg_rows, int64_t k) {
       return (avg_rows >= 4096 || (k <= 1024 && avg_rows >= 2048)) ? 1 : 5;
     case GroupedKind::kDgrad: return avg_rows < 96 ? 0 : avg_rows >= 1024 ? 1 : 2;
     case GroupedKind::kWgrad: return 1;
+    case GroupedKind::kFwdSwiglu: return avg_rows >= 4096 ? 1 : 0;
   }
   return 0;
 }
@@ -128,10 +140,12 @@ void check_group_offsets(const at::Tensor& offsets, const at::Tensor& ref, const
 }
 
 std::vector<std::string> moe_grouped_gemm_configs(const std::string& kind) {
-  KEYE_CHECK(kind == "fwd" || kind == "dgrad" || kind == "wgrad",
-             "keye.moe_grouped_gemm_configs: kind must be 'fwd', 'dgrad' or 'wgrad', got '", kind, "'");
-  const auto& list = configs(kind == "fwd" ? GroupedKind::kFwd : kind == "dgrad" ? GroupedKind::kDgrad
-                                                                                  : GroupedKind::kWgrad);
+  KEYE_CHECK(kind == "fwd" || kind == "dgrad" || kind == "wgrad" || kind == "fwd_swiglu",
+             "keye.moe_grouped_gemm_configs: kind must be 'fwd', 'dgrad', 'wgrad' or 'fwd_swiglu', got '", kind, "'");
+  const auto& list = configs(kind == "fwd"     ? GroupedKind::kFwd
+                             : kind == "dgrad" ? GroupedKind::kDgrad
+                             : kind == "wgrad" ? GroupedKind::kWgrad
+                                               : GroupedKind::kFwdSwiglu);
   std::vector<std::string> names;
   for (const auto& c : list) names.emplace_back(c.name());
   return names;
@@ -160,6 +174,33 @@ at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const a
   configs(kind)[pick_config(kind, config, R, E, K, op)].run(args);
   zero_tail_rows_kernel<<<64, 256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
                                                      offsets.data_ptr<int>() + E, R, N);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+at::Tensor moe_grouped_mm_swiglu_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                      int64_t config) {
+  const char* op = "moe_grouped_mm_swiglu";
+  check_bf16_matrix(a, 2, op, "a", "[R, K]");
+  check_bf16_matrix(b, 3, op, "b", "[E, K, 2I] (moe_pack_gate_up's column order)");
+  check_same_device(b, a, op, "b", "a");
+  const int64_t R = a.size(0), K = a.size(1), E = b.size(0), N = b.size(2);
+  check_size(b, 1, K, op, "b", "K (a.size(1))");
+  KEYE_CHECK(N % kPackedGateUpTile == 0, "keye.", op, ": argument 'b' must have 2I a multiple of ", kPackedGateUpTile,
+             " columns (I a multiple of ", kPackedGateUpTile / 2, ": moe_pack_gate_up's tiles), got shape ",
+             dims_str(b.sizes()));
+  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
+  check_group_offsets(offsets, a, "a", R, E, op);
+  at::Tensor out = at::empty({R, N / 2}, a.options());
+  if (R == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();  // silu(0) * 0
+  const c10::cuda::CUDAGuard guard(a.device());
+  GroupedGemmArgs args = make_args(GroupedKind::kFwdSwiglu, a, b, out, offsets, R);
+  args.n = static_cast<int>(N);
+  args.k = static_cast<int>(K);
+  configs(GroupedKind::kFwdSwiglu)[pick_config(GroupedKind::kFwdSwiglu, config, R, E, K, op)].run(args);
+  zero_tail_rows_kernel<<<64, 256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                                     offsets.data_ptr<int>() + E, R, N / 2);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return out;
 }

@@ -19,6 +19,11 @@ namespace keye {
 at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, bool trans_b,
                                int64_t config);
 
+// The gate_up GEMM with SwiGLU in its epilogue: out[r] = silu(g) * u of a[r] @ b[e] (fp32, rounded once), b
+// [E, K, 2I] in moe_pack_gate_up's column order (swiglu_epilogue.cuh), out [R, I]; rows at or past offsets[E] zero.
+at::Tensor moe_grouped_mm_swiglu_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                                      int64_t config);
+
 // dw[e] = a[rows of e]^T @ dy[rows of e]: [E, K, N] from a [R, K] and dy [R, N]; zero for experts with no rows.
 // Deterministic: every output tile is one CTA's sum over its expert's rows in order (no split, no atomics).
 at::Tensor moe_grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& offsets,
@@ -36,13 +41,15 @@ at::Tensor moe_swiglu_backward_cuda(const at::Tensor& h, const at::Tensor& d_out
 
 // Decode-size expert GEMMs straight from the router's output (ids [T, K] int32, -1 = unrouted), streaming
 // each routed expert's weights once (decode_gemv.cu):
-// gate_up: a[t*K + k] = swiglu(x[t] @ w[ids[t, k]]), w [E, H, 2I] -> [T*K, I] (zero rows for unrouted slots);
-at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w);
+// gate_up: a[t*K + k] = swiglu(x[t] @ w[ids[t, k]]), w [E, H, 2I] -> [T*K, I] (zero rows for unrouted slots); packed:
+// w in moe_pack_gate_up's column order (packed_gate_up.cuh);
+at::Tensor moe_decode_gate_up_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& w, bool packed);
 // down + combine: out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]]), w [E, I, H], weights fp32 -> [T, H].
 at::Tensor moe_decode_down_cuda(const at::Tensor& a, const at::Tensor& ids, const at::Tensor& weights, const at::Tensor& w);
 // Both and the combine for one token in one kernel (decode_fused.cu): x [1, H], ids/weights [1, K], gate_up
-// [E, H, 2I], down [E, I, H] -> out [1, H] = sum_k weights[k] * (swiglu(x @ gate_up[e_k]) @ down[e_k]), fp32 throughout.
+// [E, H, 2I], down [E, I, H] -> out [1, H] = sum_k weights[k] * (swiglu(x @ gate_up[e_k]) @ down[e_k]), fp32 throughout;
+// gate_up_packed as moe_decode_gate_up's packed.
 at::Tensor moe_decode_cuda(const at::Tensor& x, const at::Tensor& ids, const at::Tensor& weights,
-                           const at::Tensor& gate_up, const at::Tensor& down);
+                           const at::Tensor& gate_up, const at::Tensor& down, bool gate_up_packed);
 
 }  // namespace keye

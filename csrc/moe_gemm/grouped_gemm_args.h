@@ -14,6 +14,7 @@ enum class GroupedKind : int {
   kFwd = 0,    // out[r] = a[r] @ b[e], b [E, K, N] (N contiguous)
   kDgrad = 1,  // out[r] = a[r] @ b[e]^T, b [E, N, K] (K contiguous)
   kWgrad = 2,  // out[e] = a[rows e]^T @ dy[rows e], a [R, M], dy [R, N], out [E, M, N]
+  kFwdSwiglu = 3,  // out[r] = swiglu(a[r] @ b[e]), b [E, K, 2I] in moe_pack_gate_up's order, out [R, I]
 };
 
 struct GroupedGemmArgs {
@@ -24,7 +25,8 @@ struct GroupedGemmArgs {
   const int* offsets;   // [E + 1], device
   int num_experts;
   int64_t rows;         // R: rows of a (kFwd/kDgrad) or of a and dy (kWgrad); offsets are clamped to [0, R]
-  int m, n, k;          // kFwd/kDgrad: N and K of the per-expert GEMM (m unused); kWgrad: M = a's columns, N, k unused
+  int m, n, k;          // kFwd/kDgrad/kFwdSwiglu: N and K of the per-expert GEMM (m unused; kFwdSwiglu writes N / 2
+                        // columns); kWgrad: M = a's columns, N, k unused
   at::TensorOptions byte_options;  // where the pointer/stride arrays and CUTLASS's workspace are allocated
   cudaStream_t stream;
 };
@@ -56,6 +58,6 @@ struct GroupedGemmConfig {
 };
 
 // How many configurations each kind has compiled in (config ids 0..n-1; see grouped_gemm_kernel.cuh).
-constexpr int kNumConfigs[3] = {6, 3, 2};
+constexpr int kNumConfigs[4] = {6, 3, 2, 2};
 
 }  // namespace keye

@@ -24,6 +24,7 @@
 #include "common/check.h"
 #include "common/device.h"
 #include "moe_gemm/grouped_gemm_args.h"
+#include "moe_gemm/swiglu_epilogue.cuh"
 
 namespace keye::grouped {
 
@@ -65,6 +66,11 @@ template <> struct TilingFor<GroupedKind::kDgrad, 1> { using type = Tiling<Pingp
 template <> struct TilingFor<GroupedKind::kDgrad, 2> { using type = Tiling<Cooperative, 128, 256, 64, 2>; };
 template <> struct TilingFor<GroupedKind::kWgrad, 0> { using type = Tiling<Cooperative, 128, 128, 64, 1>; };
 template <> struct TilingFor<GroupedKind::kWgrad, 1> { using type = Tiling<Cooperative, 128, 256, 64, 2>; };
+// The SwiGLU epilogue needs 256 packed columns per tile (swiglu_epilogue.cuh). Config 0 is fwd's config 5 tiling;
+// 1 is pingpong (one warpgroup's register epilogue runs under the other's products) with B shared by a 2 x 1
+// cluster. Pingpong 64x256 with a 1 x 2 cluster was measured slower than both at 4K-64K tokens (NOTES.md).
+template <> struct TilingFor<GroupedKind::kFwdSwiglu, 0> { using type = Tiling<Cooperative, 128, 256, 64, 1, 2>; };
+template <> struct TilingFor<GroupedKind::kFwdSwiglu, 1> { using type = Tiling<Pingpong, 64, 256, 64, 2, 1>; };
 
 // Operand layouts in CUTLASS's terms (A is M x K, B is N x K, D is M x N; RowMajor B = N contiguous):
 //   kFwd   A = a [R, K] row-major, B = w[e] [K, N] (N contiguous), D = out [R, N]
@@ -79,6 +85,7 @@ template <> struct LayoutsFor<GroupedKind::kDgrad> {
   using A = cutlass::layout::RowMajor;
   using B = cutlass::layout::ColumnMajor;
 };
+template <> struct LayoutsFor<GroupedKind::kFwdSwiglu> : LayoutsFor<GroupedKind::kFwd> {};
 template <> struct LayoutsFor<GroupedKind::kWgrad> {
   using A = cutlass::layout::ColumnMajor;
   using B = cutlass::layout::RowMajor;
@@ -93,12 +100,15 @@ struct GemmFor {
   static constexpr int kAlign = 8;  // 16 bytes: TMA's unit
   using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;
 
-  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+  using LinearEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename T::Tile, typename T::Cluster,
       cutlass::epilogue::collective::EpilogueTileAuto, float, float,
       void, LayoutD*, kAlign,  // no source operand C
       Element, LayoutD*, kAlign, typename T::Schedule::Epilogue,
       cutlass::epilogue::fusion::LinearCombination<Element, float, void, float>>::CollectiveOp;
+  using SwigluEpilogue = cutlass::epilogue::collective::detail::Sm90TmaWarpSpecializedAdapter<
+      SwigluEpilogueArray<cutlass::detail::TagToStrideC_t<LayoutD*>>>;
+  using Epilogue = std::conditional_t<kKind == GroupedKind::kFwdSwiglu, SwigluEpilogue, LinearEpilogue>;
 
   using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp,
@@ -165,14 +175,16 @@ __global__ void prepare_groups(GroupArrays<G> arrays, const int* __restrict__ of
     arrays.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(n, rows, 1));
     arrays.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(m, n, 1));
   } else {
-    // M = the expert's rows; the weights are one packed [N, K] or [K, N] matrix per expert.
+    // M = the expert's rows; the weights are one packed [N, K] or [K, N] matrix per expert. kFwdSwiglu writes
+    // N / 2 columns per row (one per gate / up pair).
+    const int out_cols = kKind == GroupedKind::kFwdSwiglu ? n / 2 : n;
     arrays.problems[e] = typename G::Problem(rows, n, k);
     arrays.a[e] = a + static_cast<int64_t>(r0) * k;
     arrays.b[e] = b + static_cast<int64_t>(e) * n * k;
-    arrays.d[e] = out + static_cast<int64_t>(r0) * n;
+    arrays.d[e] = out + static_cast<int64_t>(r0) * out_cols;
     arrays.stride_a[e] = cutlass::make_cute_packed_stride(typename G::StrideA{}, make_shape(rows, k, 1));
     arrays.stride_b[e] = cutlass::make_cute_packed_stride(typename G::StrideB{}, make_shape(n, k, 1));
-    arrays.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(rows, n, 1));
+    arrays.stride_d[e] = cutlass::make_cute_packed_stride(typename G::StrideD{}, make_shape(rows, out_cols, 1));
   }
 }
 
@@ -198,11 +210,15 @@ void run(const GroupedGemmArgs& args) {
       cutlass::gemm::GemmUniversalMode::kGrouped,
       {groups, arrays.problems, nullptr},  // shapes on the device only: persistent grid of sm_count CTAs
       {arrays.a, arrays.stride_a, arrays.b, arrays.stride_b},
-      {{}, nullptr, arrays.stride_d, arrays.d, arrays.stride_d},
+      {},
       hw};
-  auto& fusion = gemm_args.epilogue.thread;
-  fusion.alpha = 1.0f;
-  fusion.beta = 0.0f;
+  if constexpr (kKind == GroupedKind::kFwdSwiglu) {
+    gemm_args.epilogue = {arrays.d, arrays.stride_d};
+  } else {
+    gemm_args.epilogue = {{}, nullptr, arrays.stride_d, arrays.d, arrays.stride_d};
+    gemm_args.epilogue.thread.alpha = 1.0f;
+    gemm_args.epilogue.thread.beta = 0.0f;
+  }
 
   typename G::Gemm gemm;
   KEYE_CHECK(gemm.can_implement(gemm_args) == cutlass::Status::kSuccess, "moe grouped GEMM (",

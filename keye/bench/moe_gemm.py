@@ -40,12 +40,15 @@ def _setup(T, H, I, E, K, device):
     return x, r.weights, r.ids, w1, w2
 
 
+def _torch_swiglu(h):
+    g, u = h.chunk(2, dim=1)
+    return F.silu(g) * u
+
+
 def _torch_layer(x, weights, ids, w1, w2):
     dest, src, off = ops.moe_route(ids, w1.shape[0])
     xs = ops.moe_permute(x, dest, src)
-    h = torch._grouped_mm(xs, w1, offs=off[1:])
-    g, u = h.chunk(2, dim=1)
-    y = torch._grouped_mm(F.silu(g) * u, w2, offs=off[1:])
+    y = torch._grouped_mm(_torch_swiglu(torch._grouped_mm(xs, w1, offs=off[1:])), w2, offs=off[1:])
     return ops.moe_unpermute(y, dest, weights)
 
 
@@ -96,6 +99,14 @@ def gemm_cases(shape, T, device, reps, sweep):
                "loop": lambda: loop(inp, w), "dense": lambda: inp @ w[0]}
         configs = [lambda c=c: ops.moe_grouped_mm(inp, w, off, config=c) for c in range(n_fwd)] if sweep else None
         out.append(_gemm_rows(name, T, rows, inp.shape[1], w.shape[2], fns, device, reps, configs))
+    if 2 * I % 256 == 0:  # gate_up with SwiGLU in its epilogue over packed weights, against GEMM then SwiGLU
+        packed, n_sw = ops.moe_pack_gate_up(w1), len(ops.moe_grouped_gemm_configs("fwd_swiglu"))
+        fns = {"keye": lambda: ops.moe_grouped_mm_swiglu(xs, packed, off),
+               "torch": lambda: _torch_swiglu(torch._grouped_mm(xs, w1, offs=ends)),
+               "unfused": lambda: ops.moe_swiglu(ops.moe_grouped_mm(xs, w1, off))}
+        configs = [lambda c=c: ops.moe_grouped_mm_swiglu(xs, packed, off, config=c) for c in range(n_sw)] if sweep else None
+        out.append(_gemm_rows("gate_up+swiglu", T, rows, H, 2 * I, fns, device, reps, configs))
+        del packed
     if T >= 4096:  # backward GEMMs of gate_up: data gradient (against W^T) and weight gradient (K-grouped)
         w1t = w1.transpose(1, 2)
         fns = {"keye": lambda: ops.moe_grouped_mm(dh, w1, off, trans_b=True),
@@ -114,19 +125,28 @@ def layer_case(shape, T, device, reps, backward):
     x, weights, ids, w1, w2 = _setup(T, H, I, E, K, device)
     rec = {"shape": shape, "tokens": T}
     with torch.no_grad():
-        rec["check"] = _check(ops.moe(x, weights, ids, w1, w2), _torch_layer(x, weights, ids, w1, w2))
+        want = _torch_layer(x, weights, ids, w1, w2)
+        rec["check"] = _check(ops.moe(x, weights, ids, w1, w2), want)
         fwd = {"keye": lambda: ops.moe(x, weights, ids, w1, w2), "torch": lambda: _torch_layer(x, weights, ids, w1, w2)}
+        if T >= 4096:  # gate_up packed once (inference): SwiGLU in the gate_up GEMM's epilogue
+            w1p = ops.moe_pack_gate_up(w1)
+            fwd["keye_packed"] = lambda: ops.moe(x, weights, ids, w1p, w2, gate_up_packed=True)
+            rec["check_packed"] = _check(fwd["keye_packed"](), want)
+        del want
         ms = median_ms_interleaved(fwd, device, reps)
-        rec["keye_fwd_ms"], rec["torch_fwd_ms"] = ms["keye"], ms["torch"]
+        for name, t in ms.items():
+            rec[f"{name}_fwd_ms"] = t
         if T >= 4096:  # the same, with the host's launches ahead of the GPU (as inside a model)
             ms = median_ms_interleaved(fwd, device, reps, queue_ahead=True)
-            rec["keye_fwd_queued_ms"], rec["torch_fwd_queued_ms"] = ms["keye"], ms["torch"]
+            for name, t in ms.items():
+                rec[f"{name}_fwd_queued_ms"] = t
             # and the kernels' own durations, summed per call (profiler): no host latency, no gaps between kernels
-            rec["keye_fwd_kernels_ms"] = kernel_ms(fwd["keye"], device, reps=max(3, reps // 2))
-            rec["torch_fwd_kernels_ms"] = kernel_ms(fwd["torch"], device, reps=max(3, reps // 2))
+            for name, fn in fwd.items():
+                rec[f"{name}_fwd_kernels_ms"] = kernel_ms(fn, device, reps=max(3, reps // 2))
+            del w1p, fwd
     flops = 6 * T * K * H * I
     for key in ("keye_fwd", "torch_fwd", "keye_fwd_queued", "torch_fwd_queued", "keye_fwd_kernels",
-                "torch_fwd_kernels"):
+                "torch_fwd_kernels", "keye_packed_fwd", "keye_packed_fwd_queued", "keye_packed_fwd_kernels"):
         if key + "_ms" in rec:
             rec[key + "_TFLOPs"] = flops / rec[key + "_ms"] / 1e9
     if T <= 64:  # decode: CUDA-graph replay (how decode runs), bandwidth on the weights of the experts routed to
@@ -178,7 +198,8 @@ def run(device, reps, tokens=None, shapes=("keye", "e64", "dsv3")) -> dict:
 
 
 def _run(device, reps, tokens, shapes) -> dict:
-    report = {"gemm": [], "layer": [], "configs": {k: ops.moe_grouped_gemm_configs(k) for k in ("fwd", "dgrad", "wgrad")}}
+    report = {"gemm": [], "layer": [], "configs": {k: ops.moe_grouped_gemm_configs(k)
+                                                  for k in ("fwd", "dgrad", "wgrad", "fwd_swiglu")}}
     for shape in shapes:
         for T in tokens or TOKENS[shape]:
             if T not in TOKENS[shape]:
@@ -198,8 +219,9 @@ def _run(device, reps, tokens, shapes) -> dict:
 def _gemm_line(r: dict) -> str:
     f = lambda k: f"{r[k]:7.0f}" if k in r else f"{'-':>7}"
     cfg = " ".join(f"{v:.3f}" for v in r.get("configs_ms", []))
+    unfused = f"  keye GEMM then SwiGLU kernel {r['unfused_TFLOPs']:.0f} TF" if "unfused_TFLOPs" in r else ""
     return (f"{r['shape']:<6}{r['gemm']:<15}{r['tokens']:>7} {r['check']:>6} {f('keye_TFLOPs')} "
-            f"{f('torch_TFLOPs')} {f('loop_TFLOPs')} {f('dense_TFLOPs')} {r['x_torch']:8.2f}  {cfg}")
+            f"{f('torch_TFLOPs')} {f('loop_TFLOPs')} {f('dense_TFLOPs')} {r['x_torch']:8.2f}  {cfg}{unfused}")
 
 
 def _layer_line(r: dict, copy_gbps: float | None) -> str:
@@ -220,6 +242,11 @@ def _layer_line(r: dict, copy_gbps: float | None) -> str:
         bw += (f"  kernels alone (profiler): keye {r['keye_fwd_kernels_ms']:.4f} ms "
                f"{r['keye_fwd_kernels_TFLOPs']:.0f} TF, torch {r['torch_fwd_kernels_ms']:.4f} ms "
                f"{r['torch_fwd_kernels_TFLOPs']:.0f} TF")
+    if "keye_packed_fwd_ms" in r:
+        bw += (f"  gate_up packed (SwiGLU in its epilogue; {r['check_packed']}): one call {r['keye_packed_fwd_ms']:.4f} "
+               f"ms {r['keye_packed_fwd_TFLOPs']:.0f} TF, queued {r['keye_packed_fwd_queued_ms']:.4f} ms "
+               f"{r['keye_packed_fwd_queued_TFLOPs']:.0f} TF, kernels {r['keye_packed_fwd_kernels_ms']:.4f} ms "
+               f"{r['keye_packed_fwd_kernels_TFLOPs']:.0f} TF")
     return (f"{r['shape']:<6}{r['tokens']:>7} {r['check']:>6} {r['keye_fwd_ms']:9.4f} {r['torch_fwd_ms']:10.4f} "
             f"{r['keye_fwd_TFLOPs']:8.0f} {r['torch_fwd_TFLOPs']:9.0f} {r['x_torch_fwd']:8.2f} {fb} {bw}")
 

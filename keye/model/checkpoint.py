@@ -214,6 +214,7 @@ def _export_tensors(model: KeyeVL, expert_layout: str):
     """(name, shape, nbytes, producer) in checkpoint order; producer() gives the CPU tensor when called."""
     out = []
     for name, p in model.named_parameters():
+        experts = model.get_submodule(name.rsplit(".", 1)[0]) if name.endswith("mlp.experts.gate_up_proj") else None
         if expert_layout == "per_expert" and name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             prefix = name.rsplit(".", 1)[0]
             E, a, b = p.shape
@@ -224,7 +225,9 @@ def _export_tensors(model: KeyeVL, expert_layout: str):
                 else:
                     for part, sl in (("gate_proj", slice(0, b // 2)), ("up_proj", slice(b // 2, b))):
                         out.append((f"{prefix}.{e}.{part}.weight", (b // 2, a), p.element_size() * a * b // 2,
-                                    lambda p=p, e=e, sl=sl: p[e, :, sl].t()))
+                                    lambda m=experts, e=e, sl=sl: m.gate_up_checkpoint_order(slice(e, e + 1))[0, :, sl].t()))
+        elif experts is not None:  # the checkpoint's column order, also from packed experts (KeyeVL.pack_experts)
+            out.append((name, tuple(p.shape), p.numel() * p.element_size(), experts.gate_up_checkpoint_order))
         else:
             out.append((name, tuple(p.shape), p.numel() * p.element_size(), lambda p=p: p))
     return out

@@ -74,6 +74,20 @@ class KeyeVL(nn.Module):
             layer.self_attn.pack_input_projections()
         return self
 
+    def pack_experts(self) -> "KeyeVL":
+        """For inference: every MoE layer's gate_up in keye.ops.moe_pack_gate_up's column order (Experts.pack: SwiGLU
+        in the gate_up GEMM's epilogue). The state_dict and save_checkpoint keep the checkpoint's order; computing
+        gradients needs unpack_experts() first. Idempotent."""
+        for layer in self.model.layers:
+            layer.mlp.experts.pack()
+        return self
+
+    def unpack_experts(self) -> "KeyeVL":
+        """Undo pack_experts (gate_up back in the checkpoint's column order). Idempotent."""
+        for layer in self.model.layers:
+            layer.mlp.experts.unpack()
+        return self
+
     # ---- embeddings -------------------------------------------------------------------------------------------
 
     def encode_vision(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, chunk_patches: int = 8192

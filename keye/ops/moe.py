@@ -8,6 +8,9 @@ keye's kernels end to end, with no host synchronisation (CUDA-graph capturable w
 
     moe_route -> moe_permute -> grouped GEMM gate_up -> SwiGLU -> grouped GEMM down -> moe_unpermute (weighted)
 
+(with gate_up in moe_pack_gate_up's order, for inference: the gate_up GEMM's epilogue applies SwiGLU and h is never
+written),
+
 and for decode-size batches (at most one row per expert on average, no gradient needed) kernels that take the router's
 output directly and stream each routed expert's weights once, with no routing, permutation or combine kernels: for
 one token with at least 100 MB of routed weights, one kernel does it all (moe_decode: gate_up, SwiGLU, down and the
@@ -26,7 +29,9 @@ import torch
 from keye.ops import reference as ref
 from keye.ops._dispatch import use_kernel
 from keye.ops.reference.moe import check_experts_args
-from keye.ops.reference.moe_gemm import DECODE_MAX_ACTIVATIONS, decode_fused_preferred
+from keye.ops.reference.moe_gemm import (
+    DECODE_MAX_ACTIVATIONS, _check_gate_up_weights, decode_fused_preferred, moe_unpack_gate_up,
+)
 
 # Where the decode kernels replace the grouped GEMMs (no gradients): while the routed slots (T * top_k) are at most
 # half the experts and the gate_up GEMM would have at most 3 waves of 256-column tiles over the SMs (one tile row per
@@ -71,31 +76,51 @@ def _fast_path_ok(x, gate_up, down) -> bool:
 
 
 def moe(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, gate_up: torch.Tensor,
-        down: torch.Tensor) -> torch.Tensor:
+        down: torch.Tensor, *, gate_up_packed: bool = False) -> torch.Tensor:
     """x [T, H], weights/ids [T, K] (ids -1 = not routed), gate_up [E, H, 2I], down [E, I, H] -> [T, H].
 
-    Differentiable in x, weights, gate_up and down.
+    Differentiable in x, weights, gate_up and down. gate_up_packed: gate_up is in keye.ops.moe_pack_gate_up's
+    column order (I a multiple of 128), for inference (no gradients): the gate_up GEMM applies SwiGLU in its
+    epilogue and never writes h (the Keye layer forward at 16K tokens ~5% faster; NOTES.md), and the decode kernels
+    read the packed order.
     """
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
+    if gate_up_packed:
+        if needs_grad:
+            raise ValueError("keye.moe: gate_up_packed=True is for inference (no autograd formula); pass gate_up in "
+                             "the checkpoint's order (keye.ops.moe_unpack_gate_up; a model: KeyeVL.unpack_experts()) "
+                             "to train")
+        _check_gate_up_weights(gate_up, "moe", "gate_up")
     if not _fast_path_ok(x, gate_up, down):
-        return ref.moe(x, weights, ids, gate_up, down)
+        return ref.moe(x, weights, ids, moe_unpack_gate_up(gate_up) if gate_up_packed else gate_up, down)
     check_experts_args(x, weights, ids, gate_up, down)
     x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, weights, gate_up, down))
     if not needs_grad and decode_preferred(ids.numel(), gate_up.shape[0], down.shape[1], _sm_count(_device_index(x))):
         fused = decode_fused_preferred(ids.shape[0], ids.shape[1], x.shape[1], down.shape[1])
         if fused or ids.shape[1] * down.shape[1] <= DECODE_MAX_ACTIVATIONS:
-            return _decode(x, weights, ids, gate_up, down, fused)
+            return _decode(x, weights, ids, gate_up, down, fused, gate_up_packed)
+    if gate_up_packed:
+        return _forward_packed(x, weights, ids, gate_up, down)
     if not needs_grad:  # no autograd bookkeeping (host time before the first kernel: the GPU waits for it)
         return _forward(x, weights, ids, gate_up, down)[0]
     return _MoeLayer.apply(x, weights, ids, gate_up, down)
 
 
-def _decode(x, weights, ids, gate_up, down, fused: bool):
+def _decode(x, weights, ids, gate_up, down, fused: bool, packed: bool):
     keye = torch.ops.keye
     ids, weights = ids.to(torch.int32).contiguous(), weights.to(torch.float32).contiguous()  # no-ops for the router's
     if fused:
-        return keye.moe_decode(x, ids, weights, gate_up, down)
-    return keye.moe_decode_down(keye.moe_decode_gate_up(x, ids, gate_up), ids, weights, down)
+        return keye.moe_decode(x, ids, weights, gate_up, down, packed)
+    return keye.moe_decode_down(keye.moe_decode_gate_up(x, ids, gate_up, packed), ids, weights, down)
+
+
+def _forward_packed(x, weights, ids, packed, down):
+    """Inference over packed gate_up: route -> permute -> gate_up GEMM with SwiGLU in its epilogue -> down ->
+    weighted combine."""
+    keye = torch.ops.keye
+    dest, src, offsets = keye.moe_route(ids, packed.shape[0], 1)
+    a = keye.moe_grouped_mm_swiglu(keye.moe_permute(x, dest, src, None), packed, offsets, -1)
+    return keye.moe_unpermute(keye.moe_grouped_mm(a, down, offsets, False, -1), dest, weights)
 
 
 def _forward(x, weights, ids, gate_up, down):

@@ -31,6 +31,26 @@ def moe_grouped_mm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, tran
     return spec.moe_grouped_mm(a, b, offsets, trans_b)
 
 
+def moe_grouped_mm_swiglu(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, config: int = -1) -> torch.Tensor:
+    """The gate_up GEMM with SwiGLU in its epilogue: out[r] = silu(g) * u of a[r] @ gate_up[e] in fp32, rounded once
+    (h [R, 2I] is never written). b = moe_pack_gate_up(gate_up) [E, K, 2I], I a multiple of 128. Returns [R, I];
+    rows at or past offsets[E] are zero. No autograd formula (inference). config: as moe_grouped_mm's, from
+    moe_grouped_gemm_configs('fwd_swiglu')."""
+    if use_kernel(a, b, offsets):
+        return torch.ops.keye.moe_grouped_mm_swiglu(a, b, offsets, config)
+    return spec.moe_grouped_mm_swiglu(a, b, offsets)
+
+
+def moe_pack_gate_up(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [E, H, 2I] (gate columns, then up; the checkpoint's gate_up_proj) with its columns in the order
+    moe_grouped_mm_swiglu reads (keye/ops/reference/moe_gemm.py). A copy; moe_unpack_gate_up inverts it."""
+    return spec.moe_pack_gate_up(gate_up)
+
+
+def moe_unpack_gate_up(packed: torch.Tensor) -> torch.Tensor:
+    return spec.moe_unpack_gate_up(packed)
+
+
 def moe_grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor, config: int = -1) -> torch.Tensor:
     """[E, M, N]: out[e] = a[rows of e].T @ dy[rows of e], zero for an expert without rows. Deterministic."""
     if use_kernel(a, dy, offsets):
@@ -55,12 +75,13 @@ def moe_swiglu_backward(h: torch.Tensor, d_out: torch.Tensor, a_out: torch.Tenso
     return spec.moe_swiglu_backward(h, d_out, a_out)
 
 
-def moe_decode_gate_up(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def moe_decode_gate_up(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, packed: bool = False) -> torch.Tensor:
     """a[t*K + k] = swiglu(x[t] @ w[ids[t, k]]) for a decode-size batch, straight from the router's ids [T, K] int32
-    (-1 = unrouted: zero row); each routed expert's weights are read once. Returns [T*K, I]."""
+    (-1 = unrouted: zero row); each routed expert's weights are read once. packed: w in moe_pack_gate_up's column
+    order. Returns [T*K, I]."""
     if use_kernel(x, ids, w):
-        return torch.ops.keye.moe_decode_gate_up(x, ids, w)
-    return spec.moe_decode_gate_up(x, ids, w)
+        return torch.ops.keye.moe_decode_gate_up(x, ids, w, packed)
+    return spec.moe_decode_gate_up(x, ids, w, packed)
 
 
 def moe_decode_down(a: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -72,18 +93,19 @@ def moe_decode_down(a: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w
 
 
 def moe_decode(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate_up: torch.Tensor,
-               down: torch.Tensor) -> torch.Tensor:
+               down: torch.Tensor, gate_up_packed: bool = False) -> torch.Tensor:
     """The routed experts of one decode token in one kernel: out = sum_k weights[k] * (swiglu(x @ gate_up[e_k]) @
     down[e_k]), x [1, H], ids int32 / weights fp32 [1, K], fp32 from the products to the sum (the activations are not
     rounded). Each routed expert's weights are read once; deterministic. The CUDA kernel takes H a multiple of 16 up
-    to 4096, I a multiple of 8 up to 2048, K <= 64 (reference.moe_gemm.decode_fused_supported). Returns [1, H]."""
+    to 4096, I a multiple of 8 up to 2048, K <= 64 (reference.moe_gemm.decode_fused_supported). gate_up_packed:
+    gate_up in moe_pack_gate_up's column order. Returns [1, H]."""
     if use_kernel(x, ids, weights, gate_up, down):
-        return torch.ops.keye.moe_decode(x, ids, weights, gate_up, down)
-    return spec.moe_decode(x, ids, weights, gate_up, down)
+        return torch.ops.keye.moe_decode(x, ids, weights, gate_up, down, gate_up_packed)
+    return spec.moe_decode(x, ids, weights, gate_up, down, gate_up_packed)
 
 
 def moe_grouped_gemm_configs(kind: str) -> list[str]:
-    """Names of the compiled tile configurations for 'fwd', 'dgrad' or 'wgrad' (index = config id)."""
+    """Names of the compiled tile configurations for 'fwd', 'dgrad', 'wgrad' or 'fwd_swiglu' (index = config id)."""
     if not kernels_available():
         return []
     return list(torch.ops.keye.moe_grouped_gemm_configs(kind))
@@ -102,6 +124,10 @@ def _register() -> None:
     def _(a, dy, offsets, config=-1):
         return a.new_empty(offsets.shape[0] - 1, a.shape[1], dy.shape[1])
 
+    @torch.library.register_fake(lib + "moe_grouped_mm_swiglu")
+    def _(a, b, offsets, config=-1):
+        return a.new_empty(a.shape[0], b.shape[2] // 2)
+
     @torch.library.register_fake(lib + "moe_swiglu")
     def _(h):
         return h.new_empty(h.shape[0], h.shape[1] // 2)
@@ -111,7 +137,7 @@ def _register() -> None:
         return torch.empty_like(h)
 
     @torch.library.register_fake(lib + "moe_decode_gate_up")
-    def _(x, ids, w):
+    def _(x, ids, w, packed=False):
         return x.new_empty(ids.numel(), w.shape[2] // 2)
 
     @torch.library.register_fake(lib + "moe_decode_down")
@@ -119,7 +145,7 @@ def _register() -> None:
         return a.new_empty(ids.shape[0], w.shape[2])
 
     @torch.library.register_fake(lib + "moe_decode")
-    def _(x, ids, weights, gate_up, down):
+    def _(x, ids, weights, gate_up, down, gate_up_packed=False):
         return x.new_empty(1, down.shape[2])
 
     # The references are the CPU implementations, so torch.ops.keye.* work on any device.
@@ -127,6 +153,8 @@ def _register() -> None:
         lambda a, b, offsets, trans_b=False, config=-1: spec.moe_grouped_mm(a, b, offsets, trans_b))
     torch.library.impl(lib + "moe_grouped_mm_wgrad", "CPU")(
         lambda a, dy, offsets, config=-1: spec.moe_grouped_mm_wgrad(a, dy, offsets))
+    torch.library.impl(lib + "moe_grouped_mm_swiglu", "CPU")(
+        lambda a, b, offsets, config=-1: spec.moe_grouped_mm_swiglu(a, b, offsets))
     torch.library.impl(lib + "moe_swiglu", "CPU")(spec.moe_swiglu)
     torch.library.impl(lib + "moe_swiglu_backward", "CPU")(spec.moe_swiglu_backward)
     torch.library.impl(lib + "moe_decode_gate_up", "CPU")(spec.moe_decode_gate_up)
@@ -137,5 +165,6 @@ def _register() -> None:
 if kernels_available():
     _register()
 
-__all__ = ["moe_grouped_mm", "moe_grouped_mm_wgrad", "moe_swiglu", "moe_swiglu_backward", "moe_decode_gate_up",
+__all__ = ["moe_grouped_mm", "moe_grouped_mm_wgrad", "moe_grouped_mm_swiglu", "moe_pack_gate_up",
+           "moe_unpack_gate_up", "moe_swiglu", "moe_swiglu_backward", "moe_decode_gate_up",
            "moe_decode_down", "moe_decode", "moe_grouped_gemm_configs"]

@@ -8,6 +8,12 @@ inputs' dtype (the kernels take bf16).
     moe_grouped_mm(a, b, offsets, True)      out[r] = a[r] @ b[e].T      b [E, N, K] (data gradient)
     moe_grouped_mm_wgrad(a, dy, offsets)     out[e] = a[rows e].T @ dy[rows e]   [E, M, N], zero if no rows
     moe_swiglu(h)                            silu(h[:, :I]) * h[:, I:]
+    moe_grouped_mm_swiglu(a, packed, offsets)   silu(g) * u of a[r] @ unpack(packed)[e] (h not rounded)   [R, I]
+
+moe_pack_gate_up(gate_up) reorders the columns of gate_up [E, H, 2I] (gate columns, then up) for the SwiGLU epilogue
+of the gate_up GEMM (csrc/moe_gemm/swiglu_epilogue.cuh), I a multiple of 128: within every tile t of 256 packed
+columns, packed column 8k + 2c + a (k < 32, c < 4, a < 2) is gate (k even) or up (k odd) column 128t + 32c + 2(k // 2)
++ a. moe_unpack_gate_up inverts it.
 
 Decode-size batches skip the grouping and take the router's output directly (ids [T, K] int32, -1 = unrouted):
 
@@ -16,6 +22,8 @@ Decode-size batches skip the grouping and take the router's output directly (ids
     moe_decode_down(a, ids, weights, w)      out[t] = sum_k weights[t, k] * (a[t*K + k] @ w[ids[t, k]])   [T, H]
     moe_decode(x, ids, weights, gate_up, down)   one token, both and the combine without rounding a:
                                              out = sum_k weights[k] * (silu(g) * u @ down[ids[k]])        [1, H]
+
+moe_decode_gate_up(..., packed=True) and moe_decode(..., gate_up_packed=True) take gate_up in moe_pack_gate_up's order.
 """
 
 from __future__ import annotations
@@ -137,6 +145,49 @@ def moe_swiglu_backward(h, d_out, a_out=None) -> torch.Tensor:
     return dh.to(h.dtype)
 
 
+PACK_TILE = 256  # packed columns per tile (kSwigluPackedTile in csrc/moe_gemm/grouped_gemm_args.h)
+
+
+def gate_up_pack_order(inter: int, device=None) -> torch.Tensor:
+    """src [2I] int64: packed column p holds column src[p] of the [gate | up] layout (moe_pack_gate_up's order)."""
+    if inter <= 0 or (2 * inter) % PACK_TILE:
+        raise ValueError(f"keye.moe_pack_gate_up: the intermediate size I must be a positive multiple of "
+                         f"{PACK_TILE // 2}, got {inter}")
+    p = torch.arange(2 * inter, device=device)
+    t, q = p // PACK_TILE, p % PACK_TILE
+    k, c, a = q // 8, (q % 8) // 2, q % 2
+    return (k % 2) * inter + t * (PACK_TILE // 2) + 32 * c + 2 * (k // 2) + a
+
+
+def _check_gate_up_weights(w, op: str, name: str) -> None:
+    check_tensor(w, op, name, FLOATS, 3, "[E, H, 2I]")
+    if w.shape[2] % PACK_TILE:
+        _fail(op, f"argument '{name}' must have 2I a multiple of {PACK_TILE}, got shape {list(w.shape)}")
+
+
+def moe_pack_gate_up(gate_up) -> torch.Tensor:
+    _check_gate_up_weights(gate_up, "moe_pack_gate_up", "gate_up")
+    return gate_up.index_select(2, gate_up_pack_order(gate_up.shape[2] // 2, gate_up.device))
+
+
+def moe_unpack_gate_up(packed) -> torch.Tensor:
+    _check_gate_up_weights(packed, "moe_unpack_gate_up", "packed")
+    out = torch.empty_like(packed)
+    out[:, :, gate_up_pack_order(packed.shape[2] // 2, packed.device)] = packed
+    return out
+
+
+def moe_grouped_mm_swiglu(a, packed, offsets) -> torch.Tensor:
+    op = "moe_grouped_mm_swiglu"
+    return _swiglu_fp32(_grouped(a, _unpack_for(packed, op, "b"), offsets, False, op)).to(a.dtype)
+
+
+def _unpack_for(packed, op: str, name: str) -> torch.Tensor:
+    """The checkpoint-order weights of an op's packed argument (validated under the op's and argument's names)."""
+    _check_gate_up_weights(packed, op, name)
+    return moe_unpack_gate_up(packed)
+
+
 def _check_decode_ids(ids, ref, ref_name: str, experts: int, op: str) -> None:
     check_tensor(ids, op, "ids", (torch.int32,), 2, "[T, top_k]")
     check_same_device(ids, ref, op, "ids", ref_name)
@@ -158,10 +209,12 @@ def _check_routing_weights(weights, ids, ref, ref_name: str, op: str) -> None:
         _fail(op, f"argument 'weights' must have the shape of 'ids' {list(ids.shape)}, got {list(weights.shape)}")
 
 
-def moe_decode_gate_up(x, ids, w) -> torch.Tensor:
+def moe_decode_gate_up(x, ids, w, packed: bool = False) -> torch.Tensor:
     op = "moe_decode_gate_up"
     check_tensor(x, op, "x", FLOATS, 2, "[T, H]")
     _check_decode_weights(w, x, "x", x.shape[1], op, "[E, H, 2I]")
+    if packed:
+        w = _unpack_for(w, op, "w")
     _check_decode_ids(ids, x, "x", w.shape[0], op)
     check_size(ids, 0, x.shape[0], op, "ids", "the token count (x.size(0))")
     K = ids.shape[1]
@@ -184,7 +237,7 @@ def moe_decode_down(a, ids, weights, w) -> torch.Tensor:
     return (y.view(T, K, -1) * weights.unsqueeze(2)).sum(1).to(a.dtype)
 
 
-def moe_decode(x, ids, weights, gate_up, down) -> torch.Tensor:
+def moe_decode(x, ids, weights, gate_up, down, gate_up_packed: bool = False) -> torch.Tensor:
     op = "moe_decode"
     check_tensor(x, op, "x", FLOATS, 2, "[1, H]")
     if x.shape[0] != 1:
@@ -192,6 +245,8 @@ def moe_decode(x, ids, weights, gate_up, down) -> torch.Tensor:
                   "keye.ops.moe_decode_gate_up and moe_decode_down (keye.ops.moe picks them)")
     H = x.shape[1]
     _check_decode_weights(gate_up, x, "x", H, op, "[E, H, 2I]", name="gate_up")
+    if gate_up_packed:
+        gate_up = _unpack_for(gate_up, op, "gate_up")
     E, I = gate_up.shape[0], gate_up.shape[2] // 2
     _check_decode_weights(down, x, "x", I, op, "[E, I, H]", name="down")
     check_size(down, 0, E, op, "down", "the expert count (gate_up.size(0))")
