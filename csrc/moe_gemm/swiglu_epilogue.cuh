@@ -9,6 +9,9 @@
 // A CUTLASS "operator-style" epilogue (the shape of cutlass::epilogue::collective::DefaultEpilogueArray), wrapped in
 // Sm90TmaWarpSpecializedAdapter for the ptr-array warp-specialised kernels: no shared memory, stores straight from
 // the accumulator registers.
+//
+// Measured (H200, Keye layer forward, kernels summed; NOTES.md, thirtieth session): 16K tokens 2.428 -> 2.280 ms
+// against the plain GEMM + SwiGLU kernel; the fused GEMM alone is faster than the plain GEMM alone (half the output).
 #pragma once
 
 #include <cute/tensor.hpp>
