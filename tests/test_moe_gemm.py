@@ -224,6 +224,13 @@ def bf16(*shape, scale=1.0):
     return (torch.randn(*shape, device="cuda") * scale).bfloat16()
 
 
+def layer_inputs(T, K, E, H, I, unrouted):
+    """x, routing weights, ids, gate_up, down of one MoE layer on the GPU (bf16 weights scaled to unit outputs)."""
+    x, w = bf16(T, H), torch.rand(T, K, device="cuda")
+    ids = random_topk_ids(T, K, E, unrouted=unrouted, device="cuda")
+    return x, w, ids, bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+
+
 CASES = [  # R, E, K, N, tail, one_expert
     (1, 4, 64, 48, 0, None),
     (517, 16, 128, 96, 5, None),
@@ -439,10 +446,7 @@ def test_packed_layer_on_every_path(T, E, I):
     """keye.ops.moe over packed gate_up takes the path the checkpoint order takes: the decode kernels (T = 1, 4:
     bitwise the same as unpacked), the one-kernel decode (64 experts of I = 1408: the same), the grouped GEMMs with
     the SwiGLU epilogue (T = 64: within the bf16 rounding of h that the unpacked path adds)."""
-    K, H = 8, 2048
-    x, w = bf16(T, H), torch.rand(T, K, device="cuda")
-    ids = random_topk_ids(T, K, E, unrouted=0.05, device="cuda")
-    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    x, w, ids, w1, w2 = layer_inputs(T, 8, E, 2048, I, unrouted=0.05)
     with torch.no_grad():
         plain = ops.moe(x, w, ids, w1, w2)
         packed = ops.moe(x, w, ids, ops.moe_pack_gate_up(w1), w2, gate_up_packed=True)
@@ -455,11 +459,7 @@ def test_packed_layer_on_every_path(T, E, I):
 
 @pytest.mark.gpu
 def test_packed_layer_matches_the_layer_and_captures():
-    T, K, E, H, I = 4096, 8, 128, 2048, 768
-    x = bf16(T, H)
-    ids = random_topk_ids(T, K, E, unrouted=0.05, device="cuda")
-    w = torch.rand(T, K, device="cuda")
-    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    x, w, ids, w1, w2 = layer_inputs(4096, 8, 128, 2048, 768, unrouted=0.05)
     packed = ops.moe_pack_gate_up(w1)
     want = ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())
     with torch.no_grad():
@@ -481,10 +481,7 @@ def test_packed_layer_matches_the_layer_and_captures():
 @pytest.mark.gpu
 def test_layer_forward_keye_shape_and_graph_capture():
     T, K, E, H, I = 4096, 8, 128, 2048, 768
-    x = bf16(T, H)
-    ids = random_topk_ids(T, K, E, unrouted=0.0, device="cuda")
-    w = torch.rand(T, K, device="cuda")
-    w1, w2 = bf16(E, H, 2 * I, scale=H ** -0.5), bf16(E, I, H, scale=I ** -0.5)
+    x, w, ids, w1, w2 = layer_inputs(T, K, E, H, I, unrouted=0.0)
     want = ops.reference.moe(x.float(), w, ids, w1.float(), w2.float())
     assert rel_err(ops.moe(x, w, ids, w1, w2), want) < 1e-2
     # decode kernels (1 token; 8: stream-K down with its per-tile counters) and grouped GEMMs (64, 4096), each
