@@ -4,6 +4,8 @@
                                                         # peak memory against keye.model.plan_memory
     python bench/model_generate.py decode 131072x1 8192x16   # prefill + 64 decode steps per context x batch,
                                                              # eager and replayed from CUDA graphs
+    python bench/model_generate.py prefill-ab 32768     # prefill time with gate_up in the checkpoint's order and
+                                                        # packed (KeyeVL.pack_experts), alternated, three rounds each
     python bench/model_generate.py --tiny --device cpu long 300   # smoke run of this script on the tiny config
 
 Random weights (normal(0, 0.02), norms 1) exercise every kernel with the released shapes; the numbers say nothing
@@ -101,6 +103,26 @@ def decode_rates(model, config, device: str, shapes: list[tuple[int, int]], new:
             torch.cuda.empty_cache()
 
 
+def prefill_ab(model, config, device: str, tokens: int, rounds: int = 3) -> None:
+    """Prefill (chunks of 8192, one new token) of the same prompt with experts unpacked / packed, alternated."""
+    cache = PagedKVCache.for_tokens(config, [tokens + 1], dtype=torch.bfloat16, device=device)
+    req = GenerationRequest(_prompt(tokens, config, 1), max_new_tokens=1, stop_token_ids=[])
+    times = {False: [], True: []}
+    for _ in range(rounds):
+        for packed in (False, True):
+            model.pack_experts() if packed else model.unpack_experts()
+            _sync(device)
+            t0 = time.perf_counter()
+            with keye.ops.index_checks(False):
+                generate(model, [req], cache=cache, prefill_chunk=8192)
+            _sync(device)
+            times[packed].append(time.perf_counter() - t0)
+    model.unpack_experts()
+    for packed, ts in times.items():
+        print(f"prefill {tokens} tokens, experts {'packed' if packed else 'in checkpoint order'}: "
+              + ", ".join(f"{t:.3f}" for t in ts) + " s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the tiny test configuration instead of 30B-A3B")
@@ -108,14 +130,17 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     sub.add_parser("long").add_argument("tokens", type=int)
     sub.add_parser("decode").add_argument("shapes", nargs="+", help="CONTEXTxBATCH, e.g. 131072x1")
+    sub.add_parser("prefill-ab").add_argument("tokens", type=int)
     args = parser.parse_args()
-    config = tiny_config() if args.tiny else keye_vl_2_30b_a3b()
+    config = tiny_config(moe_intermediate_size=128) if args.tiny else keye_vl_2_30b_a3b()  # 2I packable
     t = time.perf_counter()
     model = random_model(config, args.device)
     _sync(args.device)
     print(f"random weights on {args.device} in {time.perf_counter() - t:.1f} s", flush=True)
     if args.what == "long":
         long_context(model, config, args.device, args.tokens)
+    elif args.what == "prefill-ab":
+        prefill_ab(model, config, args.device, args.tokens)
     else:
         decode_rates(model, config, args.device, [tuple(int(v) for v in s.split("x")) for s in args.shapes])
 
