@@ -145,7 +145,7 @@ def moe_swiglu_backward(h, d_out, a_out=None) -> torch.Tensor:
     return dh.to(h.dtype)
 
 
-PACK_TILE = 256  # packed columns per tile (kSwigluPackedTile in csrc/moe_gemm/grouped_gemm_args.h)
+PACK_TILE = 256  # packed columns per tile (kPackedGateUpTile in csrc/moe_gemm/packed_gate_up.cuh)
 
 
 def gate_up_pack_order(inter: int, device=None) -> torch.Tensor:
