@@ -151,31 +151,41 @@ std::vector<std::string> moe_grouped_gemm_configs(const std::string& kind) {
   return names;
 }
 
+namespace {
+
+// The row-grouped GEMMs after their operand checks: out [R, out_cols] = the kind's product per expert (N columns of
+// products per row), rows at or past offsets[E] zero.
+at::Tensor run_row_grouped(GroupedKind kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
+                           int64_t N, int64_t out_cols, int64_t config, const char* op) {
+  const int64_t R = a.size(0), K = a.size(1), E = b.size(0);
+  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
+  check_group_offsets(offsets, a, "a", R, E, op);
+  at::Tensor out = at::empty({R, out_cols}, a.options());
+  if (R == 0 || N == 0) return out;
+  if (K == 0) return out.zero_();  // an empty sum (and silu(0) * 0 for kFwdSwiglu)
+  const c10::cuda::CUDAGuard guard(a.device());
+  GroupedGemmArgs args = make_args(kind, a, b, out, offsets, R);
+  args.n = static_cast<int>(N);
+  args.k = static_cast<int>(K);
+  configs(kind)[pick_config(kind, config, R, E, K, op)].run(args);
+  zero_tail_rows_kernel<<<64, 256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
+                                                     offsets.data_ptr<int>() + E, R, out_cols);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
 at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, bool trans_b,
                                int64_t config) {
   const char* op = "moe_grouped_mm";
   check_bf16_matrix(a, 2, op, "a", "[R, K]");
   check_bf16_matrix(b, 3, op, "b", trans_b ? "[E, N, K]" : "[E, K, N]");
   check_same_device(b, a, op, "b", "a");
-  const int64_t R = a.size(0), K = a.size(1), E = b.size(0);
   const int64_t N = trans_b ? b.size(1) : b.size(2);
-  check_size(b, trans_b ? 2 : 1, K, op, "b", "K (a.size(1))");
+  check_size(b, trans_b ? 2 : 1, a.size(1), op, "b", "K (a.size(1))");
   KEYE_CHECK(N % 8 == 0, "keye.", op, ": the output width N must be a multiple of 8, got ", N);
-  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
-  check_group_offsets(offsets, a, "a", R, E, op);
-  at::Tensor out = at::empty({R, N}, a.options());
-  if (R == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();
-  const c10::cuda::CUDAGuard guard(a.device());
-  const GroupedKind kind = trans_b ? GroupedKind::kDgrad : GroupedKind::kFwd;
-  GroupedGemmArgs args = make_args(kind, a, b, out, offsets, R);
-  args.n = static_cast<int>(N);
-  args.k = static_cast<int>(K);
-  configs(kind)[pick_config(kind, config, R, E, K, op)].run(args);
-  zero_tail_rows_kernel<<<64, 256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                                                     offsets.data_ptr<int>() + E, R, N);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return run_row_grouped(trans_b ? GroupedKind::kDgrad : GroupedKind::kFwd, a, b, offsets, N, N, config, op);
 }
 
 at::Tensor moe_grouped_mm_swiglu_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
@@ -184,25 +194,12 @@ at::Tensor moe_grouped_mm_swiglu_cuda(const at::Tensor& a, const at::Tensor& b, 
   check_bf16_matrix(a, 2, op, "a", "[R, K]");
   check_bf16_matrix(b, 3, op, "b", "[E, K, 2I] (moe_pack_gate_up's column order)");
   check_same_device(b, a, op, "b", "a");
-  const int64_t R = a.size(0), K = a.size(1), E = b.size(0), N = b.size(2);
-  check_size(b, 1, K, op, "b", "K (a.size(1))");
+  const int64_t N = b.size(2);
+  check_size(b, 1, a.size(1), op, "b", "K (a.size(1))");
   KEYE_CHECK(N % kPackedGateUpTile == 0, "keye.", op, ": argument 'b' must have 2I a multiple of ", kPackedGateUpTile,
              " columns (I a multiple of ", kPackedGateUpTile / 2, ": moe_pack_gate_up's tiles), got shape ",
              dims_str(b.sizes()));
-  KEYE_CHECK(R < INT_MAX, "keye.", op, ": at most 2^31 - 1 rows, got ", R);
-  check_group_offsets(offsets, a, "a", R, E, op);
-  at::Tensor out = at::empty({R, N / 2}, a.options());
-  if (R == 0 || N == 0) return out;
-  if (K == 0) return out.zero_();  // silu(0) * 0
-  const c10::cuda::CUDAGuard guard(a.device());
-  GroupedGemmArgs args = make_args(GroupedKind::kFwdSwiglu, a, b, out, offsets, R);
-  args.n = static_cast<int>(N);
-  args.k = static_cast<int>(K);
-  configs(GroupedKind::kFwdSwiglu)[pick_config(GroupedKind::kFwdSwiglu, config, R, E, K, op)].run(args);
-  zero_tail_rows_kernel<<<64, 256, 0, args.stream>>>(reinterpret_cast<__nv_bfloat16*>(out.data_ptr()),
-                                                     offsets.data_ptr<int>() + E, R, N / 2);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return out;
+  return run_row_grouped(GroupedKind::kFwdSwiglu, a, b, offsets, N, N / 2, config, op);
 }
 
 at::Tensor moe_grouped_mm_wgrad_cuda(const at::Tensor& a, const at::Tensor& dy, const at::Tensor& offsets,
