@@ -371,3 +371,22 @@ def test_reference_gradients_do_not_depend_on_chunking_in_bf16():
     many = loss_and_grads(indexer_loss, *args, qm, km, cu, None, max_chunk_bytes=1 << 20)  # ~100 chunks
     for a, b in zip(many, one):
         assert rel_err(a.float(), b.float()) < 1e-3
+
+
+def test_decode_selection_rules_at_their_measured_edges():
+    """Which decode top-k path keye.ops.indexer_topk_decode takes (a host-side rule, no GPU needed), at the edges the
+    H200 measurements set (keye/ops/dsa_indexer.py): candidate lists up to 2^21 keys in all at 128K keys per row, up
+    to LISTS_WIDE_MAX_ROWS rows past that, never past LISTS_MAX_COLS keys, below 32 keys per selected key or for
+    more than 16 (query, head) columns per sequence; group maxima from 64 rows."""
+    import keye.ops.dsa_indexer as rules
+
+    lists, group_max = rules.decode_uses_lists, rules.decode_uses_group_max
+    assert lists(16, 1, 16, 131072, 2048) and not lists(17, 1, 16, 131072, 2048)
+    assert lists(32, 1, 16, 65536, 2048) and not lists(33, 1, 16, 65536, 2048)
+    assert lists(rules.LISTS_WIDE_MAX_ROWS, 1, 16, 262144, 2048)
+    assert not lists(rules.LISTS_WIDE_MAX_ROWS + 1, 1, 16, 262144, 2048)
+    assert lists(rules.LISTS_WIDE_MAX_ROWS, 1, 16, 131072 + 64, 2048)
+    assert not lists(1, 1, 16, rules.LISTS_MAX_COLS + 64, 2048)
+    assert not lists(1, 1, 16, 32 * 2048 - 64, 2048) and lists(1, 1, 16, 32 * 2048, 2048)
+    assert not lists(1, 2, 16, 131072, 2048) and lists(1, 2, 8, 131072, 2048)
+    assert group_max(64, 1, 16, 131072, 2048) and not group_max(63, 1, 16, 131072, 2048)

@@ -50,12 +50,14 @@ GROUP_MAX_MIN_ROWS = 64
 # 112.1 / 128.8, 64 rows 195.4 / 185.5 / 199.3; twenty-ninth session 12 rows of 128K 67.8 / 67.3 / 61.7, 16 rows
 # 76.5 / 75.3 / 72.0 and 77.1 / 88.7 / 82.2 (two calls), 20 rows 87.6 / 84.3 / 93.0, 24 rows 96.4 / 93.2 / 94.2,
 # 32 rows of 64K 74.8 / 73.7 / 70.4 and 75.8 / 73.8 / 70.8, 48 rows of 64K 100.5 / 92.6 / 93.3; rows past 128K
-# keys (16-page units) half as many keys in all: 1 row of 256K 40.5 / 43.6 / 32.4, 4 rows 59.6 / 59.8 / 45.6,
-# 8 rows 78.8 / 78.6 / 84.4.
+# keys (wider units) at most LISTS_WIDE_MAX_ROWS rows: 1 row of 256K 40.5 / 43.6 / 32.4, 4 rows 59.6 / 59.8 / 45.6,
+# 8 rows 78.8 / 78.6 / 84.4; thirty-first session (one call) 4 rows 58.5 / 59.9 / 45.6, 5 rows 64.2 / 63.8 / 63.9,
+# 6 rows 69.3 / 70.2 / 67.5, 7 rows 74.9 / 72.6 / 69.1, 8 rows 78.7 / 78.4 / 85.0.
 LISTS_MIN_KEYS_PER_TOPK = 32
 LISTS_MAX_COLS = 1 << 18
 LISTS_MAX_KEYS = 1 << 21
 LISTS_WIDE_UNIT_COLS = 1 << 17
+LISTS_WIDE_MAX_ROWS = 7
 
 
 def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
@@ -69,9 +71,10 @@ def decode_uses_group_max(rows: int, n: int, heads: int, cols: int, topk: int) -
 def decode_uses_lists(rows: int, n: int, heads: int, cols: int, topk: int) -> bool:
     """Whether indexer_topk_decode selects from the score kernel's candidate lists: the streaming score kernel
     (n * H_I <= 16), contexts of LISTS_MIN_KEYS_PER_TOPK keys per selected key up to LISTS_MAX_COLS keys, and at
-    most LISTS_MAX_KEYS keys over all query rows (rows * cols; half that past LISTS_WIDE_UNIT_COLS keys per row)."""
-    max_keys = LISTS_MAX_KEYS if cols <= LISTS_WIDE_UNIT_COLS else LISTS_MAX_KEYS // 2
-    return n * heads <= 16 and LISTS_MIN_KEYS_PER_TOPK * topk <= cols <= LISTS_MAX_COLS and rows * cols <= max_keys
+    most LISTS_MAX_KEYS keys over all query rows (rows * cols), or at most LISTS_WIDE_MAX_ROWS query rows past
+    LISTS_WIDE_UNIT_COLS keys per row."""
+    few_enough = rows * cols <= LISTS_MAX_KEYS if cols <= LISTS_WIDE_UNIT_COLS else rows <= LISTS_WIDE_MAX_ROWS
+    return n * heads <= 16 and LISTS_MIN_KEYS_PER_TOPK * topk <= cols <= LISTS_MAX_COLS and few_enough
 
 
 def score_chunk_rows(max_len: int, heads: int, max_chunk_bytes: int) -> tuple[int, int]:
