@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+import keye.ops.dsa_indexer as rules
 from keye.ops.reference import dsa_indexer as dsa
 from keye.ops.reference.dsa_indexer_loss import indexer_loss
 from keye.ops.dsa_indexer_loss import indexer_loss as fast_loss
@@ -378,8 +379,6 @@ def test_decode_selection_rules_at_their_measured_edges():
     H200 measurements set (keye/ops/dsa_indexer.py): candidate lists up to 2^21 keys in all at 128K keys per row, up
     to LISTS_WIDE_MAX_ROWS rows past that, never past LISTS_MAX_COLS keys, below 32 keys per selected key or for
     more than 16 (query, head) columns per sequence; group maxima from 64 rows."""
-    import keye.ops.dsa_indexer as rules
-
     lists, group_max = rules.decode_uses_lists, rules.decode_uses_group_max
     assert lists(16, 1, 16, 131072, 2048) and not lists(17, 1, 16, 131072, 2048)
     assert lists(32, 1, 16, 65536, 2048) and not lists(33, 1, 16, 65536, 2048)
