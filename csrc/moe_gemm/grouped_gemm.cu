@@ -153,6 +153,17 @@ std::vector<std::string> moe_grouped_gemm_configs(const std::string& kind) {
 
 namespace {
 
+// The row-grouped GEMMs' operands: a [R, K] and per-expert b (bf16, contiguous, on a's device) whose dim k_dim is K;
+// returns b's other matrix dim, the product's N.
+int64_t check_row_grouped_operands(const at::Tensor& a, const at::Tensor& b, int k_dim, const char* b_layout,
+                                   const char* op) {
+  check_bf16_matrix(a, 2, op, "a", "[R, K]");
+  check_bf16_matrix(b, 3, op, "b", b_layout);
+  check_same_device(b, a, op, "b", "a");
+  check_size(b, k_dim, a.size(1), op, "b", "K (a.size(1))");
+  return b.size(3 - k_dim);
+}
+
 // The row-grouped GEMMs after their operand checks: out [R, out_cols] = the kind's product per expert (N columns of
 // products per row), rows at or past offsets[E] zero.
 at::Tensor run_row_grouped(GroupedKind kind, const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
@@ -179,11 +190,7 @@ at::Tensor run_row_grouped(GroupedKind kind, const at::Tensor& a, const at::Tens
 at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets, bool trans_b,
                                int64_t config) {
   const char* op = "moe_grouped_mm";
-  check_bf16_matrix(a, 2, op, "a", "[R, K]");
-  check_bf16_matrix(b, 3, op, "b", trans_b ? "[E, N, K]" : "[E, K, N]");
-  check_same_device(b, a, op, "b", "a");
-  const int64_t N = trans_b ? b.size(1) : b.size(2);
-  check_size(b, trans_b ? 2 : 1, a.size(1), op, "b", "K (a.size(1))");
+  const int64_t N = check_row_grouped_operands(a, b, trans_b ? 2 : 1, trans_b ? "[E, N, K]" : "[E, K, N]", op);
   KEYE_CHECK(N % 8 == 0, "keye.", op, ": the output width N must be a multiple of 8, got ", N);
   return run_row_grouped(trans_b ? GroupedKind::kDgrad : GroupedKind::kFwd, a, b, offsets, N, N, config, op);
 }
@@ -191,11 +198,7 @@ at::Tensor moe_grouped_mm_cuda(const at::Tensor& a, const at::Tensor& b, const a
 at::Tensor moe_grouped_mm_swiglu_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets,
                                       int64_t config) {
   const char* op = "moe_grouped_mm_swiglu";
-  check_bf16_matrix(a, 2, op, "a", "[R, K]");
-  check_bf16_matrix(b, 3, op, "b", "[E, K, 2I] (moe_pack_gate_up's column order)");
-  check_same_device(b, a, op, "b", "a");
-  const int64_t N = b.size(2);
-  check_size(b, 1, a.size(1), op, "b", "K (a.size(1))");
+  const int64_t N = check_row_grouped_operands(a, b, 1, "[E, K, 2I] (moe_pack_gate_up's column order)", op);
   KEYE_CHECK(N % kPackedGateUpTile == 0, "keye.", op, ": argument 'b' must have 2I a multiple of ", kPackedGateUpTile,
              " columns (I a multiple of ", kPackedGateUpTile / 2, ": moe_pack_gate_up's tiles), got shape ",
              dims_str(b.sizes()));
